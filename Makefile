@@ -1,0 +1,44 @@
+# seqvision — the README's two commands are `make demo` and `make test`.
+# Each creates .venv and installs the pinned set (constraints.txt) when missing.
+
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.seqvision-installed
+
+# Offline-friendly defaults for the tools we drive (no telemetry, no phoning home).
+export MLFLOW_DISABLE_TELEMETRY ?= true
+export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
+export DO_NOT_TRACK ?= 1
+export PYTHONUNBUFFERED ?= 1
+
+.DEFAULT_GOAL := help
+.PHONY: help install demo test data lock bench mlflow-ui clean
+
+help: ## list the targets
+	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
+
+$(STAMP): pyproject.toml constraints.txt
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --disable-pip-version-check -c constraints.txt -e '.[dev]'
+	@touch $(STAMP)
+
+install: $(STAMP) ## create .venv and install the pinned set
+
+data: $(STAMP) ## generate the default synthetic benchmark into data/ (refuses to overwrite other content)
+	$(PY) -m seqvision.synth --out data --params params.yaml
+
+demo: $(STAMP) ## generate data/ if absent, then run the whole pipeline with dvc repro
+	@if [ ! -d data/annotations ]; then $(MAKE) --no-print-directory data; fi
+	$(VENV)/bin/dvc repro
+
+test: $(STAMP) ## run the whole test suite
+	$(PY) -m pytest -n 2 --dist loadgroup
+
+lock: $(STAMP) ## re-pin constraints.txt from the current .venv
+	@{ head -n 2 constraints.txt; $(PY) -m pip freeze --exclude-editable | grep -v '^seqvision'; } > constraints.txt.tmp
+	@mv constraints.txt.tmp constraints.txt
+
+clean: ## remove pipeline outputs (artifacts/, reports/); never touches data/
+	rm -rf artifacts reports

@@ -1,0 +1,339 @@
+"""params.yaml sections -> frozen, validated, typed configs.
+
+Every stage reads ``params.yaml`` through :func:`load_params`, which validates the *whole* file before any
+work starts: an unknown key, a wrong type or an out-of-range value raises one :class:`ConfigError` that names
+the file, the dotted key and what is allowed.
+
+A section is a frozen dataclass. Field metadata (built with :func:`knob`) carries the allowed range or
+choices and the one-line help that ``--help`` shows; the dataclass defaults are the embedded defaults, and
+the committed ``params.yaml`` repeats them so that ``dvc`` can track each knob.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import types
+import typing
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, TypeVar
+
+import yaml
+
+T = TypeVar("T")
+
+
+class ConfigError(ValueError):
+    """A params value is missing, unknown, mistyped or out of range. The message names the key."""
+
+
+def knob(
+    default: Any,
+    help: str,
+    *,
+    low: float | None = None,
+    high: float | None = None,
+    choices: Sequence[Any] | None = None,
+) -> Any:
+    """A dataclass field with its allowed range or choices and a help line."""
+    meta = {"help": help, "low": low, "high": high, "choices": tuple(choices) if choices else None}
+    if isinstance(default, (list, dict)) or dataclasses.is_dataclass(default):
+        value = default
+        return field(default_factory=lambda: value, metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+# --------------------------------------------------------------------------------------------------------
+# Validation
+
+
+def _type_name(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if tp is int:
+        return "an integer"
+    if tp is float:
+        return "a number"
+    if tp is bool:
+        return "true or false"
+    if tp is str:
+        return "a string"
+    if origin is Literal:
+        return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
+    if origin is tuple:
+        args = typing.get_args(tp)
+        if len(args) == 2 and args[1] is Ellipsis:
+            return f"a list of {_type_name(args[0])}s"
+        return f"a list of {len(args)} values ({', '.join(_type_name(a) for a in args)})"
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join("null" if a is type(None) else _type_name(a) for a in typing.get_args(tp))
+    if dataclasses.is_dataclass(tp):
+        return "a mapping with keys " + ", ".join(f.name for f in dataclasses.fields(tp))
+    return str(tp)
+
+
+def _convert(value: Any, tp: Any, where: str, meta: Mapping[str, Any]) -> Any:
+    """Check ``value`` against the annotation ``tp`` and return it in its config form."""
+    origin = typing.get_origin(tp)
+    bad = ConfigError(f"{where}: expected {_type_name(tp)}, got {value!r} ({type(value).__name__})")
+
+    if dataclasses.is_dataclass(tp):
+        return _from_mapping(tp, value, where)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        for arg in (a for a in args if a is not type(None)):
+            try:
+                return _convert(value, arg, where, meta)
+            except ConfigError:
+                continue
+        raise bad
+    if origin is Literal:
+        if value not in typing.get_args(tp):
+            raise bad
+        return value
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise bad
+        args = typing.get_args(tp)
+        if len(args) == 2 and args[1] is Ellipsis:
+            return tuple(_convert(v, args[0], f"{where}[{i}]", meta) for i, v in enumerate(value))
+        if len(value) != len(args):
+            raise bad
+        return tuple(_convert(v, a, f"{where}[{i}]", meta) for i, (v, a) in enumerate(zip(value, args)))
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise bad
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise bad
+        return _check_range(value, where, meta)
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise bad
+        return _check_range(float(value), where, meta)
+    if tp is str:
+        if not isinstance(value, str):
+            raise bad
+        choices = meta.get("choices")
+        if choices and value not in choices:
+            raise ConfigError(f"{where}: expected one of {', '.join(map(repr, choices))}, got {value!r}")
+        return value
+    raise TypeError(f"unsupported config annotation {tp!r} at {where}")
+
+
+def _check_range(value: float, where: str, meta: Mapping[str, Any]) -> Any:
+    low, high = meta.get("low"), meta.get("high")
+    if (low is not None and value < low) or (high is not None and value > high):
+        span = f"[{'-inf' if low is None else low}, {'inf' if high is None else high}]"
+        raise ConfigError(f"{where}: expected a value in {span}, got {value!r}")
+    return value
+
+
+def _from_mapping(cls: type[T], data: Any, where: str) -> T:
+    if data is None:
+        data = {}
+    if not isinstance(data, Mapping):
+        raise ConfigError(f"{where}: expected {_type_name(cls)}, got {data!r}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        raise ConfigError(
+            f"{where}.{unknown[0]}: unknown key; allowed keys are {', '.join(sorted(fields))}"
+        )
+    hints = typing.get_type_hints(cls)
+    values = {}
+    for name, f in fields.items():
+        if name in data:
+            values[name] = _convert(data[name], hints[name], f"{where}.{name}", f.metadata)
+    try:
+        return cls(**values)
+    except (TypeError, ValueError) as err:  # __post_init__ cross-field checks
+        raise ConfigError(f"{where}: {err}") from None
+
+
+def from_mapping(cls: type[T], data: Any, *, where: str) -> T:
+    """Build and validate config ``cls`` from a plain mapping; errors are reported under ``where``."""
+    return _from_mapping(cls, data, where)
+
+
+def to_dict(config: Any) -> dict[str, Any]:
+    """A config as plain YAML/JSON-friendly data (tuples become lists)."""
+
+    def plain(v: Any) -> Any:
+        if isinstance(v, tuple):
+            return [plain(x) for x in v]
+        if isinstance(v, dict):
+            return {k: plain(x) for k, x in v.items()}
+        return v
+
+    return plain(dataclasses.asdict(config))
+
+
+def flatten(data: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """``{"a": {"b": 1}}`` -> ``{"a.b": 1}``, for MLflow params and hashes."""
+    out: dict[str, Any] = {}
+    for key, value in data.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping):
+            out.update(flatten(value, f"{name}."))
+        else:
+            out[name] = value
+    return out
+
+
+# --------------------------------------------------------------------------------------------------------
+# Sections. Each stage owns one; the dataclass defaults are the embedded defaults.
+
+
+@dataclass(frozen=True)
+class SplitSizes:
+    train: int = knob(1200, "items in the train split", low=1, high=1_000_000)
+    val: int = knob(150, "items in the validation split", low=1, high=1_000_000)
+    test: int = knob(150, "items in the test split", low=1, high=1_000_000)
+
+
+@dataclass(frozen=True)
+class SynthConfig:
+    """The built-in synthetic video benchmark (``python -m seqvision.synth``)."""
+
+    seed: int = knob(0, "master seed; every item derives its own generator from it", low=0)
+    videos: SplitSizes = knob(SplitSizes(), "number of video clips per split")
+    images: SplitSizes = knob(SplitSizes(), "number of still images per split")
+    height: int = knob(64, "frame height in pixels (even, for yuv420p)", low=16, high=1024)
+    width: int = knob(64, "frame width in pixels (even, for yuv420p)", low=16, high=1024)
+    min_frames: int = knob(16, "shortest clip, in frames", low=4, high=4096)
+    max_frames: int = knob(32, "longest clip, in frames", low=4, high=4096)
+    fps: int = knob(12, "frames per second of the encoded MP4s", low=1, high=120)
+    max_objects: int = knob(3, "objects per scene are drawn from 1..max_objects", low=1, high=3)
+    max_events: int = knob(3, "events per clip are drawn from 1..max_events", low=1, high=3)
+    noise_std: float = knob(6.0, "std of per-frame pixel noise (0-255 scale)", low=0.0, high=64.0)
+    long_range: bool = knob(
+        False, "place the labelled event at the very start, then fill the clip with distractor motion"
+    )
+    long_range_frames: int = knob(128, "clip length when long_range is on", low=8, high=4096)
+    main_event_frames: int = knob(12, "length of the labelled event when long_range is on", low=4, high=4096)
+    crf: int = knob(18, "x264 constant rate factor (lower = higher quality)", low=0, high=51)
+    workers: int = knob(0, "worker processes; 0 means one per CPU core", low=0, high=256)
+
+    def __post_init__(self) -> None:
+        if self.height % 2 or self.width % 2:
+            raise ConfigError(f"height and width must be even for yuv420p, got {self.height}x{self.width}")
+        if self.min_frames > self.max_frames:
+            raise ConfigError(f"min_frames ({self.min_frames}) must not exceed max_frames ({self.max_frames})")
+        if self.long_range and self.main_event_frames >= self.long_range_frames:
+            raise ConfigError("main_event_frames must be shorter than long_range_frames")
+
+
+# Presets for the generator CLI: overrides on top of the embedded defaults.
+SYNTH_PRESETS: dict[str, dict[str, Any]] = {
+    "default": {},
+    "tiny": {
+        "videos": {"train": 24, "val": 8, "test": 8},
+        "images": {"train": 24, "val": 8, "test": 8},
+        "min_frames": 8,
+        "max_frames": 12,
+    },
+}
+
+
+SECTIONS: dict[str, type] = {
+    "synth": SynthConfig,
+}
+
+
+def load_params(path: str | Path, *, sections: Mapping[str, type] | None = None) -> dict[str, Any]:
+    """Read and validate every section of a params file.
+
+    Returns ``{section name: config}``; a section absent from the file gets its defaults.
+    Raises :class:`ConfigError` naming ``path`` and the dotted key on any problem.
+    """
+    sections = SECTIONS if sections is None else sections
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: no such params file; copy params.yaml from the repository root")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML: {err}") from None
+    raw = raw or {}
+    if not isinstance(raw, Mapping):
+        raise ConfigError(f"{path}: expected a mapping of sections, got {type(raw).__name__}")
+    unknown = sorted(set(raw) - set(sections))
+    if unknown:
+        raise ConfigError(
+            f"{path}: {unknown[0]}: unknown section; allowed sections are {', '.join(sorted(sections))}"
+        )
+    try:
+        return {name: from_mapping(cls, raw.get(name), where=name) for name, cls in sections.items()}
+    except ConfigError as err:
+        raise ConfigError(f"{path}: {err}") from None
+
+
+def load_section(path: str | Path, name: str) -> Any:
+    """Validate the whole params file, then return section ``name``."""
+    return load_params(path)[name]
+
+
+# --------------------------------------------------------------------------------------------------------
+# Command lines: every knob of a section becomes a documented flag.
+
+
+def add_config_arguments(parser: argparse.ArgumentParser, cls: type, *, prefix: str = "") -> None:
+    """Add one ``--flag`` per (nested) field of ``cls``; help shows the default and what is allowed."""
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        tp = hints[f.name]
+        dotted = f"{prefix}{f.name}"
+        if dataclasses.is_dataclass(tp):
+            add_config_arguments(parser, tp, prefix=f"{dotted}.")
+            continue
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+        allowed = []
+        if f.metadata.get("low") is not None or f.metadata.get("high") is not None:
+            allowed.append(f"range [{f.metadata.get('low', '')}, {f.metadata.get('high') or ''}]")
+        if f.metadata.get("choices"):
+            allowed.append("one of " + ", ".join(map(str, f.metadata["choices"])))
+        if typing.get_origin(tp) is Literal:
+            allowed.append("one of " + ", ".join(map(str, typing.get_args(tp))))
+        help_text = f"{f.metadata.get('help', '')} (default: {default}{'; ' if allowed else ''}{'; '.join(allowed)})"
+        flag = "--" + dotted.replace("_", "-")
+        kwargs: dict[str, Any] = {"dest": f"cfg:{dotted}", "default": argparse.SUPPRESS, "help": help_text}
+        if tp is bool:
+            kwargs["action"] = argparse.BooleanOptionalAction
+        elif typing.get_origin(tp) is tuple:
+            kwargs["nargs"] = "+"
+            kwargs["type"] = yaml.safe_load
+            kwargs["metavar"] = "V"
+        else:
+            kwargs["type"] = yaml.safe_load  # "3" -> 3, "0.5" -> 0.5, "abc" -> "abc"; validation follows
+            kwargs["metavar"] = "V"
+        parser.add_argument(flag, **kwargs)
+
+
+def overrides_from_args(args: argparse.Namespace) -> dict[str, Any]:
+    """The flags a user actually gave, as a nested mapping ready to merge into a section."""
+    nested: dict[str, Any] = {}
+    for key, value in vars(args).items():
+        if not key.startswith("cfg:"):
+            continue
+        parts = key[4:].split(".")
+        node = nested
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+        node[parts[-1]] = value
+    return nested
+
+
+def merge(base: Mapping[str, Any], update: Mapping[str, Any]) -> dict[str, Any]:
+    """Recursive dict merge; ``update`` wins."""
+    out = dict(base)
+    for key, value in update.items():
+        if isinstance(value, Mapping) and isinstance(out.get(key), Mapping):
+            out[key] = merge(out[key], value)
+        else:
+            out[key] = value
+    return out
