@@ -240,7 +240,29 @@ SYNTH_PRESETS: dict[str, dict[str, Any]] = {
 }
 
 
+@dataclass(frozen=True)
+class DataConfig:
+    """Where the raw inputs live. dvc.yaml interpolates these into stage commands and deps;
+    the code receives them as command-line arguments. Point them at a real dataset to use it."""
+
+    video_dir: str = knob("data/videos", "folder holding the video files")
+    image_dir: str = knob("data/images", "folder holding the image files")
+    video_captions: str = knob("data/annotations/msrvtt.json", "video caption JSON ('' for none)")
+    video_captions_format: str = knob(
+        "msrvtt", "schema of video_captions", choices=("msrvtt", "msvd")
+    )
+    activity_dir: str = knob(
+        "data/annotations/ucf101", "folder with UCF101-style classInd.txt and split lists ('' for none)"
+    )
+    activity_split: int = knob(1, "which UCF101 split list to use (trainlist0N / testlist0N)", low=1, high=3)
+    image_captions_dir: str = knob(
+        "data/annotations/coco", "folder with COCO captions_*.json files ('' for none)"
+    )
+    karpathy_split: str = knob("", "optional Karpathy-split JSON (dataset_coco.json) that assigns image splits")
+
+
 SECTIONS: dict[str, type] = {
+    "data": DataConfig,
     "synth": SynthConfig,
 }
 
