@@ -12,6 +12,8 @@ export MLFLOW_DISABLE_TELEMETRY ?= true
 export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
 export DO_NOT_TRACK ?= 1
 export PYTHONUNBUFFERED ?= 1
+# dvc.yaml stage commands call `python`: make it the project's interpreter.
+export PATH := $(abspath $(VENV))/bin:$(PATH)
 
 .DEFAULT_GOAL := help
 .PHONY: help install demo test data lock bench mlflow-ui clean
@@ -31,7 +33,7 @@ data: $(STAMP) ## generate the default synthetic benchmark into data/ (refuses t
 
 demo: $(STAMP) ## generate data/ if absent, then run the whole pipeline with dvc repro
 	@if [ ! -d data/annotations ]; then $(MAKE) --no-print-directory data; fi
-	$(VENV)/bin/dvc repro
+	scripts/with-prefect-server $(VENV)/bin/dvc repro
 
 test: $(STAMP) ## run the whole test suite
 	$(PY) -m pytest -n 2 --dist loadgroup
