@@ -261,9 +261,38 @@ class DataConfig:
     karpathy_split: str = knob("", "optional Karpathy-split JSON (dataset_coco.json) that assigns image splits")
 
 
+@dataclass(frozen=True)
+class TrainConfig:
+    """One training loop for every model (``seqvision.train.fit``); shared by all train@ stages."""
+
+    epochs: int = knob(20, "passes over the training set", low=1, high=10_000)
+    batch_size: int = knob(64, "examples per optimizer step", low=1, high=65_536)
+    lr: float = knob(1e-3, "peak AdamW learning rate (reached after warmup)", low=0.0, high=1.0)
+    weight_decay: float = knob(0.01, "AdamW decoupled weight decay (matrices only)", low=0.0, high=1.0)
+    warmup_fraction: float = knob(0.05, "fraction of all steps spent in linear warmup", low=0.0, high=1.0)
+    min_lr_ratio: float = knob(0.1, "cosine decay ends at lr * min_lr_ratio", low=0.0, high=1.0)
+    clip_grad_norm: float = knob(1.0, "clip the global gradient norm to this value; 0 disables", low=0.0)
+    label_smoothing: float = knob(
+        0.0, "label smoothing for the training loss (passed to the model)", low=0.0, high=0.99
+    )
+    scheduled_sampling: float = knob(
+        0.0, "captioning: final probability of feeding the model's own token (ramps up linearly from 0)",
+        low=0.0, high=1.0,
+    )
+    tbptt_steps: int = knob(0, "recurrent models: truncate backprop every N time steps; 0 = full BPTT", low=0)
+    patience: int = knob(5, "stop after this many epochs without a better validation metric; 0 = never", low=0)
+    device: str = knob("auto", "auto picks CUDA when present", choices=("auto", "cpu", "cuda"))
+    compile: bool = knob(False, "wrap the model in torch.compile")
+    deterministic: bool = knob(True, "deterministic kernels (torch.use_deterministic_algorithms, cuDNN)")
+    seed: int = knob(0, "seeds python, numpy, torch and the data order", low=0)
+    num_workers: int = knob(2, "DataLoader worker processes", low=0, high=64)
+    log_every: int = knob(25, "steps between progress updates and NaN checks (each one syncs the GPU)", low=1)
+
+
 SECTIONS: dict[str, type] = {
     "data": DataConfig,
     "synth": SynthConfig,
+    "train": TrainConfig,
 }
 
 
