@@ -289,10 +289,105 @@ class TrainConfig:
     log_every: int = knob(25, "steps between progress updates and NaN checks (each one syncs the GPU)", low=1)
 
 
+@dataclass(frozen=True)
+class RecurrentModelConfig:
+    """One recurrent family (models.rnn, models.lstm, models.gru); the cell type is the family name."""
+
+    hidden_size: int = knob(256, "hidden units per recurrent layer (encoder and decoder)", low=1, high=16_384)
+    num_layers: int = knob(1, "stacked recurrent layers (encoder and decoder each)", low=1, high=16)
+    embed_size: int = knob(128, "word embedding size (captioning)", low=1, high=16_384)
+    dropout: float = knob(0.2, "dropout on inputs, between layers and before the output layer", low=0.0, high=0.9)
+    attention: bool = knob(
+        True, "captioning: soft attention over grid cells / encoder outputs (Show, Attend and Tell)"
+    )
+
+
+@dataclass(frozen=True)
+class TransformerModelConfig:
+    """models.transformer: pre-norm encoder(-decoder) with scaled-dot-product attention."""
+
+    hidden_size: int = knob(192, "model width d_model (divisible by num_heads, even)", low=2, high=16_384)
+    num_layers: int = knob(2, "blocks in the encoder, and again in the decoder", low=1, high=48)
+    num_heads: int = knob(4, "attention heads", low=1, high=128)
+    ffn_mult: int = knob(4, "feed-forward width = ffn_mult * hidden_size", low=1, high=16)
+    dropout: float = knob(0.1, "dropout on embeddings, attention weights and residual branches", low=0.0, high=0.9)
+
+    def __post_init__(self) -> None:
+        if self.hidden_size % self.num_heads or self.hidden_size % 2:
+            raise ConfigError(
+                f"hidden_size ({self.hidden_size}) must be even and divisible by num_heads ({self.num_heads})"
+            )
+
+
+@dataclass(frozen=True)
+class MeanPoolModelConfig:
+    """models.meanpool: order-blind baselines (mean feature -> MLP classifier / LSTM decoder)."""
+
+    hidden_size: int = knob(256, "classifier MLP width / decoder LSTM width", low=1, high=16_384)
+    num_layers: int = knob(1, "classifier hidden layers / decoder LSTM layers", low=1, high=16)
+    embed_size: int = knob(128, "word embedding size (captioning)", low=1, high=16_384)
+    dropout: float = knob(0.2, "dropout on the pooled feature, embeddings and before the output", low=0.0, high=0.9)
+
+
+MODEL_FAMILIES = ("rnn", "lstm", "gru", "transformer", "meanpool")
+
+
+@dataclass(frozen=True)
+class ModelsConfig:
+    """One sub-mapping per family, so DVC retrains only the family whose knobs changed."""
+
+    rnn: RecurrentModelConfig = knob(RecurrentModelConfig(), "vanilla (tanh) RNN family")
+    lstm: RecurrentModelConfig = knob(RecurrentModelConfig(), "LSTM family")
+    gru: RecurrentModelConfig = knob(RecurrentModelConfig(), "GRU family")
+    transformer: TransformerModelConfig = knob(TransformerModelConfig(), "Transformer family")
+    meanpool: MeanPoolModelConfig = knob(MeanPoolModelConfig(), "mean-pool baselines")
+    match_params: int | str = knob(
+        "off",
+        "resize every family's hidden_size to one parameter budget (per task): 'off', a family name (its own"
+        " count is the budget) or a parameter count",
+    )
+
+    def __post_init__(self) -> None:
+        if isinstance(self.match_params, int) and self.match_params < 1:
+            raise ConfigError(f"match_params must be a positive parameter count, got {self.match_params}")
+        if isinstance(self.match_params, str) and self.match_params not in ("off", *MODEL_FAMILIES):
+            raise ConfigError(
+                f"match_params must be 'off', one of {', '.join(MODEL_FAMILIES)} or a parameter count,"
+                f" got {self.match_params!r}"
+            )
+
+
+@dataclass(frozen=True)
+class EncoderConfig:
+    """The frame encoder shared by every model (``seqvision.encoders``) and the features it extracts."""
+
+    backbone: str = knob(
+        "small_cnn",
+        "small_cnn (trained here on the synthetic attributes) or a torchvision model name",
+        choices=("small_cnn", "resnet18", "resnet34", "resnet50", "mobilenet_v3_small"),
+    )
+    weights: str = knob(
+        "", "torchvision backbones: local file with a state dict ('' = random weights, with a warning); never downloaded"
+    )
+    feature_dim: int = knob(128, "small_cnn feature width (torchvision backbones keep their own)", low=8, high=4096)
+    grid: int = knob(4, "image features are a grid x grid map of region vectors", low=1, high=16)
+    image_size: int = knob(224, "torchvision backbones: frames are resized to this side first", low=32, high=1024)
+    epochs: int = knob(5, "small_cnn: epochs of attribute training", low=0, high=1000)
+    lr: float = knob(1e-3, "small_cnn: AdamW learning rate", low=0.0, high=1.0)
+    weight_decay: float = knob(1e-4, "small_cnn: AdamW weight decay", low=0.0, high=1.0)
+    batch_size: int = knob(128, "small_cnn training and feature extraction batch size", low=1, high=65_536)
+    seed: int = knob(0, "small_cnn: initialisation and data-order seed", low=0)
+    finetune_encoder: bool = knob(
+        False, "train the encoder end to end with each model (models then consume pixels, not features)"
+    )
+
+
 SECTIONS: dict[str, type] = {
     "data": DataConfig,
     "synth": SynthConfig,
     "train": TrainConfig,
+    "encoder": EncoderConfig,
+    "models": ModelsConfig,
 }
 
 
