@@ -262,6 +262,24 @@ class DataConfig:
 
 
 @dataclass(frozen=True)
+class ExtractConfig:
+    """Videos and images -> uint8 frame shards (``python -m pipelines.extract``; see seqvision.frames)."""
+
+    sampling: Literal["uniform", "segment", "dense"] = knob(
+        "uniform", "frame sampler: evenly spaced, one per segment (TSN), or consecutive (see seqvision.sampling)"
+    )
+    num_frames: int = knob(16, "frames kept per clip (T); shorter clips repeat their last frame", low=1, high=4096)
+    frame_stride: int = knob(2, "gap between consecutive frames for sampling: dense", low=1, high=1024)
+    resize: tuple[int, int] = knob((64, 64), "(height, width) of every stored frame and image", low=8, high=4096)
+    shard_size: int = knob(512, "videos or images per .npy shard file", low=1, high=1_000_000)
+    workers: int = knob(0, "decoding processes; 0 means one per CPU core, 1 decodes in-process", low=0, high=256)
+    max_skipped_fraction: float = knob(
+        0.05, "fail if more than this fraction of the videos (or images) cannot be decoded", low=0.0, high=1.0
+    )
+    seed: int = knob(0, "seed for the random train-split draws of segment/dense sampling", low=0)
+
+
+@dataclass(frozen=True)
 class TrainConfig:
     """One training loop for every model (``seqvision.train.fit``); shared by all train@ stages."""
 
@@ -385,6 +403,7 @@ class EncoderConfig:
 SECTIONS: dict[str, type] = {
     "data": DataConfig,
     "synth": SynthConfig,
+    "extract": ExtractConfig,
     "train": TrainConfig,
     "encoder": EncoderConfig,
     "models": ModelsConfig,
