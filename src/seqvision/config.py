@@ -324,7 +324,7 @@ class RecurrentModelConfig:
 class TransformerModelConfig:
     """models.transformer: pre-norm encoder(-decoder) with scaled-dot-product attention."""
 
-    hidden_size: int = knob(192, "model width d_model (divisible by num_heads, even)", low=2, high=16_384)
+    hidden_size: int = knob(128, "model width d_model (divisible by num_heads, even)", low=2, high=16_384)
     num_layers: int = knob(2, "blocks in the encoder, and again in the decoder", low=1, high=48)
     num_heads: int = knob(4, "attention heads", low=1, high=128)
     ffn_mult: int = knob(4, "feed-forward width = ffn_mult * hidden_size", low=1, high=16)
@@ -400,10 +400,27 @@ class EncoderConfig:
     )
 
 
+@dataclass(frozen=True)
+class TokenizeConfig:
+    """Captions -> vocabulary + padded ids (``python -m pipelines.tokenize``). One vocabulary per corpus
+    (video, image), built from its training captions only."""
+
+    min_count: int = knob(
+        2, "times a word must occur in the training captions to get its own id; rarer words -> <unk>", low=1
+    )
+    max_size: int | None = knob(
+        None, "largest vocabulary, the 4 special tokens included (null: no limit)", low=5, high=10_000_000
+    )
+    max_length: int = knob(
+        20, "words kept per caption, <bos>/<eos> excluded; longer captions are truncated", low=1, high=1024
+    )
+
+
 SECTIONS: dict[str, type] = {
     "data": DataConfig,
     "synth": SynthConfig,
     "extract": ExtractConfig,
+    "tokenize": TokenizeConfig,
     "train": TrainConfig,
     "encoder": EncoderConfig,
     "models": ModelsConfig,
