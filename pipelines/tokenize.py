@@ -1,0 +1,148 @@
+"""tokenize stage: raw captions -> one vocabulary + padded ids per corpus, in ``artifacts/tokens/{video,image}/``.
+
+    python -m pipelines.tokenize --params params.yaml --out artifacts/tokens [--video-dir ... data flags]
+
+Reads the ``tokenize`` section of params.yaml (the whole file is validated first). The data paths come from
+the flags, named like the ``data:`` keys; a flag left out falls back to params.yaml's ``data:`` value. The
+work is :func:`seqvision.vocab.tokenize_corpus`; this flow only loads records and writes files.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+from pathlib import Path
+from typing import Any
+
+from prefect import flow, get_run_logger, task
+from prefect.cache_policies import NO_CACHE
+
+from seqvision import annotations
+from seqvision.config import ConfigError, DataConfig, TokenizeConfig, from_mapping, load_params, to_dict
+from seqvision.vocab import tokenize_corpus, write_corpus
+
+DATA_KEYS = tuple(f.name for f in dataclasses.fields(DataConfig))
+
+
+def resolve_configs(params: str | Path, overrides: dict[str, Any]) -> tuple[DataConfig, TokenizeConfig]:
+    """Validate the whole params file; apply the data-path flags that were given (``None`` = not given)."""
+    loaded = load_params(params)
+    data = to_dict(loaded["data"])
+    data.update({k: v for k, v in overrides.items() if v is not None})
+    return from_mapping(DataConfig, data, where="data (params + flags)"), loaded["tokenize"]
+
+
+@task(cache_policy=NO_CACHE)  # DVC decides what reruns, not a Prefect cache
+def load_corpora(data: DataConfig) -> dict[str, list[Any]]:
+    """{"video": captioned video records, "image": image records}, for the sources that are configured."""
+    corpora: dict[str, list[Any]] = {}
+    if data.video_captions:
+        records = annotations.load_video_records(
+            video_dir=data.video_dir,
+            video_captions=data.video_captions,
+            video_captions_format=data.video_captions_format,
+            activity_dir=data.activity_dir,  # read too, so a split conflict with the labels is caught here
+            activity_split=data.activity_split,
+        )
+        corpora["video"] = [r for r in records if r.captions]
+    if data.image_captions_dir or data.karpathy_split:
+        corpora["image"] = annotations.load_image_records(
+            image_dir=data.image_dir, image_captions_dir=data.image_captions_dir, karpathy_split=data.karpathy_split
+        )
+    if not corpora:
+        raise ConfigError("nothing to tokenize: data.video_captions, data.image_captions_dir and "
+                          "data.karpathy_split are all empty")
+    return corpora
+
+
+@task(cache_policy=NO_CACHE)
+def tokenize_and_write(name: str, records: list[Any], config: TokenizeConfig, out: Path) -> dict[str, Any]:
+    corpus = tokenize_corpus(records, config)
+    write_corpus(corpus, out / name)
+    return corpus.stats
+
+
+@flow(name="tokenize")
+def tokenize_flow(
+    *,
+    params: str = "params.yaml",
+    out: str = "artifacts/tokens",
+    video_dir: str | None = None,
+    video_captions: str | None = None,
+    video_captions_format: str | None = None,
+    activity_dir: str | None = None,
+    activity_split: int | None = None,
+    image_dir: str | None = None,
+    image_captions_dir: str | None = None,
+    karpathy_split: str | None = None,
+) -> dict[str, dict[str, Any]]:
+    """Tokenize every configured corpus into ``{out}/{video,image}/``; returns ``{corpus: stats}``."""
+    logger = get_run_logger()
+    overrides = dict(
+        video_dir=video_dir,
+        video_captions=video_captions,
+        video_captions_format=video_captions_format,
+        activity_dir=activity_dir,
+        activity_split=activity_split,
+        image_dir=image_dir,
+        image_captions_dir=image_captions_dir,
+        karpathy_split=karpathy_split,
+    )
+    data, config = resolve_configs(params, overrides)
+    corpora = load_corpora(data)
+    stats = {}
+    for name, records in corpora.items():
+        stats[name] = tokenize_and_write(name, records, config, Path(out))
+        logger.info(summary(name, stats[name]))
+    return stats
+
+
+def summary(name: str, stats: dict[str, Any]) -> str:
+    splits = stats["splits"]
+    return (
+        f"{name}: {sum(s['captions'] for s in splits.values())} captions "
+        f"({splits['train']['captions']} train) -> {stats['vocab_size']} tokens in the vocabulary; "
+        f"{stats['truncated']} truncated to {stats['max_length']} words; "
+        f"{stats['dropped_empty']} empty captions dropped"
+    )
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m pipelines.tokenize", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--params", default="params.yaml", help="params file; its tokenize section is used")
+    parser.add_argument("--out", required=True, help="output folder (artifacts/tokens)")
+    for f in dataclasses.fields(DataConfig):
+        parser.add_argument(
+            "--" + f.name.replace("_", "-"),
+            dest=f.name,
+            type=int if f.type in (int, "int") else str,
+            default=None,
+            help=f"{f.metadata.get('help', '')} (default: params.yaml data.{f.name})",
+        )
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    overrides = {k: getattr(args, k) for k in DATA_KEYS}
+    try:  # the common mistakes get one clean line before Prefect starts
+        data, _ = resolve_configs(args.params, overrides)
+        annotations.check_sources(
+            video_captions=data.video_captions,
+            activity_dir=data.activity_dir,
+            activity_split=data.activity_split,
+            image_captions_dir=data.image_captions_dir,
+            karpathy_split=data.karpathy_split,
+        )
+        stats = tokenize_flow(params=args.params, out=args.out, **overrides)
+    except (ConfigError, FileNotFoundError, annotations.AnnotationError) as err:
+        print(f"tokenize: error: {err}", file=sys.stderr)
+        return 2
+    for name, corpus_stats in stats.items():
+        print(f"tokenize: {summary(name, corpus_stats)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
