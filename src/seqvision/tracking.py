@@ -1,0 +1,354 @@
+"""MLflow tracking: the only module that imports ``mlflow`` (lazily, inside functions).
+
+One comparison is one *parent* run; every ``train@{task}-{model}`` stage is a *child* run under it. All
+calls go through an explicit :class:`mlflow.MlflowClient` with explicit run ids, never the fluent
+``mlflow.start_run`` stack: the fluent stack is per thread, so ``nested=True`` inside a worker thread does
+not find its parent. Children carry the ``mlflow.parentRunId`` tag, which is exactly what
+``mlflow.start_run(parent_run_id=...)`` sets.
+
+Where runs go: ``MLFLOW_TRACKING_URI`` when set, else an *absolute* ``sqlite:///{repo_root}/mlflow.db``
+(a relative URI would point into the temporary copy under ``dvc exp run --temp``; a plain ``./mlruns``
+file store is refused by MLflow 3). Artifacts of a sqlite store go beside the database in ``mlartifacts/``
+(MLflow's own default is ``./mlruns`` under the *current* directory, which has the same problem).
+
+Process-level hand-over:
+
+- ``SEQVISION_PARENT_RUN_ID``: :func:`start_parent` reuses this run instead of creating one;
+- ``MLFLOW_RUN_ID``: :func:`start_child` logs into this existing run (a DDP launcher creates the run once
+  and passes it to every rank) and leaves ending it to whoever created it, except on failure.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+import time
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from types import TracebackType
+from typing import TYPE_CHECKING, Any, Protocol
+from urllib.parse import urlparse
+
+import yaml
+
+from seqvision.io import write_text
+
+if TYPE_CHECKING:  # pragma: no cover
+    from mlflow import MlflowClient
+
+PARENT_RUN_ENV = "SEQVISION_PARENT_RUN_ID"
+RUN_ID_ENV = "MLFLOW_RUN_ID"
+PARENT_TAG = "mlflow.parentRunId"  # == mlflow.utils.mlflow_tags.MLFLOW_PARENT_RUN_ID
+
+# MLflow's log_batch limits per request (REST API docs): 1000 metrics, 100 params, 100 tags.
+_MAX_PARAMS_PER_BATCH = 100
+_MAX_TAGS_PER_BATCH = 100
+_MAX_METRICS_PER_BATCH = 1000
+_MAX_PARAM_LENGTH = 6000
+
+
+def tracking_uri(repo_root: str | Path) -> str:
+    """``MLFLOW_TRACKING_URI`` if set, else the absolute ``sqlite:///{repo_root}/mlflow.db``."""
+    env = os.environ.get("MLFLOW_TRACKING_URI")
+    if env:
+        return env
+    return f"sqlite:///{Path(repo_root).resolve() / 'mlflow.db'}"
+
+
+def artifact_location(uri: str) -> str | None:
+    """Absolute artifact root for a new experiment: ``mlartifacts/`` beside a sqlite database.
+
+    ``None`` for other stores (a tracking server decides where its artifacts go).
+    """
+    parsed = urlparse(uri)
+    if parsed.scheme != "sqlite":
+        return None
+    db_path = Path(uri[len("sqlite:///") :])
+    if not db_path.is_absolute():
+        raise ValueError(f"tracking URI {uri!r} is relative; use sqlite:////absolute/path/mlflow.db")
+    return (db_path.parent / "mlartifacts").as_uri()
+
+
+def _client(uri: str) -> MlflowClient:
+    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+    from mlflow import MlflowClient
+
+    return MlflowClient(tracking_uri=uri)
+
+
+def _experiment_id(client: MlflowClient, name: str, uri: str) -> str:
+    experiment = client.get_experiment_by_name(name)
+    if experiment is not None:
+        return experiment.experiment_id
+    return client.create_experiment(name, artifact_location=artifact_location(uri))
+
+
+def start_parent(
+    experiment: str,
+    run_name: str,
+    *,
+    repo_root: str | Path,
+    tags: Mapping[str, Any] | None = None,
+    run_id_file: str | Path | None = None,
+) -> str:
+    """The parent run id for one comparison, creating the run only when there is none to reuse.
+
+    Reuses, in order: ``$SEQVISION_PARENT_RUN_ID`` (must exist), then the id stored in ``run_id_file``
+    if that run still exists and is RUNNING. Otherwise creates a run in ``experiment`` (created if
+    missing) and, when ``run_id_file`` is given, writes the new id there atomically.
+    """
+    uri = tracking_uri(repo_root)
+    client = _client(uri)
+    env_id = os.environ.get(PARENT_RUN_ENV)
+    if env_id:
+        client.get_run(env_id)  # raises MlflowException naming the id when it does not exist
+        return env_id
+    if run_id_file is not None and Path(run_id_file).is_file():
+        stored = Path(run_id_file).read_text().strip()
+        if stored and _is_running(client, stored):
+            return stored
+    run = client.create_run(
+        _experiment_id(client, experiment, uri), run_name=run_name, tags=_stringify(tags or {})
+    )
+    if run_id_file is not None:
+        write_text(run_id_file, run.info.run_id + "\n")
+    return run.info.run_id
+
+
+def _is_running(client: MlflowClient, run_id: str) -> bool:
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return client.get_run(run_id).info.status == "RUNNING"
+    except MlflowException:
+        return False
+
+
+def end_run(run_id: str, *, repo_root: str | Path, status: str = "FINISHED") -> None:
+    """Mark a run (typically the parent) terminated with ``status`` (FINISHED, FAILED or KILLED)."""
+    _client(tracking_uri(repo_root)).set_terminated(run_id, status)
+
+
+def start_child(
+    *,
+    parent_run_id: str,
+    run_name: str,
+    repo_root: str | Path,
+    tags: Mapping[str, Any] | None = None,
+) -> Tracker:
+    """A :class:`Tracker` on a new child run of ``parent_run_id`` (same experiment).
+
+    With ``$MLFLOW_RUN_ID`` set, logs into that run instead (created by a launcher, which also ends it).
+    Use the tracker as a context manager so that an exception marks the run FAILED.
+    """
+    client = _client(tracking_uri(repo_root))
+    external = os.environ.get(RUN_ID_ENV)
+    if external:
+        client.get_run(external)
+        tracker = Tracker(client, external, owns_run=False)
+    else:
+        parent = client.get_run(parent_run_id)
+        run = client.create_run(
+            parent.info.experiment_id,
+            run_name=run_name,
+            tags={PARENT_TAG: parent_run_id, **_stringify(tags or {})},
+        )
+        tracker = Tracker(client, run.info.run_id, owns_run=True)
+    if external and tags:
+        tracker.set_tags(tags)
+    return tracker
+
+
+def _stringify(values: Mapping[str, Any]) -> dict[str, str]:
+    return {str(k): str(v) for k, v in values.items()}
+
+
+def _chunks(items: list[Any], size: int) -> Iterator[list[Any]]:
+    for start in range(0, len(items), size):
+        yield items[start : start + size]
+
+
+class TrackerLike(Protocol):
+    """What the training loop needs from a tracker (:class:`Tracker` or :class:`NullTracker`)."""
+
+    def log_params(self, params: Mapping[str, Any]) -> None: ...
+    def set_tags(self, tags: Mapping[str, Any]) -> None: ...
+    def log_epoch(self, metrics: Mapping[str, Any], *, step: int) -> None: ...
+    def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None: ...
+
+
+class Tracker:
+    """Logs one run. Per-epoch metrics go in a single ``log_batch`` request, so tracking costs one
+    round trip per epoch however many metrics there are.
+
+    As a context manager: a clean exit ends the run FINISHED, an exception FAILED (KILLED for
+    Ctrl-C) and re-raises. A run it did not create (``$MLFLOW_RUN_ID``) is only ever marked FAILED or
+    KILLED here; its creator reports success.
+    """
+
+    def __init__(self, client: MlflowClient, run_id: str, *, owns_run: bool = True) -> None:
+        self.client = client
+        self.run_id = run_id
+        self.owns_run = owns_run
+        self.status: str | None = None  # set once finished
+
+    def log_params(self, params: Mapping[str, Any]) -> None:
+        """Flat ``{"train.lr": 0.001, ...}``; values are stored as strings (MLflow params are strings)."""
+        from mlflow.entities import Param
+
+        entries = [Param(str(k), str(v)[:_MAX_PARAM_LENGTH]) for k, v in params.items()]
+        for chunk in _chunks(entries, _MAX_PARAMS_PER_BATCH):
+            self.client.log_batch(self.run_id, params=chunk)
+
+    def set_tags(self, tags: Mapping[str, Any]) -> None:
+        from mlflow.entities import RunTag
+
+        entries = [RunTag(str(k), str(v)) for k, v in tags.items()]
+        for chunk in _chunks(entries, _MAX_TAGS_PER_BATCH):
+            self.client.log_batch(self.run_id, tags=chunk)
+
+    def log_epoch(self, metrics: Mapping[str, Any], *, step: int) -> None:
+        """Numeric entries of ``metrics`` at ``step`` (the epoch), in one ``log_batch`` call."""
+        from mlflow.entities import Metric
+
+        timestamp = int(time.time() * 1000)
+        entries = [
+            Metric(str(k), float(v), timestamp, step)
+            for k, v in metrics.items()
+            if isinstance(v, (int, float)) and not isinstance(v, bool)
+        ]
+        for chunk in _chunks(entries, _MAX_METRICS_PER_BATCH):
+            self.client.log_batch(self.run_id, metrics=chunk)
+
+    def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
+        """Copy a file (or every file of a folder) into the run's artifacts."""
+        path = Path(path)
+        if path.is_dir():
+            self.client.log_artifacts(self.run_id, str(path), artifact_path)
+        else:
+            self.client.log_artifact(self.run_id, str(path), artifact_path)
+
+    def finish(self, status: str = "FINISHED") -> None:
+        """End the run with ``status``; later calls are ignored (the first verdict stands)."""
+        if self.status is not None:
+            return
+        self.status = status
+        if self.owns_run or status != "FINISHED":
+            self.client.set_terminated(self.run_id, status)
+
+    def __enter__(self) -> Tracker:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> bool:
+        if exc_type is None:
+            self.finish("FINISHED")
+        elif issubclass(exc_type, KeyboardInterrupt):
+            self.finish("KILLED")
+        else:
+            self.finish("FAILED")
+        return False  # never swallow the exception
+
+
+class NullTracker:
+    """Tracking switched off: every call does nothing."""
+
+    run_id: str | None = None
+    status: str | None = None
+
+    def log_params(self, params: Mapping[str, Any]) -> None:
+        pass
+
+    def set_tags(self, tags: Mapping[str, Any]) -> None:
+        pass
+
+    def log_epoch(self, metrics: Mapping[str, Any], *, step: int) -> None:
+        pass
+
+    def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
+        pass
+
+    def finish(self, status: str = "FINISHED") -> None:
+        self.status = status
+
+    def __enter__(self) -> NullTracker:
+        return self
+
+    def __exit__(self, *exc: object) -> bool:
+        return False
+
+
+# --------------------------------------------------------------------------------------------------------
+# Tags: where a run came from and what it ran on.
+
+
+def params_hash(params: Mapping[str, Any]) -> str:
+    """Short SHA-256 of the canonical JSON of ``params`` (key order does not matter)."""
+    blob = json.dumps(params, sort_keys=True, default=str, separators=(",", ":"))
+    return hashlib.sha256(blob.encode("utf-8")).hexdigest()[:16]
+
+
+def data_md5(dvc_file: str | Path) -> str:
+    """The md5 DVC recorded for the outputs of a ``.dvc`` file (``outs[*].md5``, joined by '+')."""
+    meta = yaml.safe_load(Path(dvc_file).read_text()) or {}
+    hashes = [str(out.get("md5", "")) for out in meta.get("outs", [])]
+    if not any(hashes):
+        raise ValueError(f"{dvc_file}: no outs[].md5 entry; was `dvc add` run?")
+    return "+".join(hashes)
+
+
+def git_commit(repo_root: str | Path) -> tuple[str, bool]:
+    """``(commit sha, dirty)`` of the checkout at ``repo_root``; ``("unknown", False)`` outside git."""
+    try:
+        sha = subprocess.run(
+            ["git", "-C", str(repo_root), "rev-parse", "HEAD"],
+            capture_output=True, text=True, check=True, timeout=30,
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "-C", str(repo_root), "status", "--porcelain", "--untracked-files=no"],
+            capture_output=True, text=True, check=True, timeout=30,
+        ).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "unknown", False
+    return sha, bool(dirty)
+
+
+def lineage_tags(
+    *,
+    repo_root: str | Path,
+    data_dvc: str | Path | None = None,
+    params: Mapping[str, Any] | None = None,
+) -> dict[str, str]:
+    """Tags that tie a run to its code (git), data (``data.dvc`` md5) and parameters (hash)."""
+    sha, dirty = git_commit(repo_root)
+    tags = {
+        "mlflow.source.git.commit": sha,  # shown by the MLflow UI
+        "seqvision.git_commit": sha,
+        "seqvision.git_dirty": str(dirty).lower(),
+    }
+    if data_dvc is not None:
+        tags["seqvision.data_md5"] = data_md5(data_dvc)
+    if params is not None:
+        tags["seqvision.params_hash"] = params_hash(params)
+    return tags
+
+
+def runtime_tags(device: Any) -> dict[str, str]:
+    """Tags for what a run executed on: device (with the GPU name), torch and CUDA versions."""
+    import torch
+
+    device = torch.device(device)
+    name = str(device)
+    if device.type == "cuda":
+        name = f"{device} ({torch.cuda.get_device_name(device)})"
+    return {
+        "seqvision.device": name,
+        "seqvision.torch_version": torch.__version__,
+        "seqvision.cuda_version": str(torch.version.cuda),
+    }
