@@ -1,0 +1,524 @@
+"""The shared training loop (seqvision.train) on toy models that follow the model contract. CPU, tiny."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.utils.data import DataLoader
+
+from seqvision import distributed, train
+from seqvision.config import ConfigError, TrainConfig
+
+try:  # the real typed batches when the datasets module is there; same fields otherwise
+    from seqvision.datasets import CaptionBatch, ClipBatch
+except ImportError:  # pragma: no cover
+
+    class ClipBatch(NamedTuple):  # type: ignore[no-redef]
+        ids: list[str]
+        visual: Tensor
+        lengths: Tensor
+        labels: Tensor
+
+    class CaptionBatch(NamedTuple):  # type: ignore[no-redef]
+        ids: list[str]
+        visual: Tensor
+        lengths: Tensor
+        tokens: Tensor
+        token_lengths: Tensor
+
+
+PAD, BOS, EOS = 0, 1, 2
+FEATURES, CLASSES, VOCAB, FRAMES = 4, 3, 9, 5
+
+
+# --------------------------------------------------------------------------------------------------------
+# Toy models following docs/design.md "Model contract"
+
+
+@dataclass(frozen=True)
+class ToyConfig:
+    feature_dim: int = FEATURES
+    hidden_size: int = 8
+    num_classes: int = CLASSES
+    vocab_size: int = VOCAB
+    dropout: float = 0.1
+
+
+class ToyActivity(nn.Module):
+    """GRU over (B, T, D) + linear; dropout so that resuming must restore the torch RNG."""
+
+    task, family = "activity", "toy-gru"
+
+    def __init__(self, config: ToyConfig = ToyConfig()) -> None:
+        super().__init__()
+        self.config = config
+        self.gru = nn.GRU(config.feature_dim, config.hidden_size, batch_first=True)
+        self.drop = nn.Dropout(config.dropout)
+        self.head = nn.Linear(config.hidden_size, config.num_classes)
+
+    def forward(self, visual: Tensor, lengths: Tensor, labels: Tensor | None = None, *,
+                label_smoothing: float = 0.0) -> tuple[Tensor, Tensor | None]:
+        out, _ = self.gru(visual)  # (B, T, H)
+        last = out[torch.arange(len(lengths)), lengths - 1]  # (B, H)
+        logits = self.head(self.drop(last))  # (B, C)
+        loss = None if labels is None else F.cross_entropy(logits, labels, label_smoothing=label_smoothing)
+        return logits, loss
+
+
+class ToyCaptioner(nn.Module):
+    """Mean-pooled visual -> initial GRU state; teacher-forced on tokens[:, :-1] against tokens[:, 1:]."""
+
+    task, family = "video_captioning", "toy-gru"
+
+    def __init__(self, config: ToyConfig = ToyConfig()) -> None:
+        super().__init__()
+        self.config = config
+        self.proj = nn.Linear(config.feature_dim, config.hidden_size)
+        self.embed = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.gru = nn.GRU(config.hidden_size, config.hidden_size, batch_first=True)
+        self.out = nn.Linear(config.hidden_size, config.vocab_size)
+
+    def encode(self, visual: Tensor, lengths: Tensor) -> tuple[Tensor]:
+        mask = (torch.arange(visual.size(1), device=visual.device)[None, :] < lengths[:, None]).unsqueeze(-1)
+        return (torch.tanh(self.proj((visual * mask).sum(1) / lengths[:, None])),)  # (B, H)
+
+    def init_state(self, memory: tuple[Tensor]) -> tuple[Tensor]:
+        return (memory[0].unsqueeze(1),)  # (B, 1, H)
+
+    def step(self, prev: Tensor, state: tuple[Tensor], memory: tuple[Tensor]) -> tuple[Tensor, tuple[Tensor]]:
+        out, h = self.gru(self.embed(prev).unsqueeze(1), state[0].transpose(0, 1).contiguous())
+        return self.out(out[:, 0]), (h.transpose(0, 1),)
+
+    def forward(self, visual: Tensor, lengths: Tensor, tokens: Tensor | None = None,
+                token_lengths: Tensor | None = None, *, label_smoothing: float = 0.0) -> tuple[Tensor, Tensor]:
+        h0 = self.init_state(self.encode(visual, lengths))[0].transpose(0, 1).contiguous()  # (1, B, H)
+        out, _ = self.gru(self.embed(tokens[:, :-1]), h0)  # (B, L-1, H)
+        logits = self.out(out)  # (B, L-1, V)
+        loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)), tokens[:, 1:].reshape(-1),
+                               ignore_index=PAD, label_smoothing=label_smoothing)
+        return logits, loss
+
+
+# --------------------------------------------------------------------------------------------------------
+# Tiny synthetic data
+
+
+def clip_items(n: int, seed: int) -> list[tuple[str, Tensor, int, int]]:
+    g = torch.Generator().manual_seed(seed)
+    items = []
+    for i in range(n):
+        length = int(torch.randint(2, FRAMES + 1, (1,), generator=g))
+        visual = torch.randn(FRAMES, FEATURES, generator=g)
+        label = int(visual[:length, :CLASSES].mean(0).argmax())  # learnable from the real frames
+        items.append((f"clip{i}", visual, length, label))
+    return items
+
+
+def collate_clips(items: list[tuple[str, Tensor, int, int]]) -> ClipBatch:
+    return ClipBatch(
+        ids=[i for i, *_ in items],
+        visual=torch.stack([v for _, v, _, _ in items]),
+        lengths=torch.tensor([n for *_, n, _ in items]),
+        labels=torch.tensor([y for *_, y in items]),
+    )
+
+
+def caption_items(n: int, seed: int) -> list[tuple[str, Tensor, int, Tensor]]:
+    g = torch.Generator().manual_seed(seed)
+    items = []
+    for i in range(n):
+        words = torch.randint(3, VOCAB, (int(torch.randint(1, 5, (1,), generator=g)),), generator=g)
+        items.append((f"v{i}", torch.randn(FRAMES, FEATURES, generator=g), FRAMES,
+                      torch.cat([torch.tensor([BOS]), words, torch.tensor([EOS])])))
+    return items
+
+
+def collate_captions(items: list[tuple[str, Tensor, int, Tensor]]) -> CaptionBatch:
+    longest = max(len(t) for *_, t in items)
+    tokens = torch.full((len(items), longest), PAD, dtype=torch.int64)
+    for row, (*_, t) in enumerate(items):
+        tokens[row, : len(t)] = t
+    return CaptionBatch(
+        ids=[i for i, *_ in items],
+        visual=torch.stack([v for _, v, _, _ in items]),
+        lengths=torch.tensor([n for _, _, n, _ in items]),
+        tokens=tokens,
+        token_lengths=torch.tensor([len(t) for *_, t in items]),
+    )
+
+
+class EpochKeyedSampler(torch.utils.data.Sampler):
+    """Shuffles from (seed, epoch) like datasets.EpochSampler; set_epoch() positions it."""
+
+    def __init__(self, size: int, seed: int = 0) -> None:
+        self.size, self.seed, self.epoch = size, seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.size
+
+    def __iter__(self):
+        order = torch.randperm(self.size, generator=torch.Generator().manual_seed(self.seed * 1000 + self.epoch))
+        self.epoch += 1
+        return iter(order.tolist())
+
+
+def loaders(kind: str = "clips", *, seed: int = 0, order: str = "generator") -> tuple[DataLoader, DataLoader]:
+    items, collate = (clip_items, collate_clips) if kind == "clips" else (caption_items, collate_captions)
+    if order == "generator":
+        tr = train.make_loader(items(24, 1), batch_size=8, shuffle=True, collate_fn=collate, seed=seed)
+    elif order == "global-rng":  # a plain DataLoader: shuffling then draws from the global torch RNG
+        tr = DataLoader(items(24, 1), batch_size=8, shuffle=True, collate_fn=collate)
+    else:  # epoch-keyed sampler with a persistent worker, which draws its base seed only once
+        tr = DataLoader(items(24, 1), batch_size=8, sampler=EpochKeyedSampler(24, seed), collate_fn=collate,
+                        num_workers=1, persistent_workers=True)
+    va = train.make_loader(items(8, 2), batch_size=8, shuffle=False, collate_fn=collate)
+    return tr, va
+
+
+def config(**overrides) -> TrainConfig:
+    base = dict(epochs=2, batch_size=8, lr=0.01, warmup_fraction=0.2, device="cpu", num_workers=0,
+                deterministic=True, patience=0, log_every=2, seed=0)
+    return TrainConfig(**{**base, **overrides})
+
+
+def fresh(cls: type[nn.Module] = ToyActivity, seed: int = 0) -> nn.Module:
+    train.seed_everything(seed)
+    return cls()
+
+
+def same_weights(a: dict[str, Tensor], b: dict[str, Tensor]) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+DETERMINISTIC_KEYS = ("epoch", "step", "train_loss", "val_loss", "val_metric", "lr", "grad_norm")
+
+
+# --------------------------------------------------------------------------------------------------------
+# Schedule
+
+
+def test_warmup_cosine_values():
+    f = lambda s: train.warmup_cosine(s, warmup_steps=10, total_steps=111, min_lr_ratio=0.1)  # noqa: E731
+    assert f(0) == pytest.approx(0.1)  # warmup: (step + 1) / warmup_steps
+    assert f(4) == pytest.approx(0.5)
+    assert f(9) == pytest.approx(1.0)
+    assert f(10) == pytest.approx(1.0)  # peak, then cosine
+    assert f(60) == pytest.approx(0.1 + 0.9 * 0.5)  # halfway through the decay
+    assert f(110) == pytest.approx(0.1)  # last step ends exactly at min_lr_ratio
+    assert all(f(s) >= f(s + 1) for s in range(10, 110))
+
+
+def test_scheduler_drives_optimizer_lr_per_step():
+    cfg = config(lr=0.5, warmup_fraction=0.25, min_lr_ratio=0.0)
+    model = nn.Linear(2, 1)
+    opt = train.make_optimizer(model, cfg, device=torch.device("cpu"))
+    sched = train.make_scheduler(opt, cfg, total_steps=8)  # 2 warmup steps, 6 cosine steps
+    seen = []
+    for _ in range(8):
+        seen.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    expected = [0.25, 0.5] + [0.5 * 0.5 * (1 + math.cos(math.pi * k / 5)) for k in range(6)]
+    assert seen == pytest.approx(expected)
+
+
+# --------------------------------------------------------------------------------------------------------
+# Resume
+
+
+@pytest.mark.parametrize("order", ["generator", "global-rng", "epoch-sampler"])
+def test_resume_equals_uninterrupted_run(tmp_path, order):
+    cfg = config(epochs=2)
+
+    tr, va = loaders(order=order)
+    straight = fresh()
+    result = train.fit(straight, tr, va, config=cfg, out_dir=tmp_path / "a", metric=train.ACCURACY)
+
+    calls = []
+
+    def crash_in_epoch_two(model, loader, device):  # dies after epoch 2 trained, before its checkpoint
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return train.accuracy(model, loader, device)
+
+    tr, va = loaders(order=order)
+    interrupted = fresh()
+    with pytest.raises(KeyboardInterrupt):
+        train.fit(interrupted, tr, va, config=cfg, out_dir=tmp_path / "b",
+                  metric=train.ValidationMetric("accuracy", crash_in_epoch_two, True))
+    assert train.load_checkpoint(tmp_path / "b" / "last.pt")["epoch"] == 1
+
+    tr, va = loaders(order=order)  # new process: new loaders, a differently initialised model
+    resumed_model = fresh(seed=123)
+    resumed = train.fit(resumed_model, tr, va, config=cfg, out_dir=tmp_path / "b", metric=train.ACCURACY,
+                        resume=True)
+
+    assert same_weights(straight.state_dict(), resumed_model.state_dict())
+    assert [{k: e[k] for k in DETERMINISTIC_KEYS} for e in result.history] == [
+        {k: e[k] for k in DETERMINISTIC_KEYS} for e in resumed.history
+    ]
+    saved = json.loads((tmp_path / "b" / "history.json").read_text())
+    assert [e["epoch"] for e in saved] == [1, 2]
+
+
+def test_resume_restores_data_order_not_a_fresh_shuffle(tmp_path):
+    # Guard for the test above: without the restored generator, epoch 2 would replay epoch 1's order.
+    tr, _ = loaders()
+    first = [b.ids for b in tr]
+    second = [b.ids for b in tr]
+    assert first != second
+    state = train.rng_state(tr)
+    third = [b.ids for b in tr]
+    train.set_rng_state(state, tr)
+    assert [b.ids for b in tr] == third
+
+
+def test_resume_refuses_changed_maths(tmp_path):
+    tr, va = loaders()
+    train.fit(fresh(), tr, va, config=config(epochs=1), out_dir=tmp_path)
+    with pytest.raises(ConfigError, match=r"train\.lr"):
+        train.fit(fresh(), tr, va, config=config(epochs=1, lr=0.5), out_dir=tmp_path, resume=True)
+
+
+# --------------------------------------------------------------------------------------------------------
+# Failure handling
+
+
+class NaNAfter(ToyActivity):
+    """Its training loss turns NaN on the ``bad_call``-th training forward."""
+
+    def __init__(self, bad_call: int) -> None:
+        super().__init__()
+        self.bad_call, self.calls = bad_call, 0
+
+    def forward(self, visual, lengths, labels=None, **kwargs):
+        logits, loss = super().forward(visual, lengths, labels, **kwargs)
+        if self.training:
+            self.calls += 1
+            if self.calls == self.bad_call:
+                loss = loss * float("nan")
+        return logits, loss
+
+
+def test_nan_loss_names_the_step_and_keeps_last_good_checkpoint(tmp_path):
+    tr, va = loaders()  # 3 steps per epoch; step 5 = epoch 2, step 2
+    train.seed_everything(0)
+    model = NaNAfter(bad_call=5)
+    with pytest.raises(train.NonFiniteLossError) as info:
+        train.fit(model, tr, va, config=config(epochs=3, log_every=100), out_dir=tmp_path)
+    message = str(info.value)
+    assert "epoch 2, step 2/3 (global step 5)" in message
+    assert "last.pt" in message and "nan" in message.lower()
+    kept = train.load_checkpoint(tmp_path / "last.pt")
+    assert kept["epoch"] == 1 and kept["step"] == 3
+    assert all(torch.isfinite(v).all() for v in kept["model"].values())
+    assert [e["epoch"] for e in json.loads((tmp_path / "history.json").read_text())] == [1]
+
+
+def test_nan_in_first_epoch_says_no_checkpoint(tmp_path):
+    tr, va = loaders()
+    train.seed_everything(0)
+    with pytest.raises(train.NonFiniteLossError, match="epoch 1, step 1/3.*no checkpoint"):
+        train.fit(NaNAfter(bad_call=1), tr, va, config=config(), out_dir=tmp_path)
+    assert not (tmp_path / "last.pt").exists()
+
+
+# --------------------------------------------------------------------------------------------------------
+# Gradient clipping
+
+
+class Loud(ToyActivity):
+    def forward(self, visual, lengths, labels=None, **kwargs):
+        logits, loss = super().forward(visual, lengths, labels, **kwargs)
+        return logits, loss * 1000.0  # large gradients
+
+
+@pytest.mark.parametrize("max_norm", [0.0, 0.05])
+def test_clipping_bounds_the_gradient_norm(max_norm):
+    cfg = config(clip_grad_norm=max_norm)
+    model = fresh(Loud)
+    tr, _ = loaders()
+    opt = train.make_optimizer(model, cfg, device=torch.device("cpu"))
+    stats = train.train_one_epoch(model, tr, opt, None, device=torch.device("cpu"), config=cfg)
+    # after the epoch, .grad holds the last step's gradients as the optimizer used them (after clipping)
+    norm = float(torch.nn.utils.get_total_norm([p.grad for p in model.parameters()]))
+    assert stats.grad_norm > 1.0  # the unclipped norms really were large
+    if max_norm:
+        assert norm <= max_norm * (1 + 1e-5)
+    else:
+        assert norm > 1.0
+
+
+# --------------------------------------------------------------------------------------------------------
+# Scheduled sampling
+
+
+def test_scheduled_sampling_with_p0_equals_teacher_forcing():
+    tr, _ = loaders("captions")
+    batch = next(iter(tr))
+    teacher = fresh(ToyCaptioner)
+    two_pass = fresh(ToyCaptioner)
+    _, tf_loss = teacher(batch.visual, batch.lengths, tokens=batch.tokens, token_lengths=batch.token_lengths)
+    ss_loss = train.scheduled_sampling_loss(two_pass, batch, prob=0.0)
+    torch.testing.assert_close(ss_loss, tf_loss, rtol=0, atol=0)
+    tf_loss.backward()
+    ss_loss.backward()
+    for a, b in zip(teacher.parameters(), two_pass.parameters()):
+        torch.testing.assert_close(a.grad, b.grad, rtol=0, atol=0)
+    # and p > 0 really feeds the model's own guesses
+    assert not torch.equal(train.scheduled_sampling_loss(two_pass, batch, prob=1.0), ss_loss)
+
+
+def test_mix_tokens_only_touches_real_inputs_after_bos():
+    tokens = torch.tensor([[BOS, 5, 6, 7, EOS, PAD], [BOS, 8, EOS, PAD, PAD, PAD]])
+    lengths = torch.tensor([5, 3])
+    predicted = torch.full((2, 5), 4)
+    assert torch.equal(train.mix_tokens(tokens, predicted, lengths, prob=0.0), tokens)
+    mixed = train.mix_tokens(tokens, predicted, lengths, prob=1.0)
+    assert mixed.tolist() == [[BOS, 4, 4, 4, EOS, PAD], [BOS, 4, EOS, PAD, PAD, PAD]]
+
+
+def test_scheduled_sampling_ramps_linearly():
+    probs = [train.scheduled_sampling_prob(s, total_steps=5, max_prob=0.4) for s in range(5)]
+    assert probs == pytest.approx([0.0, 0.1, 0.2, 0.3, 0.4])
+
+
+def test_fit_trains_a_captioner_with_scheduled_sampling_and_label_smoothing(tmp_path):
+    tr, va = loaders("captions")
+    result = train.fit(fresh(ToyCaptioner), tr, va, config=config(epochs=3, lr=0.05, scheduled_sampling=0.5,
+                                                                   label_smoothing=0.1), out_dir=tmp_path)
+    losses = [e["val_loss"] for e in result.history]
+    assert losses[-1] < losses[0]
+    assert result.history[-1]["scheduled_sampling"] == pytest.approx(0.5)
+    assert result.metric == "loss" and result.best_metric == min(losses)
+
+
+# --------------------------------------------------------------------------------------------------------
+# Best checkpoint and early stopping
+
+
+def test_early_stopping_and_best_checkpoint_follow_the_metric(tmp_path):
+    scripted = iter([0.2, 0.5, 0.4, 0.3, 0.9, 0.9])
+    snapshots = {}
+
+    def metric(model, loader, device):
+        snapshots[len(snapshots) + 1] = {k: v.clone() for k, v in model.state_dict().items()}
+        return next(scripted)
+
+    tr, va = loaders()
+    result = train.fit(fresh(), tr, va, config=config(epochs=6, patience=2), out_dir=tmp_path,
+                       metric=train.ValidationMetric("score", metric, higher_is_better=True))
+    assert result.stopped_early and [e["epoch"] for e in result.history] == [1, 2, 3, 4]
+    assert (result.best_epoch, result.best_metric) == (2, 0.5)
+    best = train.load_checkpoint(result.best_checkpoint)
+    assert best["epoch"] == 2 and same_weights(best["model"], snapshots[2])
+    assert not same_weights(best["model"], snapshots[4])
+    last = train.load_checkpoint(result.last_checkpoint)
+    assert last["epoch"] == 4 and last["stopped_early"]
+
+    # resuming a stopped run does not train further
+    again = train.fit(fresh(), tr, va, config=config(epochs=6, patience=2), out_dir=tmp_path, resume=True,
+                      metric=train.ValidationMetric("score", metric, higher_is_better=True))
+    assert len(again.history) == 4 and next(scripted) == 0.9  # metric not called again
+
+
+def test_lower_is_better_metric_picks_the_minimum(tmp_path):
+    scripted = iter([0.5, 0.2, 0.4])
+    tr, va = loaders()
+    result = train.fit(fresh(), tr, va, config=config(epochs=3), out_dir=tmp_path,
+                       metric=train.ValidationMetric("wer", lambda *a: next(scripted), higher_is_better=False))
+    assert (result.best_epoch, result.best_metric) == (2, 0.2)
+    assert train.load_checkpoint(tmp_path / "best.pt")["epoch"] == 2
+
+
+# --------------------------------------------------------------------------------------------------------
+# Checkpoint contents, history, learning, model keywords
+
+
+def test_checkpoint_rebuilds_model_and_history_has_every_column(tmp_path):
+    tr, va = loaders()
+    model = fresh()
+    train.fit(model, tr, va, config=config(epochs=1), out_dir=tmp_path, model_meta={"family": "gru"})
+    ckpt = train.load_checkpoint(tmp_path / "last.pt")  # weights_only: plain data, no pickled classes
+    assert ckpt["config"] == dataclasses.asdict(model.config)
+    assert (ckpt["task"], ckpt["family"]) == ("activity", "gru")  # model_meta wins over the attribute
+    assert ckpt["model_class"].endswith("ToyActivity")
+    rebuilt = ToyActivity(ToyConfig(**ckpt["config"]))
+    rebuilt.load_state_dict(ckpt["model"])
+    assert same_weights(rebuilt.state_dict(), model.state_dict())
+    assert {"optimizer", "scheduler", "rng", "history", "train_config", "best_metric"} <= ckpt.keys()
+    (entry,) = json.loads((tmp_path / "history.json").read_text())
+    assert {"train_loss", "val_loss", "val_metric", "samples_per_s", "lr", "peak_memory_mb",
+            "epoch_time_s"} <= entry.keys()
+    assert entry["samples_per_s"] > 0 and entry["peak_memory_mb"] > 0
+
+
+def test_activity_model_learns(tmp_path):
+    tr, va = loaders()
+    result = train.fit(fresh(), tr, va, config=config(epochs=8, lr=0.05), out_dir=tmp_path,
+                       metric=train.ACCURACY)
+    assert result.history[-1]["train_loss"] < result.history[0]["train_loss"]
+    assert result.best_metric >= 0.6  # chance is 1/3
+
+
+class NoSmoothing(nn.Module):
+    def __init__(self, tbptt_steps: int = 0) -> None:
+        super().__init__()
+        self.config = dataclasses.make_dataclass("C", [("tbptt_steps", int)])(tbptt_steps)
+        self.head = nn.Linear(FEATURES, CLASSES)
+
+    def forward(self, visual, lengths, labels=None):
+        logits = self.head(visual.mean(1))
+        return logits, None if labels is None else F.cross_entropy(logits, labels)
+
+
+def test_model_keywords_are_checked():
+    with pytest.raises(TypeError, match="label_smoothing"):
+        train.training_kwargs(NoSmoothing(), config(label_smoothing=0.1))
+    with pytest.raises(ValueError, match="tbptt_steps=4"):
+        train.training_kwargs(NoSmoothing(tbptt_steps=4), config(tbptt_steps=0))
+    assert train.training_kwargs(NoSmoothing(tbptt_steps=4), config(tbptt_steps=4)) == {}
+    assert train.training_kwargs(nn.Linear(1, 1), config(tbptt_steps=4)) == {}  # not recurrent: ignored
+
+    class PerCall(NoSmoothing):
+        supports_tbptt = True
+
+        def forward(self, visual, lengths, labels=None, *, tbptt_steps=0):
+            return super().forward(visual, lengths, labels)
+
+    assert train.training_kwargs(PerCall(), config(tbptt_steps=3)) == {"tbptt_steps": 3}
+
+
+def test_distributed_helpers_without_a_process_group():
+    assert distributed.is_rank0() and distributed.world_size() == 1 and distributed.rank() == 0
+    assert distributed.rank0_only(lambda x: x + 1)(1) == 2
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("compile", [False, True], ids=["eager", "compiled"])
+def test_fit_on_cuda_bf16_is_finite_repeatable_and_loads_on_cpu(tmp_path, compile):
+    cfg = config(device="auto", compile=compile, epochs=2, scheduled_sampling=0.5)
+    runs = []
+    for name in ("a", "b"):
+        tr, va = loaders("captions")
+        model = fresh(ToyCaptioner)
+        runs.append(train.fit(model, tr, va, config=cfg, out_dir=tmp_path / name))
+        assert next(model.parameters()).device.type == "cuda"
+    assert all(math.isfinite(e["val_loss"]) and e["peak_memory_mb"] > 0 for e in runs[0].history)
+    assert [e["val_loss"] for e in runs[0].history] == [e["val_loss"] for e in runs[1].history]
+    ckpt = train.load_checkpoint(tmp_path / "a" / "last.pt")
+    assert all(v.device.type == "cpu" for v in ckpt["model"].values())
+    ToyCaptioner().load_state_dict(ckpt["model"])
