@@ -102,6 +102,44 @@ def test_output_shapes_loss_and_gradients(task, family):
     assert dataclasses.is_dataclass(model.config) and count_parameters(model) > 0
 
 
+@pytest.mark.parametrize("task", TASKS)
+def test_loss_is_the_mean_over_real_targets_with_optional_label_smoothing(task):
+    model = make(task, "gru").eval()
+    visual, lengths = visual_batch(task)
+    tokens, token_lengths = caption_batch()
+    labels = torch.tensor([0, 3, 4])
+    with torch.no_grad():
+        if task == "activity":
+            logits, loss = model(visual, lengths, labels, label_smoothing=0.1)
+            expected = torch.nn.functional.cross_entropy(logits, labels, label_smoothing=0.1)
+        else:
+            logits, loss = model(visual, lengths, tokens, token_lengths, label_smoothing=0.1)
+            real = tokens[:, 1:] != PAD
+            expected = torch.nn.functional.cross_entropy(logits[real], tokens[:, 1:][real], label_smoothing=0.1)
+    torch.testing.assert_close(loss, expected)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("task", TASKS)
+def test_cuda_matches_cpu(task, family):
+    model = make(task, family, tbptt_steps=3).eval()
+    visual, lengths = visual_batch(task)
+    tokens, token_lengths = caption_batch()
+    labels = torch.tensor([0, 3, 4])
+    with torch.no_grad():
+        cpu_out, cpu_loss = run(model, task, visual, lengths, tokens, token_lengths, labels)
+    model.cuda()
+    cuda = [t.cuda() for t in (visual, lengths, tokens, token_lengths, labels)]
+    with torch.no_grad():
+        out, loss = run(model, task, *cuda)
+    torch.testing.assert_close(out.cpu(), cpu_out, rtol=1e-3, atol=1e-3)
+    model.train()
+    run(model, task, *cuda)[1].backward()  # packed cuDNN recurrences and fused attention, forward and backward
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())
+
+
 @pytest.mark.parametrize("task,family,attention", CAPTIONERS)
 def test_decoder_is_causal(task, family, attention):
     model = make(task, family, attention=attention).eval()

@@ -54,11 +54,12 @@ class MeanPoolClassifier(nn.Module):
         layers.append(nn.Linear(width, config.num_classes))
         self.mlp = nn.Sequential(*layers)
 
-    def forward(self, visual: Tensor, lengths: Tensor, labels: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
+    def forward(self, visual: Tensor, lengths: Tensor, labels: Tensor | None = None, *,
+                label_smoothing: float = 0.0) -> tuple[Tensor, Tensor | None]:
         """visual (B, T, D), lengths (B,), labels (B,) -> (logits (B, C), loss or None)."""
         check_lengths(lengths, visual.size(1))
         logits = self.mlp(masked_mean(visual, lengths))  # (B, D) -> (B, C)
-        loss = F.cross_entropy(logits, labels) if labels is not None else None
+        loss = F.cross_entropy(logits, labels, label_smoothing=label_smoothing) if labels is not None else None
         return logits, loss
 
 

@@ -385,7 +385,8 @@ class EncoderConfig:
         choices=("small_cnn", "resnet18", "resnet34", "resnet50", "mobilenet_v3_small"),
     )
     weights: str = knob(
-        "", "torchvision backbones: local file with a state dict ('' = random weights, with a warning); never downloaded"
+        "",
+        "torchvision backbones: local file with a state dict ('' = random weights, with a warning); never downloaded",
     )
     feature_dim: int = knob(128, "small_cnn feature width (torchvision backbones keep their own)", low=8, high=4096)
     grid: int = knob(4, "image features are a grid x grid map of region vectors", low=1, high=16)
@@ -416,6 +417,25 @@ class TokenizeConfig:
     )
 
 
+@dataclass(frozen=True)
+class EvaluateConfig:
+    """Decoding and scoring of every trained model (``seqvision.decode``, ``seqvision.metrics``)."""
+
+    beam_size: int = knob(3, "captioning: beams per item; 1 = greedy decoding", low=1, high=64)
+    # alpha = 0 keeps beam search a pure maximum-likelihood search (the objective every family is trained
+    # for) and adds no knob that would have to be tuned per family; 0.6 is GNMT's value (Wu et al. 2016).
+    length_penalty: float = knob(
+        0.0, "captioning: GNMT length-penalty exponent alpha, score = logP / ((5+n)/6)^alpha; 0 = none",
+        low=0.0, high=5.0,
+    )
+    max_length: int = knob(30, "captioning: most generated tokens per caption, <eos> included", low=1, high=1024)
+    batch_size: int = knob(64, "items per evaluation batch", low=1, high=65_536)
+    compute_meteor: str = knob(
+        "auto", "METEOR needs Java: auto = when java is on PATH, else reported as null",
+        choices=("auto", "always", "never"),
+    )
+
+
 SECTIONS: dict[str, type] = {
     "data": DataConfig,
     "synth": SynthConfig,
@@ -424,6 +444,7 @@ SECTIONS: dict[str, type] = {
     "train": TrainConfig,
     "encoder": EncoderConfig,
     "models": ModelsConfig,
+    "evaluate": EvaluateConfig,
 }
 
 

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from seqvision.baselines import MeanPoolCaptioner, MeanPoolClassifier, MeanPoolConfig
+from seqvision.encoders import PixelFeatures, encoder_from_checkpoint, encoder_state
 from seqvision.rnn import RNNActivityClassifier, RNNConfig, RNNImageCaptioner, RNNVideoCaptioner
 from seqvision.transformer import TransformerActivityClassifier, TransformerCaptioner, TransformerConfig
 
@@ -102,17 +103,49 @@ def count_parameters(model: nn.Module, *, trainable_only: bool = True) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)
 
 
+class PixelModel(nn.Module):
+    """A model with the frame encoder in front (``encoder.finetune_encoder``): uint8 pixels in, not features.
+
+    Same contract as the wrapped model (forward, and for captioners encode / init_state / step); ``visual`` is
+    (B, T, H, W, 3) uint8 for clips or (B, H, W, 3) for images. The encoder trains with the model.
+    """
+
+    def __init__(self, encoder: nn.Module, model: nn.Module) -> None:
+        super().__init__()
+        self.pixels = PixelFeatures(encoder)
+        self.model = model
+        self.config = model.config
+
+    def forward(self, visual: torch.Tensor, lengths: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+        features, lengths = self.pixels(visual, lengths)
+        return self.model(features, lengths, *args, **kwargs)
+
+    def encode(self, visual: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return self.model.encode(*self.pixels(visual, lengths))
+
+    def init_state(self, memory: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
+        return self.model.init_state(memory)
+
+    def step(self, prev_tokens: torch.Tensor, state: Any, memory: Any) -> Any:
+        return self.model.step(prev_tokens, state, memory)
+
+
 def checkpoint_state(model: nn.Module, *, task: str, family: str) -> dict[str, Any]:
-    """The part of a checkpoint that rebuilds the model: {"task", "family", "config", "model"}.
+    """The part of a checkpoint that rebuilds the model: {"task", "family", "config", "model"} (+ "encoder" for a
+    :class:`PixelModel`, holding the encoder's own config and weights).
 
     Callers add their own keys (optimizer state, epoch, metrics) to the returned dict before saving.
     """
-    return {
+    inner = model.model if isinstance(model, PixelModel) else model
+    state = {
         "task": task,
         "family": family,
-        "config": dataclasses.asdict(model.config),  # type: ignore[arg-type]
-        "model": model.state_dict(),
+        "config": dataclasses.asdict(inner.config),  # type: ignore[arg-type]
+        "model": inner.state_dict(),
     }
+    if isinstance(model, PixelModel):
+        state["encoder"] = encoder_state(model.pixels.encoder)
+    return state
 
 
 def build_from_checkpoint(checkpoint: Mapping[str, Any], *, load_weights: bool = True) -> nn.Module:
@@ -122,6 +155,8 @@ def build_from_checkpoint(checkpoint: Mapping[str, Any], *, load_weights: bool =
     model = MODELS[family][task](config)
     if load_weights:
         model.load_state_dict(checkpoint["model"])
+    if "encoder" in checkpoint:
+        return PixelModel(encoder_from_checkpoint(checkpoint["encoder"]), model)
     return model
 
 
@@ -180,9 +215,9 @@ def match_params(
                 lo = mid + 1
             else:
                 hi = mid
-        candidates = [m for m in (lo - 1, lo) if m >= 1]
-        best = min(candidates, key=lambda m: abs(_count(task, family, {**knobs, "hidden_size": m * step}, dims) - budget))
-        count = _count(task, family, {**knobs, "hidden_size": best * step}, dims)
+        counts = {m: _count(task, family, {**knobs, "hidden_size": m * step}, dims) for m in (lo - 1, lo) if m >= 1}
+        best = min(counts, key=lambda m: abs(counts[m] - budget))  # the closer of the two sizes around the budget
+        count = counts[best]
         if abs(count - budget) > tolerance * budget:
             warnings.warn(
                 f"match_params: {family} for {task} gets {count:,} parameters at hidden_size={best * step}, "

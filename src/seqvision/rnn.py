@@ -313,11 +313,12 @@ class RNNActivityClassifier(nn.Module):
                                         config.dropout, config.tbptt_steps)
         self.head = nn.Linear(config.hidden_size, config.num_classes)
 
-    def forward(self, visual: Tensor, lengths: Tensor, labels: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
+    def forward(self, visual: Tensor, lengths: Tensor, labels: Tensor | None = None, *,
+                label_smoothing: float = 0.0) -> tuple[Tensor, Tensor | None]:
         """visual (B, T, D), lengths (B,), labels (B,) -> (logits (B, C), loss or None)."""
         _, state = self.encoder(self.drop(visual), lengths)
         logits = self.head(self.drop(state[0][:, -1]))  # h of the top layer (B, H) -> (B, C)
-        loss = F.cross_entropy(logits, labels) if labels is not None else None
+        loss = F.cross_entropy(logits, labels, label_smoothing=label_smoothing) if labels is not None else None
         return logits, loss
 
 

@@ -188,11 +188,12 @@ class TransformerActivityClassifier(nn.Module):
         self.apply(_init_weights)
         nn.init.normal_(self.cls, std=0.02)
 
-    def forward(self, visual: Tensor, lengths: Tensor, labels: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
+    def forward(self, visual: Tensor, lengths: Tensor, labels: Tensor | None = None, *,
+                label_smoothing: float = 0.0) -> tuple[Tensor, Tensor | None]:
         """visual (B, T, D), lengths (B,), labels (B,) -> (logits (B, C), loss or None)."""
         x, _ = self.encoder(visual, lengths, cls=self.cls)  # (B, 1 + T, D)
         logits = self.head(x[:, 0])  # (B, C)
-        loss = F.cross_entropy(logits, labels) if labels is not None else None
+        loss = F.cross_entropy(logits, labels, label_smoothing=label_smoothing) if labels is not None else None
         return logits, loss
 
 
