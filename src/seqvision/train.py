@@ -652,6 +652,8 @@ def fit(
     ``tracker`` receives params, tags, one batch of metrics per epoch and ``history.json``.
     ``model_meta`` (e.g. ``{"task": "activity", "family": "gru"}``) is stored in every checkpoint beside
     the model's class and config, so ``models.build_from_checkpoint(load_checkpoint(path))`` rebuilds it.
+    ``resume=True`` continues from ``out_dir/last.pt`` (a fresh start when there is none; a finished or
+    early-stopped run returns at once); knobs that change the maths must match the checkpoint's.
     ``progress=None`` shows a tqdm bar only when stderr is a terminal.
     Raises :class:`NonFiniteLossError` (without overwriting ``last.pt``) when a loss turns NaN/inf.
     """
