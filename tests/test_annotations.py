@@ -341,7 +341,8 @@ def test_karpathy_split_assigns_splits_restval_is_train(tmp_path):
     [
         ("captions_train2014.json", {"images": []}, "captions_train2014.json: top level: missing key 'annotations'"),
         ("captions_train2014.json", coco([(1, "a.png")], [(2, "x")]), r"annotations\[0\]: image_id 2 has no entry"),
-        ("captions_train2014.json", {"images": [{"id": 1}], "annotations": []}, r"images\[0\]: missing key 'file_name'"),
+        ("captions_train2014.json", {"images": [{"id": 1}], "annotations": []},
+         r"images\[0\]: missing key 'file_name'"),
         ("captions_dev.json", coco([], []), "unknown split 'dev'"),
     ],
 )

@@ -53,7 +53,8 @@ def artifacts(tmp_path_factory) -> dict[str, Path]:
                                     "num_source_frames": 9, "decoder": "pyav"})
             video_rows.append(np.full((T, D), value_of(i), np.float16))
     for shard, ids in IMAGE_SHARDS.items():
-        np.save(frames / f"images-train-{shard:03d}.npy", np.stack([np.full((H, W, 3), value_of(i), np.uint8) for i in ids]))
+        arr = np.stack([np.full((H, W, 3), value_of(i), np.uint8) for i in ids])
+        np.save(frames / f"images-train-{shard:03d}.npy", arr)
         for row, i in enumerate(ids):
             # extract names shards by file name; an integer shard number is accepted too (videos above)
             index["images"].append({"id": i, "split": "train", "shard": f"images-train-{shard:03d}.npy", "row": row})
@@ -66,8 +67,10 @@ def artifacts(tmp_path_factory) -> dict[str, Path]:
     (features / "index.json").write_text(json.dumps(index))
 
     p = Path("unused")
-    videos = [VideoRecord(f"v{k}", p, "train", k % 2, tuple(f"clip {k} caption number {c}" + " more" * c for c in range(3)))
-              for k in [0, 1, 2, 3, 4, 9]]
+    videos = [
+        VideoRecord(f"v{k}", p, "train", k % 2, tuple(f"clip {k} caption number {c}" + " more" * c for c in range(3)))
+        for k in [0, 1, 2, 3, 4, 9]
+    ]
     images = [ImageRecord("i0", p, "train", ("a red ball", "a ball")), ImageRecord("i1", p, "train", ("a dog",))]
     config = TokenizeConfig(min_count=1, max_length=6)
     write_corpus(tokenize_corpus(videos, config), tokens / "video")

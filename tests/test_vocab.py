@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import json
 import random
+from pathlib import Path
 
 import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from seqvision.annotations import VideoRecord
 from seqvision.config import TokenizeConfig
 from seqvision.vocab import (
     BOS_ID,
@@ -25,8 +27,6 @@ from seqvision.vocab import (
     tokenize_corpus,
     write_corpus,
 )
-from seqvision.annotations import VideoRecord
-from pathlib import Path
 
 # ------------------------------------------------------------------------------------------ normalisation
 
@@ -36,12 +36,18 @@ from pathlib import Path
     [
         ("A man is Playing a guitar.", "a man is playing a guitar"),
         ("  a dog runs   \n", "a dog runs"),
-        ("Wait... what?! Yes; no: maybe -- ok - fine, 'quoted' \"double\" `tick`", "wait what yes no maybe ok fine quoted double tick"),
+        (
+            "Wait... what?! Yes; no: maybe -- ok - fine, 'quoted' \"double\" `tick`",
+            "wait what yes no maybe ok fine quoted double tick",
+        ),
         ("two dogs (running) [fast] {x}", "two dogs running fast x"),
         ("A man's hat; he doesn't know", "a man 's hat he does n't know"),
         ("we're they've I'll she'd I'm", "we 're they 've i 'll she 'd i 'm"),
         ("I can't", "i ca n't"),  # PTB: ca n't
-        ("a t-shirt at 10:30 costs $3.50 or 1,000 yen & more / less", "a t-shirt at 10:30 costs $ 3.50 or 1,000 yen & more / less"),
+        (
+            "a t-shirt at 10:30 costs $3.50 or 1,000 yen & more / less",
+            "a t-shirt at 10:30 costs $ 3.50 or 1,000 yen & more / less",
+        ),
         ("the dogs' bone", "the dogs bone"),
         ("o'clock and rock'n'roll", "o'clock and rock'n'roll"),
         ("end of sentence.", "end of sentence"),
@@ -197,7 +203,10 @@ def test_tokenize_corpus_counts_and_arrays():
     assert splits["test"].tokens.shape == (0, 6)
     assert stats["truncated"] == 1 and stats["dropped_empty"] == 2
     assert stats["splits"]["val"]["unk"] == 1
-    assert corpus.references["train"] == {"v0": ["the dog runs fast and far away today"], "v1": ["A dog runs.", "a dog"]}
+    assert corpus.references["train"] == {
+        "v0": ["the dog runs fast and far away today"],
+        "v1": ["A dog runs.", "a dog"],
+    }
     assert corpus.references["test"] == {}
 
 

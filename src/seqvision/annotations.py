@@ -364,7 +364,7 @@ def _read_ucf_list(path: Path, split: str, classes: Mapping[str, int], *, label_
         else:
             raise AnnotationError(
                 f"{path}: {where}: cannot tell the class of {rel_path!r}: no label column, no class folder, "
-                "and the name is not v_{Class}_gNN_cMM"
+                "and the name is not v_{Class}_gNN_cMM; write it as '{path} {label}' or '{Class}/{file}'"
             )
         out.append(_Labelled(rel_path, split, label, path))
     return out
@@ -584,7 +584,7 @@ def check_sources(
         required.append(Path(video_captions))
     if str(activity_dir):
         base = Path(activity_dir)
-        required += [base / "classInd.txt", base / f"trainlist0{activity_split}.txt", base / f"testlist0{activity_split}.txt"]
+        required += [base / "classInd.txt"] + [base / f"{s}list0{activity_split}.txt" for s in ("train", "test")]
     if str(image_captions_dir):
         required.append(Path(image_captions_dir))
     if str(karpathy_split):
