@@ -28,8 +28,13 @@ $(STAMP): pyproject.toml constraints.txt
 
 install: $(STAMP) ## create .venv and install the pinned set
 
-data: $(STAMP) ## generate the default synthetic benchmark into data/ (refuses to overwrite other content)
+data: $(STAMP) ## generate the default synthetic benchmark into data/ and check it against data.dvc
 	$(PY) -m seqvision.synth --out data --params params.yaml
+	@# Caches data/ under .dvc/cache when it equals what data.dvc pins; refuses (and says so) when it differs.
+	@$(VENV)/bin/dvc commit --quiet data.dvc </dev/null || { \
+	  echo "data/ differs from data.dvc: the synth params or package versions differ from the pinned ones."; \
+	  echo "If that is intended, run: dvc commit -f data.dvc && git add data.dvc"; exit 1; }
+	@echo "data/ matches data.dvc"
 
 demo: $(STAMP) ## generate data/ if absent, then run the whole pipeline with dvc repro
 	@if [ ! -d data/annotations ]; then $(MAKE) --no-print-directory data; fi
