@@ -218,7 +218,9 @@ class TinyGRUCaptioner(nn.Module):
     def init_state(self, memory: tuple[Tensor, Tensor, None]) -> tuple[Tensor]:
         return (torch.tanh(self.init(memory[0])),)
 
-    def step(self, prev: Tensor, state: tuple[Tensor], memory: tuple[Tensor, Tensor, None]) -> tuple[Tensor, tuple[Tensor]]:
+    def step(
+        self, prev: Tensor, state: tuple[Tensor], memory: tuple[Tensor, Tensor, None]
+    ) -> tuple[Tensor, tuple[Tensor]]:
         h = self.cell(torch.cat([self.embed(prev), memory[0]], dim=-1), state[0])  # (B, H)
         return 3.0 * self.out(h), (h,)
 

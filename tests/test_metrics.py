@@ -61,6 +61,7 @@ PTB_CASES = [
     ("A DOG IS RUNNING ON THE BEACH.", "a dog is running on the beach"),
     ("rock 'n' roll at 5 o'clock, y'all", "rock 'n' roll at 5 o'clock y' all"),
     ("a man playing with a ball", "a man playing with a ball"),
+    ("a <unk> dog on a <unk>.", "a <unk> dog on a <unk>"),  # decoded unknown words stay one token
 ]
 
 

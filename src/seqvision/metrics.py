@@ -55,8 +55,14 @@ CAPTION_METRICS = ("bleu_1", "bleu_2", "bleu_3", "bleu_4", "meteor", "rouge_l", 
 #   * contractions split ("don't" -> "do n't", "can't" -> "ca n't", "cannot" -> "can not", "gonna" -> "gon na");
 #   * the currency normalisation of CoreNLP 3.4.1 ("£" -> "#", "€" -> "$", "¢" -> "cents");
 #   * characters CoreNLP cannot tokenize (e.g. emoji, outside the Basic Multilingual Plane) are deleted.
-# Verified token-for-token against the real jar on the captions in tests/test_metrics.py (run there
-# whenever Java is installed).
+# Checked against the real jar: the captions in tests/test_metrics.py (re-run there whenever Java is
+# installed), and ~11k randomly assembled captions (words, contractions, numbers, abbreviations, quotes,
+# brackets, dashes, symbols, non-ASCII), all identical except a few pathological ones. Known differences:
+#   * a caption ending in a one-letter abbreviation ("... a.") keeps "a." here; CoreNLP splits off the
+#     period when the *next* caption in its batch starts with a capital letter (so coco-caption's own
+#     output depends on caption order there);
+#   * stacked quote characters ("`'x", "'`x"), SGML-like tags ("<b a>"), e-mail addresses followed by
+#     punctuation.
 
 # Copied verbatim from pycocoevalcap/tokenizer/ptbtokenizer.py.
 PUNCTUATIONS = frozenset(
@@ -102,7 +108,10 @@ _LIKELYURL = (
     r"(?:(?:(?i:www)\.(?:[^ \t\n\f\r\"<>|.!?(){},]+\.)+[a-zA-Z]{2,4})|(?:(?:[^ \t\n\f\r\"`'<>|.!?(){},-_$]+\.)+"
     r"(?i:com|net|org|edu)))(?:/[^ \t\n\f\r\"<>|()]+[^ \t\n\f\r\"<>|.!?(){},-])?"
 )
-_EMAIL = r"[a-zA-Z0-9][^ \t\n\f\r\"<>|()\u00A0{}]*@(?:[^ \t\n\f\r\"<>|(){}.\u00A0]+\.)*[^ \t\n\f\r\"<>|(){}\[\].,;:\u00A0]+"
+_EMAIL = (
+    r"[a-zA-Z0-9][^ \t\n\f\r\"<>|()\u00A0{}]*@(?:[^ \t\n\f\r\"<>|(){}.\u00A0]+\.)*"
+    r"[^ \t\n\f\r\"<>|(){}\[\].,;:\u00A0]+"
+)
 
 _APOWORD = (
     rf"{_APOS}(?i:n)(?:{_APOS}|(?!{_LETTER}))|[lLdDjJ]{_APOS}|(?i:dunkin){_APOS}|(?i:somethin){_APOS}|(?i:ol){_APOS}|"
@@ -120,6 +129,12 @@ _MISC = (
     r"\u2016\u2017\u2020-\u2025\u2030-\u2038\u203B\u203C\u203E-\u2044\u207A-\u207F\u208A-\u208E"
     r"\u2100-\u214F\u2190-\u21FF\u2200-\u2BFF\u3001-\u3006\u3008-\u3020\u30FB\uFF01-\uFF0F\uFF1A-\uFF20"
     r"\uFF3B-\uFF40\uFF5B-\uFF65]"
+)
+
+_NAME = r"[A-Za-z][A-Za-z0-9_:.\-]*"
+_SGML = (
+    rf"<(?:[!?][A-Za-z\-][^>\r\n]*|{_NAME}(?: +(?:{_NAME}|{_NAME} *= *(?:'[^'\r\n]*'|\"[^\"\r\n]*\"|{_NAME})))*"
+    rf" */?|/{_NAME}) *>"
 )
 
 _LEFT_SINGLE = re.compile("[\u0082\u008B\u0091\u2018\u201A\u201B\u2039]")
@@ -172,6 +187,8 @@ def _hyphens(text: str) -> tuple[list[str], int]:
 # JFlex trailing context (counted for longest match, then lexed again). Actions map the consumed text to
 # (tokens, consumed length); a shorter consumed length is JFlex's yypushback.
 _RULES: list[tuple[str, Any]] = [
+    # SGML/XML-like tags stay whole (so a decoded "<unk>" is one token); inner spaces become no-break spaces
+    (_SGML, lambda t: ([t.replace(" ", "\u00A0")], len(t))),
     (r"&(?:MD|mdash|ndash);|[\u0096\u0097\u2013\u2014\u2015]", _to("--")),
     (r"&amp;", _to("&")),
     (r"&(?:HT|TL|UR|LR|QC|QL|QR|odq|cdq|#[0-9]+);", _same),
