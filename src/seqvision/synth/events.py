@@ -108,6 +108,17 @@ class ClipSpec(NamedTuple):
         return tuple(int(j) for j in np.flatnonzero(np.abs(self.jitter).sum(axis=(0, 2)) > 0))
 
 
+def _room(state: ObjectState, *, height: int, width: int) -> dict[str, float]:
+    """Free pixels between the object's circumcircle (plus margin) and each frame border."""
+    m = margin(height=height, width=width)
+    return {
+        "move_left": state.x - state.radius - m,
+        "move_right": width - m - state.radius - state.x,
+        "move_up": state.y - state.radius - m,
+        "move_down": height - m - state.radius - state.y,
+    }
+
+
 def valid_classes(
     state: ObjectState, shape: str, *, visible: bool, had_event: bool, height: int, width: int
 ) -> list[str]:
@@ -119,13 +130,7 @@ def valid_classes(
     if not visible:
         return []
     out = []
-    m = margin(height=height, width=width)
-    room = {
-        "move_left": state.x - state.radius - m,
-        "move_right": width - m - state.radius - state.x,
-        "move_up": state.y - state.radius - m,
-        "move_down": height - m - state.radius - state.y,
-    }
+    room = _room(state, height=height, width=width)
     for cls in EVENT_CLASSES:
         if cls in room:
             span = width if cls in ("move_left", "move_right") else height
@@ -161,18 +166,12 @@ def apply_event(
     width: int,
 ) -> tuple[ObjectState, ObjectState, str, float]:
     """Draw the parameters of one event. Returns (before, after, colour name after, bounce height)."""
-    m = margin(height=height, width=width)
+    room = _room(state, height=height, width=width)
     before, after, hop, new_color = state, state, 0.0, color
     if cls in ("move_left", "move_right", "move_up", "move_down"):
         horizontal = cls in ("move_left", "move_right")
         span = width if horizontal else height
-        room = {
-            "move_left": state.x - state.radius - m,
-            "move_right": width - m - state.radius - state.x,
-            "move_up": state.y - state.radius - m,
-            "move_down": height - m - state.radius - state.y,
-        }[cls]
-        distance = rng.uniform(MOVE_FRACTION[0] * span, min(MOVE_FRACTION[1] * span, room))
+        distance = rng.uniform(MOVE_FRACTION[0] * span, min(MOVE_FRACTION[1] * span, room[cls]))
         sign = -1.0 if cls in ("move_left", "move_up") else 1.0
         after = state._replace(x=state.x + sign * distance) if horizontal else state._replace(y=state.y + sign * distance)
     elif cls == "grow":
@@ -192,8 +191,7 @@ def apply_event(
         new_color = free[int(rng.integers(len(free)))]
         after = state._replace(rgb=tuple(float(c) for c in COLORS[new_color]))
     elif cls == "bounce":
-        room = state.y - state.radius - m
-        hop = float(rng.uniform(HOP_FRACTION[0] * height, min(HOP_FRACTION[1] * height, room)))
+        hop = float(rng.uniform(HOP_FRACTION[0] * height, min(HOP_FRACTION[1] * height, room["move_up"])))
     elif cls != "stay_still":
         raise ValueError(f"unknown event class {cls!r}")
     return before, after, new_color, hop

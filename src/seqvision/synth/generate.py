@@ -13,6 +13,7 @@ Output folder rules (what ``--help`` promises):
 
 from __future__ import annotations
 
+import json
 import multiprocessing as mp
 import os
 import re
@@ -129,8 +130,6 @@ def prepare_folder(out: Path, manifest: dict, *, overwrite: bool) -> None:
 
 
 def _read_manifest(path: Path) -> dict | None:
-    import json
-
     try:
         return json.loads(path.read_text())
     except (OSError, ValueError):

@@ -84,7 +84,8 @@ def video_spec(config: SynthConfig, key: ItemKey) -> ClipSpec:
 
 
 def video_record(config: SynthConfig, key: ItemKey, spec: ClipSpec) -> ItemRecord:
-    events = spec.events if not config.long_range else spec.events[:1]  # long range: the main event only
+    # Every event, in order. A long-range clip has exactly one (its jitter tail is not an event), so its
+    # captions describe the main event only.
     mentions = [
         Mention(
             obj=e.obj,
@@ -94,7 +95,7 @@ def video_record(config: SynthConfig, key: ItemKey, spec: ClipSpec) -> ItemRecor
             cls=e.cls,
             new_color=e.color_after,
         )
-        for e in events
+        for e in spec.events
     ]
     captions = video_captions(mentions, item_rng(config.seed, "video", key.split, key.index, CAPTIONS))
     main = spec.events[spec.main]
