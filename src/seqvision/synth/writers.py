@@ -157,10 +157,10 @@ def _write_ucf101(folder: Path, videos: list[ItemRecord]) -> None:
     io.write_text(folder / "classInd.txt", "".join(f"{i + 1} {name}\n" for i, name in enumerate(EVENT_CLASSES)))
     for split in SPLITS:
         rows = [r for r in videos if r.key.split == split]
-        if split == "test":  # UCF101's test lists carry no label column
-            text = "".join(f"{r.key.file_name}\n" for r in rows)
-        else:
-            text = "".join(f"{r.key.file_name} {r.label + 1}\n" for r in rows)  # type: ignore[operator]
+        # Real UCF101 test lists carry no label column: readers take the class from the
+        # `Class/v_Class_gNN_cMM.avi` path. Our flat `video{N}.mp4` names cannot carry it, so every
+        # list here, the test list included, has the 1-based label column.
+        text = "".join(f"{r.key.file_name} {r.label + 1}\n" for r in rows)  # type: ignore[operator]
         io.write_text(folder / f"{split}list01.txt", text)
 
 
