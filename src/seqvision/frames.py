@@ -13,10 +13,11 @@ How it runs:
   The plan is fixed before decoding, so re-running one shard (a retry) rewrites the same file.
 - :class:`FrameExtractor` owns one process pool (``spawn`` context: every worker starts clean and opens its
   own decoders; nothing decord-owned is ever forked) and one progress bar. ``workers=1`` decodes in the
-  calling process instead. Each shard is a memory-mapped ``.npy`` under a temporary name, filled row by row
-  as results arrive (at most ``4 * workers`` items in flight, so memory stays bounded by that, not by the
-  dataset), then renamed into place (``seqvision.io.atomic_path``). Rows of skipped files are dropped, so a
-  shard may hold fewer than ``shard_size`` rows.
+  calling process instead. Each shard is a memory-mapped ``.npy`` under a temporary name; each worker
+  writes its clip's row straight into the mapped file (only metadata crosses the pipe), with at most
+  ``4 * workers`` items in flight, so memory stays bounded by that, not by the dataset. The finished file
+  is renamed into place (``seqvision.io.atomic_path``). Rows of skipped files are dropped (the shard is
+  compacted), so a shard may hold fewer than ``shard_size`` rows.
 - A file that cannot be decoded is skipped: one warning line, an entry in ``skipped.json``. If more than
   ``config.max_skipped_fraction`` of the videos (or of the images) are skipped, :func:`finalize` raises
   :class:`TooManySkipped` after writing ``skipped.json`` and without writing ``index.json``.
@@ -160,10 +161,12 @@ class _Job(NamedTuple):
     id: str
     split: str
     config: ExtractConfig
+    shard: str = ""  # temporary .npy of the shard being filled; pool workers write their row into it
+    row: int = -1
 
 
 class _Decoded(NamedTuple):
-    pixels: np.ndarray | None  # uint8 (T, H, W, 3) or (H, W, 3); None when skipped
+    pixels: np.ndarray | None  # uint8 (T, H, W, 3) or (H, W, 3); None when skipped or already written
     reason: str  # why it was skipped ("" when decoded)
     frame_indices: tuple[int, ...] = ()
     num_valid: int = 0
@@ -228,6 +231,26 @@ def _decode_image(job: _Job) -> _Decoded:
     return _Decoded(np.ascontiguousarray(pixels), "")
 
 
+_open_shard: dict[str, Any] = {}  # per pool worker: the shard memmap it is writing into
+
+
+def _decode_into_shard(job: _Job) -> _Decoded:
+    """Pool worker entry: decode, write the row straight into the shard's memmap, return only metadata.
+
+    Sending pixels back through a pipe would cost the parent a copy and an unpickle per clip; with shared
+    file pages the parent only renames the finished file.
+    """
+    result = _decode(job)
+    if result.pixels is None:
+        return result
+    key = f"{job.shard}:{os.stat(job.shard).st_ino}"  # a reused temp name is a new file: do not reuse its map
+    if key not in _open_shard:
+        _open_shard.clear()
+        _open_shard[key] = np.load(job.shard, mmap_mode="r+")
+    _open_shard[key][job.row] = result.pixels
+    return result._replace(pixels=None)
+
+
 # --------------------------------------------------------------------------------------------------------
 # Shards
 
@@ -263,6 +286,10 @@ class FrameExtractor:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
+    def worker_pids(self) -> list[int]:
+        """Process ids of the pool workers (empty when decoding in-process); for monitoring and benchmarks."""
+        return [] if self._pool is None else [worker.pid for worker in self._pool._pool]
+
     def close(self) -> None:
         if self._pool is not None:
             self._pool.terminate()  # results are all consumed by now; do not wait for idle workers
@@ -271,21 +298,22 @@ class FrameExtractor:
         self._bar.close()
 
     def _results(self, jobs: Sequence[_Job]) -> Iterator[_Decoded]:
-        """Results in job order, with at most ``4 * workers`` jobs in flight."""
+        """Results in job order, with at most ``4 * workers`` jobs in flight. In-process decoding returns
+        the pixels; pool workers have already written them into ``job.shard`` at ``job.row``."""
         if self._pool is None:
             yield from map(_decode, jobs)
             return
         pending: collections.deque = collections.deque()
         todo = iter(jobs)
         for job in todo:
-            pending.append(self._pool.apply_async(_decode, (job,)))
+            pending.append(self._pool.apply_async(_decode_into_shard, (job,)))
             if len(pending) >= 4 * self.workers:
                 break
         while pending:
             result = pending.popleft().get()
             job = next(todo, None)
             if job is not None:
-                pending.append(self._pool.apply_async(_decode, (job,)))
+                pending.append(self._pool.apply_async(_decode_into_shard, (job,)))
             yield result
 
     def extract_shard(self, plan: ShardPlan) -> ShardResult:
@@ -293,44 +321,48 @@ class FrameExtractor:
         config = self.config
         height, width = config.resize
         row_shape = (config.num_frames, height, width, 3) if plan.kind == "videos" else (height, width, 3)
-        jobs = [_Job(plan.kind, str(r.path), r.id, plan.split, config) for r in plan.records]
         entries: list[Any] = []
         skipped: list[Skipped] = []
+        kept_rows: list[int] = []  # planned row of each entry; skipped files leave a hole until compaction
         target = self.out_dir / plan.name
         with io.atomic_path(target) as tmp:
+            jobs = [_Job(plan.kind, str(r.path), r.id, plan.split, config, str(tmp), row)
+                    for row, r in enumerate(plan.records)]
+            # Page-cache writes, no msync: the rename below publishes the file for readers; durability
+            # across power loss is not promised for any artifact (like seqvision.io.save_npy).
             rows = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=(len(jobs), *row_shape))
             for job, result in zip(jobs, self._results(jobs), strict=True):
                 self._bar.update(1)
-                if result.pixels is None:
+                if result.reason:
                     skipped.append(Skipped(job.path, job.id, result.reason))
                     with tqdm.external_write_mode():
                         log.warning("skipped %s (%s): %s", job.path, job.id, result.reason)
                     continue
+                if result.pixels is not None:  # decoded in-process
+                    rows[job.row] = result.pixels
                 row = len(entries)
-                rows[row] = result.pixels
+                kept_rows.append(job.row)
                 if plan.kind == "videos":
                     entries.append(VideoEntry(job.id, plan.split, plan.name, row, result.frame_indices,
                                               result.num_valid, result.num_source_frames, result.decoder))
                 else:
                     entries.append(ImageEntry(job.id, plan.split, plan.name, row))
-            rows.flush()
             del rows
-            if 0 < len(entries) < len(jobs):
-                _keep_first_rows(tmp, len(entries))
+            if entries and len(entries) < len(jobs):
+                _keep_rows(tmp, kept_rows)
         if not entries:  # nothing decodable: no file, nothing in the index points at it
             target.unlink(missing_ok=True)
         return ShardResult(plan, entries, skipped)
 
 
-def _keep_first_rows(path: Path, num_rows: int) -> None:
-    """Rewrite a ``.npy`` keeping its first ``num_rows`` rows (copied in chunks: memory stays bounded)."""
+def _keep_rows(path: Path, rows: Sequence[int]) -> None:
+    """Rewrite a ``.npy`` in place keeping only ``rows`` (increasing), copied in chunks to bound memory."""
     full = np.load(path, mmap_mode="r")
     with io.atomic_path(path) as tmp:
-        kept = np.lib.format.open_memmap(tmp, mode="w+", dtype=full.dtype, shape=(num_rows, *full.shape[1:]))
-        for start in range(0, num_rows, 64):
-            stop = min(start + 64, num_rows)
-            kept[start:stop] = full[start:stop]
-        kept.flush()
+        kept = np.lib.format.open_memmap(tmp, mode="w+", dtype=full.dtype, shape=(len(rows), *full.shape[1:]))
+        for start in range(0, len(rows), 64):
+            chunk = list(rows[start : start + 64])
+            kept[start : start + len(chunk)] = full[chunk]
         del kept
     del full
 
