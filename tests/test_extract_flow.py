@@ -121,3 +121,31 @@ def test_help_documents_inputs_and_outputs(capsys):
     for needle in ("--params", "--video-dir", "--karpathy-split", "--out", "index.json", "skipped.json",
                    "videos-{split}-{k:03d}.npy"):
         assert needle in text
+
+
+@pytest.mark.slow
+def test_shard_tasks_retry_io_errors_only(tmp_path, prefect_harness, monkeypatch):
+    from seqvision import frames
+
+    data = tiny_dataset(tmp_path / "data")
+    params = tiny_params(tmp_path / "params.yaml")
+    calls: dict[str, int] = {}
+    real = frames.FrameExtractor.extract_shard
+
+    def flaky(self, plan, error=OSError):
+        calls[plan.name] = calls.get(plan.name, 0) + 1
+        if calls[plan.name] == 1:
+            raise error("disk hiccup")
+        return real(self, plan)
+
+    monkeypatch.setattr(extract, "extract_shard", extract.extract_shard.with_options(retry_delay_seconds=0))
+    monkeypatch.setattr(frames.FrameExtractor, "extract_shard", flaky)
+    stats = extract.extract_flow(params=str(params), out=str(tmp_path / "a"), progress=False, **data)
+    assert stats["videos"] == 4 and set(calls.values()) == {2}  # every shard failed once, then succeeded
+
+    calls.clear()
+    monkeypatch.setattr(frames.FrameExtractor, "extract_shard",
+                        lambda self, plan: flaky(self, plan, error=ValueError))
+    with pytest.raises(ValueError, match="disk hiccup"):
+        extract.extract_flow(params=str(params), out=str(tmp_path / "b"), progress=False, **data)
+    assert list(calls.values()) == [1], "a non-I/O error must not be retried"

@@ -195,3 +195,20 @@ def test_process_pool_gives_the_same_shards_as_in_process(tmp_path):
     assert one == two
     assert np.array_equal(np.load(tmp_path / "one" / "videos-train-000.npy"),
                           np.load(tmp_path / "two" / "videos-train-000.npy"))
+
+
+def test_extract_videos_and_images_then_finalize_equals_extract(tmp_path):
+    videos = [Rec(f"v{i}", write_video(tmp_path / f"v{i}.mp4", num_frames=9), "test") for i in range(2)]
+    images = _write_images(tmp_path / "images")[:2]
+    config = tiny_config()
+    parts = tmp_path / "parts"
+    v = frames.extract_videos(videos, parts, config=config, progress=False)
+    i = frames.extract_images(images, parts, config=config, progress=False)
+    assert not (parts / "index.json").exists()  # shards only until finalize
+    combined = frames.ExtractResult(v.videos, i.images, v.skipped + i.skipped, v.num_videos, i.num_images)
+    frames.finalize(parts, config=config, result=combined)
+    whole = tmp_path / "whole"
+    frames.extract(videos, images, whole, config=config, progress=False)
+    assert load_index(parts) == load_index(whole)
+    for name in ("videos-test-000.npy", "images-train-000.npy"):
+        assert np.array_equal(np.load(parts / name), np.load(whole / name))
