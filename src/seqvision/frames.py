@@ -185,7 +185,8 @@ def _decode(job: _Job) -> _Decoded:
     except MemoryError:
         raise
     except Exception as err:  # noqa: BLE001 - a decoder crash on one odd file must not stop the run
-        return _Decoded(None, f"unexpected {type(err).__name__}: {str(err).splitlines()[0][:100] if str(err) else ''}")
+        first_line = (str(err).splitlines() or [""])[0][:100]
+        return _Decoded(None, f"unexpected {type(err).__name__}: {first_line}".rstrip(": "))
 
 
 def _decode_video(job: _Job) -> _Decoded:
