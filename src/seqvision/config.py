@@ -413,7 +413,7 @@ class TokenizeConfig:
         None, "largest vocabulary, the 4 special tokens included (null: no limit)", low=5, high=10_000_000
     )
     max_length: int = knob(
-        20, "words kept per caption, <bos>/<eos> excluded; longer captions are truncated", low=1, high=1024
+        32, "words kept per caption, <bos>/<eos> excluded; longer captions are truncated", low=1, high=1024
     )
 
 
