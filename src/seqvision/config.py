@@ -496,8 +496,13 @@ def add_config_arguments(parser: argparse.ArgumentParser, cls: type, *, prefix: 
             continue
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
         allowed = []
-        if f.metadata.get("low") is not None or f.metadata.get("high") is not None:
-            allowed.append(f"range [{f.metadata.get('low', '')}, {f.metadata.get('high') or ''}]")
+        low, high = f.metadata.get("low"), f.metadata.get("high")
+        if low is not None and high is not None:
+            allowed.append(f"range [{low}, {high}]")
+        elif low is not None:
+            allowed.append(f">= {low}")
+        elif high is not None:
+            allowed.append(f"<= {high}")
         if f.metadata.get("choices"):
             allowed.append("one of " + ", ".join(map(str, f.metadata["choices"])))
         if typing.get_origin(tp) is Literal:

@@ -1,0 +1,104 @@
+"""End to end: `dvc repro` on the tiny synthetic preset, in a scratch copy of the repository.
+
+Checks what a user relies on: the stages run through DVC, a second `dvc repro` is a no-op, and a param
+change reruns exactly the stages that read it.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+
+pytestmark = [pytest.mark.slow, pytest.mark.integration]
+
+
+def _run(args: list[str], cwd: Path, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    proc = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, f"{' '.join(args)} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    return proc
+
+
+def _tracked_files() -> list[str]:
+    out = subprocess.run(
+        ["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
+        cwd=REPO, capture_output=True, text=True, check=True,
+    ).stdout
+    return [p for p in out.split("\0") if p and (REPO / p).is_file()]
+
+
+@pytest.fixture(scope="module")
+def scratch_repo(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, str]]:
+    """The repository's files (minus data.dvc and dvc.lock), git+dvc initialised, tiny data in data/."""
+    root = tmp_path_factory.mktemp("repo")
+    for rel in _tracked_files():
+        if rel in {"data.dvc", "dvc.lock"} or rel.startswith((".dvc/", "tests/")):
+            continue
+        dest = root / rel
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(REPO / rel, dest)
+    env = dict(os.environ)
+    env["PATH"] = f"{BIN}{os.pathsep}{env.get('PATH', '')}"
+    env["PYTHON"] = sys.executable  # scripts/with-prefect-server runs the server with it
+    env["PREFECT_HOME"] = str(root / ".prefect")
+    env.pop("PREFECT_API_URL", None)
+    env["MLFLOW_TRACKING_URI"] = f"sqlite:///{root / 'mlflow.db'}"
+    _run(["git", "init", "-q"], root, env)
+    _run([str(BIN / "dvc"), "init", "-q"], root, env)
+    _run([str(BIN / "dvc"), "config", "core.analytics", "false"], root, env)
+    _run([sys.executable, "-m", "seqvision.synth", "--out", "data", "--preset", "tiny", "--quiet"], root, env)
+    return root, env
+
+
+def _repro(root: Path, env: dict[str, str], *targets: str) -> str:
+    # One Prefect server for the whole repro, as `make demo` does.
+    proc = _run(["scripts/with-prefect-server", str(BIN / "dvc"), "repro", *targets], root, env)
+    return proc.stdout
+
+
+def _ran(log: str) -> set[str]:
+    return {line.split("'")[1] for line in log.splitlines() if line.startswith("Running stage '")}
+
+
+def test_repro_runs_data_stages_then_is_a_noop_then_reruns_only_what_changed(scratch_repo) -> None:
+    root, env = scratch_repo
+    log = _repro(root, env, "extract", "tokenize")
+    assert {"extract", "tokenize"} <= _ran(log)
+    assert (root / "artifacts/frames/index.json").is_file()
+    assert (root / "artifacts/tokens/video/vocab.json").is_file()
+    assert not any(p.name.endswith(".tmp") for p in (root / "artifacts").rglob("*"))
+    # No stage writes under data/.
+    assert not (root / "data" / "artifacts").exists()
+
+    log = _repro(root, env, "extract", "tokenize")
+    assert _ran(log) == set(), log
+
+    params = yaml.safe_load((root / "params.yaml").read_text())
+    params["tokenize"]["min_count"] = params["tokenize"]["min_count"] + 1
+    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    log = _repro(root, env, "extract", "tokenize")
+    assert _ran(log) == {"tokenize"}, log
+
+
+def test_bad_params_stop_the_stage_with_one_clear_line(scratch_repo, tmp_path: Path) -> None:
+    root, env = scratch_repo
+    bad = tmp_path / "params.yaml"
+    params = yaml.safe_load((root / "params.yaml").read_text())
+    params["extract"]["num_frames"] = "sixteen"
+    bad.write_text(yaml.safe_dump(params))
+    proc = subprocess.run(
+        [sys.executable, "-m", "pipelines.extract", "--params", str(bad), "--video-dir", "data/videos",
+         "--video-captions", "data/annotations/msrvtt.json", "--out", str(tmp_path / "frames")],
+        cwd=root, env=env, capture_output=True, text=True, timeout=120,
+    )
+    assert proc.returncode == 2
+    assert "extract.num_frames" in proc.stderr and "Traceback" not in proc.stderr
+    assert not (tmp_path / "frames").exists()
