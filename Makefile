@@ -43,6 +43,9 @@ demo: $(STAMP) ## generate data/ if absent, then run the whole pipeline with dvc
 test: $(STAMP) ## run the whole test suite
 	$(PY) -m pytest -n 2 --dist loadgroup
 
+bench: $(STAMP) ## run the speed benchmarks (results: docs/benchmarks.md)
+	@for b in benchmarks/*.py; do echo "== $$b"; $(PY) $$b || exit 1; done
+
 lock: $(STAMP) ## re-pin constraints.txt from the current .venv
 	@{ head -n 2 constraints.txt; $(PY) -m pip freeze --exclude-editable | grep -v '^seqvision'; } > constraints.txt.tmp
 	@mv constraints.txt.tmp constraints.txt
