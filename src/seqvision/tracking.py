@@ -131,6 +131,23 @@ def end_run(run_id: str, *, repo_root: str | Path, status: str = "FINISHED") -> 
     _client(tracking_uri(repo_root)).set_terminated(run_id, status)
 
 
+def log_to_run(
+    run_id: str,
+    *,
+    repo_root: str | Path,
+    metrics: Mapping[str, Any] | None = None,
+    artifacts: tuple[str | Path, ...] | list[str | Path] = (),
+    artifact_path: str | None = None,
+) -> None:
+    """Log numeric ``metrics`` (step 0, one request) and files/folders onto an existing run, whatever its
+    status (e.g. the comparison report and each child's test metrics on the parent after training)."""
+    tracker = Tracker(_client(tracking_uri(repo_root)), run_id, owns_run=False)
+    if metrics:
+        tracker.log_epoch(metrics, step=0)
+    for path in artifacts:
+        tracker.log_artifact(path, artifact_path)
+
+
 def start_child(
     *,
     parent_run_id: str,
