@@ -1,0 +1,88 @@
+"""params.yaml validation: one clear error naming the key, before any work."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import pytest
+import yaml
+
+from seqvision.config import (
+    SECTIONS,
+    ConfigError,
+    SynthConfig,
+    add_config_arguments,
+    load_params,
+    overrides_from_args,
+    to_dict,
+)
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _write(tmp_path: Path, data: object) -> Path:
+    path = tmp_path / "params.yaml"
+    path.write_text(yaml.safe_dump(data) if not isinstance(data, str) else data)
+    return path
+
+
+def test_committed_params_validate_and_repeat_the_embedded_defaults() -> None:
+    loaded = load_params(REPO / "params.yaml")
+    assert set(loaded) == set(SECTIONS)
+    for name, config in loaded.items():
+        # The committed file must equal the dataclass defaults, or "embedded defaults" would lie.
+        assert to_dict(config) == to_dict(SECTIONS[name]()), f"params.yaml section {name!r} differs from defaults"
+
+
+@pytest.mark.parametrize(
+    ("data", "expected"),
+    [
+        ({"synth": {"fps": "fast"}}, "synth.fps: expected an integer, got 'fast'"),
+        ({"synth": {"fps": 12.5}}, "synth.fps: expected an integer"),
+        ({"synth": {"videos": {"train": 0}}}, "synth.videos.train: expected a value in [1, 1000000], got 0"),
+        ({"synth": {"noise_std": 100}}, "synth.noise_std: expected a value in [0.0, 64.0]"),
+        ({"synth": {"long_range": "yes"}}, "synth.long_range: expected true or false"),
+        ({"synth": {"fsp": 12}}, "synth.fsp: unknown key; allowed keys are"),
+        ({"synth": {"videos": {"training": 5}}}, "synth.videos.training: unknown key"),
+        ({"synt": {}}, "synt: unknown section; allowed sections are"),
+        ({"synth": {"height": 63}}, "synth: height and width must be even"),
+        ({"synth": {"min_frames": 40, "max_frames": 20}}, "min_frames (40) must not exceed max_frames (20)"),
+        ({"data": {"video_captions_format": "youtube"}}, "data.video_captions_format: expected one of 'msrvtt', 'msvd'"),
+        ({"synth": [1, 2]}, "synth: expected a mapping"),
+    ],
+)
+def test_bad_values_name_the_key_and_what_is_allowed(tmp_path: Path, data: object, expected: str) -> None:
+    path = _write(tmp_path, data)
+    with pytest.raises(ConfigError) as err:
+        load_params(path)
+    message = str(err.value)
+    assert message.startswith(str(path)), message
+    assert expected in message, message
+    assert "\n" not in message
+
+
+def test_missing_and_malformed_files(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="no such params file"):
+        load_params(tmp_path / "nope.yaml")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_params(_write(tmp_path, "synth: [unclosed"))
+    with pytest.raises(ConfigError, match="expected a mapping of sections"):
+        load_params(_write(tmp_path, "- a\n- b\n"))
+
+
+def test_absent_sections_get_defaults_and_configs_are_frozen(tmp_path: Path) -> None:
+    loaded = load_params(_write(tmp_path, {"synth": {"seed": 7}}))
+    assert loaded["synth"].seed == 7 and loaded["synth"].fps == SynthConfig().fps
+    with pytest.raises(Exception):
+        loaded["synth"].seed = 8  # type: ignore[misc]
+
+
+def test_every_knob_becomes_a_documented_flag() -> None:
+    parser = argparse.ArgumentParser()
+    add_config_arguments(parser, SynthConfig)
+    help_text = parser.format_help()
+    for flag in ("--fps", "--videos.train", "--long-range", "--noise-std"):
+        assert flag in help_text
+    args = parser.parse_args(["--fps", "8", "--videos.train", "5", "--no-long-range"])
+    assert overrides_from_args(args) == {"fps": 8, "videos": {"train": 5}, "long_range": False}
