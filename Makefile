@@ -46,6 +46,11 @@ test: $(STAMP) ## run the whole test suite
 bench: $(STAMP) ## run the speed benchmarks (results: docs/benchmarks.md)
 	@for b in benchmarks/*.py; do echo "== $$b"; $(PY) $$b || exit 1; done
 
+MLFLOW_PORT ?= 5000
+mlflow-ui: $(STAMP) ## browse every run in the MLflow UI at http://127.0.0.1:5000 (MLFLOW_PORT=...)
+	$(VENV)/bin/mlflow ui --backend-store-uri "$${MLFLOW_TRACKING_URI:-sqlite:///$(abspath mlflow.db)}" \
+	  --host 127.0.0.1 --port $(MLFLOW_PORT)
+
 lock: $(STAMP) ## re-pin constraints.txt from the current .venv
 	@{ head -n 2 constraints.txt; $(PY) -m pip freeze --exclude-editable | grep -v '^seqvision'; } > constraints.txt.tmp
 	@mv constraints.txt.tmp constraints.txt
