@@ -1,0 +1,150 @@
+"""report stage: every evaluation and training summary -> ``reports/report.html`` + ``reports/report.md``.
+
+    python -m pipelines.report --train artifacts/train --eval artifacts/eval --frames artifacts/frames \\
+        --out reports
+
+Per task: a comparison table (every metric, parameter count, training time, throughput, peak memory) for
+every model and baseline, with missing or failed runs marked; learning curves, confusion matrices
+(activity) and a bar chart of the headline metric; correct and failed test examples with their frames;
+and a verdict computed from the numbers. report.html is self-contained (opens offline); report.md links
+the figures in figures/. Reads no params.yaml section.
+
+MLflow: the report files are logged on the comparison's parent run (the id comes from --parent-run-id,
+else $SEQVISION_PARENT_RUN_ID, else the train summaries), with every run's headline metric on the parent
+(``activity.lstm.top1``, ``video_captioning.gru.cider_d``, ...) and each model's test metrics on its child
+run; then the parent run is ended FINISHED. Without a parent run id, nothing is logged.
+
+Exit status: 0 done; 1 the report was written but MLflow logging failed; 2 a missing input folder.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+from prefect import flow, get_run_logger, task
+from prefect.cache_policies import NO_CACHE
+
+from seqvision import report
+from seqvision.models import MODELS, TASKS
+from seqvision.tracking import PARENT_RUN_ENV
+
+
+class TrackingError(RuntimeError):
+    """The report exists, but it could not be logged to MLflow."""
+
+
+@task(cache_policy=NO_CACHE)
+def collect(train: str, evals: str, tasks: tuple[str, ...], models: tuple[str, ...]) -> dict[str, list[Any]]:
+    return report.load_runs(train_dir=train, eval_dir=evals, tasks=tasks, models=models)
+
+
+@task(cache_policy=NO_CACHE)
+def render(runs: dict[str, list[Any]], frames: str | None, out: str, examples: int) -> dict[str, Path]:
+    sections = report.build_sections(runs, frames_dir=frames, examples=examples)
+    return report.write_report(sections, out)
+
+
+@task(cache_policy=NO_CACHE)
+def publish(runs: dict[str, list[Any]], paths: dict[str, Path], parent_run_id: str, repo_root: str) -> int:
+    try:
+        return len(report.publish_to_mlflow(runs, paths, parent_run_id=parent_run_id, repo_root=repo_root))
+    except Exception as err:  # noqa: BLE001 - any store error: the report itself is done
+        raise TrackingError(f"report written, but logging it on MLflow run {parent_run_id} failed: "
+                            f"{str(err).splitlines()[0] if str(err) else type(err).__name__}") from err
+
+
+@flow(name="report")
+def report_flow(
+    *,
+    out: str,
+    train: str = "artifacts/train",
+    evals: str = "artifacts/eval",
+    frames: str | None = "artifacts/frames",
+    tasks: tuple[str, ...] = TASKS,
+    models: tuple[str, ...] = tuple(MODELS),
+    examples: int = 3,
+    parent_run_id: str | None = None,
+    mlflow: bool = True,
+    repo_root: str = ".",
+) -> dict[str, Any]:
+    """Write the report; log it on the MLflow parent run. Returns paths, parent run id and counts."""
+    logger = get_run_logger()
+    runs = collect(train, evals, tasks, models)
+    for task_name, task_runs in runs.items():
+        absent = [f"{r.name} ({r.status})" for r in task_runs if not r.ok]
+        if absent:
+            logger.warning(f"{task_name}: not available: {', '.join(absent)}")
+    paths = render(runs, frames, out, examples)
+    result: dict[str, Any] = {"paths": paths, "parent_run_id": None, "logged_metrics": 0,
+                              "runs": sum(len(v) for v in runs.values()),
+                              "ok": sum(r.ok for v in runs.values() for r in v)}
+    if not mlflow:
+        return result
+    candidates = report.parent_run_ids(runs)
+    parent = parent_run_id or os.environ.get(PARENT_RUN_ENV) or (candidates[0] if candidates else None)
+    if parent is None:
+        logger.warning("no MLflow parent run id (train summaries, $SEQVISION_PARENT_RUN_ID or --parent-run-id): "
+                       "the report is not logged to MLflow")
+        return result
+    if len(candidates) > 1:
+        logger.warning(f"train summaries name {len(candidates)} parent runs; logging on {parent}")
+    result["parent_run_id"] = parent
+    result["logged_metrics"] = publish(runs, paths, parent, str(Path(repo_root).resolve()))
+    return result
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m pipelines.report",
+        description=__doc__.split("\n\n", 1)[1],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--train", default="artifacts/train", help="train stage outputs: {task}/{model}/summary.json")
+    parser.add_argument("--eval", dest="evals", default="artifacts/eval", help="evaluate and baselines outputs")
+    parser.add_argument("--frames", default="artifacts/frames", help="frame shards for the examples ('' for none)")
+    parser.add_argument("--out", required=True, help="output folder (reports)")
+    parser.add_argument("--tasks", nargs="+", default=list(TASKS), choices=TASKS, metavar="TASK",
+                        help=f"tasks in the report (default: {' '.join(TASKS)})")
+    parser.add_argument("--models", nargs="+", default=list(MODELS), choices=tuple(MODELS), metavar="MODEL",
+                        help=f"model families expected per task; absent ones are marked (default: {' '.join(MODELS)})")
+    parser.add_argument("--examples", type=int, default=3, help="correct and failed examples per task (default: 3)")
+    parser.add_argument("--parent-run-id", default=None, help="MLflow parent run (default: from the train summaries)")
+    parser.add_argument("--no-mlflow", dest="mlflow", action="store_false", help="do not log to MLflow")
+    parser.add_argument("--repo-root", default=".", help="where mlflow.db lives unless MLFLOW_TRACKING_URI is set")
+    args = parser.parse_args(argv)
+    if args.examples < 0:
+        parser.error(f"--examples must be >= 0, got {args.examples}")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if not Path(args.evals).is_dir():
+        print(f"report: error: {args.evals}: no such folder (--eval); run the evaluate stage first", file=sys.stderr)
+        return 2
+    try:
+        result = report_flow(
+            out=args.out, train=args.train, evals=args.evals, frames=args.frames or None, tasks=tuple(args.tasks),
+            models=tuple(args.models), examples=args.examples, parent_run_id=args.parent_run_id,
+            mlflow=args.mlflow, repo_root=args.repo_root,
+        )
+    except TrackingError as err:
+        print(f"report: error: {err}", file=sys.stderr)
+        return 1
+    paths = result["paths"]
+    print(f"report: {result['ok']}/{result['runs']} runs available")
+    print(f"report: {paths['html']} (self-contained) and {paths['md']}")
+    if result["parent_run_id"]:
+        print(f"report: logged on MLflow parent run {result['parent_run_id']} "
+              f"({result['logged_metrics']} headline metrics); browse with `make mlflow-ui`")
+    else:
+        print("report: not logged to MLflow (no parent run id); `make mlflow-ui` shows the training runs")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
