@@ -9,10 +9,11 @@ every model and baseline, with missing or failed runs marked; learning curves, c
 and a verdict computed from the numbers. report.html is self-contained (opens offline); report.md links
 the figures in figures/. Reads no params.yaml section.
 
-MLflow: the report files are logged on the comparison's parent run (the id comes from --parent-run-id,
-else $SEQVISION_PARENT_RUN_ID, else the train summaries), with every run's headline metric on the parent
-(``activity.lstm.top1``, ``video_captioning.gru.cider_d``, ...) and each model's test metrics on its child
-run; then the parent run is ended FINISHED. Without a parent run id, nothing is logged.
+MLflow: the report files are logged on the comparison's parent run (--parent-run-id, else
+$SEQVISION_PARENT_RUN_ID, else every parent run named by the train summaries), with every run's headline
+metric on the parent (``activity.lstm.top1``, ``video_captioning.gru.cider_d``, ...) and each model's test
+metrics (``test_*``) on its child run; then the parent run is ended FINISHED. Without a parent run id,
+nothing is logged.
 
 Exit status: 0 done; 1 the report was written but MLflow logging failed; 2 a missing input folder.
 """
@@ -79,21 +80,22 @@ def report_flow(
         if absent:
             logger.warning(f"{task_name}: not available: {', '.join(absent)}")
     paths = render(runs, frames, out, examples)
-    result: dict[str, Any] = {"paths": paths, "parent_run_id": None, "logged_metrics": 0,
+    result: dict[str, Any] = {"paths": paths, "parent_run_ids": [], "logged_metrics": 0,
                               "runs": sum(len(v) for v in runs.values()),
                               "ok": sum(r.ok for v in runs.values() for r in v)}
     if not mlflow:
         return result
-    candidates = report.parent_run_ids(runs)
-    parent = parent_run_id or os.environ.get(PARENT_RUN_ENV) or (candidates[0] if candidates else None)
-    if parent is None:
+    # Usually one parent; a partial retrain after the parent was ended starts another one, and then every
+    # parent named by a summary gets the whole report, so whichever comparison run one opens has it.
+    explicit = parent_run_id or os.environ.get(PARENT_RUN_ENV)
+    parents = [explicit] if explicit else report.parent_run_ids(runs)
+    if not parents:
         logger.warning("no MLflow parent run id (train summaries, $SEQVISION_PARENT_RUN_ID or --parent-run-id): "
                        "the report is not logged to MLflow")
         return result
-    if len(candidates) > 1:
-        logger.warning(f"train summaries name {len(candidates)} parent runs; logging on {parent}")
-    result["parent_run_id"] = parent
-    result["logged_metrics"] = publish(runs, paths, parent, str(Path(repo_root).resolve()))
+    result["parent_run_ids"] = parents
+    for parent in parents:
+        result["logged_metrics"] = publish(runs, paths, parent, str(Path(repo_root).resolve()))
     return result
 
 
@@ -138,9 +140,9 @@ def main(argv: list[str] | None = None) -> int:
     paths = result["paths"]
     print(f"report: {result['ok']}/{result['runs']} runs available")
     print(f"report: {paths['html']} (self-contained) and {paths['md']}")
-    if result["parent_run_id"]:
-        print(f"report: logged on MLflow parent run {result['parent_run_id']} "
-              f"({result['logged_metrics']} headline metrics); browse with `make mlflow-ui`")
+    if result["parent_run_ids"]:
+        print(f"report: logged on MLflow parent run {', '.join(result['parent_run_ids'])} "
+              f"({result['logged_metrics']} headline metrics, run ended FINISHED); browse with `make mlflow-ui`")
     else:
         print("report: not logged to MLflow (no parent run id); `make mlflow-ui` shows the training runs")
     return 0

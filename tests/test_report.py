@@ -245,17 +245,29 @@ def test_mlflow_parent_gets_the_report_and_every_childs_headline_metric(tmp_path
 
 @pytest.mark.slow
 def test_report_flow_cli(tmp_path, monkeypatch, prefect_harness, capsys):
-    from pipelines import report as report_cli
+    from mlflow import MlflowClient
 
-    tree = build_tree(tmp_path)
+    from pipelines import report as report_cli
+    from seqvision import tracking
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    parent = tracking.start_parent("comparison", "cmp", repo_root=tmp_path)
+    tree = build_tree(tmp_path, mlflow_ids={"gru": {"mlflow_parent_run_id": parent}})
     with pytest.raises(SystemExit) as exc:
         report_cli.parse_args(["--help"])
     assert exc.value.code == 0
     capsys.readouterr()
     assert report_cli.main(["--eval", str(tmp_path / "nope"), "--out", str(tmp_path / "r")]) == 2
-    assert capsys.readouterr().err.startswith("report: error: ")
-    code = report_cli.main(["--train", str(tree["train"]), "--eval", str(tree["eval"]), "--frames",
-                            str(tree["frames"]), "--out", str(tmp_path / "reports"), "--no-mlflow"])
+    err = capsys.readouterr().err
+    assert err.startswith("report: error: ") and err.count("\n") == 1
+    args = ["--train", str(tree["train"]), "--eval", str(tree["eval"]), "--frames", str(tree["frames"]),
+            "--out", str(tmp_path / "reports"), "--repo-root", str(tmp_path)]
+    assert report_cli.main([*args, "--no-mlflow"]) == 0
+    assert "not logged to MLflow" in capsys.readouterr().out
+    assert MlflowClient(tracking_uri=tracking.tracking_uri(tmp_path)).get_run(parent).info.status == "RUNNING"
+    assert report_cli.main(args) == 0
     out = capsys.readouterr().out
-    assert code == 0 and "report.html" in out and "make mlflow-ui" in out
-    assert (tmp_path / "reports" / "report.html").is_file() and (tmp_path / "reports" / "report.md").is_file()
+    assert f"logged on MLflow parent run {parent}" in out and "make mlflow-ui" in out
+    assert str(tmp_path / "reports" / "report.html") in out
+    run = MlflowClient(tracking_uri=tracking.tracking_uri(tmp_path)).get_run(parent)
+    assert run.info.status == "FINISHED" and run.data.metrics["activity.gru.top1"] == pytest.approx(0.875)
