@@ -20,7 +20,6 @@ task per shard (retried on I/O errors) and writes the index.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import sys
 from pathlib import Path
 from typing import Any
@@ -31,17 +30,9 @@ from prefect.exceptions import FailedRun
 from prefect.states import Failed, State
 
 from seqvision import annotations, frames
-from seqvision.config import ConfigError, DataConfig, ExtractConfig, from_mapping, load_params, to_dict
+from seqvision.config import ConfigError, DataConfig
 
-DATA_KEYS = tuple(f.name for f in dataclasses.fields(DataConfig))
-
-
-def resolve_configs(params: str | Path, overrides: dict[str, Any]) -> tuple[DataConfig, ExtractConfig]:
-    """Validate the whole params file; apply the data-path flags that were given (``None`` = not given)."""
-    loaded = load_params(params)
-    data = to_dict(loaded["data"])
-    data.update({k: v for k, v in overrides.items() if v is not None})
-    return from_mapping(DataConfig, data, where="data (params + flags)"), loaded["extract"]
+from pipelines.common import add_data_arguments, data_overrides, resolve_configs
 
 
 def check_inputs(data: DataConfig) -> None:
@@ -138,7 +129,7 @@ def extract_flow(
         image_captions_dir=image_captions_dir,
         karpathy_split=karpathy_split,
     )
-    data, config = resolve_configs(params, overrides)
+    data, config = resolve_configs(params, overrides, "extract")
     videos, images = load_records(data)
     plans = frames.plan_shards(videos, kind="videos", shard_size=config.shard_size)
     plans += frames.plan_shards(images, kind="images", shard_size=config.shard_size)
@@ -187,14 +178,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--params", default="params.yaml", help="params file; its extract section is used")
     parser.add_argument("--out", required=True, help="output folder (artifacts/frames)")
-    for f in dataclasses.fields(DataConfig):
-        parser.add_argument(
-            "--" + f.name.replace("_", "-"),
-            dest=f.name,
-            type=int if f.type in (int, "int") else str,
-            default=None,
-            help=f"{f.metadata.get('help', '')} (default: params.yaml data.{f.name})",
-        )
+    add_data_arguments(parser)
     parser.add_argument("--workers", type=int, default=None,
                         help="decoding processes, overriding extract.workers (0: one per CPU core)")
     parser.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
@@ -203,9 +187,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    overrides = {k: getattr(args, k) for k in DATA_KEYS}
+    overrides = data_overrides(args)
     try:  # the common mistakes get one clean line before Prefect starts
-        data, _ = resolve_configs(args.params, overrides)
+        data, _ = resolve_configs(args.params, overrides, "extract")
         check_inputs(data)
         if args.workers is not None and args.workers < 0:
             raise ConfigError(f"--workers must be >= 0, got {args.workers}")

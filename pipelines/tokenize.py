@@ -10,7 +10,6 @@ work is :func:`seqvision.vocab.tokenize_corpus`; this flow only loads records an
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import sys
 from pathlib import Path
 from typing import Any
@@ -19,18 +18,10 @@ from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
 from seqvision import annotations
-from seqvision.config import ConfigError, DataConfig, TokenizeConfig, from_mapping, load_params, to_dict
+from seqvision.config import ConfigError, DataConfig, TokenizeConfig
 from seqvision.vocab import tokenize_corpus, write_corpus
 
-DATA_KEYS = tuple(f.name for f in dataclasses.fields(DataConfig))
-
-
-def resolve_configs(params: str | Path, overrides: dict[str, Any]) -> tuple[DataConfig, TokenizeConfig]:
-    """Validate the whole params file; apply the data-path flags that were given (``None`` = not given)."""
-    loaded = load_params(params)
-    data = to_dict(loaded["data"])
-    data.update({k: v for k, v in overrides.items() if v is not None})
-    return from_mapping(DataConfig, data, where="data (params + flags)"), loaded["tokenize"]
+from pipelines.common import add_data_arguments, data_overrides, resolve_configs
 
 
 @task(cache_policy=NO_CACHE)  # DVC decides what reruns, not a Prefect cache
@@ -89,7 +80,7 @@ def tokenize_flow(
         image_captions_dir=image_captions_dir,
         karpathy_split=karpathy_split,
     )
-    data, config = resolve_configs(params, overrides)
+    data, config = resolve_configs(params, overrides, "tokenize")
     corpora = load_corpora(data)
     stats = {}
     for name, records in corpora.items():
@@ -112,22 +103,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m pipelines.tokenize", description=__doc__.split("\n\n")[0])
     parser.add_argument("--params", default="params.yaml", help="params file; its tokenize section is used")
     parser.add_argument("--out", required=True, help="output folder (artifacts/tokens)")
-    for f in dataclasses.fields(DataConfig):
-        parser.add_argument(
-            "--" + f.name.replace("_", "-"),
-            dest=f.name,
-            type=int if f.type in (int, "int") else str,
-            default=None,
-            help=f"{f.metadata.get('help', '')} (default: params.yaml data.{f.name})",
-        )
+    add_data_arguments(parser)
     return parser.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    overrides = {k: getattr(args, k) for k in DATA_KEYS}
+    overrides = data_overrides(args)
     try:  # the common mistakes get one clean line before Prefect starts
-        data, _ = resolve_configs(args.params, overrides)
+        data, _ = resolve_configs(args.params, overrides, "tokenize")
         annotations.check_sources(
             video_captions=data.video_captions,
             activity_dir=data.activity_dir,
