@@ -174,13 +174,19 @@ def test_verdicts_are_computed_from_the_numbers(tmp_path):
     activity = report.verdict("activity", runs["activity"])
     assert activity[0] == ("gru wins on Top-1 with 0.875, 0.375 ahead of meanpool (0.500, +75.0% relative; "
                            "3 of 8 test clips).")
+    # gru alone right on the 4 reversal clips, meanpool alone right on 1: exact McNemar 2 * (1 + 5) / 2**5
+    assert activity[1] == ("Paired test, gru vs meanpool: McNemar exact p = 0.375 (not significant at the 5% "
+                           "level; 5 discordant clips).")
     assert any(line.startswith("Best baseline: baseline_majority at 0.250") for line in activity)
     reversal = report.reversal_verdict(runs["activity"])
     assert reversal.startswith("Reversal-pair accuracy separates order-aware models from mean-pool")
     assert "meanpool 0.000, swap rate 1.000" in reversal and "+1.000 (gru)" in reversal
     assert "lstm (failed" in activity[-1] and "transformer (missing" in activity[-1]
     video = report.verdict("video_captioning", runs["video_captioning"])
-    assert video[0].startswith("gru wins on CIDEr-D with")
+    assert video[0].startswith("gru wins on CIDEr-D with") and "x," not in video[0]
+    assert video[1].startswith("Paired test, gru vs meanpool: 95% paired-bootstrap interval") and "(excludes 0)" in video[1]
+    # The frequent-caption baseline ("nothing moves") is a reference of the stay_still clips, so it is not 0.
+    assert any(line.startswith("Best baseline: baseline_frequent_caption") for line in video)
     assert report.verdict("image_captioning", runs["image_captioning"])[0].startswith("No model finished")
 
     # With the order-aware model no better on the pair, the verdict flips.
@@ -188,6 +194,21 @@ def test_verdicts_are_computed_from_the_numbers(tmp_path):
     gru = next(r for r in runs["activity"] if r.name == "gru")
     worse = gru._replace(metrics={**gru.metrics, "reversal_pair_accuracy": 0.02})
     assert "does not separate" in report.reversal_verdict([worse, meanpool])
+
+
+def test_paired_tests_and_ties():
+    assert report.mcnemar_p([1, 1, 0, 1], [1, 1, 0, 1]) == (1.0, 0)
+    assert report.mcnemar_p([1] * 10, [0] * 10) == (pytest.approx(2 / 2**10), 10)
+    low, high = report.bootstrap_interval([0.5, 0.4, 0.6, 0.5, 0.45])
+    assert 0.4 <= low < 0.5 < high <= 0.6
+    low, high = report.bootstrap_interval([1.0, -1.0] * 20)
+    assert low < 0 < high
+    ok = {"top_1": 0.5, "num_items": 10}
+    runs = [report.Run("activity", name, "model", "ok", "", ok, {}, {}, [], Path("/nonexistent"))
+            for name in ("gru", "lstm")]
+    assert report.verdict("activity", runs)[0] == "gru and lstm tie on Top-1 at 0.500."
+    assert "Ranking: gru (0.500) = lstm (0.500)." in report.verdict("activity", runs)
+    assert report.verdict("activity", runs[:1])[0] == "gru is the only model evaluated: Top-1 0.500."
 
 
 def test_examples_show_the_best_models_successes_and_failures_with_frames(tmp_path):

@@ -242,21 +242,34 @@ def verdict(task: str, runs: Sequence[Run]) -> list[str]:
     else:
         best = models[0]
         value = best.value(key)
-        line = f"{best.name} wins on {label} with {value:.3f}"
-        if len(models) > 1:
+        if len(models) == 1:
+            lines.append(f"{best.name} is the only model evaluated: {label} {value:.3f}.")
+        else:
             second = models[1]
-            gap = value - second.value(key)
-            line += f", {gap:.3f} ahead of {second.name} ({second.value(key):.3f}"
-            if second.value(key):
-                line += f", {gap / second.value(key):+.1%} relative"
-            if task == "activity" and best.metrics.get("num_items"):
-                line += f"; {round(gap * best.metrics['num_items'])} of {best.metrics['num_items']} test clips"
-            line += ")"
-        lines.append(line + ".")
+            runner = second.value(key)
+            gap = value - runner
+            if gap <= 1e-12:
+                line = f"{best.name} and {second.name} tie on {label} at {value:.3f}"
+            else:
+                line = f"{best.name} wins on {label} with {value:.3f}, {gap:.3f} ahead of {second.name} ({runner:.3f}"
+                if runner > 0:
+                    ratio = value / runner
+                    line += f", {ratio:.1f}x" if ratio >= 2 else f", {gap / runner:+.1%} relative"
+                if task == "activity" and best.metrics.get("num_items"):
+                    line += f"; {round(gap * best.metrics['num_items'])} of {best.metrics['num_items']} test clips"
+                line += ")"
+            lines.append(line + ".")
+            test = paired_comparison(task, best, second)
+            if test:
+                lines.append(f"Paired test, {best.name} vs {second.name}: {test}.")
         if baselines:
             top = baselines[0]
-            lines.append(f"Best baseline: {top.name} at {top.value(key):.3f} "
-                         f"({value - top.value(key):+.3f} for {best.name}).")
+            if top.value(key) > value:
+                lines.append(f"The best baseline, {top.name} at {top.value(key):.3f}, beats every model "
+                             f"({top.value(key) - value:+.3f} over {best.name}).")
+            else:
+                lines.append(f"Best baseline: {top.name} at {top.value(key):.3f} "
+                             f"({value - top.value(key):+.3f} for {best.name}).")
         blind = next((r for r in models if r.name == ORDER_BLIND), None)
         if blind is not None and blind is not best:
             aware = [r for r in models if r.name != ORDER_BLIND]
@@ -264,13 +277,61 @@ def verdict(task: str, runs: Sequence[Run]) -> list[str]:
                          f"{value - blind.value(key):+.3f} for {best.name}; ranked {models.index(blind) + 1} of "
                          f"{len(models)} (order-aware families above it: "
                          f"{sum(r.value(key) > blind.value(key) for r in aware)} of {len(aware)}).")
-        lines.append("Ranking: " + " > ".join(f"{r.name} ({r.value(key):.3f})" for r in models) + ".")
+        ranking = f"{models[0].name} ({models[0].value(key):.3f})"
+        for prev, run in zip(models, models[1:]):
+            ranking += f" {'=' if run.value(key) == prev.value(key) else '>'} {run.name} ({run.value(key):.3f})"
+        lines.append(f"Ranking: {ranking}.")
     if task == "activity":
         lines.append(reversal_verdict(runs))
     absent = [r for r in runs if not r.ok]
     if absent:
         lines.append("Not available: " + "; ".join(f"{r.name} ({r.status}: {r.note})" for r in absent) + ".")
     return lines
+
+
+def mcnemar_p(a_correct: Sequence[bool], b_correct: Sequence[bool]) -> tuple[float, int]:
+    """Exact two-sided McNemar test of two classifiers on the same items (McNemar 1947; the binomial form
+    recommended by Dietterich 1998 for small counts). Returns (p-value, number of discordant items)."""
+    a_only = sum(bool(a) and not bool(b) for a, b in zip(a_correct, b_correct))
+    b_only = sum(bool(b) and not bool(a) for a, b in zip(a_correct, b_correct))
+    n = a_only + b_only
+    if n == 0:
+        return 1.0, 0
+    tail = sum(math.comb(n, i) for i in range(min(a_only, b_only) + 1)) / 2**n
+    return min(1.0, 2 * tail), n
+
+
+def bootstrap_interval(differences: Sequence[float], *, resamples: int = 2000, seed: int = 0) -> tuple[float, float]:
+    """95% percentile interval of the mean of paired per-item differences, resampling items (Efron 1979;
+    Koehn 2004 uses the same paired bootstrap for MT metrics)."""
+    diffs = np.asarray(differences, dtype=np.float64)
+    rng = np.random.default_rng(seed)
+    means = diffs[rng.integers(0, len(diffs), size=(resamples, len(diffs)))].mean(axis=1)
+    low, high = np.percentile(means, [2.5, 97.5])
+    return float(low), float(high)
+
+
+def paired_comparison(task: str, a: Run, b: Run) -> str | None:
+    """How sure the ranking of ``a`` over ``b`` is, from their per-item test predictions: exact McNemar for
+    activity; for captioning a paired bootstrap interval of the CIDEr-D difference (CIDEr-D is the mean of
+    its per-item scores). ``None`` when the predictions cannot be paired."""
+    pa, pb = read_predictions(a), read_predictions(b)
+    common = sorted(set(pa) & set(pb))
+    if not common:
+        return None
+    if task == "activity":
+        p, discordant = mcnemar_p([pa[i].get("predicted") == pa[i].get("label") for i in common],
+                                  [pb[i].get("predicted") == pb[i].get("label") for i in common])
+        verdict_text = "significant" if p < 0.05 else "not significant"
+        return f"McNemar exact p = {p:.3g} ({verdict_text} at the 5% level; {discordant} discordant clips)"
+    ca, cb = item_cider({i: pa[i] for i in common}), item_cider({i: pb[i] for i in common})
+    keys = [i for i in common if i in ca and i in cb]
+    if not keys:
+        return None
+    low, high = bootstrap_interval([ca[i] - cb[i] for i in keys])
+    inside = "includes" if low <= 0 <= high else "excludes"
+    return (f"95% paired-bootstrap interval of the CIDEr-D difference [{low:+.3f}, {high:+.3f}] over "
+            f"{len(keys)} items ({inside} 0)")
 
 
 def reversal_verdict(runs: Sequence[Run]) -> str:
