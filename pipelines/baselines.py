@@ -24,9 +24,10 @@ from typing import Any
 from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
+from pipelines.common import resolve_configs
 from seqvision import annotations
 from seqvision.baselines_eval import BASELINES, PREFIX, run_baselines
-from seqvision.config import ConfigError, load_params
+from seqvision.config import ConfigError
 from seqvision.evaluate import HEADLINE, load_activity_labels
 
 INPUT_ERRORS = (ConfigError, FileNotFoundError, annotations.AnnotationError, ValueError)
@@ -50,11 +51,11 @@ def baselines_flow(
 ) -> dict[str, dict[str, dict[str, Any]]]:
     """Every baseline of ``tasks``; returns ``{task: {name: metrics}}``."""
     logger = get_run_logger()
-    loaded = load_params(params)
-    config, data = loaded["evaluate"], loaded["data"]
+    data, config = resolve_configs(params, {"activity_dir": activity_dir, "activity_split": activity_split},
+                                   "evaluate")
     activity = None
     if "activity" in tasks:
-        activity = load_activity_labels(activity_dir or data.activity_dir, activity_split or data.activity_split)
+        activity = load_activity_labels(data.activity_dir, data.activity_split)
     results: dict[str, dict[str, dict[str, Any]]] = {}
     for task_name in tasks:
         done = task_baselines(task_name, features_dir=features, tokens_dir=tokens, activity=activity,
@@ -90,12 +91,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def check_inputs(args: argparse.Namespace) -> None:
-    loaded = load_params(args.params)
+    data, _ = resolve_configs(args.params, {"activity_dir": args.activity_dir,
+                                            "activity_split": args.activity_split}, "evaluate")
     folders = [("--features", args.features)]
     if set(args.tasks) - {"activity"}:
         folders.append(("--tokens", args.tokens))
     if "activity" in args.tasks:
-        folders.append(("--activity-dir", args.activity_dir or loaded["data"].activity_dir))
+        folders.append(("--activity-dir", data.activity_dir))
     for label, folder in folders:
         if not folder or not Path(folder).is_dir():
             raise FileNotFoundError(f"{folder or '(empty)'}: no such folder ({label})")

@@ -25,8 +25,9 @@ from typing import Any
 from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
+from pipelines.common import resolve_configs
 from seqvision import annotations
-from seqvision.config import ConfigError, load_params
+from seqvision.config import ConfigError
 from seqvision.evaluate import HEADLINE, evaluate_checkpoint, load_activity_labels
 from seqvision.models import MODELS, TASKS
 
@@ -55,11 +56,11 @@ def evaluate_flow(
 ) -> dict[str, Any]:
     """Evaluate ``checkpoint`` on the test split into ``out``; returns the metrics."""
     logger = get_run_logger()
-    loaded = load_params(params)
-    config, data = loaded["evaluate"], loaded["data"]
+    data, config = resolve_configs(params, {"activity_dir": activity_dir, "activity_split": activity_split},
+                                   "evaluate")
     activity = None
     if task_name == "activity":
-        activity = load_activity_labels(activity_dir or data.activity_dir, activity_split or data.activity_split)
+        activity = load_activity_labels(data.activity_dir, data.activity_split)
     result = evaluate_model(
         task_name, model, checkpoint=checkpoint, features_dir=features, frames_dir=frames, tokens_dir=tokens,
         activity=activity, out_dir=out, config=config, device=device,
@@ -98,7 +99,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def check_inputs(args: argparse.Namespace) -> None:
     """Fail fast, naming the path, before Prefect starts."""
-    loaded = load_params(args.params)
+    data, _ = resolve_configs(args.params, {"activity_dir": args.activity_dir,
+                                            "activity_split": args.activity_split}, "evaluate")
     if not Path(args.checkpoint).is_file():
         raise FileNotFoundError(f"{args.checkpoint}: no such checkpoint; run the train stage first")
     for label, folder in (("--features", args.features),) + (
@@ -107,7 +109,7 @@ def check_inputs(args: argparse.Namespace) -> None:
         if not Path(folder).is_dir():
             raise FileNotFoundError(f"{folder}: no such folder ({label})")
     if args.task == "activity":
-        activity_dir = args.activity_dir or loaded["data"].activity_dir
+        activity_dir = data.activity_dir
         if not activity_dir or not Path(activity_dir).is_dir():
             raise FileNotFoundError(f"{activity_dir or '(empty)'}: no activity label folder (--activity-dir)")
 
