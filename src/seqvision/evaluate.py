@@ -8,11 +8,12 @@ Output folder (``artifacts/eval/{task}/{model}/``; baselines use the same layout
     predictions.jsonl   captioning: {"id", "hypothesis", "references": [...], "score"}
                         activity:   {"id", "predicted", "label", "score", "topk": [5 class names, best first]}
     metrics.json        captioning: bleu_1..bleu_4, meteor (null without Java), rouge_l, cider_d, num_items,
-                        decode_time_s, items_per_s, scale
+                        decode_time_s, items_per_s (numbers only, so ``dvc metrics show`` stays readable)
                         activity: top_1, top_5, mean_class_accuracy, reversal_pair_accuracy,
                         reversal_swap_rate, num_items, decode_time_s, items_per_s
-    details.json        captioning: decoding settings; activity: class_names, reversal_pairs, confusion
-                        (rows = true class, columns = predicted), per_class_accuracy
+    details.json        captioning: decoding settings and ``scale`` (the sentence below);
+                        activity: class_names, reversal_pairs, confusion (rows = true class, columns =
+                        predicted), per_class_accuracy
     plots/confusion.csv activity only: one row per clip, ``actual,predicted`` (the ``dvc plots`` confusion
                         template); ``plots/`` exists, empty, for captioning so every evaluation has the same outs
 
@@ -123,9 +124,9 @@ def write_caption_outputs(
     out_dir = Path(out_dir)
     write_jsonl(out_dir / PREDICTIONS, records)
     scores = metrics.score_predictions_jsonl(out_dir / PREDICTIONS, meteor=meteor)
-    result = {**scores, **_timing(len(records), seconds), "scale": CAPTION_SCALE}
+    result = {**scores, **_timing(len(records), seconds)}
     metrics.write_metrics(out_dir / METRICS, result)
-    write_json(out_dir / DETAILS, dict(details or {}))
+    write_json(out_dir / DETAILS, {**dict(details or {}), "scale": CAPTION_SCALE})
     _reset_plots(out_dir)
     return result
 
