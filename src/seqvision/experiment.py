@@ -1,0 +1,508 @@
+"""Train one model family on one task from the pipeline's artifacts: the work behind ``train@{task}-{model}``.
+
+Plain functions, in the order the stage calls them:
+
+1. :func:`load_task_data` — the train/val datasets of a task from ``artifacts/features`` (+ ``artifacts/tokens``
+   for captioning, + the UCF101-style label lists for activity), and the sizes a model needs.
+2. :func:`model_config` / :func:`build` — the family's ``models:`` section, resized by ``models.match_params``
+   when that is on, then the model itself.
+3. :func:`validation_metric` — what picks ``best.pt``: top-1 accuracy for activity; for captioners CIDEr-D of
+   greedy decodes on (at most :data:`CIDER_VAL_ITEMS` of) the val set, the metric the comparison reports.
+4. :func:`run` — :func:`seqvision.train.fit` plus the stage's outputs in ``out_dir``:
+
+   ``best.pt`` / ``last.pt``   fit's checkpoints; ``{"task", "family", "config", "model"}`` inside is the
+                               :func:`seqvision.models.checkpoint_state` layout, so
+                               ``models.build_from_checkpoint(train.load_checkpoint(path))`` rebuilds the model
+   ``history.json``            fit's per-epoch records
+   ``learning_curve.json``     ``[{"epoch", "train_loss", "val_loss", "val_metric"}, ...]`` for ``dvc plots``
+   ``config.json``             exactly what was trained: task, family, effective model config, train config
+   ``summary.json``            headline numbers (see :class:`TrainSummary`)
+
+Resuming: ``last.pt`` records a fingerprint of everything that decides the result (task, family, effective model
+config, the train knobs that change the maths, and the content of the input files). ``resume=True`` continues from
+``last.pt`` only when the fingerprint matches; otherwise it starts afresh (with a warning), so a stage rerun by DVC
+after its params or inputs changed never continues someone else's run.
+
+Tracking goes through a :class:`seqvision.tracking.TrackerLike` that the caller opens (:func:`open_child_run`
+resolves the comparison's parent run and starts this training's child run); nothing here needs MLflow itself.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import hashlib
+import json
+import shutil
+import warnings
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+
+from seqvision import annotations, models, tracking
+from seqvision.config import MODEL_FAMILIES, ModelsConfig, TrainConfig, flatten, to_dict
+from seqvision.datasets import (
+    ActivityDataset,
+    ImageCaptionDataset,
+    VideoCaptionDataset,
+    VisualStore,
+    activity_labels,
+    make_loader,
+)
+from seqvision.decode import greedy_decode
+from seqvision.io import atomic_path, write_json
+from seqvision.metrics import caption_scores
+from seqvision.train import (
+    _RESUMABLE_CHANGES,
+    ACCURACY,
+    ValidationMetric,
+    fit,
+    load_checkpoint,
+    resolve_device,
+    seed_everything,
+)
+from seqvision.vocab import Vocab, load_split
+
+TASKS = models.TASKS
+FAMILIES = MODEL_FAMILIES
+PARENT_EXPERIMENT = "seqvision"
+PARENT_RUN_NAME = "comparison"
+
+# CIDEr-D is computed on the first CIDER_VAL_ITEMS val items (the val loader is not shuffled, so always the
+# same ones). On the default data that is all 150; it caps the per-epoch cost of greedy decoding + scoring on a
+# large val set (e.g. MSR-VTT's 497 val videos are all kept, COCO's 5,000 Karpathy val images are not).
+CIDER_VAL_ITEMS = 1000
+
+# Outputs this module writes into out_dir (and removes before a fresh start).
+OUTPUT_FILES = ("best.pt", "last.pt", "history.json", "learning_curve.json", "config.json", "summary.json")
+
+
+def check_names(task: str, family: str) -> None:
+    """Raise ``ValueError`` naming the allowed values when ``task`` or ``family`` is unknown."""
+    if task not in TASKS:
+        raise ValueError(f"unknown task {task!r}; expected one of {', '.join(TASKS)}")
+    if family not in FAMILIES:
+        raise ValueError(f"unknown model {family!r}; expected one of {', '.join(FAMILIES)}")
+
+
+# --------------------------------------------------------------------------------------------------------
+# Data
+
+
+class TaskData(NamedTuple):
+    """The datasets of one task and what a model needs to know about them."""
+
+    task: str
+    train: Dataset
+    val: Dataset
+    feature_dim: int
+    num_classes: int | None  # activity
+    vocab: Vocab | None  # captioning
+    max_caption_length: int | None  # captioning: longest training caption in generated tokens (words + <eos>)
+    inputs: tuple[Path, ...]  # the files whose content decides the result (for the resume fingerprint)
+    dropped: int  # labelled / captioned items of train + val that have no features (skipped by extract)
+    constant_prediction: int | str  # the majority training class / the most frequent training caption
+
+
+def _visual_kind(task: str) -> str:
+    return "images" if task == "image_captioning" else "videos"
+
+
+def _stores(features_dir: Path, kind: str) -> dict[str, VisualStore]:
+    stores = {}
+    for split in ("train", "val"):
+        array = features_dir / f"{kind}-{split}.npy"
+        if not array.is_file():
+            raise FileNotFoundError(f"{array}: no such feature array; run the features stage first")
+        if not (features_dir / "index.json").is_file():
+            raise FileNotFoundError(f"{features_dir / 'index.json'}: missing; run the features stage first")
+        stores[split] = VisualStore(features_dir, kind=kind, split=split)  # type: ignore[arg-type]
+    return stores
+
+
+def load_task_data(
+    task: str,
+    *,
+    features_dir: str | Path,
+    tokens_dir: str | Path | None = None,
+    activity_dir: str | Path | None = None,
+    activity_split: int = 1,
+    seed: int = 0,
+) -> TaskData:
+    """Train and val datasets of ``task``.
+
+    ``features_dir``: ``artifacts/features`` (``{videos,images}-{split}.npy`` + ``index.json``). Captioning reads
+    ``{tokens_dir}/video`` or ``{tokens_dir}/image`` (vocab, ids, references); activity reads the UCF101-style
+    lists in ``activity_dir`` (split ``activity_split``). ``seed`` drives the per-epoch caption sampling.
+    Raises ``FileNotFoundError`` / ``ValueError`` naming the missing input or the empty split.
+    """
+    if task not in TASKS:
+        raise ValueError(f"unknown task {task!r}; expected one of {', '.join(TASKS)}")
+    features_dir = Path(features_dir)
+    kind = _visual_kind(task)
+    stores = _stores(features_dir, kind)
+    inputs = [features_dir / "index.json", *(features_dir / f"{kind}-{s}.npy" for s in ("train", "val"))]
+
+    num_classes = vocab = max_length = None
+    if task == "activity":
+        if not activity_dir:
+            raise ValueError("activity needs the UCF101-style label lists (activity_dir)")
+        activity_dir = Path(activity_dir)
+        names = annotations.load_class_names(activity_dir)
+        # video_dir only names file paths, which training never opens; the ids and labels are what matter.
+        records = annotations.load_video_records(
+            video_dir=activity_dir, activity_dir=activity_dir, activity_split=activity_split
+        )
+        train_set: Dataset = ActivityDataset(stores["train"], activity_labels(records, "train"))
+        val_set: Dataset = ActivityDataset(stores["val"], activity_labels(records, "val"))
+        num_classes = len(names)
+        constant: int | str = collections.Counter(train_set.labels[i] for i in train_set.ids).most_common(1)[0][0]
+        inputs += sorted(p for p in activity_dir.iterdir() if p.suffix == ".txt")
+    else:
+        if not tokens_dir:
+            raise ValueError(f"{task} needs the tokenized captions (tokens_dir)")
+        corpus = Path(tokens_dir) / ("image" if task == "image_captioning" else "video")
+        for name in ("vocab.json", "train.npz", "val.npz", "references-val.json"):
+            if not (corpus / name).is_file():
+                raise FileNotFoundError(f"{corpus / name}: missing; run the tokenize stage first")
+        cls = ImageCaptionDataset if task == "image_captioning" else VideoCaptionDataset
+        train_set = cls(stores["train"], corpus, train=True, seed=seed)
+        val_set = cls(stores["val"], corpus, train=False)
+        vocab = Vocab.load(corpus / "vocab.json")
+        encoded = load_split(corpus, "train")
+        max_length = int(encoded.lengths.max()) - 1  # minus <bos>
+        kept = set(train_set.ids)
+        counts = collections.Counter(
+            tuple(row) for row, item_id in zip(encoded.tokens.tolist(), encoded.ids.tolist()) if item_id in kept
+        )
+        constant = vocab.decode(counts.most_common(1)[0][0]) if counts else ""
+        inputs += [corpus / n for n in ("vocab.json", "train.npz", "val.npz", "references-val.json")]
+
+    for split, dataset in (("train", train_set), ("val", val_set)):
+        if len(dataset) == 0:  # type: ignore[arg-type]
+            raise ValueError(
+                f"{task}: no {split} items have both features in {features_dir} and "
+                f"{'labels' if task == 'activity' else 'captions'}; do the artifacts come from the same data?"
+            )
+    store = stores["train"]
+    feature_dim = int(store.row(store.ids[0]).shape[-1])
+    dropped = len(train_set.dropped) + len(val_set.dropped)  # type: ignore[attr-defined]
+    return TaskData(task, train_set, val_set, feature_dim, num_classes, vocab, max_length, tuple(inputs), dropped,
+                    constant)
+
+
+# --------------------------------------------------------------------------------------------------------
+# Model
+
+
+def _dims(data: TaskData) -> dict[str, Any]:
+    return {
+        "feature_dim": data.feature_dim,
+        "vocab_size": len(data.vocab) if data.vocab is not None else None,
+        "num_classes": data.num_classes,
+    }
+
+
+def model_config(task: str, family: str, models_config: ModelsConfig, *, data: TaskData) -> Any:
+    """The family's ``models:`` section, with ``hidden_size`` resized to the ``models.match_params`` budget for
+    ``task`` when that is not ``off`` (the reference family, when it is a family name, stays as configured)."""
+    check_names(task, family)
+    section = getattr(models_config, family)
+    target = models_config.match_params
+    if target == "off":
+        return section
+    configs = {family: section}
+    if isinstance(target, str):
+        configs[target] = getattr(models_config, target)
+    return models.match_params(task, configs, target, **_dims(data))[family]
+
+
+def build(task: str, family: str, config: Any, *, data: TaskData, tbptt_steps: int = 0) -> nn.Module:
+    """A fresh model of ``family`` for ``task``, sized for ``data`` (feature width, classes or vocabulary)."""
+    return models.build_model(task, family, config, tbptt_steps=tbptt_steps, **_dims(data))
+
+
+# --------------------------------------------------------------------------------------------------------
+# Validation metric and trivial baselines
+
+
+def _references(dataset: Any, ids: Sequence[str]) -> dict[str, list[str]]:
+    return {i: dataset.references(i) for i in ids}
+
+
+def caption_cider(vocab: Vocab, *, max_length: int, max_items: int = CIDER_VAL_ITEMS) -> ValidationMetric:
+    """CIDEr-D (coco-caption, [0, 10]) of greedy decodes of the first ``max_items`` items of the val loader."""
+
+    def cider_d(model: nn.Module, loader: DataLoader, device: torch.device) -> float:
+        hypotheses: dict[str, str] = {}
+        for batch in loader:
+            batch = batch.to(device)
+            decoded = greedy_decode(model, batch.visual, batch.lengths, max_length=max_length)  # type: ignore[arg-type]
+            for item_id, ids in zip(batch.ids, decoded.tokens.tolist()):
+                hypotheses[item_id] = vocab.decode(ids)
+            if len(hypotheses) >= max_items:
+                break
+        keep = list(hypotheses)[:max_items]
+        hypotheses = {i: hypotheses[i] for i in keep}
+        return float(caption_scores(hypotheses, _references(loader.dataset, keep), meteor="never")["cider_d"])
+
+    return ValidationMetric("cider_d", cider_d, higher_is_better=True)
+
+
+def validation_metric(data: TaskData) -> ValidationMetric:
+    """Accuracy for activity, greedy-decode CIDEr-D for the captioners."""
+    if data.task == "activity":
+        return ACCURACY
+    assert data.vocab is not None and data.max_caption_length is not None
+    return caption_cider(data.vocab, max_length=data.max_caption_length)
+
+
+def trivial_baseline(data: TaskData) -> float:
+    """The validation metric of a model that ignores its input: the majority training class (activity), or the
+    most frequent training caption for every item (captioning), scored like :func:`validation_metric`."""
+    val: Any = data.val
+    if data.task == "activity":
+        return sum(val.labels[i] == data.constant_prediction for i in val.ids) / len(val.ids)
+    keep = list(val.ids)[:CIDER_VAL_ITEMS]
+    hypotheses = {i: str(data.constant_prediction) for i in keep}
+    return float(caption_scores(hypotheses, _references(val, keep), meteor="never")["cider_d"])
+
+
+# --------------------------------------------------------------------------------------------------------
+# Resume fingerprint
+
+
+def _file_digest(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def fingerprint(task: str, family: str, config: Any, train_config: TrainConfig, inputs: Sequence[Path]) -> str:
+    """SHA-256 over what decides a training's result: names, effective model config, the train knobs that change
+    the maths (not ``device``, ``num_workers`` & co., which fit allows to change on resume) and input contents."""
+    train_knobs = {k: v for k, v in to_dict(train_config).items() if k not in _RESUMABLE_CHANGES}
+    blob = {
+        "task": task,
+        "family": family,
+        "model": to_dict(config),
+        "train": train_knobs,
+        "inputs": [_file_digest(Path(p)) for p in inputs],
+    }
+    return hashlib.sha256(json.dumps(blob, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def _resume_point(out_dir: Path, expected: str, log: Any) -> int | None:
+    """The epoch to continue from, or None for a fresh start (outputs of another run are then removed).
+
+    Resumable: ``last.pt`` exists and carries ``expected`` as its fingerprint. When ``best.pt`` is gone (a kill
+    between the two writes, or deleted by hand) it is restored from ``last.pt`` if the last epoch was the best
+    one; otherwise the best weights are lost and the run starts afresh.
+    """
+    last_path, best_path = out_dir / "last.pt", out_dir / "best.pt"
+    if not last_path.is_file():
+        return None
+    try:
+        last = load_checkpoint(last_path)
+    except Exception as err:  # noqa: BLE001 - an unreadable checkpoint is simply not resumable
+        log(f"{last_path}: unreadable ({type(err).__name__}: {err}); starting afresh")
+        return None
+    if last.get("fingerprint") != expected:
+        log(f"{last_path}: written for other params or inputs; starting afresh")
+        return None
+    if not best_path.is_file() and last["best_epoch"] is not None:
+        if last["best_epoch"] != last["epoch"]:
+            log(f"{best_path}: missing, and its weights (epoch {last['best_epoch']}) are not in {last_path}; "
+                "starting afresh")
+            return None
+        with atomic_path(best_path) as tmp:  # the last epoch was the best: last.pt holds best.pt's weights
+            shutil.copyfile(last_path, tmp)
+    return int(last["epoch"])
+
+
+def _clear_outputs(out_dir: Path) -> None:
+    for name in OUTPUT_FILES:
+        (out_dir / name).unlink(missing_ok=True)
+
+
+# --------------------------------------------------------------------------------------------------------
+# Tracking
+
+
+def open_child_run(
+    task: str,
+    family: str,
+    *,
+    repo_root: str | Path,
+    params: Mapping[str, Any] | None = None,
+    run_id_file: str | Path | None = None,
+    data_dvc: str | Path | None = None,
+) -> tuple[tracking.Tracker, str]:
+    """(child tracker, parent run id): the comparison's parent run (``$SEQVISION_PARENT_RUN_ID``, else the RUNNING
+    run named in ``run_id_file``, else a new run ``comparison`` in experiment ``seqvision``) and a child run
+    ``{task}-{family}`` under it carrying the lineage tags (git commit, ``data_dvc`` md5, params hash)."""
+    lineage = tracking.lineage_tags(repo_root=repo_root, data_dvc=data_dvc, params=params)
+    parent = tracking.start_parent(
+        PARENT_EXPERIMENT, PARENT_RUN_NAME, repo_root=repo_root, run_id_file=run_id_file,
+        tags={k: v for k, v in lineage.items() if k != "seqvision.params_hash"},
+    )
+    tags = {**lineage, "seqvision.task": task, "seqvision.family": family, "seqvision.stage": "train"}
+    child = tracking.start_child(parent_run_id=parent, run_name=f"{task}-{family}", repo_root=repo_root, tags=tags)
+    return child, parent
+
+
+# --------------------------------------------------------------------------------------------------------
+# One training
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainSummary:
+    """What ``summary.json`` holds."""
+
+    task: str
+    family: str
+    num_parameters: int
+    metric: str  # "accuracy" or "cider_d"
+    best_val_metric: float | None
+    best_epoch: int | None
+    trivial_baseline: float  # the same metric for a model that ignores its input (see trivial_baseline)
+    epochs_run: int
+    stopped_early: bool
+    resumed_from_epoch: int  # 0 for a fresh run
+    train_time_s: float  # sum over epochs of training + validation time (across resumptions)
+    samples_per_s: float  # training samples per second of training time
+    peak_memory_mb: float  # CUDA: peak allocated; CPU: the process's peak RSS
+    device: str
+    torch_version: str
+    train_items: int
+    val_items: int
+    dropped_items: int
+    model_config: dict[str, Any]
+    mlflow_run_id: str | None
+    mlflow_parent_run_id: str | None
+
+
+def learning_curve(history: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """fit's history -> the rows ``dvc plots`` draws (x: epoch)."""
+    return [
+        {"epoch": h["epoch"], "train_loss": h["train_loss"], "val_loss": h["val_loss"], "val_metric": h["val_metric"]}
+        for h in history
+    ]
+
+
+def _summarize_history(history: Sequence[Mapping[str, Any]]) -> dict[str, float]:
+    train_seconds = sum(h["train_time_s"] for h in history)
+    samples = sum(h["samples_per_s"] * h["train_time_s"] for h in history)
+    return {
+        "train_time_s": round(sum(h["epoch_time_s"] for h in history), 3),
+        "samples_per_s": round(samples / train_seconds, 1) if train_seconds > 0 else 0.0,
+        "peak_memory_mb": round(max((h["peak_memory_mb"] for h in history), default=0.0), 1),
+    }
+
+
+def run(
+    task: str,
+    family: str,
+    *,
+    data: TaskData,
+    train_config: TrainConfig,
+    models_config: ModelsConfig,
+    out_dir: str | Path,
+    tracker: tracking.TrackerLike | None = None,
+    parent_run_id: str | None = None,
+    resume: bool = True,
+    progress: bool | None = None,
+    log: Any = print,
+) -> TrainSummary:
+    """Train ``family`` on ``task`` and write every output into ``out_dir`` (see the module docstring).
+
+    ``tracker`` (e.g. from :func:`open_child_run`) receives fit's params and per-epoch metrics, the effective
+    model config, parameter count, headline metrics, ``config.json``, ``summary.json`` and ``best.pt``.
+    ``resume``: continue from ``out_dir/last.pt`` when its fingerprint matches (else start afresh).
+    ``log``: where one-line notes go (resume decisions, warnings).
+    """
+    check_names(task, family)
+    if data.task != task:
+        raise ValueError(f"data was loaded for {data.task!r}, not {task!r}")
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tracker = tracker if tracker is not None else tracking.NullTracker()
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        config = model_config(task, family, models_config, data=data)
+    for w in caught:
+        log(f"warning: {w.message}")
+    key = fingerprint(task, family, config, train_config, data.inputs)
+    resumed_from = _resume_point(out_dir, key, log) if resume else None
+    if resumed_from is None:
+        _clear_outputs(out_dir)
+    else:
+        log(f"resuming from {out_dir / 'last.pt'} (epoch {resumed_from})")
+
+    seed_everything(train_config.seed)  # before building, so the initial weights are reproducible
+    model = build(task, family, config, data=data, tbptt_steps=train_config.tbptt_steps)
+    num_parameters = models.count_parameters(model)
+    device = resolve_device(train_config.device)
+    workers = train_config.num_workers
+    train_loader = make_loader(data.train, batch_size=train_config.batch_size, shuffle=True,  # type: ignore[arg-type]
+                               seed=train_config.seed, workers=workers, device=device)
+    val_loader = make_loader(data.val, batch_size=train_config.batch_size, shuffle=False,  # type: ignore[arg-type]
+                             workers=workers, device=device)
+    metric = validation_metric(data)
+    baseline = trivial_baseline(data)
+
+    write_json(out_dir / "config.json", {
+        "task": task, "family": family, "model": to_dict(config), "match_params": models_config.match_params,
+        "train": to_dict(train_config), "num_parameters": num_parameters, "fingerprint": key,
+    })
+    tracker.log_params({
+        **flatten({"model": to_dict(config)}), "model.family": family, "model.task": task,
+        "models.match_params": models_config.match_params, "num_parameters": num_parameters,
+    })
+    tracker.log_artifact(out_dir / "config.json")
+
+    result = fit(
+        model, train_loader, val_loader, config=train_config, out_dir=out_dir, tracker=tracker, metric=metric,
+        model_meta={"task": task, "family": family, "fingerprint": key}, resume=resumed_from is not None,
+        progress=progress,
+    )
+    if result.best_checkpoint is None:  # cannot happen: the first epoch always writes best.pt
+        raise RuntimeError(f"{out_dir / 'best.pt'}: missing after training")
+    resumed_from = resumed_from or 0
+    for entry in result.history[:resumed_from]:  # the resumed child run also gets the earlier epochs
+        tracker.log_epoch({k: v for k, v in entry.items() if k != "epoch"}, step=entry["epoch"])
+
+    stats = _summarize_history(result.history)
+    summary = TrainSummary(
+        task=task, family=family, num_parameters=num_parameters, metric=result.metric,
+        best_val_metric=result.best_metric, best_epoch=result.best_epoch, trivial_baseline=round(baseline, 6),
+        epochs_run=len(result.history), stopped_early=result.stopped_early, resumed_from_epoch=resumed_from,
+        device=str(device), torch_version=str(torch.__version__), train_items=len(data.train),  # type: ignore[arg-type]
+        val_items=len(data.val), dropped_items=data.dropped, model_config=to_dict(config),  # type: ignore[arg-type]
+        mlflow_run_id=getattr(tracker, "run_id", None), mlflow_parent_run_id=parent_run_id, **stats,
+    )
+    write_json(out_dir / "learning_curve.json", learning_curve(result.history))
+    write_json(out_dir / "summary.json", dataclasses.asdict(summary))
+    tracker.log_epoch({
+        f"best_val_{result.metric}": result.best_metric, "best_epoch": result.best_epoch,
+        f"baseline_val_{result.metric}": baseline, "num_parameters": num_parameters,
+        "epochs_run": summary.epochs_run, "train_time_s": stats["train_time_s"],
+        "train_samples_per_s": stats["samples_per_s"], "train_peak_memory_mb": stats["peak_memory_mb"],
+    }, step=summary.epochs_run)
+    tracker.log_artifact(out_dir / "summary.json")
+    tracker.log_artifact(out_dir / "best.pt")
+    return summary
+
+
+__all__ = [
+    "CIDER_VAL_ITEMS", "FAMILIES", "OUTPUT_FILES", "TASKS", "TaskData", "TrainSummary", "build", "caption_cider",
+    "check_names", "fingerprint", "learning_curve", "load_task_data", "model_config", "open_child_run", "run",
+    "trivial_baseline", "validation_metric",
+]
