@@ -391,10 +391,14 @@ class EncoderConfig:
     feature_dim: int = knob(128, "small_cnn feature width (torchvision backbones keep their own)", low=8, high=4096)
     grid: int = knob(4, "image features are a grid x grid map of region vectors", low=1, high=16)
     image_size: int = knob(224, "torchvision backbones: frames are resized to this side first", low=32, high=1024)
-    epochs: int = knob(5, "small_cnn: epochs of attribute training", low=0, high=1000)
-    lr: float = knob(1e-3, "small_cnn: AdamW learning rate", low=0.0, high=1.0)
+    epochs: int = knob(4, "small_cnn: epochs of attribute training", low=0, high=1000)
+    frames_per_clip: int = knob(
+        3, "small_cnn: training frames drawn per train clip (one per equal segment); every train image is used too",
+        low=1, high=4096,
+    )
+    lr: float = knob(3e-3, "small_cnn: peak AdamW learning rate (one-cycle schedule)", low=0.0, high=1.0)
     weight_decay: float = knob(1e-4, "small_cnn: AdamW weight decay", low=0.0, high=1.0)
-    batch_size: int = knob(128, "small_cnn training and feature extraction batch size", low=1, high=65_536)
+    batch_size: int = knob(32, "small_cnn: training batch size (frames)", low=1, high=65_536)
     seed: int = knob(0, "small_cnn: initialisation and data-order seed", low=0)
     finetune_encoder: bool = knob(
         False, "train the encoder end to end with each model (models then consume pixels, not features)"
