@@ -7,7 +7,8 @@
 Tasks: activity, image_captioning, video_captioning. Models: rnn, lstm, gru, transformer, meanpool.
 Reads the ``train`` section and ``models.<model>`` (+ ``models.match_params`` and, when that names a family,
 that family's section) of params.yaml; the whole file is validated first. Inputs: ``--features`` (every task),
-``--tokens`` (captioning: ``{tokens}/video`` or ``{tokens}/image``), ``--activity-dir`` (activity).
+``--tokens`` (captioning: ``{tokens}/video`` or ``{tokens}/image``), ``--activity-dir`` / ``--activity-split``
+(activity; default: params.yaml ``data:``).
 
 Outputs in ``--out``: best.pt, last.pt, history.json, learning_curve.json (for ``dvc plots``), config.json,
 summary.json (see seqvision.experiment). With ``--resume`` (the default) a rerun continues from ``last.pt``
@@ -34,8 +35,9 @@ import torch
 from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
+from pipelines import common
 from seqvision import annotations, experiment
-from seqvision.config import ConfigError, ModelsConfig, TrainConfig, flatten, load_params, to_dict
+from seqvision.config import ConfigError, DataConfig, ModelsConfig, TrainConfig, flatten, load_params, to_dict
 
 RUN_ID_FILE = Path(".seqvision") / "parent_run_id"  # relative to the repository root; not a DVC output
 DATA_DVC = "data.dvc"
@@ -44,10 +46,14 @@ DATA_DVC = "data.dvc"
 USAGE_ERRORS = (ConfigError, FileNotFoundError, annotations.AnnotationError, ValueError)
 
 
-def resolve_configs(params: str | Path) -> tuple[TrainConfig, ModelsConfig]:
-    """Validate the whole params file; return its ``train`` and ``models`` sections."""
-    loaded = load_params(params)
-    return loaded["train"], loaded["models"]
+def resolve_configs(
+    params: str | Path, *, activity_dir: str | None = None, activity_split: int | None = None
+) -> tuple[DataConfig, TrainConfig, ModelsConfig]:
+    """Validate the whole params file; return ``data`` (with the activity flags that were given applied),
+    ``train`` and ``models``."""
+    overrides = {"activity_dir": activity_dir, "activity_split": activity_split}
+    data, train_config = common.resolve_configs(params, overrides, "train")
+    return data, train_config, load_params(params)["models"]
 
 
 def check_inputs(task_name: str, *, features: str | Path, tokens: str | Path | None,
@@ -57,7 +63,7 @@ def check_inputs(task_name: str, *, features: str | Path, tokens: str | Path | N
     needed = [Path(features) / "index.json", Path(features) / f"{kind}-train.npy", Path(features) / f"{kind}-val.npy"]
     if task_name == "activity":
         if not activity_dir:
-            raise ConfigError("--activity-dir is required for --task activity")
+            raise ConfigError("activity needs its label lists: pass --activity-dir or set data.activity_dir")
         needed.append(Path(activity_dir) / "classInd.txt")
     else:
         if not tokens:
@@ -107,7 +113,7 @@ def train_flow(
     features: str = "artifacts/features",
     tokens: str | None = None,
     activity_dir: str | None = None,
-    activity_split: int = 1,
+    activity_split: int | None = None,
     resume: bool = True,
     tracking: bool = True,
     progress: bool | None = None,
@@ -116,12 +122,13 @@ def train_flow(
     """Train ``model`` on ``task`` into ``out``; returns ``summary.json``'s content.
 
     ``repo_root`` (default: the current directory, where DVC runs stages) anchors the MLflow store and the
-    parent-run file ``.seqvision/parent_run_id``.
+    parent-run file ``.seqvision/parent_run_id``. ``activity_dir`` / ``activity_split``: default params.yaml ``data:``.
     """
     experiment.check_names(task, model)
-    train_config, models_config = resolve_configs(params)
+    paths, train_config, models_config = resolve_configs(params, activity_dir=activity_dir,
+                                                         activity_split=activity_split)
     root = Path(repo_root).resolve() if repo_root else Path.cwd().resolve()
-    data = load_data(task, features, tokens, activity_dir, activity_split, train_config.seed)
+    data = load_data(task, features, tokens, paths.activity_dir, paths.activity_split, train_config.seed)
     summary = train_model(task, model, data, train_config, models_config, out, repo_root=root, tracking=tracking,
                           resume=resume, progress=progress)
     get_run_logger().info(describe(summary))
@@ -150,8 +157,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--features", required=True, help="feature folder (artifacts/features)")
     parser.add_argument("--tokens", default=None, help="token folder (artifacts/tokens); captioning only")
     parser.add_argument("--activity-dir", default=None,
-                        help="UCF101-style classInd.txt + split lists (data/annotations/ucf101); activity only")
-    parser.add_argument("--activity-split", type=int, default=1, help="which trainlist0N/vallist0N (default 1)")
+                        help="UCF101-style classInd.txt + split lists; activity only (default: params.yaml "
+                             "data.activity_dir)")
+    parser.add_argument("--activity-split", type=int, default=None,
+                        help="which trainlist0N/vallist0N (default: params.yaml data.activity_split)")
     parser.add_argument("--out", required=True, help="output folder (artifacts/train/{task}/{model})")
     parser.add_argument("--resume", action=argparse.BooleanOptionalAction, default=True,
                         help="continue from --out/last.pt when it was written for the same params and inputs "
@@ -171,8 +180,8 @@ def main(argv: list[str] | None = None) -> int:
     started = time.perf_counter()
     try:  # the common mistakes get one clean line before Prefect starts
         experiment.check_names(args.task, args.model)
-        resolve_configs(args.params)
-        check_inputs(args.task, features=args.features, tokens=args.tokens, activity_dir=args.activity_dir)
+        paths, _, _ = resolve_configs(args.params, activity_dir=args.activity_dir, activity_split=args.activity_split)
+        check_inputs(args.task, features=args.features, tokens=args.tokens, activity_dir=paths.activity_dir)
         if args.threads < 0:
             raise ConfigError(f"--threads must be >= 0, got {args.threads}")
     except USAGE_ERRORS as err:

@@ -102,6 +102,29 @@ def load(task: str, artifacts: dict[str, Path]) -> experiment.TaskData:
                                      activity_dir=artifacts["activity_dir"])
 
 
+class RecordingTracker:
+    """A TrackerLike that keeps what it is given."""
+
+    run_id = "recording"
+
+    def __init__(self) -> None:
+        self.params: dict = {}
+        self.epochs: list[tuple[int, dict]] = []
+        self.artifacts: list[Path] = []
+
+    def log_params(self, params) -> None:
+        self.params.update(params)
+
+    def set_tags(self, tags) -> None:
+        pass
+
+    def log_epoch(self, metrics, *, step: int) -> None:
+        self.epochs.append((step, dict(metrics)))
+
+    def log_artifact(self, path, artifact_path=None) -> None:
+        self.artifacts.append(Path(path))
+
+
 def write_params(path: Path, **train_overrides) -> Path:
     path.write_text(yaml.safe_dump({"train": {**TINY_TRAIN, **train_overrides}, "models": TINY_MODELS}))
     return path
@@ -199,8 +222,13 @@ def test_resume_after_a_kill_continues_from_last_pt_and_matches_an_uninterrupted
 
     (out / "best.pt").unlink()  # epoch 1 was the best so far: last.pt holds its weights
     notes: list[str] = []
-    resumed = experiment.run("video_captioning", "gru", out_dir=out, **{**kwargs, "log": notes.append})
+    tracker = RecordingTracker()
+    resumed = experiment.run("video_captioning", "gru", out_dir=out, tracker=tracker,
+                             **{**kwargs, "log": notes.append})
     assert resumed.resumed_from_epoch == 1 and resumed.epochs_run == 3
+    # the new run gets epoch 1 too (logged from the checkpoint's history), so its curve is complete
+    assert sorted(step for step, metrics in tracker.epochs if "val_cider_d" in metrics and "val_loss" in metrics) \
+        == [1, 2, 3]
     assert any("resuming" in n for n in notes)
     assert (out / "best.pt").is_file()
     last, ref = train.load_checkpoint(out / "last.pt"), train.load_checkpoint(tmp_path / "reference" / "last.pt")

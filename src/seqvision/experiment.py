@@ -476,8 +476,9 @@ def run(
     if result.best_checkpoint is None:  # cannot happen: the first epoch always writes best.pt
         raise RuntimeError(f"{out_dir / 'best.pt'}: missing after training")
     resumed_from = resumed_from or 0
-    for entry in result.history[:resumed_from]:  # the resumed child run also gets the earlier epochs
-        tracker.log_epoch({k: v for k, v in entry.items() if k != "epoch"}, step=entry["epoch"])
+    for entry in result.history[:resumed_from]:  # the resumed child run also gets the earlier epochs, as fit logs
+        earlier = {k: v for k, v in entry.items() if k != "epoch"}
+        tracker.log_epoch({**earlier, f"val_{result.metric}": entry["val_metric"]}, step=entry["epoch"])
 
     stats = _summarize_history(result.history)
     summary = TrainSummary(
