@@ -283,9 +283,9 @@ class ExtractConfig:
 class TrainConfig:
     """One training loop for every model (``seqvision.train.fit``); shared by all train@ stages."""
 
-    epochs: int = knob(20, "passes over the training set", low=1, high=10_000)
+    epochs: int = knob(6, "passes over the training set", low=1, high=10_000)
     batch_size: int = knob(64, "examples per optimizer step", low=1, high=65_536)
-    lr: float = knob(1e-3, "peak AdamW learning rate (reached after warmup)", low=0.0, high=1.0)
+    lr: float = knob(2e-3, "peak AdamW learning rate (reached after warmup)", low=0.0, high=1.0)
     weight_decay: float = knob(0.01, "AdamW decoupled weight decay (matrices only)", low=0.0, high=1.0)
     warmup_fraction: float = knob(0.05, "fraction of all steps spent in linear warmup", low=0.0, high=1.0)
     min_lr_ratio: float = knob(0.1, "cosine decay ends at lr * min_lr_ratio", low=0.0, high=1.0)
@@ -303,7 +303,7 @@ class TrainConfig:
     compile: bool = knob(False, "wrap the model in torch.compile")
     deterministic: bool = knob(True, "deterministic kernels (torch.use_deterministic_algorithms, cuDNN)")
     seed: int = knob(0, "seeds python, numpy, torch and the data order", low=0)
-    num_workers: int = knob(2, "DataLoader worker processes", low=0, high=64)
+    num_workers: int = knob(0, "DataLoader worker processes", low=0, high=64)
     log_every: int = knob(25, "steps between progress updates and NaN checks (each one syncs the GPU)", low=1)
 
 
@@ -311,7 +311,7 @@ class TrainConfig:
 class RecurrentModelConfig:
     """One recurrent family (models.rnn, models.lstm, models.gru); the cell type is the family name."""
 
-    hidden_size: int = knob(256, "hidden units per recurrent layer (encoder and decoder)", low=1, high=16_384)
+    hidden_size: int = knob(128, "hidden units per recurrent layer (encoder and decoder)", low=1, high=16_384)
     num_layers: int = knob(1, "stacked recurrent layers (encoder and decoder each)", low=1, high=16)
     embed_size: int = knob(128, "word embedding size (captioning)", low=1, high=16_384)
     dropout: float = knob(0.2, "dropout on inputs, between layers and before the output layer", low=0.0, high=0.9)
@@ -325,7 +325,7 @@ class TransformerModelConfig:
     """models.transformer: pre-norm encoder(-decoder) with scaled-dot-product attention."""
 
     hidden_size: int = knob(128, "model width d_model (divisible by num_heads, even)", low=2, high=16_384)
-    num_layers: int = knob(2, "blocks in the encoder, and again in the decoder", low=1, high=48)
+    num_layers: int = knob(1, "blocks in the encoder, and again in the decoder", low=1, high=48)
     num_heads: int = knob(4, "attention heads", low=1, high=128)
     ffn_mult: int = knob(4, "feed-forward width = ffn_mult * hidden_size", low=1, high=16)
     dropout: float = knob(0.1, "dropout on embeddings, attention weights and residual branches", low=0.0, high=0.9)
@@ -341,7 +341,7 @@ class TransformerModelConfig:
 class MeanPoolModelConfig:
     """models.meanpool: order-blind baselines (mean feature -> MLP classifier / LSTM decoder)."""
 
-    hidden_size: int = knob(256, "classifier MLP width / decoder LSTM width", low=1, high=16_384)
+    hidden_size: int = knob(128, "classifier MLP width / decoder LSTM width", low=1, high=16_384)
     num_layers: int = knob(1, "classifier hidden layers / decoder LSTM layers", low=1, high=16)
     embed_size: int = knob(128, "word embedding size (captioning)", low=1, high=16_384)
     dropout: float = knob(0.2, "dropout on the pooled feature, embeddings and before the output", low=0.0, high=0.9)
