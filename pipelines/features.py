@@ -104,14 +104,15 @@ def encoder_flow(
         run = load_backbone(config)
     features.save_encoder(run, out)
     stats = {"backbone": config.backbone, "trained": run.history["trained"], "metrics": run.metrics,
-             "seconds": run.history.get("seconds", {})}
+             "seconds": run.history.get("seconds", {}), "random_weights": run.history.get("random_weights", False)}
     logger.info(encoder_summary(stats))
     return stats
 
 
 def encoder_summary(stats: dict[str, Any]) -> str:
     if not stats["trained"]:
-        return f"{stats['backbone']} loaded, not trained"
+        weights = "RANDOM weights (encoder.weights is empty)" if stats["random_weights"] else "weights loaded"
+        return f"{stats['backbone']}: {weights}, not trained"
     metrics = ", ".join(f"{k} {v:.3f}" for k, v in stats["metrics"].items()) or "no val split"
     seconds = sum(stats["seconds"].values())
     return f"small_cnn trained in {seconds:.1f} s; val attribute accuracy: {metrics}"

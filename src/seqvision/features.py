@@ -350,13 +350,15 @@ def collect_attribute_data(
 def attribute_loss(space: AttributeSpace, logits: Tensor, targets: Tensor) -> Tensor:
     """Loss of attribute logits (N, A) against targets (N, A) (frames, or grid cells flattened into N).
 
-    Presence (shapes, colours) is multi-label: binary cross-entropy. Each binned quantity of a colour that is
-    present is one categorical choice, so it gets a cross-entropy over its bins (soft tent targets), averaged
-    over the (row, colour) pairs where it applies. Treating bins as categories, rather than as more independent
-    binary labels among mostly-absent colours, learned positions markedly faster in the same steps (docs/encoder.md).
+    Presence (shapes, colours) is multi-label: binary cross-entropy, summed over the labels and averaged over
+    rows. Each binned quantity of a colour that is present is one categorical choice, so it gets a cross-entropy
+    over its bins (soft tent targets), averaged over the (row, colour) pairs where it applies. So every decision
+    (one label, one bin group) weighs about the same. Treating bins as categories, rather than as more
+    independent binary labels among mostly-absent colours, learned positions markedly faster in the same steps;
+    averaging presence over its labels instead of summing left colours half learned (docs/encoder.md).
     """
     p, num_colors = space.num_presence, len(space.colors)
-    loss = F.binary_cross_entropy_with_logits(logits[:, :p], targets[:, :p])
+    loss = F.binary_cross_entropy_with_logits(logits[:, :p], targets[:, :p], reduction="sum") / max(len(logits), 1)
     present = targets[:, len(space.shapes) : p] >= 0.5  # (N, C)
     start = p
     for _, bins in space._groups():
