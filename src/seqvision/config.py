@@ -283,7 +283,7 @@ class ExtractConfig:
 class TrainConfig:
     """One training loop for every model (``seqvision.train.fit``); shared by all train@ stages."""
 
-    epochs: int = knob(6, "passes over the training set", low=1, high=10_000)
+    epochs: int = knob(5, "passes over the training set", low=1, high=10_000)
     batch_size: int = knob(64, "examples per optimizer step", low=1, high=65_536)
     lr: float = knob(2e-3, "peak AdamW learning rate (reached after warmup)", low=0.0, high=1.0)
     weight_decay: float = knob(0.01, "AdamW decoupled weight decay (matrices only)", low=0.0, high=1.0)
