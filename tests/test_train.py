@@ -285,6 +285,16 @@ def test_resume_restores_data_order_not_a_fresh_shuffle(tmp_path):
     assert [b.ids for b in tr] == third
 
 
+def test_resuming_a_finished_run_still_writes_its_history(tmp_path):
+    # DVC deletes a stage's non-persistent outputs (history.json) before rerunning it; the checkpoints persist.
+    tr, va = loaders()
+    done = train.fit(fresh(), tr, va, config=config(epochs=2), out_dir=tmp_path)
+    (tmp_path / "history.json").unlink()
+    again = train.fit(fresh(), tr, va, config=config(epochs=2), out_dir=tmp_path, resume=True)
+    assert json.loads((tmp_path / "history.json").read_text()) == again.history
+    assert len(again.history) == len(done.history) == 2
+
+
 def test_resume_refuses_changed_maths(tmp_path):
     tr, va = loaders()
     train.fit(fresh(), tr, va, config=config(epochs=1), out_dir=tmp_path)

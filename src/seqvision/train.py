@@ -759,7 +759,10 @@ def fit(
             logged[f"val_{metric.name}"] = value
         tracker.log_epoch(logged, step=epoch)
 
-    if rank0 and history_path.is_file():
+    if rank0:
+        # Rewritten here too: a run resumed after it had already finished (DVC removes the non-persistent
+        # outputs before rerunning a stage) trains no epoch but must still leave its history behind.
+        write_json(history_path, history)
         tracker.log_artifact(history_path)
     return FitResult(
         history=history, metric=metric.name, best_metric=best_metric, best_epoch=best_epoch,
