@@ -532,3 +532,15 @@ def test_fit_on_cuda_bf16_is_finite_repeatable_and_loads_on_cpu(tmp_path, compil
     ckpt = train.load_checkpoint(tmp_path / "a" / "last.pt")
     assert all(v.device.type == "cpu" for v in ckpt["model"].values())
     ToyCaptioner().load_state_dict(ckpt["model"])
+
+
+@pytest.mark.parametrize("compile_model", [False, True])
+def test_configure_backends_switches_deterministic_kernels(compile_model):
+    try:
+        train.configure_backends(torch.device("cpu"), deterministic=True, compile_model=compile_model)
+        assert torch.are_deterministic_algorithms_enabled()
+        assert torch.is_deterministic_algorithms_warn_only_enabled()
+        train.configure_backends(torch.device("cpu"), deterministic=False, compile_model=compile_model)
+        assert not torch.are_deterministic_algorithms_enabled()
+    finally:
+        torch.use_deterministic_algorithms(False)
