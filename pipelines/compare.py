@@ -1,0 +1,673 @@
+"""compare flow: the whole comparison in one run, with the code the DVC stages call, trainings side by side.
+
+    python -m pipelines.compare --params params.yaml                       # every task x model, here
+    python -m pipelines.compare --tasks activity --models gru meanpool     # a subset
+    python -m pipelines.compare --deployment train/train-gpu               # trainings on a GPU work pool
+
+In order: extract, tokenize, encoder, features (the stage flows, as subflows; --no-prepare reuses the
+existing artifacts), then one training per (task, model), run concurrently, then the evaluation of every
+training that succeeded, the baselines and the report. Paths default to dvc.yaml's; the raw-data flags fall
+back to params.yaml's ``data:`` section, as in every stage.
+
+Trainings. Locally, each one is the train stage's own command (``python -m pipelines.train ...``, exactly
+what ``dvc repro`` runs) in its own process, at most --max-parallel at once: by default one per CUDA device
+(each process sees only its device through CUDA_VISIBLE_DEVICES), or on CPU one per usable core (each
+training runs single-threaded, the fastest setting for these models: docs/benchmarks.md). With
+--deployment NAME, each one is a run of that Prefect deployment of the train flow (e.g. train/train-gpu),
+all submitted at once; the work pool decides how many run together. The artifacts must then be on storage
+the workers share.
+
+MLflow: one parent run "comparison" ($SEQVISION_PARENT_RUN_ID when set, else a new one), every training a
+child run under it; the report is logged on the parent.
+
+Failures. A training that fails (or a deployment run that does not end Completed) does not stop the others:
+its ``{train}/{task}/{model}/summary.json`` records ``"status": "failed"`` and the error, the report marks it
+failed, the rest is evaluated and reported. The flow then ends Failed (the parent MLflow run too), naming
+what failed; ``{reports}/compare.json`` lists every training with its status, device, start and end time.
+
+Exit status: 0 everything succeeded; 1 something failed (the report is still written when it can be);
+2 bad arguments, params or inputs (one line on stderr, before anything runs).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import queue
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from prefect import flow, get_run_logger, task
+from prefect.cache_policies import NO_CACHE
+from prefect.client.orchestration import get_client
+from prefect.deployments import run_deployment
+from prefect.exceptions import FailedRun, ObjectNotFound
+from prefect.runtime import flow_run as current_run
+from prefect.states import Failed, State
+from prefect.task_runners import ThreadPoolTaskRunner
+
+from pipelines import baselines as baselines_stage
+from pipelines import evaluate as evaluate_stage
+from pipelines import extract as extract_stage
+from pipelines import features as features_stage
+from pipelines import report as report_stage
+from pipelines import tokenize as tokenize_stage
+from pipelines.common import add_data_arguments, data_overrides, resolve_configs
+from seqvision import annotations, experiment, tracking
+from seqvision.config import ConfigError, DataConfig, load_params
+from seqvision.features import MetadataError, require_metadata
+from seqvision.io import write_json
+from seqvision.models import MODELS, TASKS
+
+# The train stage's command line as dvc.yaml runs it (the interpreter running this flow, so a venv carries over).
+TRAIN_COMMAND: tuple[str, ...] = (sys.executable, "-m", "pipelines.train")
+# The folder holding the `pipelines` package: child processes import it from there whatever their PYTHONPATH.
+CODE_ROOT = Path(__file__).resolve().parents[1]
+STATUS_FILE = "compare.json"
+DEFAULT_TRAIN_TIMEOUT_S = 12 * 3600.0  # a bound on every wait; one training of the default params takes minutes
+DATA_DVC = "data.dvc"
+
+# Errors that mean "fix your arguments, params or inputs" (exit 2), as in the stage CLIs.
+USAGE_ERRORS = (ConfigError, FileNotFoundError, annotations.AnnotationError, MetadataError, ValueError)
+
+
+@dataclasses.dataclass(frozen=True)
+class Training:
+    """One (task, model) training of the comparison."""
+
+    task: str
+    model: str
+
+    @property
+    def name(self) -> str:
+        return f"{self.task}/{self.model}"
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainSettings:
+    """What every training of one comparison shares (plain values, so Prefect can record them)."""
+
+    params: str
+    features: str
+    tokens: str
+    activity_dir: str
+    activity_split: int
+    train: str  # {train}/{task}/{model} is a training's output folder
+    resume: bool
+    mlflow: bool
+    parent_run_id: str | None
+    tracking_uri: str | None
+    prefect_api_url: str | None  # local trainings report their flow runs to the same Prefect server
+    deployment: str | None  # None: local processes
+    timeout_s: float
+
+    def out(self, job: Training) -> str:
+        return str(Path(self.train) / job.task / job.model)
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainingResult:
+    """How one training went; one entry of ``compare.json``."""
+
+    task: str
+    model: str
+    status: str  # "ok" | "failed"
+    error: str  # why it failed ("" when ok)
+    where: str  # "cpu", "CUDA_VISIBLE_DEVICES=1", "deployment train/train-gpu, flow run <name> (<id>)"
+    started: float  # Unix time
+    ended: float
+    evaluation: str = ""  # "ok", "failed: <why>", or "skipped" when the training failed
+
+    @property
+    def ok(self) -> bool:
+        return self.status == "ok"
+
+    @property
+    def name(self) -> str:
+        return f"{self.task}/{self.model}"
+
+
+# --------------------------------------------------------------------------------------------------------
+# Planning: which trainings, where, how many at once
+
+
+def plan_trainings(tasks: Sequence[str] | None, models: Sequence[str] | None) -> list[Training]:
+    """Every (task, model) pair of the two subsets (``None``: all), in dvc.yaml's order."""
+    tasks = list(TASKS) if tasks is None else list(tasks)
+    models = list(MODELS) if models is None else list(models)
+    for kind, names, allowed in (("task", tasks, TASKS), ("model", models, tuple(MODELS))):
+        unknown = [n for n in names if n not in allowed]
+        if unknown:
+            raise ConfigError(f"unknown {kind} {unknown[0]!r}; choose from {', '.join(allowed)}")
+        if not names:
+            raise ConfigError(f"no {kind} to compare")
+        if len(set(names)) != len(names):
+            raise ConfigError(f"{kind} names repeat: {' '.join(names)}")
+    return [Training(t, m) for t in TASKS if t in tasks for m in MODELS if m in models]
+
+
+def visible_gpus() -> list[str]:
+    """The CUDA devices this process may use, as CUDA_VISIBLE_DEVICES entries (index or UUID)."""
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    inherited = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if inherited is not None:  # a child must name the *physical* device, not its index among the visible ones
+        return [d.strip() for d in inherited.split(",") if d.strip()][:count]
+    return [str(i) for i in range(count)]
+
+
+def usable_cores() -> int:
+    """CPU cores this process may run on (its affinity mask; a container's CPU set, not the host's)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+def training_slots(max_parallel: int | None, *, train_device: str, num_trainings: int) -> list[str | None]:
+    """One entry per training that may run at once: the CUDA_VISIBLE_DEVICES value it gets, ``None`` on CPU.
+
+    GPU (``train.device`` auto or cuda, and a device visible): by default one training per device, so each
+    one has a device to itself; a larger ``max_parallel`` shares them round-robin. CPU: by default one per
+    usable core, because the train stage runs single-threaded (``--threads 1``: one thread was 5-14x faster
+    than two for these small sequential models, docs/benchmarks.md "Training budget"). Never more slots
+    than trainings.
+    """
+    if max_parallel is not None and max_parallel < 1:
+        raise ConfigError(f"max_parallel must be >= 1, got {max_parallel}")
+    gpus = visible_gpus() if train_device != "cpu" else []
+    if train_device == "cuda" and not gpus:
+        raise ConfigError("train.device is 'cuda' but no CUDA device is visible")
+    wanted = max_parallel or (len(gpus) if gpus else usable_cores())
+    count = max(1, min(wanted, num_trainings))
+    return [gpus[i % len(gpus)] for i in range(count)] if gpus else [None] * count
+
+
+def check_inputs(
+    *, params: str, overrides: dict[str, Any], tasks: Sequence[str] | None, models: Sequence[str] | None,
+    prepare: bool, metadata: str, features: str, tokens: str, deployment: str | None,
+    max_parallel: int | None, train_timeout_s: float,
+) -> tuple[list[Training], DataConfig]:
+    """Everything that can be checked before any work starts; raises one of :data:`USAGE_ERRORS`."""
+    jobs = plan_trainings(tasks, models)
+    data, _ = resolve_configs(params, overrides, "train")  # validates the whole params file
+    encoder = load_params(params)["encoder"]
+    if max_parallel is not None and max_parallel < 1:
+        raise ConfigError(f"max_parallel must be >= 1, got {max_parallel}")
+    if not train_timeout_s > 0:
+        raise ConfigError(f"train_timeout_s must be > 0, got {train_timeout_s}")
+    if deployment is not None and (deployment.count("/") != 1 or not all(deployment.split("/"))):
+        raise ConfigError(f"deployment {deployment!r}: expected 'flow name/deployment name', e.g. train/train-gpu")
+    if prepare:
+        extract_stage.check_inputs(data)
+        if encoder.backbone == "small_cnn":
+            require_metadata(metadata)
+    else:  # the trainings read what the features and tokenize stages wrote
+        needed = [Path(features) / "index.json"]
+        needed += [Path(tokens) / "video" / "vocab.json"] if any(j.task == "video_captioning" for j in jobs) else []
+        needed += [Path(tokens) / "image" / "vocab.json"] if any(j.task == "image_captioning" for j in jobs) else []
+        for path in needed:
+            if not path.is_file():
+                raise FileNotFoundError(f"{path}: no such file; run without --no-prepare to build it")
+    if any(j.task == "activity" for j in jobs) and not data.activity_dir:
+        raise ConfigError("activity needs its label lists: set data.activity_dir or pass --activity-dir")
+    return jobs, data
+
+
+# --------------------------------------------------------------------------------------------------------
+# I/O tasks (retried on I/O errors only)
+
+
+def _retry_on_io_error(task: Any, task_run: Any, state: Any) -> bool:
+    """Retry only for I/O trouble (disk full, network filesystem hiccup), not for bugs."""
+    try:
+        state.result()
+    except OSError:
+        return True
+    except BaseException:  # noqa: BLE001 - anything else fails the task at once
+        return False
+    return False
+
+
+IO_TASK = {"retries": 2, "retry_delay_seconds": 2, "retry_condition_fn": _retry_on_io_error, "cache_policy": NO_CACHE}
+
+
+@task(**IO_TASK, task_run_name="clear-eval-{job.task}-{job.model}")  # type: ignore[arg-type]
+def clear_evaluation(job: Training, evals: str) -> None:
+    """Remove an earlier evaluation of this (task, model) before it is retrained, as DVC removes a stage's
+    outputs before rerunning it: a training that now fails must not be reported with its old test metrics."""
+    folder = Path(evals) / job.task / job.model
+    if folder.is_dir():
+        shutil.rmtree(folder)
+
+
+@task(**IO_TASK, task_run_name="mark-failed-{result.task}-{result.model}")  # type: ignore[arg-type]
+def record_failure(result: TrainingResult, out: str, parent_run_id: str | None) -> None:
+    """``{out}/summary.json`` for a failed training: the report reads ``status`` and ``error`` from it (and
+    marks the run failed), and a later successful training overwrites it."""
+    write_json(Path(out) / "summary.json", {
+        "task": result.task, "family": result.model, "status": "failed", "error": result.error,
+        "where": result.where, "mlflow_parent_run_id": parent_run_id,
+    })
+
+
+@task(**IO_TASK)  # type: ignore[arg-type]
+def write_status(path: str, status: dict[str, Any]) -> None:
+    write_json(path, status)
+
+
+# --------------------------------------------------------------------------------------------------------
+# Trainings
+
+
+def failure_reason(returncode: int, output: str) -> str:
+    """One line on why a train process failed: its ``train: error:`` line, else its last line."""
+    lines = [line.strip() for line in output.splitlines() if line.strip()]
+    for line in reversed(lines):
+        if line.startswith("train: error:"):
+            return line[len("train: error:"):].strip()
+    if returncode < 0:
+        try:
+            return f"killed by {signal.Signals(-returncode).name}" + (" (out of memory?)" if -returncode == 9 else "")
+        except ValueError:
+            return f"killed by signal {-returncode}"
+    return f"exit status {returncode}" + (f": {lines[-1]}" if lines else "")
+
+
+def train_command(job: Training, settings: TrainSettings) -> list[str]:
+    """The train stage's command for ``job``, with dvc.yaml's arguments."""
+    argv = [*TRAIN_COMMAND, "--params", settings.params, "--task", job.task, "--model", job.model,
+            "--features", settings.features, "--tokens", settings.tokens,
+            "--activity-dir", settings.activity_dir, "--activity-split", str(settings.activity_split),
+            "--out", settings.out(job)]
+    argv += [] if settings.resume else ["--no-resume"]
+    argv += [] if settings.mlflow else ["--no-tracking"]
+    return argv
+
+
+def train_environment(settings: TrainSettings, slot: str | None) -> dict[str, str]:
+    """The environment of a local training process: this one's, plus where to find the parent run, the
+    tracking store, the Prefect server and the code, and the one device it may use."""
+    env = dict(os.environ)
+    env.pop(tracking.RUN_ID_ENV, None)  # each training creates its own child run
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(CODE_ROOT), env.get("PYTHONPATH", "")) if p)
+    if settings.parent_run_id:
+        env[tracking.PARENT_RUN_ENV] = settings.parent_run_id
+    if settings.tracking_uri:
+        env["MLFLOW_TRACKING_URI"] = settings.tracking_uri
+    if settings.prefect_api_url:  # else every process would start its own temporary server (6-9 s)
+        env["PREFECT_API_URL"] = settings.prefect_api_url
+    if slot is not None:
+        env["CUDA_VISIBLE_DEVICES"] = slot
+    return env
+
+
+@task(cache_policy=NO_CACHE, task_run_name="train-{job.task}-{job.model}")
+def train_locally(job: Training, settings: TrainSettings, slots: queue.Queue) -> TrainingResult:
+    """Run the train stage's command for ``job`` on a free slot; a failure is returned, not raised."""
+    logger = get_run_logger()
+    # The task runner runs at most len(slots) of these at once, so a slot is free (the timeout only guards
+    # against a bug there).
+    slot = slots.get(timeout=600)
+    where = "cpu" if slot is None else f"CUDA_VISIBLE_DEVICES={slot}"
+    started = time.time()
+    try:
+        logger.info(f"{job.name}: training on {where}")
+        proc = subprocess.run(train_command(job, settings), env=train_environment(settings, slot),
+                              capture_output=True, text=True, timeout=settings.timeout_s, check=False)
+        output = proc.stdout + proc.stderr
+        if proc.returncode == 0:
+            logger.info(proc.stdout.strip().splitlines()[-1] if proc.stdout.strip() else f"{job.name}: done")
+            return TrainingResult(job.task, job.model, "ok", "", where, started, time.time())
+        error = failure_reason(proc.returncode, proc.stderr).removeprefix(f"{job.name}: ")
+        logger.error(f"{job.name} failed: {error}\n" + "\n".join(output.strip().splitlines()[-20:]))
+    except subprocess.TimeoutExpired:  # subprocess.run has killed the process
+        error = f"no result after {settings.timeout_s:.0f} s (train_timeout_s); the process was killed"
+        logger.error(f"{job.name} failed: {error}")
+    except OSError as err:  # the interpreter could not be started
+        error = f"could not start the train process: {err}"
+        logger.error(f"{job.name} failed: {error}")
+    finally:
+        slots.put(slot)
+    return TrainingResult(job.task, job.model, "failed", error, where, started, time.time())
+
+
+def deployment_parameters(job: Training, settings: TrainSettings) -> dict[str, Any]:
+    """``train_flow``'s parameters for ``job`` (paths as dvc.yaml passes them; they resolve on the worker)."""
+    return {
+        "task": job.task, "model": job.model, "out": settings.out(job), "params": settings.params,
+        "features": settings.features, "tokens": settings.tokens, "activity_dir": settings.activity_dir,
+        "activity_split": settings.activity_split, "resume": settings.resume, "tracking": settings.mlflow,
+    }
+
+
+@task(cache_policy=NO_CACHE, task_run_name="submit-{job.task}-{job.model}")
+def train_on_deployment(job: Training, settings: TrainSettings, key: str) -> TrainingResult:
+    """One run of the train deployment for ``job``, waited for; a run that does not end Completed is
+    returned as failed (one that is still running at the timeout is left running, and reported failed)."""
+    logger = get_run_logger()
+    assert settings.deployment is not None
+    env = {}
+    if settings.parent_run_id:  # the worker's training attaches to this comparison's parent run ...
+        env[tracking.PARENT_RUN_ENV] = settings.parent_run_id
+    if settings.tracking_uri:  # ... in the same store (a tracking server, or a database the workers share)
+        env["MLFLOW_TRACKING_URI"] = settings.tracking_uri
+    started = time.time()
+    try:
+        flow_run = run_deployment(
+            settings.deployment, parameters=deployment_parameters(job, settings), timeout=settings.timeout_s,
+            job_variables={"env": env} if env else None,
+            idempotency_key=key,  # a retried comparison does not submit the same training twice
+        )
+    except Exception as err:  # noqa: BLE001 - e.g. the server refused the run; the other trainings go on
+        error = f"could not submit to {settings.deployment}: {type(err).__name__}: {err}"
+        logger.error(f"{job.name} failed: {error}")
+        return TrainingResult(job.task, job.model, "failed", error, f"deployment {settings.deployment}", started,
+                              time.time())
+    state = flow_run.state
+    where = f"deployment {settings.deployment}, flow run {flow_run.name} ({flow_run.id})"
+    if state is not None and state.is_completed():
+        logger.info(f"{job.name}: {where} Completed")
+        return TrainingResult(job.task, job.model, "ok", "", where, started, time.time())
+    if state is None or not state.is_final():
+        error = (f"flow run still {state.name if state else 'without a state'} after {settings.timeout_s:.0f} s "
+                 f"(train_timeout_s); not cancelled")
+    else:
+        error = f"flow run ended {state.name}" + (f": {state.message}" if state.message else "")
+    logger.error(f"{job.name} failed: {where}: {error}")
+    return TrainingResult(job.task, job.model, "failed", error, where, started, time.time())
+
+
+@flow(name="trainings")
+def trainings_flow(jobs: list[Training], settings: TrainSettings, slots: list[str | None]) -> list[TrainingResult]:
+    """Every training of ``jobs``, at most ``len(slots)`` at once (the caller sizes this flow's task runner)."""
+    if settings.deployment is None:
+        free: queue.Queue = queue.Queue()
+        for slot in slots:
+            free.put(slot)
+        futures = [train_locally.submit(job, settings, free) for job in jobs]
+    else:
+        futures = [train_on_deployment.submit(job, settings, f"{current_run.id}-{job.task}-{job.model}")
+                   for job in jobs]
+    return [future.result() for future in futures]
+
+
+# --------------------------------------------------------------------------------------------------------
+# The comparison
+
+
+def open_parent_run(root: Path, *, mode: str) -> str:
+    """The comparison's parent run: ``$SEQVISION_PARENT_RUN_ID`` when set, else a new one. Never the run
+    recorded in ``.seqvision/parent_run_id`` by stage runs: one comparison, one parent."""
+    data_dvc = root / DATA_DVC
+    tags = tracking.lineage_tags(repo_root=root, data_dvc=data_dvc if data_dvc.is_file() else None)
+    return tracking.start_parent(experiment.PARENT_EXPERIMENT, experiment.PARENT_RUN_NAME, repo_root=root,
+                                 tags={**tags, "seqvision.stage": "compare", "seqvision.mode": mode})
+
+
+def _one_line(err: BaseException) -> str:
+    text = str(err).strip().splitlines()
+    return f"{type(err).__name__}: {text[0]}" if text else type(err).__name__
+
+
+@flow(name="compare")
+def compare_flow(
+    *,
+    params: str = "params.yaml",
+    tasks: list[str] | None = None,
+    models: list[str] | None = None,
+    max_parallel: int | None = None,
+    deployment: str | None = None,
+    train_timeout_s: float = DEFAULT_TRAIN_TIMEOUT_S,
+    prepare: bool = True,
+    resume: bool = True,
+    mlflow: bool = True,
+    repo_root: str | None = None,
+    frames: str = "artifacts/frames",
+    tokens: str = "artifacts/tokens",
+    metadata: str = "data/annotations/metadata.json",
+    encoder: str = "artifacts/encoder",
+    features: str = "artifacts/features",
+    train: str = "artifacts/train",
+    evals: str = "artifacts/eval",
+    reports: str = "reports",
+    video_dir: str | None = None,
+    video_captions: str | None = None,
+    video_captions_format: str | None = None,
+    activity_dir: str | None = None,
+    activity_split: int | None = None,
+    image_dir: str | None = None,
+    image_captions_dir: str | None = None,
+    karpathy_split: str | None = None,
+) -> dict[str, Any] | State:
+    """The whole comparison (see the module docstring). ``tasks`` / ``models``: subsets (default all);
+    ``max_parallel``: trainings at once (default: one per CUDA device, else one per usable core; with
+    ``deployment``, all at once); ``deployment``: e.g. ``train/train-gpu`` to train on a work pool;
+    ``prepare``: run extract, tokenize, encoder and features first (False reuses their outputs);
+    ``repo_root`` (default: the current directory) anchors the MLflow store, as in the train stage.
+
+    Returns ``compare.json``'s content when everything succeeded. Otherwise ends Failed with a message that
+    names what failed (calling the flow then raises ``prefect.exceptions.FailedRun``), after writing what
+    could be written: the other trainings, their evaluations, the baselines, the report and compare.json.
+    """
+    logger = get_run_logger()
+    overrides = {"video_dir": video_dir, "video_captions": video_captions,
+                 "video_captions_format": video_captions_format, "activity_dir": activity_dir,
+                 "activity_split": activity_split, "image_dir": image_dir, "image_captions_dir": image_captions_dir,
+                 "karpathy_split": karpathy_split}
+    jobs, data = check_inputs(params=params, overrides=overrides, tasks=tasks, models=models, prepare=prepare,
+                              metadata=metadata, features=features, tokens=tokens, deployment=deployment,
+                              max_parallel=max_parallel, train_timeout_s=train_timeout_s)
+    root = Path(repo_root).resolve() if repo_root else Path.cwd().resolve()
+    if deployment is None:
+        slots = training_slots(max_parallel, train_device=load_params(params)["train"].device,
+                               num_trainings=len(jobs))
+    else:
+        with get_client(sync_client=True) as client:  # fail before any work when the name is wrong
+            try:
+                client.read_deployment_by_name(deployment)
+            except ObjectNotFound:
+                raise ConfigError(f"deployment {deployment!r} not found on the Prefect server "
+                                  f"(`prefect deployment ls`; docs/cluster.md)") from None
+        slots = [None] * min(max_parallel or len(jobs), len(jobs))
+    mode = "local" if deployment is None else f"deployment {deployment}"
+    parent = open_parent_run(root, mode=mode) if mlflow else None
+    with get_client(sync_client=True) as client:
+        api_url = str(client.api_url)
+    logger.info(f"{len(jobs)} trainings ({mode}, at most {len(slots)} at once); MLflow parent run: {parent}")
+
+    status: dict[str, Any] = {"mode": mode, "max_parallel": len(slots), "parent_run_id": parent,
+                              "trainings": [], "baselines": "not run", "report": "not run"}
+    try:
+        if prepare:
+            extract_stage.extract_flow(params=params, out=frames, progress=False, **overrides)
+            if data.video_captions or data.image_captions_dir or data.karpathy_split:
+                tokenize_stage.tokenize_flow(params=params, out=tokens, **overrides)
+            features_stage.encoder_flow(params=params, frames=frames, metadata=metadata, out=encoder)
+            features_stage.features_flow(encoder=str(Path(encoder) / "encoder.pt"), frames=frames, out=features,
+                                         progress=False)
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()  # the trainings need the memory the encoder cached
+        for job in jobs:
+            clear_evaluation(job, evals)
+
+        settings = TrainSettings(
+            params=params, features=features, tokens=tokens, activity_dir=data.activity_dir,
+            activity_split=data.activity_split, train=train, resume=resume, mlflow=mlflow, parent_run_id=parent,
+            tracking_uri=tracking.tracking_uri(root) if mlflow else None, prefect_api_url=api_url,
+            deployment=deployment, timeout_s=float(train_timeout_s),
+        )
+        bounded = trainings_flow.with_options(task_runner=ThreadPoolTaskRunner(max_workers=len(slots)))
+        results = bounded(jobs, settings, slots)
+
+        evaluated: list[TrainingResult] = []
+        for result in results:
+            job = Training(result.task, result.model)
+            if not result.ok:
+                record_failure(result, settings.out(job), parent)
+                evaluated.append(dataclasses.replace(result, evaluation="skipped"))
+                continue
+            try:
+                evaluate_stage.evaluate_flow(
+                    task_name=job.task, model=job.model, checkpoint=str(Path(settings.out(job)) / "best.pt"),
+                    out=str(Path(evals) / job.task / job.model), params=params, features=features, frames=frames,
+                    tokens=tokens, activity_dir=data.activity_dir, activity_split=data.activity_split,
+                )
+                evaluated.append(dataclasses.replace(result, evaluation="ok"))
+            except Exception as err:  # noqa: BLE001 - the other evaluations and the report go on
+                logger.error(f"{job.name}: evaluation failed: {_one_line(err)}")
+                evaluated.append(dataclasses.replace(result, evaluation=f"failed: {_one_line(err)}"))
+        status["trainings"] = [dataclasses.asdict(r) for r in evaluated]
+
+        try:
+            baselines_stage.baselines_flow(
+                out=evals, tasks=tuple(sorted({j.task for j in jobs}, key=TASKS.index)), params=params,
+                features=features, tokens=tokens, activity_dir=data.activity_dir, activity_split=data.activity_split,
+            )
+            status["baselines"] = "ok"
+        except Exception as err:  # noqa: BLE001
+            logger.error(f"baselines failed: {_one_line(err)}")
+            status["baselines"] = f"failed: {_one_line(err)}"
+        try:
+            written = report_stage.report_flow(
+                out=reports, train=train, evals=evals, frames=frames,
+                tasks=tuple(t for t in TASKS if any(j.task == t for j in jobs)),
+                models=tuple(m for m in MODELS if any(j.model == m for j in jobs)),
+                parent_run_id=parent, mlflow=mlflow, repo_root=str(root),
+            )
+            status["report"] = {k: str(v) for k, v in written["paths"].items()}
+        except Exception as err:  # noqa: BLE001 - e.g. MLflow unreachable: the report files may still exist
+            logger.error(f"report failed: {_one_line(err)}")
+            status["report"] = f"failed: {_one_line(err)}"
+    except BaseException as err:  # a data stage failed (or Ctrl-C): nothing to compare
+        if parent:
+            _end_parent(parent, root, "KILLED" if isinstance(err, KeyboardInterrupt) else "FAILED")
+        raise
+
+    problems = summarize_problems(evaluated, status)
+    status["failed"] = problems
+    write_status(str(Path(reports) / STATUS_FILE), status)
+    if problems:
+        if parent:
+            _end_parent(parent, root, "FAILED")  # after the report ended it FINISHED: the comparison is incomplete
+        report = status["report"]["html"] if isinstance(status["report"], dict) else "not written"
+        message = f"{'; '.join(problems)}. Report: {report}"
+        logger.error(message)
+        return Failed(message=message)
+    logger.info(f"{len(jobs)} trainings evaluated; report: {status['report']['html']}")
+    return status
+
+
+def summarize_problems(results: Sequence[TrainingResult], status: dict[str, Any]) -> list[str]:
+    """One line per thing that failed (empty when the comparison is complete)."""
+    failed = [r for r in results if not r.ok]
+    problems = []
+    if failed:
+        problems.append(f"{len(failed)} of {len(results)} trainings failed: "
+                        + ", ".join(f"{r.name} ({r.error})" for r in failed))
+    problems += [f"evaluation of {r.name} {r.evaluation}" for r in results if r.evaluation.startswith("failed")]
+    problems += [f"{part} {status[part]}" for part in ("baselines", "report")
+                 if isinstance(status[part], str) and status[part].startswith("failed")]
+    return problems
+
+
+def _end_parent(parent: str, root: Path, state: str) -> None:
+    try:
+        tracking.end_run(parent, repo_root=root, status=state)
+    except Exception as err:  # noqa: BLE001 - the flow's own outcome matters more than this bookkeeping
+        get_run_logger().warning(f"could not mark MLflow run {parent} {state}: {_one_line(err)}")
+
+
+# --------------------------------------------------------------------------------------------------------
+# Command line
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m pipelines.compare",
+        description=__doc__.split("\n\n", 1)[1],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--params", default="params.yaml", help="params file (every section is validated)")
+    parser.add_argument("--tasks", nargs="+", default=None, metavar="TASK",
+                        help=f"tasks to compare (default: all of {', '.join(TASKS)})")
+    parser.add_argument("--models", nargs="+", default=None, metavar="MODEL",
+                        help=f"model families to compare (default: all of {', '.join(MODELS)})")
+    parser.add_argument("--max-parallel", type=int, default=None,
+                        help="trainings at once (default: one per CUDA device, else one per usable CPU core; "
+                             "with --deployment, all)")
+    parser.add_argument("--deployment", default=None,
+                        help="train on this Prefect deployment of the train flow, e.g. train/train-gpu "
+                             "(default: local processes)")
+    parser.add_argument("--train-timeout", dest="train_timeout_s", type=float, default=DEFAULT_TRAIN_TIMEOUT_S,
+                        help="seconds one training may take before it counts as failed (default: %(default)s)")
+    parser.add_argument("--prepare", action=argparse.BooleanOptionalAction, default=True,
+                        help="run extract, tokenize, encoder and features first (default: on; --no-prepare "
+                             "reuses their outputs)")
+    parser.add_argument("--resume", action=argparse.BooleanOptionalAction, default=True,
+                        help="a training continues from its last.pt when that was written for the same params "
+                             "and inputs, as in the train stage (default: on)")
+    parser.add_argument("--mlflow", action=argparse.BooleanOptionalAction, default=True,
+                        help="track the trainings as child runs of one parent run and log the report on it "
+                             "(default: on)")
+    parser.add_argument("--repo-root", default=None,
+                        help="where mlflow.db lives unless MLFLOW_TRACKING_URI is set (default: .)")
+    for name, default, what in (
+        ("frames", "artifacts/frames", "frame shards"), ("tokens", "artifacts/tokens", "vocabularies, caption ids"),
+        ("metadata", "data/annotations/metadata.json", "the synthetic benchmark's metadata (small_cnn encoder)"),
+        ("encoder", "artifacts/encoder", "encoder checkpoint folder"), ("features", "artifacts/features", "features"),
+        ("train", "artifacts/train", "trainings: {train}/{task}/{model}"),
+        ("eval", "artifacts/eval", "evaluations and baselines: {eval}/{task}/{name}"),
+        ("reports", "reports", "report.html, report.md, compare.json"),
+    ):
+        parser.add_argument(f"--{name}", dest="evals" if name == "eval" else name, default=default,
+                            help=f"{what} (default: %(default)s)")
+    add_data_arguments(parser)
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    overrides = data_overrides(args)
+    kwargs = dict(params=args.params, tasks=args.tasks, models=args.models, max_parallel=args.max_parallel,
+                  deployment=args.deployment, train_timeout_s=args.train_timeout_s, prepare=args.prepare,
+                  resume=args.resume, mlflow=args.mlflow, repo_root=args.repo_root, frames=args.frames,
+                  tokens=args.tokens, metadata=args.metadata, encoder=args.encoder, features=args.features,
+                  train=args.train, evals=args.evals, reports=args.reports, **overrides)
+    started = time.perf_counter()
+    try:  # the common mistakes get one clean line before Prefect starts
+        check_inputs(params=args.params, overrides=overrides, tasks=args.tasks, models=args.models,
+                     prepare=args.prepare, metadata=args.metadata, features=args.features, tokens=args.tokens,
+                     deployment=args.deployment, max_parallel=args.max_parallel,
+                     train_timeout_s=args.train_timeout_s)
+    except USAGE_ERRORS as err:
+        print(f"compare: error: {err}", file=sys.stderr)
+        return 2
+    try:
+        status = compare_flow(**kwargs)
+    except FailedRun as err:  # some training (or evaluation, baselines, report) failed; the rest is written
+        print(f"compare: error: {err}", file=sys.stderr)
+        return 1
+    except USAGE_ERRORS as err:  # e.g. a malformed caption file found by a data stage
+        print(f"compare: error: {err}", file=sys.stderr)
+        return 2
+    except Exception as err:  # noqa: BLE001 - a data stage failed: there is nothing to compare
+        print(f"compare: error: {_one_line(err)}", file=sys.stderr)
+        return 1
+    for result in status["trainings"]:
+        print(f"compare: {result['task']}/{result['model']}: trained on {result['where']} in "
+              f"{result['ended'] - result['started']:.1f} s, evaluation {result['evaluation']}")
+    print(f"compare: report {status['report']['html']}; every training in {Path(args.reports) / STATUS_FILE} "
+          f"({time.perf_counter() - started:.1f} s)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
