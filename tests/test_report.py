@@ -169,6 +169,22 @@ def test_report_renders_self_contained_with_failed_and_missing_runs_marked(tmp_p
     assert "not x100" in md and "not x100" in text
 
 
+def test_a_training_recorded_as_failed_is_failed_even_with_an_earlier_evaluation(tmp_path):
+    """The compare flow records a failed training in its summary.json; the evaluation of an earlier successful
+    training of the same model, still on disk, must not be reported as this one's."""
+    tree = build_tree(tmp_path)
+    (tree["train"] / "activity" / "gru" / "summary.json").write_text(json.dumps(
+        {"task": "activity", "family": "gru", "status": "failed", "error": "RuntimeError: simulated crash"}))
+    runs = report.load_runs(train_dir=tree["train"], eval_dir=tree["eval"])
+    gru = next(r for r in runs["activity"] if r.name == "gru")
+    assert (gru.status, gru.note, gru.metrics) == ("failed", "train failed: RuntimeError: simulated crash", {})
+    assert report.verdict("activity", runs["activity"])[0].startswith("meanpool is the only model evaluated")
+    published = report.parent_metrics(runs)
+    assert "activity.gru.top1" not in published and "activity.meanpool.top1" in published
+    md = report.render_markdown(report.build_sections(runs, examples=0))
+    assert "| **gru** | **failed: train failed: RuntimeError: simulated crash** |" in md
+
+
 def test_verdicts_are_computed_from_the_numbers(tmp_path):
     _, runs = render(tmp_path, build_tree(tmp_path), examples=0)
     activity = report.verdict("activity", runs["activity"])

@@ -9,7 +9,9 @@ Inputs (paths supplied by the caller):
 - ``{frames_dir}`` (``artifacts/frames``) for the example frames; optional.
 
 A run whose files are absent or unreadable is shown as *missing* or *failed* with the reason; it never stops
-the report. ``report.html`` is self-contained (CSS inline, figures and frames as base64 PNG ``data:`` URIs)
+the report. A training whose ``summary.json`` has a ``"status"`` other than ok (the compare flow writes
+``{"status": "failed", "error": ...}`` for a training that failed) is *failed*, whatever evaluation files
+an earlier run left. ``report.html`` is self-contained (CSS inline, figures and frames as base64 PNG ``data:`` URIs)
 and opens offline; ``report.md`` has the same tables and verdicts and links the figures in ``figures/``.
 
 Scale: caption metrics are coco-caption's raw values (BLEU-n, METEOR, ROUGE-L in [0, 1]; CIDEr-D not x100,
