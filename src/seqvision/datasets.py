@@ -16,12 +16,15 @@ list them in ``dropped``.
 
 Epochs reach the datasets through the sampler (:class:`EpochSampler`, built by :func:`make_loader`), which
 yields ``(index, epoch)`` keys from the main process, so caption sampling stays deterministic with
-persistent workers too.
+persistent workers too. Under DDP, ``make_loader(..., shard=True)`` uses :class:`DistributedEpochSampler`
+instead: the same permutation, split across ranks, so that the ranks' batches of one step together are the
+single-process batch of that step.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import re
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
@@ -30,8 +33,9 @@ from typing import Any, Literal, NamedTuple
 import numpy as np
 import torch
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 
+from seqvision import distributed
 from seqvision.vocab import load_references, load_split
 
 Kind = Literal["videos", "images"]
@@ -238,13 +242,41 @@ class EpochSampler(Sampler):
 
     def __iter__(self) -> Iterator[tuple[int, int]]:
         epoch, self.epoch = self.epoch, self.epoch + 1
-        if self.shuffle:
-            generator = torch.Generator()
-            generator.manual_seed(mix_seed(self.seed, epoch))
-            order = torch.randperm(self.size, generator=generator).tolist()
-        else:
-            order = list(range(self.size))
-        return iter([(i, epoch) for i in order])
+        return iter([(i, epoch) for i in epoch_order(self.size, shuffle=self.shuffle, seed=self.seed, epoch=epoch)])
+
+
+def epoch_order(size: int, *, shuffle: bool, seed: int, epoch: int) -> list[int]:
+    """The visiting order of one epoch: a permutation of ``range(size)`` drawn from ``(seed, epoch)`` (or the
+    identity without ``shuffle``). Shared by both samplers, so one and N processes see the same order."""
+    if not shuffle:
+        return list(range(size))
+    generator = torch.Generator()
+    generator.manual_seed(mix_seed(seed, epoch))
+    return torch.randperm(size, generator=generator).tolist()
+
+
+class DistributedEpochSampler(DistributedSampler):
+    """:class:`EpochSampler`'s order, sharded over ``num_replicas`` ranks; yields ``(index, epoch)`` keys.
+
+    Rank ``r`` takes positions ``r, r + W, r + 2W, ...`` of the epoch's order, so with per-rank batches of
+    ``B / W`` the W batches of step k are exactly positions ``kB .. kB + B - 1``: the single-process batch of
+    step k. Like :class:`torch.utils.data.DistributedSampler` (whose ``set_epoch``, ``num_samples`` and
+    ``total_size`` it keeps), the order is padded by repeating its head until it divides by W, so every rank
+    runs the same number of steps (a rank that ran out would hang the others in the gradient all-reduce);
+    when ``size % W != 0`` up to W - 1 items are therefore seen twice per epoch. Unlike EpochSampler the
+    epoch does not advance by itself: call :meth:`set_epoch` before each epoch (``train.fit`` does).
+    """
+
+    def __init__(self, size: int, *, num_replicas: int, rank: int, shuffle: bool, seed: int = 0) -> None:
+        super().__init__(range(size), num_replicas=num_replicas, rank=rank, shuffle=shuffle, seed=seed,
+                         drop_last=False)
+        self.size = size
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:  # type: ignore[override]
+        order = epoch_order(self.size, shuffle=self.shuffle, seed=self.seed, epoch=self.epoch)
+        if order:
+            order += (order * math.ceil(self.total_size / len(order)))[: self.total_size - len(order)]
+        return iter([(i, self.epoch) for i in order[self.rank : self.total_size : self.num_replicas]])
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -383,13 +415,27 @@ def make_loader(
     workers: int = 0,
     device: torch.device | str = "cpu",
     drop_last: bool = False,
+    shard: bool = False,
 ) -> DataLoader:
     """A DataLoader yielding :class:`ClipBatch` / :class:`CaptionBatch`, shuffled by :class:`EpochSampler`
-    (``loader.sampler.set_epoch`` to resume). Pinned memory only for CUDA; workers persist across epochs."""
+    (``loader.sampler.set_epoch`` to resume). Pinned memory only for CUDA; workers persist across epochs.
+
+    ``shard=True`` with a ``torch.distributed`` process group of W ranks: ``batch_size`` is the *global* batch
+    (it must divide by W); this rank gets ``batch_size / W`` items per step from its 1/W of the order
+    (:class:`DistributedEpochSampler`). Without a process group ``shard`` changes nothing.
+    """
+    sampler: Sampler = EpochSampler(len(dataset), shuffle=shuffle, seed=seed)
+    if shard and distributed.is_initialized():
+        world = distributed.world_size()
+        if batch_size % world:
+            raise ValueError(f"batch size {batch_size} (the global batch) does not divide by the {world} DDP ranks")
+        sampler = DistributedEpochSampler(len(dataset), num_replicas=world, rank=distributed.rank(),
+                                          shuffle=shuffle, seed=seed)
+        batch_size //= world
     return DataLoader(
         dataset,
         batch_size=batch_size,
-        sampler=EpochSampler(len(dataset), shuffle=shuffle, seed=seed),
+        sampler=sampler,
         num_workers=workers,
         collate_fn=type(dataset).collate,
         pin_memory=torch.device(device).type == "cuda",

@@ -25,6 +25,9 @@ after its params or inputs changed never continues someone else's run.
 
 Tracking goes through a :class:`seqvision.tracking.TrackerLike` that the caller opens (:func:`open_child_run`
 resolves the comparison's parent run and starts this training's child run); nothing here needs MLflow itself.
+
+Under DDP (``torchrun ... -m pipelines.train_ddp``, see ``docs/ddp.md``) every rank calls :func:`run`: the train
+data is sharded, rank 0 alone decides whether to resume, writes the outputs and uses the tracker.
 """
 
 from __future__ import annotations
@@ -43,7 +46,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from seqvision import annotations, models, tracking
+from seqvision import annotations, distributed, models, tracking
 from seqvision.config import MODEL_FAMILIES, ModelsConfig, TrainConfig, flatten, to_dict
 from seqvision.datasets import (
     ActivityDataset,
@@ -326,6 +329,10 @@ def _resume_point(out_dir: Path, expected: str, log: Any) -> int | None:
     return int(last["epoch"])
 
 
+def _silent(*_: Any) -> None:
+    """``log`` on DDP ranks other than 0."""
+
+
 def _clear_outputs(out_dir: Path) -> None:
     for name in OUTPUT_FILES:
         (out_dir / name).unlink(missing_ok=True)
@@ -426,13 +433,16 @@ def run(
     model config, parameter count, headline metrics, ``config.json``, ``summary.json`` and ``best.pt``.
     ``resume``: continue from ``out_dir/last.pt`` when its fingerprint matches (else start afresh).
     ``log``: where one-line notes go (resume decisions, warnings).
+    Under DDP only rank 0 logs, writes and tracks; ``train.batch_size`` is the global batch.
     """
     check_names(task, family)
     if data.task != task:
         raise ValueError(f"data was loaded for {data.task!r}, not {task!r}")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    tracker = tracker if tracker is not None else tracking.NullTracker()
+    rank0 = distributed.is_rank0()
+    tracker = tracker if tracker is not None and rank0 else tracking.NullTracker()
+    log = log if rank0 else _silent
 
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -440,11 +450,15 @@ def run(
     for w in caught:
         log(f"warning: {w.message}")
     key = fingerprint(task, family, config, train_config, data.inputs)
-    resumed_from = _resume_point(out_dir, key, log) if resume else None
-    if resumed_from is None:
-        _clear_outputs(out_dir)
-    else:
-        log(f"resuming from {out_dir / 'last.pt'} (epoch {resumed_from})")
+    resumed_from = None
+    if rank0:
+        resumed_from = _resume_point(out_dir, key, log) if resume else None
+        if resumed_from is None:
+            _clear_outputs(out_dir)
+        else:
+            log(f"resuming from {out_dir / 'last.pt'} (epoch {resumed_from})")
+    # DDP: every rank follows rank 0's decision, and only once its clean-up is done (they all read last.pt).
+    resumed_from = distributed.broadcast_object(resumed_from)
 
     seed_everything(train_config.seed)  # before building, so the initial weights are reproducible
     model = build(task, family, config, data=data, tbptt_steps=train_config.tbptt_steps)
@@ -452,16 +466,17 @@ def run(
     device = resolve_device(train_config.device)
     workers = train_config.num_workers
     train_loader = make_loader(data.train, batch_size=train_config.batch_size, shuffle=True,  # type: ignore[arg-type]
-                               seed=train_config.seed, workers=workers, device=device)
+                               seed=train_config.seed, workers=workers, device=device, shard=True)
     val_loader = make_loader(data.val, batch_size=train_config.batch_size, shuffle=False,  # type: ignore[arg-type]
                              workers=workers, device=device)
     metric = validation_metric(data)
     baseline = trivial_baseline(data)
 
-    write_json(out_dir / "config.json", {
-        "task": task, "family": family, "model": to_dict(config), "match_params": models_config.match_params,
-        "train": to_dict(train_config), "num_parameters": num_parameters, "fingerprint": key,
-    })
+    if rank0:
+        write_json(out_dir / "config.json", {
+            "task": task, "family": family, "model": to_dict(config), "match_params": models_config.match_params,
+            "train": to_dict(train_config), "num_parameters": num_parameters, "fingerprint": key,
+        })
     tracker.log_params({
         **flatten({"model": to_dict(config)}), "model.family": family, "model.task": task,
         "models.match_params": models_config.match_params, "num_parameters": num_parameters,
@@ -473,7 +488,7 @@ def run(
         model_meta={"task": task, "family": family, "fingerprint": key}, resume=resumed_from is not None,
         progress=progress,
     )
-    if result.best_checkpoint is None:  # cannot happen: the first epoch always writes best.pt
+    if rank0 and result.best_checkpoint is None:  # cannot happen: the first epoch always writes best.pt
         raise RuntimeError(f"{out_dir / 'best.pt'}: missing after training")
     resumed_from = resumed_from or 0
     for entry in result.history[:resumed_from]:  # the resumed child run also gets the earlier epochs, as fit logs
@@ -489,8 +504,9 @@ def run(
         val_items=len(data.val), dropped_items=data.dropped, model_config=to_dict(config),  # type: ignore[arg-type]
         mlflow_run_id=getattr(tracker, "run_id", None), mlflow_parent_run_id=parent_run_id, **stats,
     )
-    write_json(out_dir / "learning_curve.json", learning_curve(result.history))
-    write_json(out_dir / "summary.json", dataclasses.asdict(summary))
+    if rank0:
+        write_json(out_dir / "learning_curve.json", learning_curve(result.history))
+        write_json(out_dir / "summary.json", dataclasses.asdict(summary))
     tracker.log_epoch({
         f"best_val_{result.metric}": result.best_metric, "best_epoch": result.best_epoch,
         f"baseline_val_{result.metric}": baseline, "num_parameters": num_parameters,

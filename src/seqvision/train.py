@@ -30,6 +30,14 @@ pass 2 trains on the mixed inputs against the gold targets. ``p`` ramps linearly
 improves, ``history.json`` (all atomically, rank 0 only). ``resume=True`` continues from ``last.pt``,
 restoring model, optimizer, scheduler, RNG and data-order state, so on CPU with ``deterministic`` an
 interrupted-and-resumed run equals an uninterrupted one bit for bit.
+
+Under DDP (a ``torch.distributed`` process group is up, see ``docs/ddp.md``) ``fit`` wraps the model in
+``DistributedDataParallel`` and expects a train loader sharded by ``datasets.make_loader(..., shard=True)``.
+Each step's loss is normalised by the *global* weight (target tokens or clips summed over ranks), so the
+gradient is that of the single-process global batch, not a mean of per-rank means. Validation runs on rank
+0 alone over the whole val set (the metric, e.g. CIDEr-D, is a corpus statistic that does not decompose
+into per-shard parts) and its numbers are broadcast, so every rank takes the same best-epoch and
+early-stopping decisions. Only rank 0 writes files and talks to the tracker.
 """
 
 from __future__ import annotations
@@ -53,11 +61,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
+from seqvision import distributed
 from seqvision.config import ConfigError, TrainConfig, flatten, to_dict
-from seqvision.distributed import is_rank0
 from seqvision.io import write_bytes, write_json
 from seqvision.tracking import NullTracker, TrackerLike, runtime_tags
 
@@ -406,7 +415,13 @@ def train_one_epoch(
     messages). Losses and gradient norms stay on the device and are checked every ``config.log_every``
     steps (one sync each); the first non-finite one raises :class:`NonFiniteLossError` naming its step.
     ``seed``: reseed torch once the loader's iterator exists (see :func:`epoch_seed`).
+
+    With a process group (``model`` wrapped in DDP, ``loader`` sharded) each rank's loss is rescaled to the
+    global weight of the step before ``backward``, and the returned loss and sample count are sums over
+    ranks, so every rank returns the same :class:`EpochStats` numbers (times excepted).
     """
+    sharded = distributed.is_initialized()
+    world = distributed.world_size()
     model.train()
     steps_in_epoch = len(loader)
     total_steps = total_steps or steps_in_epoch
@@ -430,7 +445,15 @@ def train_one_epoch(
         optimizer.zero_grad(set_to_none=True)
         with _autocast(device):
             loss, weight = batch_loss(model, batch, sampling_prob=prob, model_kwargs=model_kwargs)
-        loss.backward()
+        if sharded:
+            # DDP averages the ranks' gradients, i.e. weighs each rank's *mean* loss equally; captioning ranks
+            # hold different numbers of target tokens, so that would not be the global per-token mean. With
+            # loss_r * (w_r * W / sum w) DDP's average is exactly grad(sum_r w_r * loss_r / sum w).
+            local = weight.float() if isinstance(weight, Tensor) else torch.tensor(float(weight), device=device)
+            total = distributed.all_reduce_sum(local.clone())
+            (loss * (local * world / total)).backward()
+        else:
+            loss.backward()
         if config.clip_grad_norm > 0:
             grad_norm = nn.utils.clip_grad_norm_(params, config.clip_grad_norm, foreach=True)
         else:
@@ -450,6 +473,10 @@ def train_one_epoch(
             pending.clear()
             bar.set_postfix(loss=f"{sum(losses) / len(losses):.4f}", lr=f"{lr:.2e}",
                             samples_s=f"{samples / (time.perf_counter() - start):.0f}")
+    if sharded:  # one all-reduce per epoch: the epoch's loss over every rank's items
+        samples_t = torch.tensor(float(samples), dtype=torch.float64, device=device)
+        loss_sum, weight_sum, samples_t = distributed.all_reduce_sum(torch.stack([loss_sum, weight_sum, samples_t]))
+        samples = round(samples_t.item())
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     seconds = time.perf_counter() - start
@@ -511,15 +538,17 @@ def _set_sampler_epoch(loader: DataLoader, epoch: int) -> None:
             owner.set_epoch(epoch - 1)
 
 
-def epoch_seed(seed: int, epoch: int) -> int:
-    """The torch seed for one training epoch, a function of ``(seed, epoch)`` only.
+def epoch_seed(seed: int, epoch: int, *, rank: int = 0) -> int:
+    """The torch seed for one training epoch, a function of ``(seed, epoch, rank)`` only.
 
     A DataLoader draws from the global torch RNG when it creates its iterator (worker base seed) unless
     it has its own generator, and a persistent worker pool does so only once, so a resumed run would
     otherwise shift every later dropout mask and scheduled-sampling coin. Reseeding per epoch after the
-    iterator exists removes that dependence (fairseq reseeds per step for the same reason).
+    iterator exists removes that dependence (fairseq reseeds per step for the same reason). DDP ranks get
+    their own seeds: with one seed, row i of every rank's batch would share its dropout mask, which a
+    single process drawing one mask per row never does. Rank 0's seed is the single-process one.
     """
-    return (seed * 1_000_003 + epoch) % 2**63
+    return (seed * 1_000_003 + epoch + rank * 2**40) % 2**63
 
 
 def rng_state(loader: DataLoader | None = None) -> dict[str, Any]:
@@ -633,6 +662,25 @@ def _peak_memory_mb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale / 2**20
 
 
+def _validate(
+    eval_model: nn.Module, raw: nn.Module, loader: DataLoader, *, metric: ValidationMetric, device: torch.device
+) -> tuple[float, float]:
+    """``(validation loss, metric value)`` of the current weights, computed on rank 0 and broadcast (the
+    metric only when the loss is finite; NaN otherwise). Other ranks idle meanwhile: their weights equal
+    rank 0's, and the same numbers everywhere keep best-epoch and early-stopping decisions identical."""
+    val_loss = value = math.nan
+    if distributed.is_rank0():
+        val_loss = evaluate_loss(eval_model, loader, device=device)
+        if metric.fn is None:
+            value = val_loss
+        elif math.isfinite(val_loss):
+            raw.eval()
+            with torch.no_grad(), _autocast(device):
+                value = float(metric.fn(raw, loader, device))
+    val_loss, value = distributed.broadcast_floats([val_loss, value], device=device)
+    return val_loss, value
+
+
 def _weights_finite(model: nn.Module) -> bool:
     flags = [torch.isfinite(p).all() for p in model.state_dict().values() if p.is_floating_point()]
     return bool(torch.stack(flags).all()) if flags else True
@@ -666,17 +714,25 @@ def fit(
     out_dir = Path(out_dir)
     last_path, best_path, history_path = out_dir / "last.pt", out_dir / "best.pt", out_dir / "history.json"
     tracker = tracker if tracker is not None else NullTracker()
-    rank0 = is_rank0()
+    rank0, sharded = distributed.is_rank0(), distributed.is_initialized()
     if progress is None:
         progress = sys.stderr.isatty()
     progress = progress and rank0
 
     device = resolve_device(config.device)
+    if sharded and device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())  # this rank's GPU (distributed.process_group)
     configure_backends(device, deterministic=config.deterministic, compile_model=config.compile)
     seed_everything(config.seed)
-    raw = model.module if isinstance(getattr(model, "module", None), nn.Module) else model  # DDP later
+    raw = model.module if isinstance(getattr(model, "module", None), nn.Module) else model
     raw.to(device)
+    if sharded and not isinstance(model, DistributedDataParallel):
+        # Broadcasts rank 0's weights now; all-reduces (averages) gradients during every backward.
+        model = DistributedDataParallel(raw, device_ids=[device.index] if device.type == "cuda" else None)
     forward_model = torch.compile(model) if config.compile else model
+    # Rank 0 validates alone, so not through DDP: its forward may broadcast buffers, a collective the other
+    # ranks would never join.
+    eval_model = raw if sharded else forward_model
     optimizer = make_optimizer(raw, config, device=device)
     total_steps = config.epochs * len(train_loader)
     scheduler = make_scheduler(optimizer, config, total_steps=total_steps)
@@ -702,7 +758,7 @@ def fit(
     if rank0:
         tracker.log_params(flatten({"train": to_dict(config)}))
         tracker.set_tags({**runtime_tags(device), "seqvision.metric": metric.name,
-                          "seqvision.resumed_from_epoch": epoch})
+                          "seqvision.resumed_from_epoch": epoch, "seqvision.world_size": distributed.world_size()})
 
     while epoch < config.epochs and not stopped:
         epoch += 1
@@ -714,21 +770,15 @@ def fit(
             stats = train_one_epoch(
                 forward_model, train_loader, optimizer, scheduler, device=device, config=config, epoch=epoch,
                 global_step=step, total_steps=total_steps, model_kwargs=kwargs, progress=progress,
-                seed=epoch_seed(config.seed, epoch),
+                seed=epoch_seed(config.seed, epoch, rank=distributed.rank()),
             )
             step += stats.steps
-            val_loss = evaluate_loss(forward_model, val_loader, device=device)
+            val_loss, value = _validate(eval_model, raw, val_loader, metric=metric, device=device)
             if not math.isfinite(val_loss):
                 raise NonFiniteLossError("validation loss", val_loss, epoch=epoch)
         except NonFiniteLossError as err:
             err.checkpoint = last_path if last_path.is_file() else None
             raise
-        if metric.fn is None:
-            value = val_loss
-        else:
-            raw.eval()
-            with torch.no_grad(), _autocast(device):
-                value = float(metric.fn(raw, val_loader, device))
         improved = best_metric is None or (value > best_metric if metric.higher_is_better else value < best_metric)
         if improved:
             best_metric, best_epoch, since_best = value, epoch, 0
@@ -742,12 +792,12 @@ def fit(
             "epoch_time_s": time.perf_counter() - started, "peak_memory_mb": _peak_memory_mb(device),
         }
         history.append(entry)
-        if not rank0:
-            continue
-        if not _weights_finite(raw):
+        if not _weights_finite(raw):  # on every rank: their weights are equal, so all of them stop here
             err = NonFiniteLossError("model weights", float("nan"), epoch=epoch)
             err.checkpoint = last_path if last_path.is_file() else None
             raise err
+        if not rank0:
+            continue
         blob = _serialize({
             "format": CHECKPOINT_FORMAT, **model_metadata(raw), **(model_meta or {}), "model": raw.state_dict(),
             "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
@@ -770,6 +820,7 @@ def fit(
         # outputs before rerunning a stage) trains no epoch but must still leave its history behind.
         write_json(history_path, history)
         tracker.log_artifact(history_path)
+    distributed.barrier()  # DDP: no rank returns before rank 0's files are written
     return FitResult(
         history=history, metric=metric.name, best_metric=best_metric, best_epoch=best_epoch,
         stopped_early=stopped, last_checkpoint=last_path,
