@@ -19,15 +19,27 @@ the still-RUNNING run recorded in ``.seqvision/parent_run_id`` under the reposit
 directory), else a new run "comparison" in experiment "seqvision" (recorded there). Runs go to
 ``$MLFLOW_TRACKING_URI``, else ``sqlite:///<repo>/mlflow.db``. A failed training marks its run FAILED.
 
+DDP: with ``--nproc-per-node N`` (N > 1) the flow creates the child run once, then a Prefect task launches
+``torchrun --standalone --nproc-per-node N -m pipelines.train_ddp`` on this machine with ``$MLFLOW_RUN_ID`` set,
+streams its output and marks the run FINISHED or FAILED from its exit status. ``train.batch_size`` stays the
+global batch (it must divide by N); one process per GPU (NCCL) when ``train.device`` resolves to CUDA, else N
+CPU processes (gloo); ``--threads`` applies to each. Without randomness inside a step (dropout, scheduled
+sampling) the outputs equal one process's up to float summation order (docs/ddp.md).
+
 Exit status: 0 done; 1 training failed (e.g. a non-finite loss); 2 bad arguments, params or inputs.
 """
 
 from __future__ import annotations
 
 import argparse
+import collections
 import dataclasses
+import json
+import os
+import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -35,25 +47,32 @@ import torch
 from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
-from pipelines import common
-from seqvision import annotations, experiment
-from seqvision.config import ConfigError, DataConfig, ModelsConfig, TrainConfig, flatten, load_params, to_dict
+import pipelines
+from pipelines.train_ddp import (  # noqa: F401 - DATA_DVC, RUN_ID_FILE: re-exported, part of this stage's API
+    DATA_DVC,
+    RUN_ID_FILE,
+    USAGE_ERRORS,
+    add_arguments,
+    open_run,
+    resolve_configs,
+)
+from seqvision import experiment
+from seqvision.config import ConfigError, ModelsConfig, TrainConfig
+from seqvision.tracking import PARENT_RUN_ENV, RUN_ID_ENV, NullTracker, tracking_uri
+from seqvision.train import resolve_device
 
-RUN_ID_FILE = Path(".seqvision") / "parent_run_id"  # relative to the repository root; not a DVC output
-DATA_DVC = "data.dvc"
 
-# Errors that mean "fix your arguments, params or inputs" (exit 2), not "training went wrong" (exit 1).
-USAGE_ERRORS = (ConfigError, FileNotFoundError, annotations.AnnotationError, ValueError)
-
-
-def resolve_configs(
-    params: str | Path, *, activity_dir: str | None = None, activity_split: int | None = None
-) -> tuple[DataConfig, TrainConfig, ModelsConfig]:
-    """Validate the whole params file; return ``data`` (with the activity flags that were given applied),
-    ``train`` and ``models``."""
-    overrides = {"activity_dir": activity_dir, "activity_split": activity_split}
-    data, train_config = common.resolve_configs(params, overrides, "train")
-    return data, train_config, load_params(params)["models"]
+def check_nproc(nproc_per_node: int, train_config: TrainConfig) -> None:
+    """Raise ``ConfigError`` unless ``nproc_per_node`` processes can share ``train_config``'s work: at least one,
+    a global batch that divides evenly, and (on CUDA) one GPU each."""
+    if nproc_per_node < 1:
+        raise ConfigError(f"--nproc-per-node must be >= 1, got {nproc_per_node}")
+    if train_config.batch_size % nproc_per_node:
+        raise ConfigError(f"train.batch_size ({train_config.batch_size}) is the global batch and must divide by "
+                          f"--nproc-per-node ({nproc_per_node})")
+    cuda = resolve_device(train_config.device).type == "cuda"
+    if cuda and nproc_per_node > torch.cuda.device_count():  # NCCL refuses two ranks on one GPU
+        raise ConfigError(f"--nproc-per-node {nproc_per_node} but only {torch.cuda.device_count()} GPU(s)")
 
 
 def check_inputs(task_name: str, *, features: str | Path, tokens: str | Path | None,
@@ -89,18 +108,87 @@ def train_model(task_name: str, model: str, data: experiment.TaskData, train_con
     if not tracking:
         return experiment.run(task_name, model, data=data, train_config=train_config, models_config=models_config,
                               out_dir=out, resume=resume, progress=progress, log=logger.info)
-    data_dvc = repo_root / DATA_DVC
-    params = flatten({"train": to_dict(train_config), "models": {model: to_dict(getattr(models_config, model)),
-                                                                  "match_params": models_config.match_params}})
-    tracker, parent = experiment.open_child_run(
-        task_name, model, repo_root=repo_root, params=params, run_id_file=repo_root / RUN_ID_FILE,
-        data_dvc=data_dvc if data_dvc.is_file() else None,
-    )
+    tracker, parent = open_run(task_name, model, train_config=train_config, models_config=models_config,
+                               repo_root=repo_root)
     logger.info(f"MLflow run {tracker.run_id} under parent {parent}")
     with tracker:  # an exception marks the child run FAILED (KILLED for Ctrl-C) and propagates
         return experiment.run(task_name, model, data=data, train_config=train_config, models_config=models_config,
                               out_dir=out, tracker=tracker, parent_run_id=parent, resume=resume, progress=progress,
                               log=logger.info)
+
+
+def torchrun_command(nproc_per_node: int, worker_args: list[str]) -> list[str]:
+    """``python -m torch.distributed.run`` (torchrun, with this interpreter) for one node: ``--standalone`` picks
+    a free local rendezvous port, so concurrent trainings on one machine do not collide."""
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc_per_node}",
+            "-m", "pipelines.train_ddp", *worker_args]
+
+
+def stream(command: list[str], *, env: dict[str, str], log: Callable[[str], Any], keep: int = 40) -> tuple[int, str]:
+    """Run ``command``, passing each output line (stdout and stderr merged) to ``log`` as it comes; return
+    (exit status, its last ``keep`` lines). The child is stopped if this process is interrupted."""
+    tail: collections.deque[str] = collections.deque(maxlen=keep)
+    with subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                          bufsize=1) as proc:
+        try:
+            assert proc.stdout is not None
+            for line in proc.stdout:
+                tail.append(line.rstrip("\n"))
+                log(tail[-1])
+            return proc.wait(), "\n".join(tail)
+        finally:
+            if proc.poll() is None:  # interrupted: torchrun forwards SIGTERM to its workers
+                proc.terminate()
+                try:
+                    proc.wait(timeout=60)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+
+
+@task(cache_policy=NO_CACHE, task_run_name="torchrun-{task_name}-{model}")
+def train_model_ddp(task_name: str, model: str, train_config: TrainConfig, models_config: ModelsConfig, out: str,
+                    *, nproc_per_node: int, worker_args: list[str], repo_root: Path,
+                    tracking: bool) -> dict[str, Any]:
+    """One training on ``nproc_per_node`` local processes; returns ``summary.json``'s content.
+
+    The MLflow run is created here, once, and handed to every rank through ``$MLFLOW_RUN_ID`` (rank 0 logs into
+    it); its status comes from torchrun's exit status, which covers ranks that were killed before they could
+    report anything.
+    """
+    logger = get_run_logger()
+    env = dict(os.environ)
+    # The workers import pipelines.train_ddp by module name, wherever the flow was started from.
+    source_root = str(Path(pipelines.__file__).resolve().parent.parent)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (source_root, env.get("PYTHONPATH")) if p)
+    env["PYTHONUNBUFFERED"] = "1"  # stream the workers' lines as they come, not when their buffers fill
+    tracker: Any = NullTracker()
+    if tracking:
+        tracker, parent = open_run(task_name, model, train_config=train_config, models_config=models_config,
+                                   repo_root=repo_root)
+        env.update({RUN_ID_ENV: tracker.run_id, PARENT_RUN_ENV: parent, "MLFLOW_TRACKING_URI": tracking_uri(repo_root)})
+        logger.info(f"MLflow run {tracker.run_id} under parent {parent}, shared by {nproc_per_node} processes")
+    command = torchrun_command(nproc_per_node, worker_args)
+    logger.info(" ".join(command))
+    with tracker:  # FINISHED on exit status 0; FAILED otherwise (KILLED for Ctrl-C)
+        status, tail = stream(command, env=env, log=logger.info)
+        if status != 0:
+            raise RuntimeError(f"torchrun exited with status {status}; its last lines:\n{tail}")
+    return json.loads((Path(out) / "summary.json").read_text(encoding="utf-8"))
+
+
+def worker_args(task: str, model: str, *, out: str, params: str, features: str, tokens: str | None,
+                activity_dir: str | None, activity_split: int | None, resume: bool, tracking: bool,
+                progress: bool | None, repo_root: Path) -> list[str]:
+    """The flags of ``pipelines.train_ddp`` for one training (torch threads: that of this process)."""
+    args = ["--task", task, "--model", model, "--out", out, "--params", params, "--features", features,
+            "--repo-root", str(repo_root), "--threads", str(torch.get_num_threads()),
+            "--resume" if resume else "--no-resume", "--tracking" if tracking else "--no-tracking"]
+    for flag, value in (("--tokens", tokens), ("--activity-dir", activity_dir), ("--activity-split", activity_split)):
+        if value is not None:
+            args += [flag, str(value)]
+    if progress is not None:
+        args.append("--progress" if progress else "--no-progress")
+    return args
 
 
 @flow(name="train")
@@ -118,21 +206,33 @@ def train_flow(
     tracking: bool = True,
     progress: bool | None = None,
     repo_root: str | None = None,
+    nproc_per_node: int = 1,
 ) -> dict[str, Any]:
     """Train ``model`` on ``task`` into ``out``; returns ``summary.json``'s content.
 
     ``repo_root`` (default: the current directory, where DVC runs stages) anchors the MLflow store and the
     parent-run file ``.seqvision/parent_run_id``. ``activity_dir`` / ``activity_split``: default params.yaml ``data:``.
+    ``nproc_per_node`` > 1: DDP over that many local processes under torchrun (see the module docstring).
     """
     experiment.check_names(task, model)
     paths, train_config, models_config = resolve_configs(params, activity_dir=activity_dir,
                                                          activity_split=activity_split)
+    check_nproc(nproc_per_node, train_config)
     root = Path(repo_root).resolve() if repo_root else Path.cwd().resolve()
+    # Loaded here in the DDP case too: bad inputs then fail (exit 2) before N processes start.
     data = load_data(task, features, tokens, paths.activity_dir, paths.activity_split, train_config.seed)
-    summary = train_model(task, model, data, train_config, models_config, out, repo_root=root, tracking=tracking,
-                          resume=resume, progress=progress)
+    if nproc_per_node == 1:
+        summary: Any = train_model(task, model, data, train_config, models_config, out, repo_root=root,
+                                   tracking=tracking, resume=resume, progress=progress)
+        summary = dataclasses.asdict(summary)
+    else:
+        args = worker_args(task, model, out=out, params=params, features=features, tokens=tokens,
+                           activity_dir=activity_dir, activity_split=activity_split, resume=resume, tracking=tracking,
+                           progress=progress, repo_root=root)
+        summary = train_model_ddp(task, model, train_config, models_config, out, nproc_per_node=nproc_per_node,
+                                  worker_args=args, repo_root=root, tracking=tracking)
     get_run_logger().info(describe(summary))
-    return dataclasses.asdict(summary)
+    return summary
 
 
 def describe(summary: experiment.TrainSummary | dict[str, Any]) -> str:
@@ -151,27 +251,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         description=__doc__.split("\n\n", 1)[1],
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("--task", required=True, help=f"one of {', '.join(experiment.TASKS)}")
-    parser.add_argument("--model", required=True, help=f"one of {', '.join(experiment.FAMILIES)}")
-    parser.add_argument("--params", default="params.yaml", help="params file (train and models sections)")
-    parser.add_argument("--features", required=True, help="feature folder (artifacts/features)")
-    parser.add_argument("--tokens", default=None, help="token folder (artifacts/tokens); captioning only")
-    parser.add_argument("--activity-dir", default=None,
-                        help="UCF101-style classInd.txt + split lists; activity only (default: params.yaml "
-                             "data.activity_dir)")
-    parser.add_argument("--activity-split", type=int, default=None,
-                        help="which trainlist0N/vallist0N (default: params.yaml data.activity_split)")
-    parser.add_argument("--out", required=True, help="output folder (artifacts/train/{task}/{model})")
-    parser.add_argument("--resume", action=argparse.BooleanOptionalAction, default=True,
-                        help="continue from --out/last.pt when it was written for the same params and inputs "
-                             "(default: on)")
-    parser.add_argument("--tracking", action=argparse.BooleanOptionalAction, default=True,
-                        help="log a child MLflow run (default: on)")
-    parser.add_argument("--threads", type=int, default=1,
-                        help="torch CPU threads (default 1: these small sequence models run fastest single-"
-                             "threaded on a shared CPU, see docs/benchmarks.md; 0 keeps torch's default)")
-    parser.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
-                        help="per-epoch progress bar (default: only when stderr is a terminal)")
+    add_arguments(parser)
+    parser.add_argument("--nproc-per-node", type=int, default=1,
+                        help="DDP: train on this many local processes under torchrun, one per GPU on CUDA, gloo on "
+                             "CPU; train.batch_size stays the global batch (default 1: this process, no torchrun)")
     return parser.parse_args(argv)
 
 
@@ -180,10 +263,12 @@ def main(argv: list[str] | None = None) -> int:
     started = time.perf_counter()
     try:  # the common mistakes get one clean line before Prefect starts
         experiment.check_names(args.task, args.model)
-        paths, _, _ = resolve_configs(args.params, activity_dir=args.activity_dir, activity_split=args.activity_split)
+        paths, train_config, _ = resolve_configs(args.params, activity_dir=args.activity_dir,
+                                                 activity_split=args.activity_split)
         check_inputs(args.task, features=args.features, tokens=args.tokens, activity_dir=paths.activity_dir)
         if args.threads < 0:
             raise ConfigError(f"--threads must be >= 0, got {args.threads}")
+        check_nproc(args.nproc_per_node, train_config)
     except USAGE_ERRORS as err:
         print(f"train: error: {err}", file=sys.stderr)
         return 2
@@ -193,7 +278,7 @@ def main(argv: list[str] | None = None) -> int:
         summary = train_flow(
             args.task, args.model, out=args.out, params=args.params, features=args.features, tokens=args.tokens,
             activity_dir=args.activity_dir, activity_split=args.activity_split, resume=args.resume,
-            tracking=args.tracking, progress=args.progress,
+            tracking=args.tracking, progress=args.progress, nproc_per_node=args.nproc_per_node,
         )
     except USAGE_ERRORS as err:  # e.g. a malformed label list or artifacts from different data
         print(f"train: error: {err}", file=sys.stderr)
