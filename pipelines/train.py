@@ -23,8 +23,8 @@ DDP: with ``--nproc-per-node N`` (N > 1) the flow creates the child run once, th
 ``torchrun --standalone --nproc-per-node N -m pipelines.train_ddp`` on this machine with ``$MLFLOW_RUN_ID`` set,
 streams its output and marks the run FINISHED or FAILED from its exit status. ``train.batch_size`` stays the
 global batch (it must divide by N); one process per GPU (NCCL) when ``train.device`` resolves to CUDA, else N
-CPU processes (gloo); ``--threads`` applies to each. Without randomness inside a step (dropout, scheduled
-sampling) the outputs equal one process's up to float summation order (docs/ddp.md).
+CPU processes (gloo); they share ``--threads``, at least one each. Without randomness inside a step (dropout,
+scheduled sampling) the outputs equal one process's up to float summation order (docs/ddp.md).
 
 Exit status: 0 done; 1 training failed (e.g. a non-finite loss); 2 bad arguments, params or inputs.
 """
@@ -176,12 +176,14 @@ def train_model_ddp(task_name: str, model: str, train_config: TrainConfig, model
     return json.loads((Path(out) / "summary.json").read_text(encoding="utf-8"))
 
 
-def worker_args(task: str, model: str, *, out: str, params: str, features: str, tokens: str | None,
-                activity_dir: str | None, activity_split: int | None, resume: bool, tracking: bool,
+def worker_args(task: str, model: str, *, nproc_per_node: int, out: str, params: str, features: str,
+                tokens: str | None, activity_dir: str | None, activity_split: int | None, resume: bool, tracking: bool,
                 progress: bool | None, repo_root: Path) -> list[str]:
-    """The flags of ``pipelines.train_ddp`` for one training (torch threads: that of this process)."""
+    """The flags of ``pipelines.train_ddp`` for one training. The workers share this process's torch threads
+    (at least one each): N processes with all of them each would oversubscribe the CPU N times."""
+    threads = max(1, torch.get_num_threads() // nproc_per_node)
     args = ["--task", task, "--model", model, "--out", out, "--params", params, "--features", features,
-            "--repo-root", str(repo_root), "--threads", str(torch.get_num_threads()),
+            "--repo-root", str(repo_root), "--threads", str(threads),
             "--resume" if resume else "--no-resume", "--tracking" if tracking else "--no-tracking"]
     for flag, value in (("--tokens", tokens), ("--activity-dir", activity_dir), ("--activity-split", activity_split)):
         if value is not None:
@@ -226,9 +228,9 @@ def train_flow(
                                    tracking=tracking, resume=resume, progress=progress)
         summary = dataclasses.asdict(summary)
     else:
-        args = worker_args(task, model, out=out, params=params, features=features, tokens=tokens,
-                           activity_dir=activity_dir, activity_split=activity_split, resume=resume, tracking=tracking,
-                           progress=progress, repo_root=root)
+        args = worker_args(task, model, nproc_per_node=nproc_per_node, out=out, params=params, features=features,
+                           tokens=tokens, activity_dir=activity_dir, activity_split=activity_split, resume=resume,
+                           tracking=tracking, progress=progress, repo_root=root)
         summary = train_model_ddp(task, model, train_config, models_config, out, nproc_per_node=nproc_per_node,
                                   worker_args=args, repo_root=root, tracking=tracking)
     get_run_logger().info(describe(summary))
