@@ -78,7 +78,9 @@ class SmallCNN(nn.Module):
             *block(3 + 2, w, 2), *block(w, 2 * w, 2), *block(2 * w, 2 * w, 1), *block(2 * w, 4 * w, 2),
             *block(4 * w, d, 1),
         )
-        self.project = nn.Sequential(nn.Linear(config.grid**2 * d, d), nn.ReLU(inplace=True))
+        # No ReLU after the projection: with one, 75 of the 128 pooled dimensions were never positive on the
+        # default data (dead for every sequence model downstream); the attribute heads are linear either way.
+        self.project = nn.Linear(config.grid**2 * d, d)
         if config.num_attributes:
             self.attribute_head = nn.Linear(d, config.num_attributes)  # what is in the frame
             self.cell_head = nn.Linear(d, config.num_attributes)  # what is in each grid cell
