@@ -310,8 +310,9 @@ def train_environment(settings: TrainSettings, slot: str | None) -> dict[str, st
 
 
 @task(cache_policy=NO_CACHE, task_run_name="train-{job.task}-{job.model}")
-def train_locally(job: Training, settings: TrainSettings, slots: queue.Queue) -> TrainingResult:
-    """Run the train stage's command for ``job`` on a free slot; a failure is returned, not raised."""
+def train_locally(job: Training, settings: TrainSettings, slots: queue.Queue) -> TrainingResult | State:
+    """Run the train stage's command for ``job`` on a free slot. A failure ends the task run Failed, carrying
+    its :class:`TrainingResult` (no traceback: the error is the training's, reported in one line)."""
     logger = get_run_logger()
     # The task runner runs at most len(slots) of these at once, so a slot is free (the timeout only guards
     # against a bug there).
@@ -336,7 +337,12 @@ def train_locally(job: Training, settings: TrainSettings, slots: queue.Queue) ->
         logger.error(f"{job.name} failed: {error}")
     finally:
         slots.put(slot)
-    return TrainingResult(job.task, job.model, "failed", error, where, started, time.time())
+    return failed(TrainingResult(job.task, job.model, "failed", error, where, started, time.time()))
+
+
+def failed(result: TrainingResult) -> State:
+    """The Failed state of a training's task run, carrying its result for the comparison's bookkeeping."""
+    return Failed(message=f"{result.name}: {result.error}", data=result)
 
 
 def deployment_parameters(job: Training, settings: TrainSettings) -> dict[str, Any]:
@@ -349,12 +355,12 @@ def deployment_parameters(job: Training, settings: TrainSettings) -> dict[str, A
 
 
 @task(cache_policy=NO_CACHE, task_run_name="submit-{job.task}-{job.model}")
-def train_on_deployment(job: Training, settings: TrainSettings, key: str) -> TrainingResult:
+def train_on_deployment(job: Training, settings: TrainSettings, key: str) -> TrainingResult | State:
     """One run of the train deployment for ``job``, waited for; a run that does not end Completed is
     returned as failed (one that is still running at the timeout is left running, and reported failed)."""
     logger = get_run_logger()
     assert settings.deployment is not None
-    env = {}
+    env: dict[str, str] = {}
     if settings.parent_run_id:  # the worker's training attaches to this comparison's parent run ...
         env[tracking.PARENT_RUN_ENV] = settings.parent_run_id
     if settings.tracking_uri:  # ... in the same store (a tracking server, or a database the workers share)
@@ -369,8 +375,8 @@ def train_on_deployment(job: Training, settings: TrainSettings, key: str) -> Tra
     except Exception as err:  # noqa: BLE001 - e.g. the server refused the run; the other trainings go on
         error = f"could not submit to {settings.deployment}: {type(err).__name__}: {err}"
         logger.error(f"{job.name} failed: {error}")
-        return TrainingResult(job.task, job.model, "failed", error, f"deployment {settings.deployment}", started,
-                              time.time())
+        return failed(TrainingResult(job.task, job.model, "failed", error, f"deployment {settings.deployment}",
+                                     started, time.time()))
     state = flow_run.state
     where = f"deployment {settings.deployment}, flow run {flow_run.name} ({flow_run.id})"
     if state is not None and state.is_completed():
@@ -382,7 +388,7 @@ def train_on_deployment(job: Training, settings: TrainSettings, key: str) -> Tra
     else:
         error = f"flow run ended {state.name}" + (f": {state.message}" if state.message else "")
     logger.error(f"{job.name} failed: {where}: {error}")
-    return TrainingResult(job.task, job.model, "failed", error, where, started, time.time())
+    return failed(TrainingResult(job.task, job.model, "failed", error, where, started, time.time()))
 
 
 @flow(name="trainings")
@@ -396,7 +402,15 @@ def trainings_flow(jobs: list[Training], settings: TrainSettings, slots: list[st
     else:
         futures = [train_on_deployment.submit(job, settings, f"{current_run.id}-{job.task}-{job.model}")
                    for job in jobs]
-    return [future.result() for future in futures]
+    results = []
+    for job, future in zip(jobs, futures):
+        future.wait()
+        outcome = future.state.result(raise_on_failure=False)
+        if not isinstance(outcome, TrainingResult):  # the task itself broke (a bug here, not in the training)
+            now = time.time()
+            outcome = TrainingResult(job.task, job.model, "failed", _one_line(outcome), "", now, now)
+        results.append(outcome)
+    return results
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -600,13 +614,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help=f"tasks to compare (default: all of {', '.join(TASKS)})")
     parser.add_argument("--models", nargs="+", default=None, metavar="MODEL",
                         help=f"model families to compare (default: all of {', '.join(MODELS)})")
-    parser.add_argument("--max-parallel", type=int, default=None,
+    parser.add_argument("--max-parallel", type=int, default=None, metavar="N",
                         help="trainings at once (default: one per CUDA device, else one per usable CPU core; "
                              "with --deployment, all)")
-    parser.add_argument("--deployment", default=None,
+    parser.add_argument("--deployment", default=None, metavar="FLOW/DEPLOYMENT",
                         help="train on this Prefect deployment of the train flow, e.g. train/train-gpu "
                              "(default: local processes)")
     parser.add_argument("--train-timeout", dest="train_timeout_s", type=float, default=DEFAULT_TRAIN_TIMEOUT_S,
+                        metavar="SECONDS",
                         help="seconds one training may take before it counts as failed (default: %(default)s)")
     parser.add_argument("--prepare", action=argparse.BooleanOptionalAction, default=True,
                         help="run extract, tokenize, encoder and features first (default: on; --no-prepare "
