@@ -7,7 +7,8 @@ Per task: a comparison table (every metric, parameter count, training time, thro
 every model and baseline, with missing or failed runs marked; learning curves, confusion matrices
 (activity) and a bar chart of the headline metric; correct and failed test examples with their frames;
 and a verdict computed from the numbers. report.html is self-contained (opens offline); report.md links
-the figures in figures/. Reads no params.yaml section.
+the figures in figures/. METEOR is scored here, for every captioning run in one Java process (--meteor, which
+dvc.yaml sets from params.yaml evaluate.compute_meteor); the evaluate stages leave it null.
 
 MLflow: the report files are logged on the comparison's parent run (--parent-run-id, else
 $SEQVISION_PARENT_RUN_ID, else every parent run named by the train summaries), with every run's headline
@@ -44,6 +45,11 @@ def collect(train: str, evals: str, tasks: tuple[str, ...], models: tuple[str, .
 
 
 @task(cache_policy=NO_CACHE)
+def score_meteor(runs: dict[str, list[Any]], mode: str) -> tuple[dict[str, list[Any]], str]:
+    return report.add_meteor(runs, mode=mode)
+
+
+@task(cache_policy=NO_CACHE)
 def render(runs: dict[str, list[Any]], frames: str | None, out: str, examples: int) -> dict[str, Path]:
     sections = report.build_sections(runs, frames_dir=frames, examples=examples)
     return report.write_report(sections, out)
@@ -71,10 +77,13 @@ def report_flow(
     parent_run_id: str | None = None,
     mlflow: bool = True,
     repo_root: str = ".",
+    meteor: str = "auto",
 ) -> dict[str, Any]:
     """Write the report; log it on the MLflow parent run. Returns paths, parent run id and counts."""
     logger = get_run_logger()
     runs = collect(train, evals, tasks, models)
+    runs, note = score_meteor(runs, meteor)
+    logger.info(note)
     for task_name, task_runs in runs.items():
         absent = [f"{r.name} ({r.status})" for r in task_runs if not r.ok]
         if absent:
@@ -116,6 +125,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--examples", type=int, default=3, help="correct and failed examples per task (default: 3)")
     parser.add_argument("--parent-run-id", default=None, help="MLflow parent run (default: from the train summaries)")
     parser.add_argument("--no-mlflow", dest="mlflow", action="store_false", help="do not log to MLflow")
+    parser.add_argument("--meteor", default="auto", choices=("auto", "always", "never"),
+                        help="METEOR for every captioning run, in one Java process: auto = when java is on PATH "
+                             "(else the table says unavailable), always = fail without Java (params.yaml "
+                             "evaluate.compute_meteor; default: auto)")
     parser.add_argument("--repo-root", default=".", help="where mlflow.db lives unless MLFLOW_TRACKING_URI is set")
     args = parser.parse_args(argv)
     if args.examples < 0:
@@ -132,7 +145,7 @@ def main(argv: list[str] | None = None) -> int:
         result = report_flow(
             out=args.out, train=args.train, evals=args.evals, frames=args.frames or None, tasks=tuple(args.tasks),
             models=tuple(args.models), examples=args.examples, parent_run_id=args.parent_run_id,
-            mlflow=args.mlflow, repo_root=args.repo_root,
+            mlflow=args.mlflow, repo_root=args.repo_root, meteor=args.meteor,
         )
     except TrackingError as err:
         print(f"report: error: {err}", file=sys.stderr)

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from seqvision import evaluate as ev
+from seqvision import metrics
 from seqvision import report
 from tests.test_evaluate import CLASSES, VIDEO_IDS, label_of, make_artifacts
 
@@ -308,3 +309,37 @@ def test_report_flow_cli(tmp_path, monkeypatch, prefect_harness, capsys):
     assert str(tmp_path / "reports" / "report.html") in out
     run = MlflowClient(tracking_uri=tracking.tracking_uri(tmp_path)).get_run(parent)
     assert run.info.status == "FINISHED" and run.data.metrics["activity.gru.top1"] == pytest.approx(0.875)
+
+
+def _meteor_runs(tmp_path):
+    tree = build_tree(tmp_path / "tree")
+    return report.load_runs(train_dir=tree["train"], eval_dir=tree["eval"], tasks=("video_captioning",))
+
+
+def test_without_java_meteor_is_unavailable_in_the_table(tmp_path, monkeypatch):
+    monkeypatch.setattr("seqvision.metrics.java_available", lambda: False)
+    runs, note = report.add_meteor(_meteor_runs(tmp_path), mode="auto")
+    assert "no Java" in note
+    header, rows = report.table("video_captioning", runs["video_captioning"])
+    col = header.index("METEOR")
+    by_name = {run.name: cells for run, cells in rows}
+    assert by_name["gru"][col] == "unavailable" and by_name["baseline_frequent_caption"][col] == "unavailable"
+    assert by_name["lstm"][col] == "—"  # a missing run has no value to be unavailable
+    with pytest.raises(RuntimeError, match="Java"):
+        report.add_meteor(runs, mode="always")
+    assert report.add_meteor(runs, mode="never")[0]["video_captioning"][0].metrics.get("meteor") is None
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not metrics.java_available(), reason="METEOR needs a Java runtime; none on this machine")
+def test_meteor_from_one_java_process_equals_scoring_each_run_alone(tmp_path):
+    runs, note = report.add_meteor(_meteor_runs(tmp_path), mode="always")
+    scored = [r for r in runs["video_captioning"] if r.ok]
+    assert "3 captioning runs" in note and len(scored) == 3
+    for run in scored:
+        records = metrics.read_jsonl(run.eval_dir / "predictions.jsonl")
+        alone = metrics.caption_scores({r["id"]: r["hypothesis"] for r in records},
+                                       {r["id"]: r["references"] for r in records}, meteor="always")["meteor"]
+        assert run.metrics["meteor"] == pytest.approx(alone, abs=1e-9)
+    best = {r.name: r.metrics["meteor"] for r in scored}
+    assert best["gru"] > best["meanpool"]  # gru repeats a reference word for word

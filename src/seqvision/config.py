@@ -435,7 +435,8 @@ class EvaluateConfig:
     max_length: int = knob(30, "captioning: most generated tokens per caption, <eos> included", low=1, high=1024)
     batch_size: int = knob(64, "items per evaluation batch", low=1, high=65_536)
     compute_meteor: str = knob(
-        "auto", "METEOR needs Java: auto = when java is on PATH, else reported as null",
+        "auto", "METEOR (scored by the report stage, one Java process for every run): auto = when java is on "
+        "PATH, else reported as unavailable",
         choices=("auto", "always", "never"),
     )
 

@@ -7,7 +7,7 @@ Output folder (``artifacts/eval/{task}/{model}/``; baselines use the same layout
 
     predictions.jsonl   captioning: {"id", "hypothesis", "references": [...], "score"}
                         activity:   {"id", "predicted", "label", "score", "topk": [5 class names, best first]}
-    metrics.json        captioning: bleu_1..bleu_4, meteor (null without Java), rouge_l, cider_d, num_items,
+    metrics.json        captioning: bleu_1..bleu_4, meteor (null: the report stage scores it), rouge_l, cider_d, num_items,
                         decode_time_s, items_per_s (numbers only, so ``dvc metrics show`` stays readable)
                         activity: top_1, top_5, mean_class_accuracy, reversal_pair_accuracy,
                         reversal_swap_rate, num_items, decode_time_s, items_per_s
@@ -305,7 +305,8 @@ def evaluate_checkpoint(
     settings = {"beam_size": config.beam_size, "length_penalty": config.length_penalty,
                 "max_length": config.max_length}
     return write_caption_outputs(
-        out_dir, records, meteor=config.compute_meteor, seconds=seconds,  # type: ignore[arg-type]
+        # METEOR: null here; the report stage scores every run in one Java process (report.add_meteor).
+        out_dir, records, meteor="never", seconds=seconds,
         details={**about, **settings, "dropped": dataset.dropped},
     )
 

@@ -313,14 +313,33 @@ def java_available() -> bool:
 
 
 def _meteor(gts: dict[Any, list[str]], res: dict[Any, list[str]]) -> float:
+    return meteor_scores({"corpus": (gts, res)})["corpus"]
+
+
+def meteor_scores(corpora: Mapping[str, tuple[Mapping[Any, list[str]], Mapping[Any, list[str]]]]) -> dict[str, float]:
+    """METEOR of several corpora with one Java process: ``{name: (gts, res)}`` -> ``{name: score}``.
+
+    ``gts`` / ``res`` are coco-caption's dicts of PTB-tokenized captions (``{id: [refs...]}``, ``{id: [hyp]}``).
+    Starting METEOR (the JVM plus its paraphrase table, on the first call) costs 10-25 s here while scoring
+    150 items then takes about a second, so the report stage scores every run in one process rather than each
+    evaluate stage starting its own (docs/benchmarks.md, "Whole demo").
+    """
     from pycocoevalcap.meteor.meteor import Meteor
 
+    if not java_available():
+        raise RuntimeError("METEOR needs a Java runtime ('java' on PATH)")
     scorer = Meteor()  # starts `java -jar meteor-1.5.jar` in a subprocess
     try:
-        score, _ = scorer.compute_score(gts, res)
+        return {name: float(scorer.compute_score(dict(gts), dict(res))[0]) for name, (gts, res) in corpora.items()}
     finally:
         del scorer  # its __del__ kills the subprocess
-    return float(score)
+
+
+def tokenized_corpus(records: Sequence[Mapping[str, Any]]) -> tuple[dict[Any, list[str]], dict[Any, list[str]]]:
+    """(gts, res) of prediction records ``{"id", "hypothesis", "references"}``, PTB-tokenized as coco-caption does."""
+    gts = {r["id"]: [ptb_tokenize(str(c)) for c in r["references"]] for r in records}
+    res = {r["id"]: [ptb_tokenize(str(r["hypothesis"]))] for r in records}
+    return gts, res
 
 
 def caption_scores(

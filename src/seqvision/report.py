@@ -35,7 +35,7 @@ import numpy as np
 from seqvision.baselines_eval import BASELINES, PREFIX
 from seqvision.evaluate import CAPTION_SCALE, DETAILS, HEADLINE, METRICS, PREDICTIONS
 from seqvision.io import write_bytes, write_text
-from seqvision.metrics import ptb_tokenize, read_jsonl
+from seqvision.metrics import meteor_scores, ptb_tokenize, read_jsonl, tokenized_corpus
 from seqvision.models import MODELS, TASKS
 
 MODEL_FAMILIES = tuple(MODELS)
@@ -199,6 +199,42 @@ def load_runs(
         names += expected + [p for p in present if p not in expected]
         out[task] = [load_run(task, name, train_dir=train, eval_dir=eval_dir) for name in names]
     return out
+
+
+def add_meteor(runs: Mapping[str, list[Run]], *, mode: str = "auto") -> tuple[dict[str, list[Run]], str]:
+    """Every captioning run's METEOR, scored with one Java process for all of them: (runs, note).
+
+    The evaluate and baselines stages leave METEOR out (``null``): each would start the JVM and load METEOR's
+    paraphrase table again (10-25 s each here), while one process scores every run in about a second each.
+    ``mode``: ``auto`` scores when Java is on PATH (the table says "unavailable" otherwise), ``always`` raises
+    without Java, ``never`` skips. The note says which happened, for the log.
+    """
+    from seqvision.metrics import java_available
+
+    out = {task: list(task_runs) for task, task_runs in runs.items()}
+    if mode not in ("auto", "always", "never"):
+        raise ValueError(f"meteor mode must be auto, always or never, got {mode!r}")
+    if mode == "never":
+        return out, "METEOR not computed (compute_meteor: never)"
+    if not java_available():
+        if mode == "always":
+            raise RuntimeError("compute_meteor is 'always' but there is no Java runtime ('java' on PATH)")
+        return out, "METEOR unavailable: no Java runtime ('java' on PATH)"
+    corpora = {}
+    for task, task_runs in out.items():
+        if task == "activity":
+            continue
+        for i, run in enumerate(task_runs):
+            records = list(read_predictions(run).values()) if run.ok else []
+            if records and all(r.get("references") for r in records):
+                corpora[f"{task}/{i}"] = tokenized_corpus(records)
+    if not corpora:
+        return out, "METEOR: no captioning predictions to score"
+    for key, score in meteor_scores(corpora).items():
+        task, i = key.rsplit("/", 1)
+        run = out[task][int(i)]
+        out[task][int(i)] = run._replace(metrics={**run.metrics, "meteor": score})
+    return out, f"METEOR scored for {len(corpora)} captioning runs in one Java process"
 
 
 def read_predictions(run: Run) -> dict[str, dict[str, Any]]:
@@ -590,7 +626,8 @@ def table(task: str, runs: Sequence[Run]) -> tuple[list[str], list[tuple[Run, li
         cells = [
             run.name + (" (baseline)" if run.kind == "baseline" else ""),
             status,
-            *(_fmt(run.metrics.get(k)) for k in keys),
+            *("unavailable" if k == "meteor" and run.ok and run.metrics.get(k) is None else _fmt(run.metrics.get(k))
+              for k in keys),
             f"{int(params):,}" if _number(params) is not None else "—",
             _duration(run.info("train_time_s")),
             _fmt(run.info("samples_per_s"), 0),
