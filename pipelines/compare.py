@@ -555,6 +555,7 @@ def compare_flow(
                 tasks=tuple(t for t in TASKS if any(j.task == t for j in jobs)),
                 models=tuple(m for m in MODELS if any(j.model == m for j in jobs)),
                 parent_run_id=parent, mlflow=mlflow, repo_root=str(root),
+                meteor=load_params(params)["evaluate"].compute_meteor,
             )
             status["report"] = {k: str(v) for k, v in written["paths"].items()}
         except Exception as err:  # noqa: BLE001 - e.g. MLflow unreachable: the report files may still exist
