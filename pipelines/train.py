@@ -8,7 +8,9 @@ Tasks: activity, image_captioning, video_captioning. Models: rnn, lstm, gru, tra
 Reads the ``train`` section and ``models.<model>`` (+ ``models.match_params`` and, when that names a family,
 that family's section) of params.yaml; the whole file is validated first. Inputs: ``--features`` (every task),
 ``--tokens`` (captioning: ``{tokens}/video`` or ``{tokens}/image``), ``--activity-dir`` / ``--activity-split``
-(activity; default: params.yaml ``data:``).
+(activity; default: params.yaml ``data:``). With params.yaml ``encoder.finetune_encoder: true`` the model trains
+end to end: the encoder from ``--encoder`` (the encoder stage's encoder.pt) sits in front of it and trains with it,
+on the uint8 frames of ``--frames`` instead of the cached features (meant for GPUs: every step runs the CNN).
 
 Outputs in ``--out``: best.pt, last.pt, history.json, learning_curve.json (for ``dvc plots``), config.json,
 summary.json (see seqvision.experiment). With ``--resume`` (the default) a rerun continues from ``last.pt``
@@ -53,11 +55,13 @@ from pipelines.train_ddp import (  # noqa: F401 - DATA_DVC, RUN_ID_FILE: re-expo
     RUN_ID_FILE,
     USAGE_ERRORS,
     add_arguments,
+    finetune_encoder,
     open_run,
     resolve_configs,
 )
+from pipelines.train_ddp import load_data as load_task_data
 from seqvision import experiment
-from seqvision.config import ConfigError, ModelsConfig, TrainConfig
+from seqvision.config import ConfigError, ModelsConfig, TrainConfig, load_params
 from seqvision.tracking import PARENT_RUN_ENV, RUN_ID_ENV, NullTracker, tracking_uri
 from seqvision.train import resolve_device
 
@@ -76,10 +80,15 @@ def check_nproc(nproc_per_node: int, train_config: TrainConfig) -> None:
 
 
 def check_inputs(task_name: str, *, features: str | Path, tokens: str | Path | None,
-                 activity_dir: str | Path | None) -> None:
-    """Fail fast, naming the path, when an input the task reads is missing (before Prefect starts)."""
+                 activity_dir: str | Path | None, frames: str | Path | None = None) -> None:
+    """Fail fast, naming the path, when an input the task reads is missing (before Prefect starts).
+    ``frames``: set when the encoder is fine-tuned; the task then reads frame shards instead of features."""
     kind = "images" if task_name == "image_captioning" else "videos"
-    needed = [Path(features) / "index.json", Path(features) / f"{kind}-train.npy", Path(features) / f"{kind}-val.npy"]
+    if frames is not None:
+        needed = [Path(frames) / "index.json"]
+    else:
+        needed = [Path(features) / "index.json", Path(features) / f"{kind}-train.npy",
+                  Path(features) / f"{kind}-val.npy"]
     if task_name == "activity":
         if not activity_dir:
             raise ConfigError("activity needs its label lists: pass --activity-dir or set data.activity_dir")
@@ -94,27 +103,27 @@ def check_inputs(task_name: str, *, features: str | Path, tokens: str | Path | N
 
 
 @task(cache_policy=NO_CACHE)  # DVC decides what reruns, not a Prefect cache
-def load_data(task_name: str, features: str, tokens: str | None, activity_dir: str | None, activity_split: int,
-              seed: int) -> experiment.TaskData:
-    return experiment.load_task_data(task_name, features_dir=features, tokens_dir=tokens, activity_dir=activity_dir,
-                                     activity_split=activity_split, seed=seed)
+def load_data(task_name: str, features: str, tokens: str | None, data_config: Any, seed: int, *,
+              frames: str | None = None, encoder: Any = None) -> experiment.TaskData:
+    return load_task_data(task_name, features_dir=features, frames_dir=frames, encoder=encoder, tokens=tokens,
+                          data_config=data_config, seed=seed)
 
 
 @task(cache_policy=NO_CACHE, task_run_name="fit-{task_name}-{model}")
 def train_model(task_name: str, model: str, data: experiment.TaskData, train_config: TrainConfig,
                 models_config: ModelsConfig, out: str, *, repo_root: Path, tracking: bool, resume: bool,
-                progress: bool | None) -> experiment.TrainSummary:
+                progress: bool | None, encoder: Any = None) -> experiment.TrainSummary:
     logger = get_run_logger()
     if not tracking:
         return experiment.run(task_name, model, data=data, train_config=train_config, models_config=models_config,
-                              out_dir=out, resume=resume, progress=progress, log=logger.info)
+                              out_dir=out, resume=resume, progress=progress, log=logger.info, encoder=encoder)
     tracker, parent = open_run(task_name, model, train_config=train_config, models_config=models_config,
                                repo_root=repo_root)
     logger.info(f"MLflow run {tracker.run_id} under parent {parent}")
     with tracker:  # an exception marks the child run FAILED (KILLED for Ctrl-C) and propagates
         return experiment.run(task_name, model, data=data, train_config=train_config, models_config=models_config,
                               out_dir=out, tracker=tracker, parent_run_id=parent, resume=resume, progress=progress,
-                              log=logger.info)
+                              log=logger.info, encoder=encoder)
 
 
 def torchrun_command(nproc_per_node: int, worker_args: list[str]) -> list[str]:
@@ -177,7 +186,7 @@ def train_model_ddp(task_name: str, model: str, train_config: TrainConfig, model
 
 
 def worker_args(task: str, model: str, *, nproc_per_node: int, out: str, params: str, features: str,
-                tokens: str | None, activity_dir: str | None, activity_split: int | None, resume: bool, tracking: bool,
+                tokens: str | None, activity_dir: str | None, frames: str | None = None, encoder: str | None = None, activity_split: int | None, resume: bool, tracking: bool,
                 progress: bool | None, repo_root: Path) -> list[str]:
     """The flags of ``pipelines.train_ddp`` for one training. The workers share this process's torch threads
     (at least one each): N processes with all of them each would oversubscribe the CPU N times."""
@@ -185,7 +194,8 @@ def worker_args(task: str, model: str, *, nproc_per_node: int, out: str, params:
     args = ["--task", task, "--model", model, "--out", out, "--params", params, "--features", features,
             "--repo-root", str(repo_root), "--threads", str(threads),
             "--resume" if resume else "--no-resume", "--tracking" if tracking else "--no-tracking"]
-    for flag, value in (("--tokens", tokens), ("--activity-dir", activity_dir), ("--activity-split", activity_split)):
+    for flag, value in (("--tokens", tokens), ("--activity-dir", activity_dir), ("--activity-split", activity_split),
+                        ("--frames", frames), ("--encoder", encoder)):
         if value is not None:
             args += [flag, str(value)]
     if progress is not None:
@@ -209,12 +219,15 @@ def train_flow(
     progress: bool | None = None,
     repo_root: str | None = None,
     nproc_per_node: int = 1,
+    frames: str | None = "artifacts/frames",
+    encoder: str | None = "artifacts/encoder/encoder.pt",
 ) -> dict[str, Any]:
     """Train ``model`` on ``task`` into ``out``; returns ``summary.json``'s content.
 
     ``repo_root`` (default: the current directory, where DVC runs stages) anchors the MLflow store and the
     parent-run file ``.seqvision/parent_run_id``. ``activity_dir`` / ``activity_split``: default params.yaml ``data:``.
     ``nproc_per_node`` > 1: DDP over that many local processes under torchrun (see the module docstring).
+    ``frames`` / ``encoder``: read only when params.yaml ``encoder.finetune_encoder`` is on (end-to-end training).
     """
     experiment.check_names(task, model)
     paths, train_config, models_config = resolve_configs(params, activity_dir=activity_dir,
@@ -222,14 +235,17 @@ def train_flow(
     check_nproc(nproc_per_node, train_config)
     root = Path(repo_root).resolve() if repo_root else Path.cwd().resolve()
     # Loaded here in the DDP case too: bad inputs then fail (exit 2) before N processes start.
-    data = load_data(task, features, tokens, paths.activity_dir, paths.activity_split, train_config.seed)
+    frame_encoder = finetune_encoder(params, encoder)
+    data = load_data(task, features, tokens, paths, train_config.seed, frames=frames, encoder=frame_encoder)
     if nproc_per_node == 1:
         summary: Any = train_model(task, model, data, train_config, models_config, out, repo_root=root,
-                                   tracking=tracking, resume=resume, progress=progress)
+                                   tracking=tracking, resume=resume, progress=progress, encoder=frame_encoder)
         summary = dataclasses.asdict(summary)
     else:
         args = worker_args(task, model, nproc_per_node=nproc_per_node, out=out, params=params, features=features,
                            tokens=tokens, activity_dir=activity_dir, activity_split=activity_split, resume=resume,
+                           frames=frames if frame_encoder is not None else None,
+                           encoder=encoder if frame_encoder is not None else None,
                            tracking=tracking, progress=progress, repo_root=root)
         summary = train_model_ddp(task, model, train_config, models_config, out, nproc_per_node=nproc_per_node,
                                   worker_args=args, repo_root=root, tracking=tracking)
@@ -267,7 +283,14 @@ def main(argv: list[str] | None = None) -> int:
         experiment.check_names(args.task, args.model)
         paths, train_config, _ = resolve_configs(args.params, activity_dir=args.activity_dir,
                                                  activity_split=args.activity_split)
-        check_inputs(args.task, features=args.features, tokens=args.tokens, activity_dir=paths.activity_dir)
+        finetune = load_params(args.params)["encoder"].finetune_encoder
+        if finetune and not (args.frames and args.encoder):
+            raise ConfigError("encoder.finetune_encoder is on: pass --frames (artifacts/frames) and --encoder "
+                              "(artifacts/encoder/encoder.pt)")
+        check_inputs(args.task, features=args.features, tokens=args.tokens, activity_dir=paths.activity_dir,
+                     frames=args.frames if finetune else None)
+        if finetune and not Path(args.encoder).is_file():
+            raise FileNotFoundError(f"{args.encoder}: no such file; run the encoder stage first")
         if args.threads < 0:
             raise ConfigError(f"--threads must be >= 0, got {args.threads}")
         check_nproc(args.nproc_per_node, train_config)
@@ -281,6 +304,7 @@ def main(argv: list[str] | None = None) -> int:
             args.task, args.model, out=args.out, params=args.params, features=args.features, tokens=args.tokens,
             activity_dir=args.activity_dir, activity_split=args.activity_split, resume=args.resume,
             tracking=args.tracking, progress=args.progress, nproc_per_node=args.nproc_per_node,
+            frames=args.frames, encoder=args.encoder,
         )
     except USAGE_ERRORS as err:  # e.g. a malformed label list or artifacts from different data
         print(f"train: error: {err}", file=sys.stderr)

@@ -27,9 +27,10 @@ import traceback
 from pathlib import Path
 
 import torch
+from torch import nn
 
 from pipelines import common
-from seqvision import annotations, distributed, experiment, tracking
+from seqvision import annotations, distributed, experiment, features, tracking
 from seqvision.config import (
     ConfigError,
     DataConfig,
@@ -73,6 +74,30 @@ def open_run(task: str, model: str, *, train_config: TrainConfig, models_config:
     )
 
 
+def finetune_encoder(params: str | Path, encoder_path: str | Path | None) -> nn.Module | None:
+    """The trained frame encoder to fine-tune with the model when params.yaml ``encoder.finetune_encoder`` is on
+    (``None`` when it is off). Raises ``ConfigError`` / ``FileNotFoundError`` naming what is missing."""
+    if not load_params(params)["encoder"].finetune_encoder:
+        return None
+    if not encoder_path:
+        raise ConfigError("encoder.finetune_encoder is on: pass --encoder (artifacts/encoder/encoder.pt) and --frames")
+    return features.load_encoder(encoder_path)
+
+
+def load_data(task: str, *, features_dir: str, frames_dir: str | None, encoder: nn.Module | None,
+              tokens: str | None, data_config: DataConfig, seed: int) -> experiment.TaskData:
+    """The task's train/val data: cached features, or frame pixels when an encoder is fine-tuned."""
+    if encoder is None:
+        source, pixel_dim = features_dir, None
+    elif not frames_dir:
+        raise ConfigError("encoder.finetune_encoder is on: pass --frames (artifacts/frames)")
+    else:
+        source, pixel_dim = frames_dir, int(encoder.feature_dim)  # type: ignore[arg-type]
+    return experiment.load_task_data(task, features_dir=source, tokens_dir=tokens,
+                                     activity_dir=data_config.activity_dir, activity_split=data_config.activity_split,
+                                     seed=seed, pixel_feature_dim=pixel_dim)
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The train stage's flags, shared by ``pipelines.train`` and this worker."""
     parser.add_argument("--task", required=True, help=f"one of {', '.join(experiment.TASKS)}")
@@ -80,6 +105,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--params", default="params.yaml", help="params file (train and models sections)")
     parser.add_argument("--features", required=True, help="feature folder (artifacts/features)")
     parser.add_argument("--tokens", default=None, help="token folder (artifacts/tokens); captioning only")
+    parser.add_argument("--encoder", default=None,
+                        help="the encoder stage's encoder.pt; read only when params.yaml encoder.finetune_encoder is "
+                             "on: the model then trains with this encoder in front, on --frames pixels")
+    parser.add_argument("--frames", default=None,
+                        help="frame folder (artifacts/frames); read only with encoder.finetune_encoder")
     parser.add_argument("--activity-dir", default=None,
                         help="UCF101-style classInd.txt + split lists; activity only (default: params.yaml "
                              "data.activity_dir)")
@@ -113,9 +143,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def train(args: argparse.Namespace, data_config: DataConfig, train_config: TrainConfig,
           models_config: ModelsConfig) -> experiment.TrainSummary:
     """This rank's part of one training; the process group is already up."""
-    data = experiment.load_task_data(args.task, features_dir=args.features, tokens_dir=args.tokens,
-                                     activity_dir=data_config.activity_dir,
-                                     activity_split=data_config.activity_split, seed=train_config.seed)
+    encoder = finetune_encoder(args.params, args.encoder)
+    data = load_data(args.task, features_dir=args.features, frames_dir=args.frames, encoder=encoder,
+                     tokens=args.tokens, data_config=data_config, seed=train_config.seed)
     tracker: tracking.Tracker | tracking.NullTracker = tracking.NullTracker()
     parent = None
     if args.tracking and distributed.is_rank0():
@@ -125,7 +155,7 @@ def train(args: argparse.Namespace, data_config: DataConfig, train_config: Train
         return experiment.run(
             args.task, args.model, data=data, train_config=train_config, models_config=models_config,
             out_dir=args.out, tracker=tracker, parent_run_id=parent, resume=args.resume, progress=args.progress,
-            log=lambda note: print(f"train_ddp: {note}", flush=True),
+            log=lambda note: print(f"train_ddp: {note}", flush=True), encoder=encoder,
         )
 
 

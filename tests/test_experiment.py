@@ -360,3 +360,49 @@ def test_flow_runs_are_children_of_one_parent_and_failures_are_marked(artifacts,
     assert third["mlflow_parent_run_id"] != parent
     assert (tmp_path / ".seqvision" / "parent_run_id").read_text().strip() == third["mlflow_parent_run_id"]
 
+
+
+def make_frames(root: Path, artifacts: dict[str, Path]) -> Path:
+    """A frame folder with the same items as the tiny features: uint8 clips (n, FRAMES, 16, 16, 3) whose
+    brightness encodes the class, one shard per kind and split."""
+    frames = root / "frames"
+    frames.mkdir()
+    index = json.loads((artifacts["features"] / "index.json").read_text())
+    for split, n in SPLITS.items():
+        labels = np.array([label_of(i) for i in range(n)])
+        clips = np.broadcast_to((40 + 80 * labels).astype(np.uint8)[:, None, None, None, None], (n, FRAMES, 16, 16, 3))
+        np.save(frames / f"videos-{split}-000.npy", np.ascontiguousarray(clips))
+    (frames / "index.json").write_text(json.dumps({"videos": index["videos"], "images": []}))
+    return frames
+
+
+def test_finetune_encoder_trains_the_encoder_with_the_model_from_pixels(artifacts, tmp_path, prefect_harness):
+    from pipelines import train as stage
+    from seqvision.encoders import SmallCNN, SmallCNNConfig, encoder_state
+
+    frames = make_frames(tmp_path, artifacts)
+    encoder = SmallCNN(SmallCNNConfig(feature_dim=DIM, grid=2, width=4))
+    torch.save(encoder_state(encoder), tmp_path / "encoder.pt")
+    params = write_params(tmp_path / "params.yaml", epochs=1)
+    raw = yaml.safe_load(params.read_text())
+    raw["encoder"] = {"finetune_encoder": True, "feature_dim": DIM}
+    params.write_text(yaml.safe_dump(raw))
+
+    summary = stage.train_flow("activity", "gru", out=str(tmp_path / "out"), params=str(params),
+                               features=str(artifacts["features"]), activity_dir=str(artifacts["activity_dir"]),
+                               frames=str(frames), encoder=str(tmp_path / "encoder.pt"), tracking=False)
+    best = torch.load(tmp_path / "out" / "best.pt", map_location="cpu", weights_only=False)
+    assert "encoder" in best  # the checkpoint carries its own (fine-tuned) encoder
+    rebuilt = models.build_from_checkpoint(best)
+    assert isinstance(rebuilt, models.PixelModel)
+    before = dict(encoder.state_dict())
+    after = rebuilt.pixels.encoder.state_dict()
+    assert any(not torch.equal(before[k], after[k]) for k in before if before[k].is_floating_point())
+    assert summary["num_parameters"] == models.count_parameters(rebuilt)
+    assert summary["num_parameters"] > models.count_parameters(rebuilt.model)  # the encoder's weights count too
+
+    # missing --frames/--encoder with the knob on: one clean line, exit 2
+    code = stage.main(["--task", "activity", "--model", "gru", "--params", str(params), "--features",
+                       str(artifacts["features"]), "--activity-dir", str(artifacts["activity_dir"]), "--out",
+                       str(tmp_path / "x"), "--no-tracking"])
+    assert code == 2 and not (tmp_path / "x").exists()

@@ -33,6 +33,7 @@ data is sharded, rank 0 alone decides whether to resume, writes the outputs and 
 from __future__ import annotations
 
 import collections
+import copy
 import dataclasses
 import hashlib
 import json
@@ -115,11 +116,11 @@ def _visual_kind(task: str) -> str:
     return "images" if task == "image_captioning" else "videos"
 
 
-def _stores(features_dir: Path, kind: str) -> dict[str, VisualStore]:
+def _stores(features_dir: Path, kind: str, *, pixels: bool = False) -> dict[str, VisualStore]:
     stores = {}
     for split in ("train", "val"):
         array = features_dir / f"{kind}-{split}.npy"
-        if not array.is_file():
+        if not pixels and not array.is_file():
             raise FileNotFoundError(f"{array}: no such feature array; run the features stage first")
         if not (features_dir / "index.json").is_file():
             raise FileNotFoundError(f"{features_dir / 'index.json'}: missing; run the features stage first")
@@ -135,20 +136,26 @@ def load_task_data(
     activity_dir: str | Path | None = None,
     activity_split: int = 1,
     seed: int = 0,
+    pixel_feature_dim: int | None = None,
 ) -> TaskData:
     """Train and val datasets of ``task``.
 
     ``features_dir``: ``artifacts/features`` (``{videos,images}-{split}.npy`` + ``index.json``). Captioning reads
     ``{tokens_dir}/video`` or ``{tokens_dir}/image`` (vocab, ids, references); activity reads the UCF101-style
     lists in ``activity_dir`` (split ``activity_split``). ``seed`` drives the per-epoch caption sampling.
+    ``pixel_feature_dim``: set for ``encoder.finetune_encoder``: ``features_dir`` is then the frames folder
+    (``artifacts/frames``, uint8 pixels) and this is the feature size the encoder in front of the model emits.
     Raises ``FileNotFoundError`` / ``ValueError`` naming the missing input or the empty split.
     """
     if task not in TASKS:
         raise ValueError(f"unknown task {task!r}; expected one of {', '.join(TASKS)}")
     features_dir = Path(features_dir)
     kind = _visual_kind(task)
-    stores = _stores(features_dir, kind)
-    inputs = [features_dir / "index.json", *(features_dir / f"{kind}-{s}.npy" for s in ("train", "val"))]
+    pixels = pixel_feature_dim is not None
+    stores = _stores(features_dir, kind, pixels=pixels)
+    inputs = [features_dir / "index.json"]
+    if not pixels:
+        inputs += [features_dir / f"{kind}-{s}.npy" for s in ("train", "val")]
 
     num_classes = vocab = max_length = None
     if task == "activity":
@@ -192,7 +199,7 @@ def load_task_data(
                 f"{'labels' if task == 'activity' else 'captions'}; do the artifacts come from the same data?"
             )
     store = stores["train"]
-    feature_dim = int(store.row(store.ids[0]).shape[-1])
+    feature_dim = pixel_feature_dim if pixels else int(store.row(store.ids[0]).shape[-1])
     dropped = len(train_set.dropped) + len(val_set.dropped)  # type: ignore[attr-defined]
     return TaskData(task, train_set, val_set, feature_dim, num_classes, vocab, max_length, tuple(inputs), dropped,
                     constant)
@@ -287,7 +294,8 @@ def _file_digest(path: Path) -> str:
     return digest.hexdigest()
 
 
-def fingerprint(task: str, family: str, config: Any, train_config: TrainConfig, inputs: Sequence[Path]) -> str:
+def fingerprint(task: str, family: str, config: Any, train_config: TrainConfig, inputs: Sequence[Path], *,
+                finetune_encoder: bool = False) -> str:
     """SHA-256 over what decides a training's result: names, effective model config, the train knobs that change
     the maths (not ``device``, ``num_workers`` & co., which fit allows to change on resume) and input contents."""
     train_knobs = {k: v for k, v in to_dict(train_config).items() if k not in _RESUMABLE_CHANGES}
@@ -298,6 +306,8 @@ def fingerprint(task: str, family: str, config: Any, train_config: TrainConfig, 
         "train": train_knobs,
         "inputs": [_file_digest(Path(p)) for p in inputs],
     }
+    if finetune_encoder:  # only when set, so fingerprints of feature-based runs stay what they were
+        blob["finetune_encoder"] = True
     return hashlib.sha256(json.dumps(blob, sort_keys=True, default=str).encode()).hexdigest()
 
 
@@ -426,6 +436,7 @@ def run(
     resume: bool = True,
     progress: bool | None = None,
     log: Any = print,
+    encoder: nn.Module | None = None,
 ) -> TrainSummary:
     """Train ``family`` on ``task`` and write every output into ``out_dir`` (see the module docstring).
 
@@ -433,6 +444,8 @@ def run(
     model config, parameter count, headline metrics, ``config.json``, ``summary.json`` and ``best.pt``.
     ``resume``: continue from ``out_dir/last.pt`` when its fingerprint matches (else start afresh).
     ``log``: where one-line notes go (resume decisions, warnings).
+    ``encoder``: for ``encoder.finetune_encoder``: this trained frame encoder goes in front of the model and
+    trains with it (``models.PixelModel``); ``data`` must then come from frames (``pixel_feature_dim``).
     Under DDP only rank 0 logs, writes and tracks; ``train.batch_size`` is the global batch.
     """
     check_names(task, family)
@@ -449,7 +462,7 @@ def run(
         config = model_config(task, family, models_config, data=data)
     for w in caught:
         log(f"warning: {w.message}")
-    key = fingerprint(task, family, config, train_config, data.inputs)
+    key = fingerprint(task, family, config, train_config, data.inputs, finetune_encoder=encoder is not None)
     resumed_from = None
     if rank0:
         resumed_from = _resume_point(out_dir, key, log) if resume else None
@@ -462,6 +475,8 @@ def run(
 
     seed_everything(train_config.seed)  # before building, so the initial weights are reproducible
     model = build(task, family, config, data=data, tbptt_steps=train_config.tbptt_steps)
+    if encoder is not None:
+        model = models.PixelModel(copy.deepcopy(encoder), model)
     num_parameters = models.count_parameters(model)
     device = resolve_device(train_config.device)
     workers = train_config.num_workers

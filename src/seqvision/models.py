@@ -129,6 +129,11 @@ class PixelModel(nn.Module):
     def step(self, prev_tokens: torch.Tensor, state: Any, memory: Any) -> Any:
         return self.model.step(prev_tokens, state, memory)
 
+    def checkpoint_metadata(self) -> dict[str, Any]:
+        """Added to every checkpoint ``train.fit`` writes, so that :func:`build_from_checkpoint` rebuilds the pair:
+        the encoder's config (its weights in the checkpoint's ``model`` state dict are the fine-tuned ones)."""
+        return {"encoder": encoder_state(self.pixels.encoder)}
+
 
 def checkpoint_state(model: nn.Module, *, task: str, family: str) -> dict[str, Any]:
     """The part of a checkpoint that rebuilds the model: {"task", "family", "config", "model"} (+ "encoder" for a
@@ -153,11 +158,18 @@ def build_from_checkpoint(checkpoint: Mapping[str, Any], *, load_weights: bool =
     task, family = checkpoint["task"], checkpoint["family"]
     config = MODEL_CONFIGS[family](**checkpoint["config"])
     model = MODELS[family][task](config)
+    if "encoder" not in checkpoint:
+        if load_weights:
+            model.load_state_dict(checkpoint["model"])
+        return model
+    pixel_model = PixelModel(encoder_from_checkpoint(checkpoint["encoder"]), model)
     if load_weights:
-        model.load_state_dict(checkpoint["model"])
-    if "encoder" in checkpoint:
-        return PixelModel(encoder_from_checkpoint(checkpoint["encoder"]), model)
-    return model
+        state = checkpoint["model"]
+        if any(key.startswith("pixels.") for key in state):  # train.fit saves the whole PixelModel (fine-tuned encoder)
+            pixel_model.load_state_dict(state)
+        else:  # checkpoint_state: the inner model; the encoder's weights are in "encoder"
+            model.load_state_dict(state)
+    return pixel_model
 
 
 # --------------------------------------------------------------------------------------------------------

@@ -605,6 +605,9 @@ def model_metadata(model: nn.Module) -> dict[str, Any]:
     for attr in ("task", "family"):
         if hasattr(model, attr):
             meta[attr] = getattr(model, attr)
+    extra = getattr(model, "checkpoint_metadata", None)  # e.g. models.PixelModel: its encoder's config
+    if callable(extra):
+        meta.update(extra())
     return meta
 
 
