@@ -39,6 +39,10 @@ data: $(STAMP) ## generate the default synthetic benchmark into data/ and check 
 demo: $(STAMP) ## generate data/ if absent, then run the whole pipeline with dvc repro
 	@if [ ! -d data/annotations ]; then $(MAKE) --no-print-directory data; fi
 	scripts/with-prefect-server $(VENV)/bin/dvc repro
+	@echo ""
+	@echo "Report:  $(abspath reports/report.html)  (self-contained; also reports/report.md)"
+	@echo "Metrics: dvc metrics show    Plots: dvc plots show"
+	@echo "MLflow:  make mlflow-ui  ->  http://127.0.0.1:$(MLFLOW_PORT)"
 
 test: $(STAMP) ## run the whole test suite
 	$(PY) -m pytest -n 2 --dist loadgroup
