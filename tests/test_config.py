@@ -86,3 +86,13 @@ def test_every_knob_becomes_a_documented_flag() -> None:
         assert flag in help_text
     args = parser.parse_args(["--fps", "8", "--videos.train", "5", "--no-long-range"])
     assert overrides_from_args(args) == {"fps": 8, "videos": {"train": 5}, "long_range": False}
+
+
+def test_params_rewritten_by_dvc_exp_run_keep_their_strings(tmp_path):
+    """`dvc exp run -S` rewrites params.yaml as YAML 1.2 and drops the quotes of "off"."""
+    text = Path("params.yaml").read_text().replace('match_params: "off"', "match_params: off")
+    assert "match_params: off\n" in text
+    (tmp_path / "params.yaml").write_text(text + "\n")
+    loaded = load_params(tmp_path / "params.yaml")
+    assert loaded["models"].match_params == "off"
+    assert loaded["train"].deterministic is True  # true/false stay booleans

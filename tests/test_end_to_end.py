@@ -383,16 +383,6 @@ def _dvc_files(root: Path) -> dict[str, bytes]:
             for top in ("data", "artifacts", "reports") for p in sorted((root / top).rglob("*")) if p.is_file()}
 
 
-def _uncached(root: Path, files: list[str]) -> bool:
-    """Whether every one of ``files`` is (inside) an output declared `cache: false` in dvc.yaml."""
-    from dvc.repo import Repo
-
-    with Repo(str(root)) as repo:
-        uncached = [Path(out.fs_path).relative_to(root) for stage in repo.index.stages
-                    for out in stage.outs if not out.use_cache]
-    return all(any(Path(f) == out or out in Path(f).parents for out in uncached) for f in files)
-
-
 def test_push_then_pull_into_a_fresh_clone_through_the_default_local_remote(
     scratch: Scratch, first_repro: str
 ) -> None:
@@ -417,11 +407,7 @@ def test_push_then_pull_into_a_fresh_clone_through_the_default_local_remote(
         assert original.get(rel) == content, f"{rel} differs after the round trip"
     missing = sorted(set(original) - set(pulled))
     status = json.loads(_run([DVC, "status", "--json"], clone, env).stdout)
-    if missing and _uncached(root, missing):
-        # Known gap, reported: `cache: false` outputs (metrics, summaries, plots) belong in Git, but the
-        # repository's .gitignore ignores /artifacts/ and /reports/, so they are neither committed nor pushed.
-        pytest.xfail(f"{len(missing)} `cache: false` outputs are git-ignored, so not shared: {missing[:3]} ...")
-    assert missing == []
+    assert missing == [], f"{len(missing)} outputs did not come back with dvc pull: {missing[:5]}"
     assert status == {}
 
 
@@ -451,9 +437,6 @@ def _child_runs_with_epochs(scratch: Scratch, epochs: int, since_ms: int) -> lis
             and "mlflow.parentRunId" in r.data.tags and r.data.params.get("train.epochs") == str(epochs)]
 
 
-# `dvc exp run -S` rewrites params.yaml with ruamel.yaml (YAML 1.2) and drops the quotes of
-# `match_params: "off"`; PyYAML (YAML 1.1) then reads `off` as False and every train stage refuses it.
-KNOWN_OFF_BUG = "models.match_params: expected an integer or a string, got False"
 
 
 def test_exp_run_and_queued_experiments_reach_mlflow(scratch: Scratch, first_repro: str) -> None:
@@ -465,8 +448,6 @@ def test_exp_run_and_queued_experiments_reach_mlflow(scratch: Scratch, first_rep
     since = int(time.time() * 1000)
     proc = _run([DVC, "exp", "run", "-n", "e2e-workspace", "-S", f"train.epochs={EPOCHS + 1}", target],
                 root, env, check=False)
-    if proc.returncode != 0 and KNOWN_OFF_BUG in proc.stdout + proc.stderr:
-        pytest.xfail(f"known bug, reported: `dvc exp run -S` rewrites params.yaml so that {KNOWN_OFF_BUG}")
     assert proc.returncode == 0, f"dvc exp run failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
     assert _ran(proc.stdout) == {target}
     [run] = _child_runs_with_epochs(scratch, EPOCHS + 1, since)

@@ -53,8 +53,13 @@ def batch_spy(monkeypatch):
 
 def test_tracking_uri_is_absolute_sqlite_unless_the_environment_says_otherwise(monkeypatch, tmp_path):
     monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("DVC_ROOT", raising=False)
     uri = tracking.tracking_uri(Path("some/repo"))
     assert uri == f"sqlite:///{tmp_path / 'some/repo/mlflow.db'}" and uri.startswith("sqlite:////")
+    # inside `dvc exp run --queue/--temp` the stage runs in a temporary copy; DVC names the real root
+    monkeypatch.setenv("DVC_ROOT", str(tmp_path / "main"))
+    assert tracking.tracking_uri(Path(".dvc/tmp/exps/tmpabc")) == f"sqlite:///{tmp_path / 'main/mlflow.db'}"
+    monkeypatch.delenv("DVC_ROOT")
     assert tracking.artifact_location(uri) == (tmp_path / "some/repo/mlartifacts").as_uri()
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://tracking.example:5000")
     assert tracking.tracking_uri(Path("x")) == "http://tracking.example:5000"

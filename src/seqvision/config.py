@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import re
 import types
 import typing
 from collections.abc import Mapping, Sequence
@@ -453,6 +454,20 @@ SECTIONS: dict[str, type] = {
 }
 
 
+class _Yaml12Loader(yaml.SafeLoader):
+    """PyYAML's safe loader with YAML 1.2 booleans (``true``/``false`` only). ``dvc exp run -S`` rewrites
+    params.yaml with ruamel.yaml (YAML 1.2), which drops the quotes of ``match_params: "off"``; YAML 1.1, PyYAML's
+    default, would then read ``off`` as False."""
+
+
+_Yaml12Loader.yaml_implicit_resolvers = {
+    first: [(tag, regexp) for tag, regexp in resolvers if tag != "tag:yaml.org,2002:bool"]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+_Yaml12Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF"))
+
+
 def load_params(path: str | Path, *, sections: Mapping[str, type] | None = None) -> dict[str, Any]:
     """Read and validate every section of a params file.
 
@@ -464,7 +479,7 @@ def load_params(path: str | Path, *, sections: Mapping[str, type] | None = None)
     if not path.is_file():
         raise ConfigError(f"{path}: no such params file; copy params.yaml from the repository root")
     try:
-        raw = yaml.safe_load(path.read_text())
+        raw = yaml.load(path.read_text(), Loader=_Yaml12Loader)  # noqa: S506 - a SafeLoader subclass
     except yaml.YAMLError as err:
         raise ConfigError(f"{path}: not valid YAML: {err}") from None
     raw = raw or {}

@@ -50,11 +50,15 @@ _MAX_PARAM_LENGTH = 6000
 
 
 def tracking_uri(repo_root: str | Path) -> str:
-    """``MLFLOW_TRACKING_URI`` if set, else the absolute ``sqlite:///{repo_root}/mlflow.db``."""
+    """``MLFLOW_TRACKING_URI`` if set, else the absolute ``sqlite:///{root}/mlflow.db`` where root is ``$DVC_ROOT``
+    when DVC runs the stage, else ``repo_root``."""
     env = os.environ.get("MLFLOW_TRACKING_URI")
     if env:
         return env
-    return f"sqlite:///{Path(repo_root).resolve() / 'mlflow.db'}"
+    # DVC passes the main repository's root as $DVC_ROOT to every stage, also inside the temporary copy that
+    # `dvc exp run --queue/--temp` works in (and deletes afterwards): runs must land in the real repository.
+    root = os.environ.get("DVC_ROOT") or repo_root
+    return f"sqlite:///{Path(root).resolve() / 'mlflow.db'}"
 
 
 def artifact_location(uri: str) -> str | None:
