@@ -24,7 +24,7 @@ from typing import Any
 from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
-from pipelines.common import resolve_configs
+from pipelines.common import resolve_configs, stage_work
 from seqvision import annotations
 from seqvision.baselines_eval import BASELINES, PREFIX, run_baselines
 from seqvision.config import ConfigError
@@ -35,7 +35,8 @@ INPUT_ERRORS = (ConfigError, FileNotFoundError, annotations.AnnotationError, Val
 
 @task(cache_policy=NO_CACHE, task_run_name="baselines-{task_name}")
 def task_baselines(task_name: str, **kwargs: Any) -> list[tuple[str, dict[str, Any]]]:
-    return [(r.name, r.metrics) for r in run_baselines([task_name], **kwargs)]
+    with stage_work("baselines"):
+        return [(r.name, r.metrics) for r in run_baselines([task_name], **kwargs)]
 
 
 @flow(name="baselines")
@@ -55,7 +56,8 @@ def baselines_flow(
                                    "evaluate")
     activity = None
     if "activity" in tasks:
-        activity = load_activity_labels(data.activity_dir, data.activity_split)
+        with stage_work("baselines"):
+            activity = load_activity_labels(data.activity_dir, data.activity_split)
     results: dict[str, dict[str, dict[str, Any]]] = {}
     for task_name in tasks:
         done = task_baselines(task_name, features_dir=features, tokens_dir=tokens, activity=activity,

@@ -25,7 +25,7 @@ from typing import Any
 from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
-from pipelines.common import resolve_configs
+from pipelines.common import resolve_configs, stage_work
 from seqvision import annotations
 from seqvision.config import ConfigError
 from seqvision.evaluate import HEADLINE, evaluate_checkpoint, load_activity_labels
@@ -36,7 +36,8 @@ INPUT_ERRORS = (ConfigError, FileNotFoundError, annotations.AnnotationError, Val
 
 @task(cache_policy=NO_CACHE)  # DVC decides what reruns, not a Prefect cache
 def evaluate_model(task_name: str, model: str, **kwargs: Any) -> dict[str, Any]:
-    return evaluate_checkpoint(task_name, family=model, **kwargs)
+    with stage_work("evaluate"):
+        return evaluate_checkpoint(task_name, family=model, **kwargs)
 
 
 @flow(name="evaluate")
@@ -60,7 +61,8 @@ def evaluate_flow(
                                    "evaluate")
     activity = None
     if task_name == "activity":
-        activity = load_activity_labels(data.activity_dir, data.activity_split)
+        with stage_work("evaluate"):
+            activity = load_activity_labels(data.activity_dir, data.activity_split)
     result = evaluate_model(
         task_name, model, checkpoint=checkpoint, features_dir=features, frames_dir=frames, tokens_dir=tokens,
         activity=activity, out_dir=out, config=config, device=device,

@@ -32,7 +32,7 @@ from prefect.states import Failed, State
 from seqvision import annotations, frames
 from seqvision.config import ConfigError, DataConfig
 
-from pipelines.common import add_data_arguments, data_overrides, resolve_configs
+from pipelines.common import add_data_arguments, data_overrides, resolve_configs, stage_work
 
 
 def check_inputs(data: DataConfig) -> None:
@@ -58,19 +58,21 @@ def check_inputs(data: DataConfig) -> None:
 def load_records(data: DataConfig) -> tuple[list[Any], list[Any]]:
     """(video records, image records) for the sources that are configured."""
     videos: list[Any] = []
-    if data.video_captions or data.activity_dir:
-        videos = annotations.load_video_records(
-            video_dir=data.video_dir,
-            video_captions=data.video_captions,
-            video_captions_format=data.video_captions_format,
-            activity_dir=data.activity_dir,
-            activity_split=data.activity_split,
-        )
     images: list[Any] = []
-    if data.image_captions_dir or data.karpathy_split:
-        images = annotations.load_image_records(
-            image_dir=data.image_dir, image_captions_dir=data.image_captions_dir, karpathy_split=data.karpathy_split
-        )
+    with stage_work("extract"):
+        if data.video_captions or data.activity_dir:
+            videos = annotations.load_video_records(
+                video_dir=data.video_dir,
+                video_captions=data.video_captions,
+                video_captions_format=data.video_captions_format,
+                activity_dir=data.activity_dir,
+                activity_split=data.activity_split,
+            )
+        if data.image_captions_dir or data.karpathy_split:
+            images = annotations.load_image_records(
+                image_dir=data.image_dir, image_captions_dir=data.image_captions_dir,
+                karpathy_split=data.karpathy_split,
+            )
     return videos, images
 
 
@@ -94,7 +96,8 @@ def _retry_on_io_error(task: Any, task_run: Any, state: Any) -> bool:
 )
 def extract_shard(extractor: frames.FrameExtractor, plan: frames.ShardPlan) -> frames.ShardResult:
     """Decode one shard's files and write its .npy (atomically, so a retry starts clean)."""
-    return extractor.extract_shard(plan)
+    with stage_work("extract"):
+        return extractor.extract_shard(plan)
 
 
 @flow(name="extract")
@@ -140,7 +143,8 @@ def extract_flow(
         shards = [extract_shard(extractor, plan) for plan in plans]
     result = frames.summarize(shards, num_videos=len(videos), num_images=len(images))
     try:
-        frames.finalize(out, config=config, result=result)
+        with stage_work("extract"):
+            frames.finalize(out, config=config, result=result)
     except frames.TooManySkipped as err:  # a verdict on the data, not a crash: no traceback in the log
         return Failed(message=str(err))
     stats = summary_stats(result)

@@ -34,6 +34,7 @@ from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 from tqdm.auto import tqdm
 
+from pipelines.common import stage_work
 from seqvision import features
 from seqvision.config import ConfigError, EncoderConfig, load_params
 from seqvision.encoders import RandomWeightsWarning
@@ -66,15 +67,16 @@ def check_encoder_inputs(config: EncoderConfig, *, frames: str | Path, metadata:
 def train_small_cnn(config: EncoderConfig, frames: str, metadata: str, device: str) -> features.EncoderRun:
     """Attribute training of the small CNN on the train split (val scored every epoch)."""
     logger = get_run_logger()
-    return features.train_attribute_encoder(config, frames_dir=frames, metadata_path=metadata, device=device,
-                                            log=logger.info)
+    with stage_work("encoder"):
+        return features.train_attribute_encoder(config, frames_dir=frames, metadata_path=metadata, device=device,
+                                                log=logger.info)
 
 
 @task(cache_policy=NO_CACHE)
 def load_backbone(config: EncoderConfig) -> features.EncoderRun:
     """A torchvision backbone from its local weights file; random weights are logged as a warning."""
     logger = get_run_logger()
-    with warnings.catch_warnings(record=True) as caught:
+    with warnings.catch_warnings(record=True) as caught, stage_work("encoder"):
         warnings.simplefilter("always", RandomWeightsWarning)
         run = features.pretrained_encoder(config)
     for warning in caught:
@@ -102,7 +104,8 @@ def encoder_flow(
         run = train_small_cnn(config, frames, metadata, device)
     else:
         run = load_backbone(config)
-    features.save_encoder(run, out)
+    with stage_work("encoder"):
+        features.save_encoder(run, out)
     stats = {"backbone": config.backbone, "trained": run.history["trained"], "metrics": run.metrics,
              "seconds": run.history.get("seconds", {}), "random_weights": run.history.get("random_weights", False)}
     logger.info(encoder_summary(stats))
@@ -139,8 +142,9 @@ def encode_array(
     encoder: torch.nn.Module, frames: str, job: features.FeatureJob, out: str, batch_size: int, device: str, bar: Any
 ) -> tuple[int, ...]:
     """One ``{kind}-{split}.npy`` (written atomically, so a retry starts clean)."""
-    return features.write_feature_array(encoder, frames, job, out, batch_size=batch_size, device=device,
-                                        on_frames=bar.update)
+    with stage_work("features"):
+        return features.write_feature_array(encoder, frames, job, out, batch_size=batch_size, device=device,
+                                            on_frames=bar.update)
 
 
 @flow(name="features")
@@ -155,15 +159,17 @@ def features_flow(
 ) -> dict[str, Any]:
     """Encode every frame shard of ``frames`` with the encoder checkpoint; returns ``{file: shape}``."""
     logger = get_run_logger()
-    model = features.load_encoder(encoder)
-    device = resolve_device(device)
-    jobs = features.plan_features(frames)
-    features.start_features(out)
+    with stage_work("features"):
+        model = features.load_encoder(encoder)
+        device = resolve_device(device)
+        jobs = features.plan_features(frames)
+        features.start_features(out)
     logger.info(f"{len(jobs)} arrays, {features.count_frames(jobs)} frames, encoder {type(model).__name__} "
                 f"(D = {model.feature_dim}, grid {model.grid}x{model.grid}) on {device}")
     with tqdm(total=features.count_frames(jobs), unit="frame", desc="features", disable=not progress) as bar:
         shapes = {job.name: encode_array(model, frames, job, out, batch_size, device, bar) for job in jobs}
-    features.write_feature_index(frames, out, encoder_info=features.encoder_info(model), shapes=shapes)
+    with stage_work("features"):
+        features.write_feature_index(frames, out, encoder_info=features.encoder_info(model), shapes=shapes)
     logger.info(features_summary(shapes))
     return shapes
 

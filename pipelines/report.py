@@ -30,6 +30,7 @@ from typing import Any
 from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
+from pipelines.common import stage_work
 from seqvision import report
 from seqvision.models import MODELS, TASKS
 from seqvision.tracking import PARENT_RUN_ENV
@@ -41,18 +42,21 @@ class TrackingError(RuntimeError):
 
 @task(cache_policy=NO_CACHE)
 def collect(train: str, evals: str, tasks: tuple[str, ...], models: tuple[str, ...]) -> dict[str, list[Any]]:
-    return report.load_runs(train_dir=train, eval_dir=evals, tasks=tasks, models=models)
+    with stage_work("report"):
+        return report.load_runs(train_dir=train, eval_dir=evals, tasks=tasks, models=models)
 
 
 @task(cache_policy=NO_CACHE)
 def score_meteor(runs: dict[str, list[Any]], mode: str) -> tuple[dict[str, list[Any]], str]:
-    return report.add_meteor(runs, mode=mode)
+    with stage_work("report"):
+        return report.add_meteor(runs, mode=mode)
 
 
 @task(cache_policy=NO_CACHE)
 def render(runs: dict[str, list[Any]], frames: str | None, out: str, examples: int) -> dict[str, Path]:
-    sections = report.build_sections(runs, frames_dir=frames, examples=examples)
-    return report.write_report(sections, out)
+    with stage_work("report"):
+        sections = report.build_sections(runs, frames_dir=frames, examples=examples)
+        return report.write_report(sections, out)
 
 
 @task(cache_policy=NO_CACHE)

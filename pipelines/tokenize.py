@@ -21,26 +21,28 @@ from seqvision import annotations
 from seqvision.config import ConfigError, DataConfig, TokenizeConfig
 from seqvision.vocab import tokenize_corpus, write_corpus
 
-from pipelines.common import add_data_arguments, data_overrides, resolve_configs
+from pipelines.common import add_data_arguments, data_overrides, resolve_configs, stage_work
 
 
 @task(cache_policy=NO_CACHE)  # DVC decides what reruns, not a Prefect cache
 def load_corpora(data: DataConfig) -> dict[str, list[Any]]:
     """{"video": captioned video records, "image": image records}, for the sources that are configured."""
     corpora: dict[str, list[Any]] = {}
-    if data.video_captions:
-        records = annotations.load_video_records(
-            video_dir=data.video_dir,
-            video_captions=data.video_captions,
-            video_captions_format=data.video_captions_format,
-            activity_dir=data.activity_dir,  # read too, so a split conflict with the labels is caught here
-            activity_split=data.activity_split,
-        )
-        corpora["video"] = [r for r in records if r.captions]
-    if data.image_captions_dir or data.karpathy_split:
-        corpora["image"] = annotations.load_image_records(
-            image_dir=data.image_dir, image_captions_dir=data.image_captions_dir, karpathy_split=data.karpathy_split
-        )
+    with stage_work("tokenize"):
+        if data.video_captions:
+            records = annotations.load_video_records(
+                video_dir=data.video_dir,
+                video_captions=data.video_captions,
+                video_captions_format=data.video_captions_format,
+                activity_dir=data.activity_dir,  # read too, so a split conflict with the labels is caught here
+                activity_split=data.activity_split,
+            )
+            corpora["video"] = [r for r in records if r.captions]
+        if data.image_captions_dir or data.karpathy_split:
+            corpora["image"] = annotations.load_image_records(
+                image_dir=data.image_dir, image_captions_dir=data.image_captions_dir,
+                karpathy_split=data.karpathy_split,
+            )
     if not corpora:
         raise ConfigError("nothing to tokenize: data.video_captions, data.image_captions_dir and "
                           "data.karpathy_split are all empty")
@@ -49,8 +51,9 @@ def load_corpora(data: DataConfig) -> dict[str, list[Any]]:
 
 @task(cache_policy=NO_CACHE)
 def tokenize_and_write(name: str, records: list[Any], config: TokenizeConfig, out: Path) -> dict[str, Any]:
-    corpus = tokenize_corpus(records, config)
-    write_corpus(corpus, out / name)
+    with stage_work("tokenize"):
+        corpus = tokenize_corpus(records, config)
+        write_corpus(corpus, out / name)
     return corpus.stats
 
 

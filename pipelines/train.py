@@ -50,6 +50,7 @@ from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
 import pipelines
+from pipelines.common import stage_work, untimed
 from pipelines.train_ddp import (  # noqa: F401 - DATA_DVC, RUN_ID_FILE: re-exported, part of this stage's API
     DATA_DVC,
     RUN_ID_FILE,
@@ -105,8 +106,9 @@ def check_inputs(task_name: str, *, features: str | Path, tokens: str | Path | N
 @task(cache_policy=NO_CACHE)  # DVC decides what reruns, not a Prefect cache
 def load_data(task_name: str, features: str, tokens: str | None, data_config: Any, seed: int, *,
               frames: str | None = None, encoder: Any = None) -> experiment.TaskData:
-    return load_task_data(task_name, features_dir=features, frames_dir=frames, encoder=encoder, tokens=tokens,
-                          data_config=data_config, seed=seed)
+    with stage_work("train"):
+        return load_task_data(task_name, features_dir=features, frames_dir=frames, encoder=encoder, tokens=tokens,
+                              data_config=data_config, seed=seed)
 
 
 @task(cache_policy=NO_CACHE, task_run_name="fit-{task_name}-{model}")
@@ -115,15 +117,17 @@ def train_model(task_name: str, model: str, data: experiment.TaskData, train_con
                 progress: bool | None, encoder: Any = None) -> experiment.TrainSummary:
     logger = get_run_logger()
     if not tracking:
-        return experiment.run(task_name, model, data=data, train_config=train_config, models_config=models_config,
-                              out_dir=out, resume=resume, progress=progress, log=logger.info, encoder=encoder)
+        with stage_work("train"):
+            return experiment.run(task_name, model, data=data, train_config=train_config,
+                                  models_config=models_config, out_dir=out, resume=resume, progress=progress,
+                                  log=logger.info, encoder=encoder)
     tracker, parent = open_run(task_name, model, train_config=train_config, models_config=models_config,
                                repo_root=repo_root)
     logger.info(f"MLflow run {tracker.run_id} under parent {parent}")
-    with tracker:  # an exception marks the child run FAILED (KILLED for Ctrl-C) and propagates
+    with tracker, stage_work("train"):  # an exception marks the child run FAILED (KILLED for Ctrl-C) and propagates
         return experiment.run(task_name, model, data=data, train_config=train_config, models_config=models_config,
-                              out_dir=out, tracker=tracker, parent_run_id=parent, resume=resume, progress=progress,
-                              log=logger.info, encoder=encoder)
+                              out_dir=out, tracker=untimed(tracker), parent_run_id=parent, resume=resume,
+                              progress=progress, log=logger.info, encoder=encoder)
 
 
 def torchrun_command(nproc_per_node: int, worker_args: list[str]) -> list[str]:
@@ -179,7 +183,8 @@ def train_model_ddp(task_name: str, model: str, train_config: TrainConfig, model
     command = torchrun_command(nproc_per_node, worker_args)
     logger.info(" ".join(command))
     with tracker:  # FINISHED on exit status 0; FAILED otherwise (KILLED for Ctrl-C)
-        status, tail = stream(command, env=env, log=logger.info)
+        with stage_work("train"):
+            status, tail = stream(command, env=env, log=logger.info)
         if status != 0:
             raise RuntimeError(f"torchrun exited with status {status}; its last lines:\n{tail}")
     return json.loads((Path(out) / "summary.json").read_text(encoding="utf-8"))

@@ -144,17 +144,19 @@ def train(args: argparse.Namespace, data_config: DataConfig, train_config: Train
           models_config: ModelsConfig) -> experiment.TrainSummary:
     """This rank's part of one training; the process group is already up."""
     encoder = finetune_encoder(args.params, args.encoder)
-    data = load_data(args.task, features_dir=args.features, frames_dir=args.frames, encoder=encoder,
-                     tokens=args.tokens, data_config=data_config, seed=train_config.seed)
+    with common.stage_work("train"):
+        data = load_data(args.task, features_dir=args.features, frames_dir=args.frames, encoder=encoder,
+                         tokens=args.tokens, data_config=data_config, seed=train_config.seed)
     tracker: tracking.Tracker | tracking.NullTracker = tracking.NullTracker()
     parent = None
     if args.tracking and distributed.is_rank0():
         tracker, parent = open_run(args.task, args.model, train_config=train_config, models_config=models_config,
                                    repo_root=Path(args.repo_root).resolve())
-    with tracker:  # an exception marks the run FAILED; success is the run's creator's to report
+    with tracker, common.stage_work("train"):  # an exception marks the run FAILED; success is the creator's to report
         return experiment.run(
             args.task, args.model, data=data, train_config=train_config, models_config=models_config,
-            out_dir=args.out, tracker=tracker, parent_run_id=parent, resume=args.resume, progress=args.progress,
+            out_dir=args.out, tracker=common.untimed(tracker), parent_run_id=parent, resume=args.resume,
+            progress=args.progress,
             log=lambda note: print(f"train_ddp: {note}", flush=True), encoder=encoder,
         )
 
