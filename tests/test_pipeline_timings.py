@@ -138,3 +138,79 @@ def test_a_real_stage_records_its_library_work(tmp_path: Path, prefect_harness) 
     # Some work was timed, and less than the process's life: imports and the flow run are not work.
     assert 0 < record["work_s"] < record["age_s"]
     assert record["age_s"] - record["work_s"] > 0.5
+
+
+# --------------------------------------------------------------------------------------------------------
+# benchmarks/pipeline.py: the arithmetic and the params edit (the benchmark itself runs the whole pipeline)
+
+
+def _bench():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("bench_pipeline", REPO / "benchmarks" / "pipeline.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up by name
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_bump_integer_changes_that_one_value_and_no_other_byte() -> None:
+    import yaml
+
+    bench = _bench()
+    text = (REPO / "params.yaml").read_text()
+    bumped, old, new = bench.bump_integer(text, ["models", "gru", "hidden_size"])
+    assert new == old + 1
+    changed = [(a, b) for a, b in zip(text.splitlines(), bumped.splitlines(), strict=True) if a != b]
+    assert changed == [(f"    hidden_size: {old}", f"    hidden_size: {new}")]
+    was, now = yaml.safe_load(text), yaml.safe_load(bumped)
+    assert now["models"]["gru"]["hidden_size"] == was["models"]["gru"]["hidden_size"] + 1
+    now["models"]["gru"]["hidden_size"] -= 1
+    assert now == was  # rnn, lstm, ... keep their hidden_size
+    with pytest.raises(KeyError):
+        bench.bump_integer(text, ["models", "gru", "no_such_knob"])
+
+
+def test_the_wall_time_splits_into_its_parts_in_the_order_the_stages_ran(tmp_path: Path) -> None:
+    bench = _bench()
+    t0 = 1000.0
+    # Two stage processes (listed out of order) and a torchrun-like child, which must not be counted.
+    lines = [
+        {"stage": "train@activity-gru", "kind": "train", "work_s": 3.0, "age_s": 5.0, "written_at": t0 + 19.0,
+         "pid": 2, "owner_pid": None, "age_from": "proc", "argv": ["train.py"]},
+        {"stage": "extract", "kind": "extract", "work_s": 1.0, "age_s": 4.0, "written_at": t0 + 12.0,
+         "pid": 1, "owner_pid": None, "age_from": "proc", "argv": ["extract.py"]},
+        {"stage": "train@activity-gru", "kind": "train", "work_s": 2.0, "age_s": 3.0, "written_at": t0 + 18.0,
+         "pid": 3, "owner_pid": 2, "age_from": "proc", "argv": ["train_ddp.py"]},
+    ]
+    timings = tmp_path / "timings.jsonl"
+    timings.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    records = bench.read_records(timings)
+    assert sorted(r["pid"] for r in records) == [1, 2]
+    streamed = bench.Streamed(returncode=0, started_at=t0, ended_at=t0 + 25.0, server_ready_at=t0 + 6.0,
+                              last_line_at=t0 + 24.0,
+                              stage_lines=[("extract", t0 + 7.9), ("train@activity-gru", t0 + 13.9),
+                                           ("report", t0 + 21.0)])
+    run = bench.analyse(streamed, records, {1: t0 + 12.5, 2: t0 + 20.0}, command="dvc repro -f",
+                        log=tmp_path / "log", exit_observed=True)
+
+    assert [s.stage for s in run.stages] == ["extract", "train@activity-gru"]
+    extract, train = run.stages
+    assert (extract.started_at, extract.exit_s, extract.between_s) == (t0 + 8.0, 0.5, 1.5)  # train starts at 14
+    assert (train.started_at, train.exit_s, train.between_s) == (t0 + 14.0, 1.0, 4.0)  # DVC's last line at 24
+    assert (run.server_start_s, run.dvc_start_s, run.server_stop_s) == (6.0, 2.0, 1.0)
+    parts = run.server_start_s + run.dvc_start_s + run.server_stop_s + sum(
+        s.age_s + s.exit_s + s.between_s for s in run.stages)
+    assert parts == pytest.approx(run.wall_s) and run.wall_s == 25.0
+    assert run.work_s == 4.0 and run.share == pytest.approx(21 / 25)
+    assert run.missing == ["report"]
+    markdown = bench.full_markdown(run)
+    assert "| train | 1 | 3.0 | 2.0 (2.00) | 1.0 (1.00) | 4.0 (4.00) | 10.0 | 70% |" in markdown
+    assert "No timing line from report" in markdown
+
+
+def test_expected_reruns_are_the_models_train_and_evaluate_stages_and_the_report() -> None:
+    bench = _bench()
+    stages = ["extract", "train@activity-gru", "train@activity-rnn", "evaluate@video_captioning-gru",
+              "evaluate@activity-lstm", "baselines", "report"]
+    assert bench.expected_reruns(stages, "gru") == ["evaluate@video_captioning-gru", "report", "train@activity-gru"]
