@@ -42,7 +42,8 @@ def label_of(index: int) -> int:
 
 def make_artifacts(root: Path) -> dict[str, Path]:
     """features/ (index.json + float16 arrays), tokens/{video,image}/, ucf101/ lists: item i of a split has class
-    ``i % 3``, a feature that says so in dimension ``class``, and captions naming the class's colour."""
+    ``i % 3``, a feature that says so in dimension ``class`` (rising over a clip's frames), and captions naming the
+    class's colour."""
     features, tokens, ucf = root / "features", root / "tokens", root / "ucf101"
     for folder in (features, ucf):
         folder.mkdir(parents=True)
@@ -55,7 +56,10 @@ def make_artifacts(root: Path) -> dict[str, Path]:
         labels = np.array([label_of(i) for i in range(n)])
         signal = np.eye(DIM, dtype=np.float32)[labels]  # (n, D)
         for kind, width in (("videos", FRAMES), ("images", GRID)):
-            array = 0.1 * rng.standard_normal((n, width, DIM)).astype(np.float32) + signal[:, None, :]
+            # Clips: the class's dimension rises over time (the activity models see the change, rnn.center_clip;
+            # the captioners also its mean); images: a constant signal.
+            ramp = np.linspace(0.0, 2.0, width, dtype=np.float32) if kind == "videos" else np.ones(width, np.float32)
+            array = 0.1 * rng.standard_normal((n, width, DIM)).astype(np.float32) + signal[:, None, :] * ramp[None, :, None]
             np.save(features / f"{kind}-{split}.npy", array.astype(np.float16))
             stem = "video" if kind == "videos" else "image"
             for row in range(n):

@@ -382,6 +382,9 @@ def scratch_repo(root: Path, inputs: Inputs) -> Path:
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     shutil.copytree(inputs.features, repo / "artifacts" / "features")
     shutil.copytree(inputs.tokens, repo / "artifacts" / "tokens")
+    # A dependency of every train stage, read only with encoder.finetune_encoder (off here): any bytes do.
+    (repo / "artifacts" / "encoder").mkdir(parents=True)
+    (repo / "artifacts" / "encoder" / "encoder.pt").write_bytes(b"unused unless encoder.finetune_encoder")
     activity_dir = repo / params["data"]["activity_dir"]  # a dependency of every train stage; unread by captioning
     activity_dir.mkdir(parents=True)
     (activity_dir / "classInd.txt").write_text("1 move_left\n")

@@ -23,7 +23,7 @@ from seqvision.models import (
     count_parameters,
     match_params,
 )
-from seqvision.rnn import BOS, EOS, PAD
+from seqvision.rnn import BOS, EOS, PAD, center_clip
 
 torch.set_num_threads(1)
 
@@ -212,21 +212,33 @@ def test_tbptt_truncates_gradients_but_not_the_forward_pass(cell):
     truncated = make("activity", cell, dropout=0.0, tbptt_steps=3).eval()
     truncated.load_state_dict(full.state_dict())
 
+    # The gradient that matters is the one reaching the recurrent encoder's input: the classifier centres each
+    # clip first (rnn.center_clip), and the clip mean is a non-recurrent path to every frame.
+    seen = {}
+
+    def keep_grad(module, args):
+        args[0].retain_grad()
+        seen["input"] = args[0]
+
+    hook = truncated.encoder.register_forward_pre_hook(keep_grad)
     x = visual.clone().requires_grad_(True)
     logits, _ = truncated(x, lengths)
+    hook.remove()
     # The forward pass is untouched: the hidden state is carried across chunks.
     torch.testing.assert_close(logits, full(visual, lengths)[0], rtol=1e-5, atol=1e-6)
     logits.sum().backward()
-    frame_grad = x.grad.abs().sum(-1)  # (B, T)
+    frame_grad = seen["input"].grad.abs().sum(-1)  # (B, T)
     # Chunks are [0, 3), [3, 6), [6, 9): the classifier reads the last real step, so only its chunk gets gradient.
     assert torch.all(frame_grad[0, :6] == 0) and torch.all(frame_grad[0, 6:] > 0)
     assert torch.all(frame_grad[1, :6] == 0) and frame_grad[1, 6] > 0 and torch.all(frame_grad[1, 7:] == 0)
     assert torch.all(frame_grad[2, :2] > 0) and torch.all(frame_grad[2, 2:] == 0)
     # ...while the output still depends on the early chunk (through the carried, detached state).
-    early = visual.clone()
+    centred = center_clip(visual, lengths)
+    early = centred.clone()
     early[0, 0] += 1.0
     with torch.no_grad():
-        assert not torch.allclose(truncated(early, lengths)[0][0], logits[0].detach(), atol=1e-6)
+        last = truncated.encoder(centred, lengths)[1][0][0, -1]  # top layer's final h of clip 0
+        assert not torch.allclose(truncated.encoder(early, lengths)[1][0][0, -1], last, atol=1e-6)
     # Without truncation the first frame does get gradient.
     y = visual.clone().requires_grad_(True)
     full(y, lengths)[0].sum().backward()
@@ -342,3 +354,13 @@ def test_builder_rejects_bad_requests():
     model = make("activity", "lstm")
     with pytest.raises(ValueError, match="lengths"):
         model(torch.randn(2, 5, FEATURE_DIM), torch.tensor([5, 0]))
+
+
+def test_center_clip_removes_each_clips_mean_over_real_frames_only():
+    visual = torch.randn(2, 5, 3) + torch.tensor([10.0, -4.0, 2.0])  # a large static part
+    lengths = torch.tensor([5, 3])
+    centred = center_clip(visual, lengths)
+    torch.testing.assert_close(centred[0].mean(0), torch.zeros(3), atol=1e-5, rtol=0)
+    torch.testing.assert_close(centred[1, :3].mean(0), torch.zeros(3), atol=1e-5, rtol=0)
+    assert torch.all(centred[1, 3:] == 0)  # padding stays padding
+    torch.testing.assert_close(centred[1, :3], visual[1, :3] - visual[1, :3].mean(0))

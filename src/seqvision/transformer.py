@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from seqvision.rnn import PAD, caption_loss, check_lengths, length_mask, split_tokens
+from seqvision.rnn import PAD, caption_loss, center_clip, check_lengths, length_mask, split_tokens
 
 State = tuple[Tensor, ...]  # (k_1, v_1, ..., k_N, v_N), each (B, heads, t, head_dim)
 
@@ -175,7 +175,8 @@ class VisualEncoder(nn.Module):
 
 
 class TransformerActivityClassifier(nn.Module):
-    """Encoder over frame features with temporal positions; the CLS token's final state is classified."""
+    """Encoder over clip-centred frame features (``rnn.center_clip``) with temporal positions; the CLS token's final
+    state is classified."""
 
     def __init__(self, config: TransformerConfig) -> None:
         super().__init__()
@@ -191,7 +192,7 @@ class TransformerActivityClassifier(nn.Module):
     def forward(self, visual: Tensor, lengths: Tensor, labels: Tensor | None = None, *,
                 label_smoothing: float = 0.0) -> tuple[Tensor, Tensor | None]:
         """visual (B, T, D), lengths (B,), labels (B,) -> (logits (B, C), loss or None)."""
-        x, _ = self.encoder(visual, lengths, cls=self.cls)  # (B, 1 + T, D)
+        x, _ = self.encoder(center_clip(visual, lengths), lengths, cls=self.cls)  # (B, 1 + T, D)
         logits = self.head(x[:, 0])  # (B, C)
         loss = F.cross_entropy(logits, labels, label_smoothing=label_smoothing) if labels is not None else None
         return logits, loss
