@@ -217,6 +217,11 @@ class TransformerCaptioner(nn.Module):
         self.ln = nn.LayerNorm(d)
         self.head = nn.Linear(d, config.vocab_size)
         self.apply(_init_weights)
+        # GPT-2's std 0.02 suits unit-scale token embeddings; the frame features are not (std ~3 per dimension on
+        # the default data), and with 0.02 the visual tokens start small next to the positional code, so within
+        # the 5-epoch budget the decoder barely used the image (val CIDEr-D 0.58 image / 0.68 video). With 0.3:
+        # 1.22 / 0.83, measured 2026-11-25 on the default data.
+        nn.init.normal_(self.encoder.proj.weight, std=0.3)
 
     def _embed(self, tokens: Tensor, start: int) -> Tensor:
         """tokens (B, L) at positions start.. -> (B, L, D)."""
