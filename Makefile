@@ -16,7 +16,7 @@ export PYTHONUNBUFFERED ?= 1
 export PATH := $(abspath $(VENV))/bin:$(PATH)
 
 .DEFAULT_GOAL := help
-.PHONY: help install demo test data lock bench mlflow-ui clean
+.PHONY: help install demo test data lock bench bench-pipeline mlflow-ui clean
 
 help: ## list the targets
 	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -48,7 +48,10 @@ test: $(STAMP) ## run the whole test suite
 	$(PY) -m pytest -n 2 --dist loadgroup
 
 bench: $(STAMP) ## run the speed benchmarks (results: docs/benchmarks.md)
-	@for b in benchmarks/*.py; do echo "== $$b"; $(PY) $$b || exit 1; done
+	@for b in benchmarks/extract.py benchmarks/train_loop.py; do echo "== $$b"; $(PY) $$b || exit 1; done
+
+bench-pipeline: $(STAMP) ## orchestration share of a forced dvc repro, no-op repro, param-change reruns (runs the whole pipeline)
+	$(PY) benchmarks/pipeline.py --docs docs/benchmarks.md
 
 MLFLOW_PORT ?= 5000
 mlflow-ui: $(STAMP) ## browse every run in the MLflow UI at http://127.0.0.1:5000 (MLFLOW_PORT=...)
