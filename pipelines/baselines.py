@@ -24,7 +24,7 @@ from typing import Any
 from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
-from pipelines.common import resolve_configs, stage_work
+from pipelines.common import IO_RETRIES, resolve_configs, stage_work
 from seqvision import annotations
 from seqvision.baselines_eval import BASELINES, PREFIX, run_baselines
 from seqvision.config import ConfigError
@@ -33,7 +33,7 @@ from seqvision.evaluate import HEADLINE, load_activity_labels
 INPUT_ERRORS = (ConfigError, FileNotFoundError, annotations.AnnotationError, ValueError)
 
 
-@task(cache_policy=NO_CACHE, task_run_name="baselines-{task_name}")
+@task(**IO_RETRIES, cache_policy=NO_CACHE, task_run_name="baselines-{task_name}")
 def task_baselines(task_name: str, **kwargs: Any) -> list[tuple[str, dict[str, Any]]]:
     with stage_work("baselines"):
         return [(r.name, r.metrics) for r in run_baselines([task_name], **kwargs)]

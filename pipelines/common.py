@@ -39,6 +39,22 @@ def data_overrides(args: argparse.Namespace) -> dict[str, Any]:
     return {key: getattr(args, key) for key in DATA_KEYS}
 
 
+def retry_on_io_error(task: Any, task_run: Any, state: Any) -> bool:
+    """Prefect ``retry_condition_fn``: retry only for I/O trouble (disk full, a network filesystem or server
+    hiccup: ``OSError``), never for a bug or bad input, which would fail the same way again."""
+    try:
+        state.result()
+    except OSError:
+        return True
+    except BaseException:  # noqa: BLE001 - anything else fails the task at once
+        return False
+    return False
+
+
+# Keyword arguments of @task for the tasks that read or write files.
+IO_RETRIES: dict[str, Any] = {"retries": 2, "retry_delay_seconds": 2, "retry_condition_fn": retry_on_io_error}
+
+
 def resolve_configs(params: str | Path, overrides: dict[str, Any], section: str) -> tuple[DataConfig, Any]:
     """Validate the whole params file; return (data paths with the given flags applied, ``section``'s config)."""
     loaded = load_params(params)

@@ -25,7 +25,7 @@ from typing import Any
 from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
-from pipelines.common import resolve_configs, stage_work
+from pipelines.common import IO_RETRIES, resolve_configs, stage_work
 from seqvision import annotations
 from seqvision.config import ConfigError
 from seqvision.evaluate import HEADLINE, evaluate_checkpoint, load_activity_labels
@@ -34,7 +34,7 @@ from seqvision.models import MODELS, TASKS
 INPUT_ERRORS = (ConfigError, FileNotFoundError, annotations.AnnotationError, ValueError)
 
 
-@task(cache_policy=NO_CACHE)  # DVC decides what reruns, not a Prefect cache
+@task(**IO_RETRIES, cache_policy=NO_CACHE)  # DVC decides what reruns, not a Prefect cache
 def evaluate_model(task_name: str, model: str, **kwargs: Any) -> dict[str, Any]:
     with stage_work("evaluate"):
         return evaluate_checkpoint(task_name, family=model, **kwargs)

@@ -30,7 +30,7 @@ from typing import Any
 from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
-from pipelines.common import stage_work
+from pipelines.common import IO_RETRIES, stage_work
 from seqvision import report
 from seqvision.models import MODELS, TASKS
 from seqvision.tracking import PARENT_RUN_ENV
@@ -40,7 +40,7 @@ class TrackingError(RuntimeError):
     """The report exists, but it could not be logged to MLflow."""
 
 
-@task(cache_policy=NO_CACHE)
+@task(**IO_RETRIES, cache_policy=NO_CACHE)
 def collect(train: str, evals: str, tasks: tuple[str, ...], models: tuple[str, ...]) -> dict[str, list[Any]]:
     with stage_work("report"):
         return report.load_runs(train_dir=train, eval_dir=evals, tasks=tasks, models=models)
@@ -52,7 +52,7 @@ def score_meteor(runs: dict[str, list[Any]], mode: str) -> tuple[dict[str, list[
         return report.add_meteor(runs, mode=mode)
 
 
-@task(cache_policy=NO_CACHE)
+@task(**IO_RETRIES, cache_policy=NO_CACHE)
 def render(runs: dict[str, list[Any]], frames: str | None, out: str, examples: int) -> dict[str, Path]:
     with stage_work("report"):
         sections = report.build_sections(runs, frames_dir=frames, examples=examples)

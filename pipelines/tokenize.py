@@ -21,10 +21,10 @@ from seqvision import annotations
 from seqvision.config import ConfigError, DataConfig, TokenizeConfig
 from seqvision.vocab import tokenize_corpus, write_corpus
 
-from pipelines.common import add_data_arguments, data_overrides, resolve_configs, stage_work
+from pipelines.common import IO_RETRIES, add_data_arguments, data_overrides, resolve_configs, stage_work
 
 
-@task(cache_policy=NO_CACHE)  # DVC decides what reruns, not a Prefect cache
+@task(**IO_RETRIES, cache_policy=NO_CACHE)  # DVC decides what reruns, not a Prefect cache
 def load_corpora(data: DataConfig) -> dict[str, list[Any]]:
     """{"video": captioned video records, "image": image records}, for the sources that are configured."""
     corpora: dict[str, list[Any]] = {}
@@ -49,7 +49,7 @@ def load_corpora(data: DataConfig) -> dict[str, list[Any]]:
     return corpora
 
 
-@task(cache_policy=NO_CACHE)
+@task(**IO_RETRIES, cache_policy=NO_CACHE)
 def tokenize_and_write(name: str, records: list[Any], config: TokenizeConfig, out: Path) -> dict[str, Any]:
     with stage_work("tokenize"):
         corpus = tokenize_corpus(records, config)
