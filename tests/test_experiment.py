@@ -410,3 +410,16 @@ def test_finetune_encoder_trains_the_encoder_with_the_model_from_pixels(artifact
                        str(artifacts["features"]), "--activity-dir", str(artifacts["activity_dir"]), "--out",
                        str(tmp_path / "x"), "--no-tracking"])
     assert code == 2 and not (tmp_path / "x").exists()
+
+
+def test_a_different_starting_encoder_is_a_different_training():
+    from seqvision.encoders import SmallCNN, SmallCNNConfig
+
+    train_config, models_config = configs()
+    args = ("activity", "gru", models_config.gru, train_config, [])
+    first, second = (SmallCNN(SmallCNNConfig(feature_dim=DIM, grid=2, width=4)) for _ in range(2))
+    with torch.no_grad():
+        second.project.weight.add_(1.0)
+    assert experiment.fingerprint(*args) != experiment.fingerprint(*args, encoder=first)
+    assert experiment.fingerprint(*args, encoder=first) != experiment.fingerprint(*args, encoder=second)
+    assert experiment.fingerprint(*args, encoder=first) == experiment.fingerprint(*args, encoder=first)

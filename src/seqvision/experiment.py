@@ -295,7 +295,7 @@ def _file_digest(path: Path) -> str:
 
 
 def fingerprint(task: str, family: str, config: Any, train_config: TrainConfig, inputs: Sequence[Path], *,
-                finetune_encoder: bool = False) -> str:
+                encoder: nn.Module | None = None) -> str:
     """SHA-256 over what decides a training's result: names, effective model config, the train knobs that change
     the maths (not ``device``, ``num_workers`` & co., which fit allows to change on resume) and input contents."""
     train_knobs = {k: v for k, v in to_dict(train_config).items() if k not in _RESUMABLE_CHANGES}
@@ -306,8 +306,13 @@ def fingerprint(task: str, family: str, config: Any, train_config: TrainConfig, 
         "train": train_knobs,
         "inputs": [_file_digest(Path(p)) for p in inputs],
     }
-    if finetune_encoder:  # only when set, so fingerprints of feature-based runs stay what they were
-        blob["finetune_encoder"] = True
+    if encoder is not None:  # fine-tuning: the starting encoder decides the result too (only then in the blob,
+        # so fingerprints of feature-based runs stay what they were)
+        digest = hashlib.sha256()
+        for name, tensor in sorted(encoder.state_dict().items()):
+            digest.update(name.encode())
+            digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+        blob["finetune_encoder"] = digest.hexdigest()
     return hashlib.sha256(json.dumps(blob, sort_keys=True, default=str).encode()).hexdigest()
 
 
@@ -462,7 +467,7 @@ def run(
         config = model_config(task, family, models_config, data=data)
     for w in caught:
         log(f"warning: {w.message}")
-    key = fingerprint(task, family, config, train_config, data.inputs, finetune_encoder=encoder is not None)
+    key = fingerprint(task, family, config, train_config, data.inputs, encoder=encoder)
     resumed_from = None
     if rank0:
         resumed_from = _resume_point(out_dir, key, log) if resume else None
