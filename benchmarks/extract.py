@@ -29,7 +29,6 @@ import argparse
 import dataclasses
 import os
 import platform
-import re
 import statistics
 import sys
 import tempfile
@@ -43,7 +42,7 @@ import numpy as np
 
 from seqvision import frames
 from seqvision.config import ExtractConfig
-from seqvision.io import write_text
+from seqvision.io import replace_markdown_section
 
 HEADING = "## Frame extraction"
 TARGET_CEILING = 0.7
@@ -258,13 +257,7 @@ def update_docs(path: Path, markdown: str, argv: list[str]) -> None:
         "that fixed cost is a large share of the work, hence the gap between the two sets. Two workers can "
         "only approach 2x when two cores are free: compare the load average with the CPU count.\n"
     )
-    text = path.read_text() if path.exists() else "# Benchmarks\n\nOne section per script in `benchmarks/`.\n"
-    pattern = re.compile(rf"^{re.escape(HEADING)}\n.*?(?=^## |\Z)", re.S | re.M)
-    if pattern.search(text):
-        text = pattern.sub(lambda _: section + "\n", text, count=1).rstrip("\n") + "\n"
-    else:
-        text = text.rstrip("\n") + "\n\n" + section
-    write_text(path, text)
+    replace_markdown_section(path, HEADING, section)
 
 
 if __name__ == "__main__":

@@ -61,7 +61,7 @@ from typing import Any
 
 import yaml
 
-from seqvision.io import write_text
+from seqvision.io import replace_markdown_section
 
 HEADING = "## Pipeline orchestration"
 TARGET_SHARE = 0.05
@@ -565,13 +565,7 @@ def update_docs(path: Path, markdown: str, argv: list[str]) -> None:
         "small difference.\n\n"
         f"{markdown}"
     )
-    text = path.read_text() if path.exists() else "# Benchmarks\n\nOne section per script in `benchmarks/`.\n"
-    pattern = re.compile(rf"^{re.escape(HEADING)}\n.*?(?=^## |\Z)", re.DOTALL | re.MULTILINE)
-    if pattern.search(text):
-        text = pattern.sub(lambda _: section + "\n", text, count=1).rstrip("\n") + "\n"
-    else:
-        text = text.rstrip("\n") + "\n\n" + section
-    write_text(path, text)
+    replace_markdown_section(path, HEADING, section)
 
 
 # --------------------------------------------------------------------------------------------------------

@@ -29,7 +29,6 @@ import argparse
 import json
 import os
 import platform
-import re
 import resource
 import statistics
 import subprocess
@@ -43,7 +42,7 @@ import torch
 from seqvision import models, train
 from seqvision.config import MODEL_FAMILIES, load_params
 from seqvision.datasets import CaptionBatch, ClipBatch
-from seqvision.io import write_text
+from seqvision.io import replace_markdown_section
 
 HEADING = "## Training loop"
 TARGET = 0.95
@@ -256,13 +255,7 @@ def update_docs(path: Path, markdown: str, argv: list[str]) -> None:
         "model exists: the \"at start\" figure); the model, its batches, activations and AdamW state add "
         "170-250 MB at batch 64.\n"
     )
-    text = path.read_text() if path.exists() else "# Benchmarks\n\nOne section per script in `benchmarks/`.\n"
-    pattern = re.compile(rf"^{re.escape(HEADING)}\n.*?(?=^## |\Z)", re.DOTALL | re.MULTILINE)
-    if pattern.search(text):
-        text = pattern.sub(lambda _: section + "\n", text, count=1).rstrip("\n") + "\n"
-    else:
-        text = text.rstrip("\n") + "\n\n" + section
-    write_text(path, text)
+    replace_markdown_section(path, HEADING, section)
 
 
 if __name__ == "__main__":

@@ -60,7 +60,7 @@ from pipelines import extract as extract_stage
 from pipelines import features as features_stage
 from pipelines import report as report_stage
 from pipelines import tokenize as tokenize_stage
-from pipelines.common import add_data_arguments, data_overrides, resolve_configs
+from pipelines.common import IO_RETRIES, add_data_arguments, data_overrides, resolve_configs
 from seqvision import annotations, experiment, tracking
 from seqvision.config import ConfigError, DataConfig, load_params
 from seqvision.features import MetadataError, require_metadata
@@ -225,18 +225,7 @@ def check_inputs(
 # I/O tasks (retried on I/O errors only)
 
 
-def _retry_on_io_error(task: Any, task_run: Any, state: Any) -> bool:
-    """Retry only for I/O trouble (disk full, network filesystem hiccup), not for bugs."""
-    try:
-        state.result()
-    except OSError:
-        return True
-    except BaseException:  # noqa: BLE001 - anything else fails the task at once
-        return False
-    return False
-
-
-IO_TASK = {"retries": 2, "retry_delay_seconds": 2, "retry_condition_fn": _retry_on_io_error, "cache_policy": NO_CACHE}
+IO_TASK = {**IO_RETRIES, "cache_policy": NO_CACHE}
 
 
 @task(**IO_TASK, task_run_name="clear-eval-{job.task}-{job.model}")  # type: ignore[arg-type]

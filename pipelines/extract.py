@@ -32,7 +32,7 @@ from prefect.states import Failed, State
 from seqvision import annotations, frames
 from seqvision.config import ConfigError, DataConfig
 
-from pipelines.common import add_data_arguments, data_overrides, resolve_configs, stage_work
+from pipelines.common import IO_RETRIES, add_data_arguments, data_overrides, resolve_configs, stage_work
 
 
 def check_inputs(data: DataConfig) -> None:
@@ -76,21 +76,8 @@ def load_records(data: DataConfig) -> tuple[list[Any], list[Any]]:
     return videos, images
 
 
-def _retry_on_io_error(task: Any, task_run: Any, state: Any) -> bool:
-    """Retry a shard only for I/O trouble (disk full, network filesystem hiccup), not for bugs."""
-    try:
-        state.result()
-    except OSError:
-        return True
-    except BaseException:  # noqa: BLE001 - anything else fails the shard at once
-        return False
-    return False
-
-
 @task(
-    retries=2,
-    retry_delay_seconds=2,
-    retry_condition_fn=_retry_on_io_error,
+    **IO_RETRIES,
     cache_policy=NO_CACHE,
     task_run_name="{plan.kind}-{plan.split}-{plan.number:03d}",
 )

@@ -34,7 +34,7 @@ from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 from tqdm.auto import tqdm
 
-from pipelines.common import stage_work
+from pipelines.common import IO_RETRIES, stage_work
 from seqvision import features
 from seqvision.config import ConfigError, EncoderConfig, load_params
 from seqvision.encoders import RandomWeightsWarning
@@ -125,18 +125,7 @@ def encoder_summary(stats: dict[str, Any]) -> str:
 # features
 
 
-def _retry_on_io_error(task: Any, task_run: Any, state: Any) -> bool:
-    """Retry an array only for I/O trouble (disk full, network filesystem hiccup), not for bugs."""
-    try:
-        state.result()
-    except OSError:
-        return True
-    except BaseException:  # noqa: BLE001 - anything else fails the array at once
-        return False
-    return False
-
-
-@task(retries=2, retry_delay_seconds=2, retry_condition_fn=_retry_on_io_error, cache_policy=NO_CACHE,
+@task(**IO_RETRIES, cache_policy=NO_CACHE,
       task_run_name="{job.kind}-{job.split}")
 def encode_array(
     encoder: torch.nn.Module, frames: str, job: features.FeatureJob, out: str, batch_size: int, device: str, bar: Any

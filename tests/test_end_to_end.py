@@ -34,6 +34,8 @@ from typing import Any
 import pytest
 import yaml
 
+from tests.test_pipeline import copy_repository
+
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 DVC = str(BIN / "dvc")
@@ -155,14 +157,6 @@ def servers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Servers]:
 # The scratch repository
 
 
-def _tracked_files() -> list[str]:
-    out = subprocess.run(
-        ["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
-        cwd=REPO, capture_output=True, text=True, check=True, timeout=60,
-    ).stdout
-    return [p for p in out.split("\0") if p and (REPO / p).is_file()]
-
-
 def _shrink_params(path: Path) -> None:
     """Smallest settings that still run every stage for real. Keys are indexed, not .get(): a renamed knob
     fails here instead of silently making the module slow."""
@@ -207,12 +201,7 @@ def scratch(tmp_path_factory: pytest.TempPathFactory, servers: Servers) -> Itera
     # The repository sits one level down so that the default remote of .dvc/config (`../seqvision-dvc-remote`
     # from the repository root) lands inside this temporary folder, beside it.
     root = tmp_path_factory.mktemp("e2e") / "seqvision"
-    for rel in _tracked_files():
-        if rel in {"data.dvc", "dvc.lock"} or rel.startswith((".dvc/", "tests/")):
-            continue
-        dest = root / rel
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy2(REPO / rel, dest)
+    copy_repository(root)
     env = dict(os.environ)
     for key in ("PREFECT_API_URL", "SEQVISION_PARENT_RUN_ID", "MLFLOW_RUN_ID", "MLFLOW_EXPERIMENT_NAME"):
         env.pop(key, None)

@@ -35,16 +35,22 @@ def _tracked_files() -> list[str]:
     return [p for p in out.split("\0") if p and (REPO / p).is_file()]
 
 
-@pytest.fixture(scope="module")
-def scratch_repo(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, str]]:
-    """The repository's files (minus data.dvc and dvc.lock), git+dvc initialised, tiny data in data/."""
-    root = tmp_path_factory.mktemp("repo")
+def copy_repository(root: Path) -> None:
+    """The repository's files into ``root``, without data.dvc, dvc.lock, .dvc/ and tests/ (a scratch repo
+    starts its own DVC state)."""
     for rel in _tracked_files():
         if rel in {"data.dvc", "dvc.lock"} or rel.startswith((".dvc/", "tests/")):
             continue
         dest = root / rel
         dest.parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(REPO / rel, dest)
+
+
+@pytest.fixture(scope="module")
+def scratch_repo(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, str]]:
+    """The repository's files (minus data.dvc and dvc.lock), git+dvc initialised, tiny data in data/."""
+    root = tmp_path_factory.mktemp("repo")
+    copy_repository(root)
     env = dict(os.environ)
     env["PATH"] = f"{BIN}{os.pathsep}{env.get('PATH', '')}"
     env["PYTHON"] = sys.executable  # scripts/with-prefect-server runs the server with it

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -52,6 +53,19 @@ def write_text(path: str | Path, text: str) -> None:
 def write_json(path: str | Path, obj: Any, *, indent: int | None = 2) -> None:
     """Deterministic JSON (sorted keys, UTF-8, trailing newline), written atomically."""
     write_text(path, json.dumps(obj, indent=indent, sort_keys=True, ensure_ascii=False) + "\n")
+
+
+def replace_markdown_section(path: str | Path, heading: str, section: str) -> None:
+    """Replace the section of markdown file ``path`` that starts with the line ``heading`` (up to the next
+    ``## `` heading) by ``section``, or append it; write atomically. A missing file starts as a short header."""
+    path = Path(path)
+    text = path.read_text() if path.exists() else "# Benchmarks\n\nOne section per script in `benchmarks/`.\n"
+    pattern = re.compile(rf"^{re.escape(heading)}\n.*?(?=^## |\Z)", re.DOTALL | re.MULTILINE)
+    if pattern.search(text):
+        text = pattern.sub(lambda _: section + "\n", text, count=1).rstrip("\n") + "\n"
+    else:
+        text = text.rstrip("\n") + "\n\n" + section
+    write_text(path, text)
 
 
 def save_npy(path: str | Path, array: np.ndarray) -> None:
