@@ -6,7 +6,7 @@
 Activity: ``majority`` (most frequent training class) and ``nearest_neighbour`` (1-NN on mean-pooled frame
 features, cosine). Image and video captioning: ``frequent_caption`` (most frequent training caption) and
 ``nearest_neighbour`` (the closest training item's consensus caption). Fitted on train, scored on test.
-See seqvision/baselines_eval.py.
+See seqvision/baselines.py.
 
 Reads the ``evaluate`` section of params.yaml (compute_meteor); activity labels come from
 ``--activity-dir`` / ``--activity-split`` (default: params.yaml ``data:``). Same files as the evaluate stage.
@@ -24,19 +24,21 @@ from typing import Any
 from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
-from pipelines.common import IO_RETRIES, resolve_configs, stage_work
-from seqvision import annotations
-from seqvision.baselines_eval import BASELINES, PREFIX, run_baselines
-from seqvision.config import ConfigError
-from seqvision.evaluate import HEADLINE, load_activity_labels
-
-INPUT_ERRORS = (ConfigError, FileNotFoundError, annotations.AnnotationError, ValueError)
+from pipelines.common import (
+    IO_RETRIES,
+    add_data_arguments,
+    add_params_argument,
+    data_value,
+    run_main,
+)
+from seqvision.baselines import BASELINES, PREFIX, run_baselines
+from seqvision.config import load_params
+from seqvision.results import HEADLINE, load_activity_labels
 
 
 @task(**IO_RETRIES, cache_policy=NO_CACHE, task_run_name="baselines-{task_name}")
 def task_baselines(task_name: str, **kwargs: Any) -> list[tuple[str, dict[str, Any]]]:
-    with stage_work("baselines"):
-        return [(r.name, r.metrics) for r in run_baselines([task_name], **kwargs)]
+    return [(r.name, r.metrics) for r in run_baselines([task_name], **kwargs)]
 
 
 @flow(name="baselines")
@@ -44,24 +46,26 @@ def baselines_flow(
     *,
     out: str,
     tasks: tuple[str, ...] = tuple(BASELINES),
+    activity_dir: str | None = None,
+    activity_split: int | None = None,
     params: str = "params.yaml",
     features: str = "artifacts/features",
     tokens: str = "artifacts/tokens",
-    activity_dir: str | None = None,
-    activity_split: int | None = None,
 ) -> dict[str, dict[str, dict[str, Any]]]:
-    """Every baseline of ``tasks``; returns ``{task: {name: metrics}}``."""
+    """Every baseline of ``tasks``; returns ``{task: {name: metrics}}``. ``activity_dir`` / ``activity_split``
+    (``main`` passes them, read once): the only params used; not given, they are read from the ``params`` file."""
     logger = get_run_logger()
-    data, config = resolve_configs(params, {"activity_dir": activity_dir, "activity_split": activity_split},
-                                   "evaluate")
     activity = None
     if "activity" in tasks:
-        with stage_work("baselines"):
-            activity = load_activity_labels(data.activity_dir, data.activity_split)
+        if activity_dir is None or activity_split is None:
+            loaded = load_params(params).data
+            activity_dir = loaded.activity_dir if activity_dir is None else activity_dir
+            activity_split = loaded.activity_split if activity_split is None else activity_split
+        activity = load_activity_labels(activity_dir, activity_split)
     results: dict[str, dict[str, dict[str, Any]]] = {}
     for task_name in tasks:
         done = task_baselines(task_name, features_dir=features, tokens_dir=tokens, activity=activity,
-                              out_root=out, config=config)
+                              out_root=out)
         results[task_name] = dict(done)
         for line in summary_lines(task_name, results[task_name]):
             logger.info(line)
@@ -80,26 +84,22 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         description=__doc__.split("\n\n", 1)[1],
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("--params", default="params.yaml", help="params file; its evaluate section is used")
+    add_params_argument(parser, sections="data.activity_dir/activity_split")
     parser.add_argument("--tasks", nargs="+", default=list(BASELINES), choices=tuple(BASELINES), metavar="TASK",
                         help=f"tasks to run (default: all of {', '.join(BASELINES)})")
     parser.add_argument("--features", default="artifacts/features", help="feature arrays (artifacts/features)")
     parser.add_argument("--tokens", default="artifacts/tokens", help="vocabularies and references (captioning)")
-    parser.add_argument("--activity-dir", default=None, help="UCF101-layout labels (default: params.yaml data.activity_dir)")
-    parser.add_argument("--activity-split", type=int, default=None,
-                        help="UCF101 split number (default: params.yaml data.activity_split)")
+    add_data_arguments(parser, ("activity_dir", "activity_split"))
     parser.add_argument("--out", required=True, help="output root (artifacts/eval)")
     return parser.parse_args(argv)
 
 
-def check_inputs(args: argparse.Namespace) -> None:
-    data, _ = resolve_configs(args.params, {"activity_dir": args.activity_dir,
-                                            "activity_split": args.activity_split}, "evaluate")
+def check_inputs(args: argparse.Namespace, activity_dir: str) -> None:
     folders = [("--features", args.features)]
     if set(args.tasks) - {"activity"}:
         folders.append(("--tokens", args.tokens))
     if "activity" in args.tasks:
-        folders.append(("--activity-dir", data.activity_dir))
+        folders.append(("--activity-dir", activity_dir))
     for label, folder in folders:
         if not folder or not Path(folder).is_dir():
             raise FileNotFoundError(f"{folder or '(empty)'}: no such folder ({label})")
@@ -107,20 +107,20 @@ def check_inputs(args: argparse.Namespace) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    try:
-        check_inputs(args)
-        results = baselines_flow(
-            out=args.out, tasks=tuple(args.tasks), params=args.params, features=args.features, tokens=args.tokens,
-            activity_dir=args.activity_dir, activity_split=args.activity_split,
-        )
-    except INPUT_ERRORS as err:
-        print(f"baselines: error: {err}", file=sys.stderr)
-        return 2
-    for task_name, by_name in results.items():
-        for line in summary_lines(task_name, by_name):
-            print(f"baselines: {line}")
-    print(f"baselines: -> {args.out}/{{task}}/{PREFIX}{{name}}")
-    return 0
+
+    def work() -> int:
+        params = load_params(args.params)  # the only read of params.yaml in this process
+        activity_dir, activity_split = (data_value(args, params, k) for k in ("activity_dir", "activity_split"))
+        check_inputs(args, activity_dir)
+        results = baselines_flow(out=args.out, tasks=tuple(args.tasks), activity_dir=activity_dir,
+                                 activity_split=activity_split, features=args.features, tokens=args.tokens)
+        for task_name, by_name in results.items():
+            for line in summary_lines(task_name, by_name):
+                print(f"baselines: {line}")
+        print(f"baselines: -> {args.out}/{{task}}/{PREFIX}{{name}}")
+        return 0
+
+    return run_main("baselines", work, debug=args.debug)
 
 
 if __name__ == "__main__":

@@ -60,12 +60,18 @@ from pipelines import extract as extract_stage
 from pipelines import features as features_stage
 from pipelines import report as report_stage
 from pipelines import tokenize as tokenize_stage
-from pipelines.common import IO_RETRIES, add_data_arguments, data_overrides, resolve_configs
-from seqvision import annotations, experiment, tracking
-from seqvision.config import ConfigError, DataConfig, load_params
-from seqvision.features import MetadataError, require_metadata
+from pipelines.common import (
+    IO_RETRIES,
+    add_data_arguments,
+    add_params_argument,
+    read_params,
+    resolve_params,
+    run_main,
+)
+from seqvision import tracking
+from seqvision.config import MODEL_FAMILIES, TASKS, ConfigError, DataConfig, Params
+from seqvision.features import require_metadata
 from seqvision.io import write_json
-from seqvision.models import MODELS, TASKS
 
 # The train stage's command line as dvc.yaml runs it (the interpreter running this flow, so a venv carries over).
 TRAIN_COMMAND: tuple[str, ...] = (sys.executable, "-m", "pipelines.train")
@@ -73,10 +79,6 @@ TRAIN_COMMAND: tuple[str, ...] = (sys.executable, "-m", "pipelines.train")
 CODE_ROOT = Path(__file__).resolve().parents[1]
 STATUS_FILE = "compare.json"
 DEFAULT_TRAIN_TIMEOUT_S = 12 * 3600.0  # a bound on every wait; one training of the default params takes minutes
-DATA_DVC = "data.dvc"
-
-# Errors that mean "fix your arguments, params or inputs" (exit 2), as in the stage CLIs.
-USAGE_ERRORS = (ConfigError, FileNotFoundError, annotations.AnnotationError, MetadataError, ValueError)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -142,8 +144,8 @@ class TrainingResult:
 def plan_trainings(tasks: Sequence[str] | None, models: Sequence[str] | None) -> list[Training]:
     """Every (task, model) pair of the two subsets (``None``: all), in dvc.yaml's order."""
     tasks = list(TASKS) if tasks is None else list(tasks)
-    models = list(MODELS) if models is None else list(models)
-    for kind, names, allowed in (("task", tasks, TASKS), ("model", models, tuple(MODELS))):
+    models = list(MODEL_FAMILIES) if models is None else list(models)
+    for kind, names, allowed in (("task", tasks, TASKS), ("model", models, MODEL_FAMILIES)):
         unknown = [n for n in names if n not in allowed]
         if unknown:
             raise ConfigError(f"unknown {kind} {unknown[0]!r}; choose from {', '.join(allowed)}")
@@ -151,7 +153,7 @@ def plan_trainings(tasks: Sequence[str] | None, models: Sequence[str] | None) ->
             raise ConfigError(f"no {kind} to compare")
         if len(set(names)) != len(names):
             raise ConfigError(f"{kind} names repeat: {' '.join(names)}")
-    return [Training(t, m) for t in TASKS if t in tasks for m in MODELS if m in models]
+    return [Training(t, m) for t in TASKS if t in tasks for m in MODEL_FAMILIES if m in models]
 
 
 def visible_gpus() -> list[str]:
@@ -191,14 +193,13 @@ def training_slots(max_parallel: int | None, *, train_device: str, num_trainings
 
 
 def check_inputs(
-    *, params: str, overrides: dict[str, Any], tasks: Sequence[str] | None, models: Sequence[str] | None,
+    *, params: Params, tasks: Sequence[str] | None, models: Sequence[str] | None,
     prepare: bool, metadata: str, features: str, tokens: str, deployment: str | None,
     max_parallel: int | None, train_timeout_s: float,
-) -> tuple[list[Training], DataConfig]:
-    """Everything that can be checked before any work starts; raises one of :data:`USAGE_ERRORS`."""
+) -> list[Training]:
+    """Everything that can be checked before any work starts; raises one of ``pipelines.common.USAGE_ERRORS``."""
     jobs = plan_trainings(tasks, models)
-    data, _ = resolve_configs(params, overrides, "train")  # validates the whole params file
-    encoder = load_params(params)["encoder"]
+    data, encoder = params.data, params.encoder
     if max_parallel is not None and max_parallel < 1:
         raise ConfigError(f"max_parallel must be >= 1, got {max_parallel}")
     if not train_timeout_s > 0:
@@ -218,7 +219,7 @@ def check_inputs(
                 raise FileNotFoundError(f"{path}: no such file; run without --no-prepare to build it")
     if any(j.task == "activity" for j in jobs) and not data.activity_dir:
         raise ConfigError("activity needs its label lists: set data.activity_dir or pass --activity-dir")
-    return jobs, data
+    return jobs
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -337,9 +338,10 @@ def failed(result: TrainingResult) -> State:
 def deployment_parameters(job: Training, settings: TrainSettings) -> dict[str, Any]:
     """``train_flow``'s parameters for ``job`` (paths as dvc.yaml passes them; they resolve on the worker)."""
     return {
-        "task": job.task, "model": job.model, "out": settings.out(job), "params": settings.params,
-        "features": settings.features, "tokens": settings.tokens, "activity_dir": settings.activity_dir,
-        "activity_split": settings.activity_split, "resume": settings.resume, "tracking": settings.mlflow,
+        "task": job.task, "model": job.model, "out": settings.out(job),
+        "params_path": settings.params, "features": settings.features, "tokens": settings.tokens,
+        "activity_dir": settings.activity_dir, "activity_split": settings.activity_split,
+        "resume": settings.resume, "tracking": settings.mlflow,
     }
 
 
@@ -409,9 +411,9 @@ def trainings_flow(jobs: list[Training], settings: TrainSettings, slots: list[st
 def open_parent_run(root: Path, *, mode: str) -> str:
     """The comparison's parent run: ``$SEQVISION_PARENT_RUN_ID`` when set, else a new one. Never the run
     recorded in ``.seqvision/parent_run_id`` by stage runs: one comparison, one parent."""
-    data_dvc = root / DATA_DVC
+    data_dvc = root / tracking.DATA_DVC
     tags = tracking.lineage_tags(repo_root=root, data_dvc=data_dvc if data_dvc.is_file() else None)
-    return tracking.start_parent(experiment.PARENT_EXPERIMENT, experiment.PARENT_RUN_NAME, repo_root=root,
+    return tracking.start_parent(tracking.PARENT_EXPERIMENT, tracking.PARENT_RUN_NAME, repo_root=root,
                                  tags={**tags, "seqvision.stage": "compare", "seqvision.mode": mode})
 
 
@@ -423,7 +425,9 @@ def _one_line(err: BaseException) -> str:
 @flow(name="compare")
 def compare_flow(
     *,
-    params: str = "params.yaml",
+    params: Params | str = "params.yaml",
+    data: DataConfig | None = None,
+    params_path: str = "params.yaml",
     tasks: list[str] | None = None,
     models: list[str] | None = None,
     max_parallel: int | None = None,
@@ -441,37 +445,30 @@ def compare_flow(
     train: str = "artifacts/train",
     evals: str = "artifacts/eval",
     reports: str = "reports",
-    video_dir: str | None = None,
-    video_captions: str | None = None,
-    video_captions_format: str | None = None,
-    activity_dir: str | None = None,
-    activity_split: int | None = None,
-    image_dir: str | None = None,
-    image_captions_dir: str | None = None,
-    karpathy_split: str | None = None,
 ) -> dict[str, Any] | State:
     """The whole comparison (see the module docstring). ``tasks`` / ``models``: subsets (default all);
     ``max_parallel``: trainings at once (default: one per CUDA device, else one per usable core; with
     ``deployment``, all at once); ``deployment``: e.g. ``train/train-gpu`` to train on a work pool;
     ``prepare``: run extract, tokenize, encoder and features first (False reuses their outputs);
     ``repo_root`` (default: the current directory) anchors the MLflow store, as in the train stage.
+    ``params``: the validated params (or a params file, read once here); ``data`` replaces its ``data:`` section;
+    ``params_path``: the file the local training processes read.
 
     Returns ``compare.json``'s content when everything succeeded. Otherwise ends Failed with a message that
     names what failed (calling the flow then raises ``prefect.exceptions.FailedRun``), after writing what
     could be written: the other trainings, their evaluations, the baselines, the report and compare.json.
     """
     logger = get_run_logger()
-    overrides = {"video_dir": video_dir, "video_captions": video_captions,
-                 "video_captions_format": video_captions_format, "activity_dir": activity_dir,
-                 "activity_split": activity_split, "image_dir": image_dir, "image_captions_dir": image_captions_dir,
-                 "karpathy_split": karpathy_split}
-    jobs, data = check_inputs(params=params, overrides=overrides, tasks=tasks, models=models, prepare=prepare,
-                              metadata=metadata, features=features, tokens=tokens, deployment=deployment,
-                              max_parallel=max_parallel, train_timeout_s=train_timeout_s)
+    if not isinstance(params, Params):
+        params_path = str(params)
+    params = resolve_params(params, data)
+    data = params.data
+    jobs = check_inputs(params=params, tasks=tasks, models=models, prepare=prepare, metadata=metadata,
+                        features=features, tokens=tokens, deployment=deployment, max_parallel=max_parallel,
+                        train_timeout_s=train_timeout_s)
     root = Path(repo_root).resolve() if repo_root else Path.cwd().resolve()
     if deployment is None:
-        slots = training_slots(max_parallel, train_device=load_params(params)["train"].device,
-                               num_trainings=len(jobs))
+        slots = training_slots(max_parallel, train_device=params.train.device, num_trainings=len(jobs))
     else:
         with get_client(sync_client=True) as client:  # fail before any work when the name is wrong
             try:
@@ -490,10 +487,10 @@ def compare_flow(
                               "trainings": [], "baselines": "not run", "report": "not run"}
     try:
         if prepare:
-            extract_stage.extract_flow(params=params, out=frames, progress=False, **overrides)
+            extract_stage.extract_flow(config=params.extract, data=data, out=frames, progress=False)
             if data.video_captions or data.image_captions_dir or data.karpathy_split:
-                tokenize_stage.tokenize_flow(params=params, out=tokens, **overrides)
-            features_stage.encoder_flow(params=params, frames=frames, metadata=metadata, out=encoder)
+                tokenize_stage.tokenize_flow(config=params.tokenize, data=data, out=tokens)
+            features_stage.encoder_flow(config=params.encoder, frames=frames, metadata=metadata, out=encoder)
             features_stage.features_flow(encoder=str(Path(encoder) / "encoder.pt"), frames=frames, out=features,
                                          progress=False)
             if torch.cuda.is_available():
@@ -502,7 +499,7 @@ def compare_flow(
             clear_evaluation(job, evals)
 
         settings = TrainSettings(
-            params=params, features=features, tokens=tokens, activity_dir=data.activity_dir,
+            params=params_path, features=features, tokens=tokens, activity_dir=data.activity_dir,
             activity_split=data.activity_split, train=train, resume=resume, mlflow=mlflow, parent_run_id=parent,
             tracking_uri=tracking.tracking_uri(root) if mlflow else None, prefect_api_url=api_url,
             deployment=deployment, timeout_s=float(train_timeout_s),
@@ -520,8 +517,9 @@ def compare_flow(
             try:
                 evaluate_stage.evaluate_flow(
                     task_name=job.task, model=job.model, checkpoint=str(Path(settings.out(job)) / "best.pt"),
-                    out=str(Path(evals) / job.task / job.model), params=params, features=features, frames=frames,
-                    tokens=tokens, activity_dir=data.activity_dir, activity_split=data.activity_split,
+                    out=str(Path(evals) / job.task / job.model), config=params.evaluate,
+                    activity_dir=data.activity_dir, activity_split=data.activity_split, features=features,
+                    frames=frames, tokens=tokens,
                 )
                 evaluated.append(dataclasses.replace(result, evaluation="ok"))
             except Exception as err:  # noqa: BLE001 - the other evaluations and the report go on
@@ -531,8 +529,8 @@ def compare_flow(
 
         try:
             baselines_stage.baselines_flow(
-                out=evals, tasks=tuple(sorted({j.task for j in jobs}, key=TASKS.index)), params=params,
-                features=features, tokens=tokens, activity_dir=data.activity_dir, activity_split=data.activity_split,
+                out=evals, tasks=tuple(sorted({j.task for j in jobs}, key=TASKS.index)),
+                activity_dir=data.activity_dir, activity_split=data.activity_split, features=features, tokens=tokens,
             )
             status["baselines"] = "ok"
         except Exception as err:  # noqa: BLE001
@@ -542,9 +540,9 @@ def compare_flow(
             written = report_stage.report_flow(
                 out=reports, train=train, evals=evals, frames=frames,
                 tasks=tuple(t for t in TASKS if any(j.task == t for j in jobs)),
-                models=tuple(m for m in MODELS if any(j.model == m for j in jobs)),
+                models=tuple(m for m in MODEL_FAMILIES if any(j.model == m for j in jobs)),
                 parent_run_id=parent, mlflow=mlflow, repo_root=str(root),
-                meteor=load_params(params)["evaluate"].compute_meteor,
+                meteor=params.evaluate.compute_meteor,
             )
             status["report"] = {k: str(v) for k, v in written["paths"].items()}
         except Exception as err:  # noqa: BLE001 - e.g. MLflow unreachable: the report files may still exist
@@ -599,11 +597,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         description=__doc__.split("\n\n", 1)[1],
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("--params", default="params.yaml", help="params file (every section is validated)")
+    add_params_argument(parser, sections="every section")
     parser.add_argument("--tasks", nargs="+", default=None, metavar="TASK",
                         help=f"tasks to compare (default: all of {', '.join(TASKS)})")
     parser.add_argument("--models", nargs="+", default=None, metavar="MODEL",
-                        help=f"model families to compare (default: all of {', '.join(MODELS)})")
+                        help=f"model families to compare (default: all of {', '.join(MODEL_FAMILIES)})")
     parser.add_argument("--max-parallel", type=int, default=None, metavar="N",
                         help="trainings at once (default: one per CUDA device, else one per usable CPU core; "
                              "with --deployment, all)")
@@ -640,38 +638,32 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    overrides = data_overrides(args)
-    kwargs = dict(params=args.params, tasks=args.tasks, models=args.models, max_parallel=args.max_parallel,
-                  deployment=args.deployment, train_timeout_s=args.train_timeout_s, prepare=args.prepare,
-                  resume=args.resume, mlflow=args.mlflow, repo_root=args.repo_root, frames=args.frames,
-                  tokens=args.tokens, metadata=args.metadata, encoder=args.encoder, features=args.features,
-                  train=args.train, evals=args.evals, reports=args.reports, **overrides)
     started = time.perf_counter()
-    try:  # the common mistakes get one clean line before Prefect starts
-        check_inputs(params=args.params, overrides=overrides, tasks=args.tasks, models=args.models,
-                     prepare=args.prepare, metadata=args.metadata, features=args.features, tokens=args.tokens,
-                     deployment=args.deployment, max_parallel=args.max_parallel,
-                     train_timeout_s=args.train_timeout_s)
-    except USAGE_ERRORS as err:
-        print(f"compare: error: {err}", file=sys.stderr)
-        return 2
-    try:
-        status = compare_flow(**kwargs)
-    except FailedRun as err:  # some training (or evaluation, baselines, report) failed; the rest is written
-        print(f"compare: error: {err}", file=sys.stderr)
-        return 1
-    except USAGE_ERRORS as err:  # e.g. a malformed caption file found by a data stage
-        print(f"compare: error: {err}", file=sys.stderr)
-        return 2
-    except Exception as err:  # noqa: BLE001 - a data stage failed: there is nothing to compare
-        print(f"compare: error: {_one_line(err)}", file=sys.stderr)
-        return 1
-    for result in status["trainings"]:
-        print(f"compare: {result['task']}/{result['model']}: trained on {result['where']} in "
-              f"{result['ended'] - result['started']:.1f} s, evaluation {result['evaluation']}")
-    print(f"compare: report {status['report']['html']}; every training in {Path(args.reports) / STATUS_FILE} "
-          f"({time.perf_counter() - started:.1f} s)")
-    return 0
+
+    def work() -> int:
+        params = read_params(args)
+        check_inputs(params=params, tasks=args.tasks, models=args.models, prepare=args.prepare,
+                     metadata=args.metadata, features=args.features, tokens=args.tokens, deployment=args.deployment,
+                     max_parallel=args.max_parallel, train_timeout_s=args.train_timeout_s)
+        try:
+            status = compare_flow(
+                params=params, params_path=args.params, tasks=args.tasks, models=args.models,
+                max_parallel=args.max_parallel, deployment=args.deployment, train_timeout_s=args.train_timeout_s,
+                prepare=args.prepare, resume=args.resume, mlflow=args.mlflow, repo_root=args.repo_root,
+                frames=args.frames, tokens=args.tokens, metadata=args.metadata, encoder=args.encoder,
+                features=args.features, train=args.train, evals=args.evals, reports=args.reports,
+            )
+        except FailedRun as err:  # some training (or evaluation, baselines, report) failed; the rest is written
+            print(f"compare: error: {err}", file=sys.stderr)
+            return 1
+        for result in status["trainings"]:
+            print(f"compare: {result['task']}/{result['model']}: trained on {result['where']} in "
+                  f"{result['ended'] - result['started']:.1f} s, evaluation {result['evaluation']}")
+        print(f"compare: report {status['report']['html']}; every training in {Path(args.reports) / STATUS_FILE} "
+              f"({time.perf_counter() - started:.1f} s)")
+        return 0
+
+    return run_main("compare", work, debug=args.debug)
 
 
 if __name__ == "__main__":

@@ -2,8 +2,8 @@
 
     python -m pipelines.extract --params params.yaml --out artifacts/frames [--video-dir ... data flags]
 
-Inputs: the ``extract`` section of params.yaml (the whole file is validated first), and the raw data named
-by the flags below (a flag left out falls back to params.yaml's ``data:`` value). Videos are the union of
+Inputs: the ``extract`` and ``data`` sections of params.yaml (the whole file is validated first), and the raw
+data named by the flags below (a flag left out falls back to params.yaml's ``data:`` value). Videos are the union of
 the captioned (``--video-captions``) and labelled (``--activity-dir``) clips; images are those listed by
 ``--image-captions-dir`` / ``--karpathy-split``.
 
@@ -30,9 +30,9 @@ from prefect.exceptions import FailedRun
 from prefect.states import Failed, State
 
 from seqvision import annotations, frames
-from seqvision.config import ConfigError, DataConfig
+from seqvision.config import ConfigError, DataConfig, ExtractConfig, load_params
 
-from pipelines.common import IO_RETRIES, add_data_arguments, data_overrides, resolve_configs, stage_work
+from pipelines.common import IO_RETRIES, add_data_arguments, add_params_argument, read_params, run_main
 
 
 def check_inputs(data: DataConfig) -> None:
@@ -59,20 +59,19 @@ def load_records(data: DataConfig) -> tuple[list[Any], list[Any]]:
     """(video records, image records) for the sources that are configured."""
     videos: list[Any] = []
     images: list[Any] = []
-    with stage_work("extract"):
-        if data.video_captions or data.activity_dir:
-            videos = annotations.load_video_records(
-                video_dir=data.video_dir,
-                video_captions=data.video_captions,
-                video_captions_format=data.video_captions_format,
-                activity_dir=data.activity_dir,
-                activity_split=data.activity_split,
-            )
-        if data.image_captions_dir or data.karpathy_split:
-            images = annotations.load_image_records(
-                image_dir=data.image_dir, image_captions_dir=data.image_captions_dir,
-                karpathy_split=data.karpathy_split,
-            )
+    if data.video_captions or data.activity_dir:
+        videos = annotations.load_video_records(
+            video_dir=data.video_dir,
+            video_captions=data.video_captions,
+            video_captions_format=data.video_captions_format,
+            activity_dir=data.activity_dir,
+            activity_split=data.activity_split,
+        )
+    if data.image_captions_dir or data.karpathy_split:
+        images = annotations.load_image_records(
+            image_dir=data.image_dir, image_captions_dir=data.image_captions_dir,
+            karpathy_split=data.karpathy_split,
+        )
     return videos, images
 
 
@@ -83,43 +82,30 @@ def load_records(data: DataConfig) -> tuple[list[Any], list[Any]]:
 )
 def extract_shard(extractor: frames.FrameExtractor, plan: frames.ShardPlan) -> frames.ShardResult:
     """Decode one shard's files and write its .npy (atomically, so a retry starts clean)."""
-    with stage_work("extract"):
-        return extractor.extract_shard(plan)
+    return extractor.extract_shard(plan)
 
 
 @flow(name="extract")
 def extract_flow(
     *,
+    config: ExtractConfig | None = None,
+    data: DataConfig | None = None,
     params: str = "params.yaml",
     out: str = "artifacts/frames",
-    video_dir: str | None = None,
-    video_captions: str | None = None,
-    video_captions_format: str | None = None,
-    activity_dir: str | None = None,
-    activity_split: int | None = None,
-    image_dir: str | None = None,
-    image_captions_dir: str | None = None,
-    karpathy_split: str | None = None,
     workers: int | None = None,
     progress: bool = True,
 ) -> dict[str, Any] | State:
     """Extract every configured video and image into ``out``; returns counts (stored, skipped, by decoder).
 
-    Too many undecodable files end the run Failed with a one-line message (calling the flow then raises
-    ``prefect.exceptions.FailedRun``); ``skipped.json`` is written, ``index.json`` is not.
+    ``config`` / ``data``: the ``extract`` and ``data`` sections (``main`` passes them, read once); a section not
+    given is read from the ``params`` file (a deployment run). Too many undecodable files end the run Failed with a
+    one-line message (calling the flow then raises ``prefect.exceptions.FailedRun``); ``skipped.json`` is written,
+    ``index.json`` is not.
     """
     logger = get_run_logger()
-    overrides = dict(
-        video_dir=video_dir,
-        video_captions=video_captions,
-        video_captions_format=video_captions_format,
-        activity_dir=activity_dir,
-        activity_split=activity_split,
-        image_dir=image_dir,
-        image_captions_dir=image_captions_dir,
-        karpathy_split=karpathy_split,
-    )
-    data, config = resolve_configs(params, overrides, "extract")
+    if config is None or data is None:
+        loaded = load_params(params)
+        config, data = config or loaded.extract, data or loaded.data
     videos, images = load_records(data)
     plans = frames.plan_shards(videos, kind="videos", shard_size=config.shard_size)
     plans += frames.plan_shards(images, kind="images", shard_size=config.shard_size)
@@ -130,8 +116,7 @@ def extract_flow(
         shards = [extract_shard(extractor, plan) for plan in plans]
     result = frames.summarize(shards, num_videos=len(videos), num_images=len(images))
     try:
-        with stage_work("extract"):
-            frames.finalize(out, config=config, result=result)
+        frames.finalize(out, config=config, result=result)
     except frames.TooManySkipped as err:  # a verdict on the data, not a crash: no traceback in the log
         return Failed(message=str(err))
     stats = summary_stats(result)
@@ -167,7 +152,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         description=__doc__.split("\n\n", 1)[1],
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("--params", default="params.yaml", help="params file; its extract section is used")
+    add_params_argument(parser, sections="extract and data")
     parser.add_argument("--out", required=True, help="output folder (artifacts/frames)")
     add_data_arguments(parser)
     parser.add_argument("--workers", type=int, default=None,
@@ -178,26 +163,22 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    overrides = data_overrides(args)
-    try:  # the common mistakes get one clean line before Prefect starts
-        data, _ = resolve_configs(args.params, overrides, "extract")
-        check_inputs(data)
+
+    def work() -> int:
+        params = read_params(args)
+        check_inputs(params.data)  # the common mistakes get one clean line before Prefect starts
         if args.workers is not None and args.workers < 0:
             raise ConfigError(f"--workers must be >= 0, got {args.workers}")
-    except (ConfigError, FileNotFoundError, annotations.AnnotationError) as err:
-        print(f"extract: error: {err}", file=sys.stderr)
-        return 2
-    try:
-        stats = extract_flow(params=args.params, out=args.out, workers=args.workers, progress=args.progress,
-                             **overrides)
-    except FailedRun as err:  # too many undecodable files; the message names skipped.json
-        print(f"extract: error: {err}", file=sys.stderr)
-        return 1
-    except (ConfigError, FileNotFoundError, annotations.AnnotationError) as err:  # e.g. a malformed caption file
-        print(f"extract: error: {err}", file=sys.stderr)
-        return 2
-    print(f"extract: {summary(stats)} -> {args.out}")
-    return 0
+        try:
+            stats = extract_flow(config=params.extract, data=params.data, out=args.out, workers=args.workers,
+                                 progress=args.progress)
+        except FailedRun as err:  # too many undecodable files; the message names skipped.json
+            print(f"extract: error: {err}", file=sys.stderr)
+            return 1
+        print(f"extract: {summary(stats)} -> {args.out}")
+        return 0
+
+    return run_main("extract", work, debug=args.debug)
 
 
 if __name__ == "__main__":

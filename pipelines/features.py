@@ -34,19 +34,11 @@ from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 from tqdm.auto import tqdm
 
-from pipelines.common import IO_RETRIES, stage_work
+from pipelines.common import IO_RETRIES, add_params_argument, read_params, require_files, run_main
 from seqvision import features
 from seqvision.config import ConfigError, EncoderConfig, load_params
 from seqvision.encoders import RandomWeightsWarning
-
-
-def resolve_device(device: str) -> str:
-    """``auto`` -> ``cuda`` when a GPU is visible, else ``cpu``."""
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if device == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("--device cuda: no CUDA device is visible")
-    return device
+from seqvision.runtime import resolve_device
 
 
 def check_encoder_inputs(config: EncoderConfig, *, frames: str | Path, metadata: str | Path) -> None:
@@ -67,16 +59,15 @@ def check_encoder_inputs(config: EncoderConfig, *, frames: str | Path, metadata:
 def train_small_cnn(config: EncoderConfig, frames: str, metadata: str, device: str) -> features.EncoderRun:
     """Attribute training of the small CNN on the train split (val scored every epoch)."""
     logger = get_run_logger()
-    with stage_work("encoder"):
-        return features.train_attribute_encoder(config, frames_dir=frames, metadata_path=metadata, device=device,
-                                                log=logger.info)
+    return features.train_attribute_encoder(config, frames_dir=frames, metadata_path=metadata, device=device,
+                                            log=logger.info)
 
 
 @task(cache_policy=NO_CACHE)
 def load_backbone(config: EncoderConfig) -> features.EncoderRun:
     """A torchvision backbone from its local weights file; random weights are logged as a warning."""
     logger = get_run_logger()
-    with warnings.catch_warnings(record=True) as caught, stage_work("encoder"):
+    with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", RandomWeightsWarning)
         run = features.pretrained_encoder(config)
     for warning in caught:
@@ -87,6 +78,7 @@ def load_backbone(config: EncoderConfig) -> features.EncoderRun:
 @flow(name="encoder")
 def encoder_flow(
     *,
+    config: EncoderConfig | None = None,
     params: str = "params.yaml",
     frames: str = "artifacts/frames",
     metadata: str = "data/annotations/metadata.json",
@@ -94,18 +86,18 @@ def encoder_flow(
     device: str = "auto",
 ) -> dict[str, Any]:
     """Train (small_cnn) or load (torchvision) the encoder; write encoder.pt, history.json, metrics.json.
+    ``config``: the ``encoder`` section (``main`` passes it, read once); None: read from the ``params`` file.
 
     Returns ``{"backbone", "trained", "metrics", "seconds"}``."""
     logger = get_run_logger()
-    config = load_params(params)["encoder"]
+    config = config or load_params(params).encoder
     check_encoder_inputs(config, frames=frames, metadata=metadata)
-    device = resolve_device(device)
+    device = str(resolve_device(device))
     if config.backbone == "small_cnn":
         run = train_small_cnn(config, frames, metadata, device)
     else:
         run = load_backbone(config)
-    with stage_work("encoder"):
-        features.save_encoder(run, out)
+    features.save_encoder(run, out)
     stats = {"backbone": config.backbone, "trained": run.history["trained"], "metrics": run.metrics,
              "seconds": run.history.get("seconds", {}), "random_weights": run.history.get("random_weights", False)}
     logger.info(encoder_summary(stats))
@@ -131,9 +123,8 @@ def encode_array(
     encoder: torch.nn.Module, frames: str, job: features.FeatureJob, out: str, batch_size: int, device: str, bar: Any
 ) -> tuple[int, ...]:
     """One ``{kind}-{split}.npy`` (written atomically, so a retry starts clean)."""
-    with stage_work("features"):
-        return features.write_feature_array(encoder, frames, job, out, batch_size=batch_size, device=device,
-                                            on_frames=bar.update)
+    return features.write_feature_array(encoder, frames, job, out, batch_size=batch_size, device=device,
+                                        on_frames=bar.update)
 
 
 @flow(name="features")
@@ -148,17 +139,15 @@ def features_flow(
 ) -> dict[str, Any]:
     """Encode every frame shard of ``frames`` with the encoder checkpoint; returns ``{file: shape}``."""
     logger = get_run_logger()
-    with stage_work("features"):
-        model = features.load_encoder(encoder)
-        device = resolve_device(device)
-        jobs = features.plan_features(frames)
-        features.start_features(out)
+    model = features.load_encoder(encoder)
+    device = str(resolve_device(device))
+    jobs = features.plan_features(frames)
+    features.start_features(out)
     logger.info(f"{len(jobs)} arrays, {features.count_frames(jobs)} frames, encoder {type(model).__name__} "
                 f"(D = {model.feature_dim}, grid {model.grid}x{model.grid}) on {device}")
     with tqdm(total=features.count_frames(jobs), unit="frame", desc="features", disable=not progress) as bar:
         shapes = {job.name: encode_array(model, frames, job, out, batch_size, device, bar) for job in jobs}
-    with stage_work("features"):
-        features.write_feature_index(frames, out, encoder_info=features.encoder_info(model), shapes=shapes)
+    features.write_feature_index(frames, out, encoder_info=features.encoder_info(model), shapes=shapes)
     logger.info(features_summary(shapes))
     return shapes
 
@@ -180,7 +169,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     stages = parser.add_subparsers(dest="stage", required=True, metavar="{encoder,features}")
     enc = stages.add_parser("encoder", help="train or load the frame encoder",
                             description="Train (small_cnn) or load (torchvision backbone) the frame encoder.")
-    enc.add_argument("--params", default="params.yaml", help="params file; its encoder section is used")
+    add_params_argument(enc, sections="encoder")
     enc.add_argument("--frames", required=True, help="frame shards and index.json (artifacts/frames)")
     enc.add_argument("--metadata", default="data/annotations/metadata.json",
                      help="the synthetic benchmark's metadata.json; needed by small_cnn only "
@@ -197,42 +186,32 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     feat.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"),
                       help="auto picks CUDA when present (default: %(default)s)")
     feat.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
+    feat.add_argument("--debug", action="store_true", help="print tracebacks with errors (also: SEQVISION_DEBUG=1)")
     return parser.parse_args(argv)
-
-
-CLEAN_ERRORS = (ConfigError, FileNotFoundError, features.MetadataError)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    try:  # the common mistakes get one clean line before Prefect starts
-        resolve_device(args.device)
+
+    def work() -> int:
+        resolve_device(args.device)  # the common mistakes get one clean line before Prefect starts
         if args.stage == "encoder":
-            config = load_params(args.params)["encoder"]
-            check_encoder_inputs(config, frames=args.frames, metadata=args.metadata)
-        else:
-            if args.batch_size < 1:
-                raise ConfigError(f"--batch-size must be >= 1, got {args.batch_size}")
-            for path in (Path(args.encoder), Path(args.frames) / "index.json"):
-                if not path.is_file():
-                    raise FileNotFoundError(f"{path}: no such file; run the "
-                                            f"{'encoder' if path.suffix == '.pt' else 'extract'} stage first")
-    except CLEAN_ERRORS as err:
-        print(f"{args.stage}: error: {err}", file=sys.stderr)
-        return 2
-    try:
-        if args.stage == "encoder":
-            stats = encoder_flow(params=args.params, frames=args.frames, metadata=args.metadata, out=args.out,
+            params = read_params(args)
+            check_encoder_inputs(params.encoder, frames=args.frames, metadata=args.metadata)
+            stats = encoder_flow(config=params.encoder, frames=args.frames, metadata=args.metadata, out=args.out,
                                  device=args.device)
             print(f"encoder: {encoder_summary(stats)} -> {args.out}")
-        else:
-            shapes = features_flow(encoder=args.encoder, frames=args.frames, out=args.out,
-                                   batch_size=args.batch_size, device=args.device, progress=args.progress)
-            print(f"features: {features_summary(shapes)} -> {args.out}")
-    except CLEAN_ERRORS as err:  # e.g. frames not extracted from this synthetic dataset
-        print(f"{args.stage}: error: {err}", file=sys.stderr)
-        return 2
-    return 0
+            return 0
+        if args.batch_size < 1:
+            raise ConfigError(f"--batch-size must be >= 1, got {args.batch_size}")
+        require_files(args.encoder, stage="encoder")
+        require_files(Path(args.frames) / "index.json", stage="extract")
+        shapes = features_flow(encoder=args.encoder, frames=args.frames, out=args.out,
+                               batch_size=args.batch_size, device=args.device, progress=args.progress)
+        print(f"features: {features_summary(shapes)} -> {args.out}")
+        return 0
+
+    return run_main(args.stage, work, debug=args.debug)
 
 
 if __name__ == "__main__":

@@ -30,10 +30,9 @@ from typing import Any
 from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
-from pipelines.common import IO_RETRIES, stage_work
-from seqvision import report
-from seqvision.models import MODELS, TASKS
-from seqvision.tracking import PARENT_RUN_ENV
+from pipelines.common import IO_RETRIES, run_main
+from seqvision import report, tracking
+from seqvision.config import MODEL_FAMILIES, TASKS
 
 
 class TrackingError(RuntimeError):
@@ -42,27 +41,31 @@ class TrackingError(RuntimeError):
 
 @task(**IO_RETRIES, cache_policy=NO_CACHE)
 def collect(train: str, evals: str, tasks: tuple[str, ...], models: tuple[str, ...]) -> dict[str, list[Any]]:
-    with stage_work("report"):
-        return report.load_runs(train_dir=train, eval_dir=evals, tasks=tasks, models=models)
+    return report.load_runs(train_dir=train, eval_dir=evals, tasks=tasks, models=models)
 
 
 @task(cache_policy=NO_CACHE)
 def score_meteor(runs: dict[str, list[Any]], mode: str) -> tuple[dict[str, list[Any]], str]:
-    with stage_work("report"):
-        return report.add_meteor(runs, mode=mode)
+    return report.add_meteor(runs, mode=mode)
 
 
 @task(**IO_RETRIES, cache_policy=NO_CACHE)
 def render(runs: dict[str, list[Any]], frames: str | None, out: str, examples: int) -> dict[str, Path]:
-    with stage_work("report"):
-        sections = report.build_sections(runs, frames_dir=frames, examples=examples)
-        return report.write_report(sections, out)
+    sections = report.build_sections(runs, frames_dir=frames, examples=examples)
+    return report.write_report(sections, out)
 
 
 @task(cache_policy=NO_CACHE)
 def publish(runs: dict[str, list[Any]], paths: dict[str, Path], parent_run_id: str, repo_root: str) -> int:
+    metrics = report.parent_metrics(runs)
     try:
-        return len(report.publish_to_mlflow(runs, paths, parent_run_id=parent_run_id, repo_root=repo_root))
+        tracking.publish_comparison(
+            parent_run_id, repo_root=repo_root, metrics=metrics,
+            child_metrics=report.child_metrics(runs, parent_run_id=parent_run_id),
+            files=[paths["html"], paths["md"]], folders={"report/figures": paths["figures"]} if paths.get("figures")
+            else None,
+        )
+        return len(metrics)
     except Exception as err:  # noqa: BLE001 - any store error: the report itself is done
         raise TrackingError(f"report written, but logging it on MLflow run {parent_run_id} failed: "
                             f"{str(err).splitlines()[0] if str(err) else type(err).__name__}") from err
@@ -76,7 +79,7 @@ def report_flow(
     evals: str = "artifacts/eval",
     frames: str | None = "artifacts/frames",
     tasks: tuple[str, ...] = TASKS,
-    models: tuple[str, ...] = tuple(MODELS),
+    models: tuple[str, ...] = MODEL_FAMILIES,
     examples: int = 3,
     parent_run_id: str | None = None,
     mlflow: bool = True,
@@ -100,7 +103,7 @@ def report_flow(
         return result
     # Usually one parent; a partial retrain after the parent was ended starts another one, and then every
     # parent named by a summary gets the whole report, so whichever comparison run one opens has it.
-    explicit = parent_run_id or os.environ.get(PARENT_RUN_ENV)
+    explicit = parent_run_id or os.environ.get(tracking.PARENT_RUN_ENV)
     parents = [explicit] if explicit else report.parent_run_ids(runs)
     if not parents:
         logger.warning("no MLflow parent run id (train summaries, $SEQVISION_PARENT_RUN_ID or --parent-run-id): "
@@ -124,8 +127,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--out", required=True, help="output folder (reports)")
     parser.add_argument("--tasks", nargs="+", default=list(TASKS), choices=TASKS, metavar="TASK",
                         help=f"tasks in the report (default: {' '.join(TASKS)})")
-    parser.add_argument("--models", nargs="+", default=list(MODELS), choices=tuple(MODELS), metavar="MODEL",
-                        help=f"model families expected per task; absent ones are marked (default: {' '.join(MODELS)})")
+    parser.add_argument("--models", nargs="+", default=list(MODEL_FAMILIES), choices=MODEL_FAMILIES, metavar="MODEL",
+                        help=f"model families expected per task; absent ones are marked (default: "
+                             f"{' '.join(MODEL_FAMILIES)})")
     parser.add_argument("--examples", type=int, default=3, help="correct and failed examples per task (default: 3)")
     parser.add_argument("--parent-run-id", default=None, help="MLflow parent run (default: from the train summaries)")
     parser.add_argument("--no-mlflow", dest="mlflow", action="store_false", help="do not log to MLflow")
@@ -134,6 +138,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                              "(else the table says unavailable), always = fail without Java (params.yaml "
                              "evaluate.compute_meteor; default: auto)")
     parser.add_argument("--repo-root", default=".", help="where mlflow.db lives unless MLFLOW_TRACKING_URI is set")
+    parser.add_argument("--debug", action="store_true", help="print tracebacks with errors (also: SEQVISION_DEBUG=1)")
     args = parser.parse_args(argv)
     if args.examples < 0:
         parser.error(f"--examples must be >= 0, got {args.examples}")
@@ -142,27 +147,30 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    if not Path(args.evals).is_dir():
-        print(f"report: error: {args.evals}: no such folder (--eval); run the evaluate stage first", file=sys.stderr)
-        return 2
-    try:
-        result = report_flow(
-            out=args.out, train=args.train, evals=args.evals, frames=args.frames or None, tasks=tuple(args.tasks),
-            models=tuple(args.models), examples=args.examples, parent_run_id=args.parent_run_id,
-            mlflow=args.mlflow, repo_root=args.repo_root, meteor=args.meteor,
-        )
-    except TrackingError as err:
-        print(f"report: error: {err}", file=sys.stderr)
-        return 1
-    paths = result["paths"]
-    print(f"report: {result['ok']}/{result['runs']} runs available")
-    print(f"report: {paths['html']} (self-contained) and {paths['md']}")
-    if result["parent_run_ids"]:
-        print(f"report: logged on MLflow parent run {', '.join(result['parent_run_ids'])} "
-              f"({result['logged_metrics']} headline metrics, run ended FINISHED); browse with `make mlflow-ui`")
-    else:
-        print("report: not logged to MLflow (no parent run id); `make mlflow-ui` shows the training runs")
-    return 0
+
+    def work() -> int:
+        if not Path(args.evals).is_dir():
+            raise FileNotFoundError(f"{args.evals}: no such folder (--eval); run the evaluate stage first")
+        try:
+            result = report_flow(
+                out=args.out, train=args.train, evals=args.evals, frames=args.frames or None,
+                tasks=tuple(args.tasks), models=tuple(args.models), examples=args.examples,
+                parent_run_id=args.parent_run_id, mlflow=args.mlflow, repo_root=args.repo_root, meteor=args.meteor,
+            )
+        except TrackingError as err:
+            print(f"report: error: {err}", file=sys.stderr)
+            return 1
+        paths = result["paths"]
+        print(f"report: {result['ok']}/{result['runs']} runs available")
+        print(f"report: {paths['html']} (self-contained) and {paths['md']}")
+        if result["parent_run_ids"]:
+            print(f"report: logged on MLflow parent run {', '.join(result['parent_run_ids'])} "
+                  f"({result['logged_metrics']} headline metrics, run ended FINISHED); browse with `make mlflow-ui`")
+        else:
+            print("report: not logged to MLflow (no parent run id); `make mlflow-ui` shows the training runs")
+        return 0
+
+    return run_main("report", work, debug=args.debug)
 
 
 if __name__ == "__main__":

@@ -18,31 +18,30 @@ from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
 from seqvision import annotations
-from seqvision.config import ConfigError, DataConfig, TokenizeConfig
+from seqvision.config import ConfigError, DataConfig, TokenizeConfig, load_params
 from seqvision.vocab import tokenize_corpus, write_corpus
 
-from pipelines.common import IO_RETRIES, add_data_arguments, data_overrides, resolve_configs, stage_work
+from pipelines.common import IO_RETRIES, add_data_arguments, add_params_argument, read_params, run_main
 
 
 @task(**IO_RETRIES, cache_policy=NO_CACHE)  # DVC decides what reruns, not a Prefect cache
 def load_corpora(data: DataConfig) -> dict[str, list[Any]]:
     """{"video": captioned video records, "image": image records}, for the sources that are configured."""
     corpora: dict[str, list[Any]] = {}
-    with stage_work("tokenize"):
-        if data.video_captions:
-            records = annotations.load_video_records(
-                video_dir=data.video_dir,
-                video_captions=data.video_captions,
-                video_captions_format=data.video_captions_format,
-                activity_dir=data.activity_dir,  # read too, so a split conflict with the labels is caught here
-                activity_split=data.activity_split,
-            )
-            corpora["video"] = [r for r in records if r.captions]
-        if data.image_captions_dir or data.karpathy_split:
-            corpora["image"] = annotations.load_image_records(
-                image_dir=data.image_dir, image_captions_dir=data.image_captions_dir,
-                karpathy_split=data.karpathy_split,
-            )
+    if data.video_captions:
+        records = annotations.load_video_records(
+            video_dir=data.video_dir,
+            video_captions=data.video_captions,
+            video_captions_format=data.video_captions_format,
+            activity_dir=data.activity_dir,  # read too, so a split conflict with the labels is caught here
+            activity_split=data.activity_split,
+        )
+        corpora["video"] = [r for r in records if r.captions]
+    if data.image_captions_dir or data.karpathy_split:
+        corpora["image"] = annotations.load_image_records(
+            image_dir=data.image_dir, image_captions_dir=data.image_captions_dir,
+            karpathy_split=data.karpathy_split,
+        )
     if not corpora:
         raise ConfigError("nothing to tokenize: data.video_captions, data.image_captions_dir and "
                           "data.karpathy_split are all empty")
@@ -51,39 +50,28 @@ def load_corpora(data: DataConfig) -> dict[str, list[Any]]:
 
 @task(**IO_RETRIES, cache_policy=NO_CACHE)
 def tokenize_and_write(name: str, records: list[Any], config: TokenizeConfig, out: Path) -> dict[str, Any]:
-    with stage_work("tokenize"):
-        corpus = tokenize_corpus(records, config)
-        write_corpus(corpus, out / name)
+    corpus = tokenize_corpus(records, config)
+    write_corpus(corpus, out / name)
     return corpus.stats
 
 
 @flow(name="tokenize")
 def tokenize_flow(
     *,
+    config: TokenizeConfig | None = None,
+    data: DataConfig | None = None,
     params: str = "params.yaml",
     out: str = "artifacts/tokens",
-    video_dir: str | None = None,
-    video_captions: str | None = None,
-    video_captions_format: str | None = None,
-    activity_dir: str | None = None,
-    activity_split: int | None = None,
-    image_dir: str | None = None,
-    image_captions_dir: str | None = None,
-    karpathy_split: str | None = None,
 ) -> dict[str, dict[str, Any]]:
-    """Tokenize every configured corpus into ``{out}/{video,image}/``; returns ``{corpus: stats}``."""
+    """Tokenize every configured corpus into ``{out}/{video,image}/``; returns ``{corpus: stats}``.
+
+    ``config`` / ``data``: the ``tokenize`` and ``data`` sections (``main`` passes them, read once); a section not
+    given is read from the ``params`` file (a deployment run).
+    """
     logger = get_run_logger()
-    overrides = dict(
-        video_dir=video_dir,
-        video_captions=video_captions,
-        video_captions_format=video_captions_format,
-        activity_dir=activity_dir,
-        activity_split=activity_split,
-        image_dir=image_dir,
-        image_captions_dir=image_captions_dir,
-        karpathy_split=karpathy_split,
-    )
-    data, config = resolve_configs(params, overrides, "tokenize")
+    if config is None or data is None:
+        loaded = load_params(params)
+        config, data = config or loaded.tokenize, data or loaded.data
     corpora = load_corpora(data)
     stats = {}
     for name, records in corpora.items():
@@ -104,7 +92,7 @@ def summary(name: str, stats: dict[str, Any]) -> str:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m pipelines.tokenize", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--params", default="params.yaml", help="params file; its tokenize section is used")
+    add_params_argument(parser, sections="tokenize and data")
     parser.add_argument("--out", required=True, help="output folder (artifacts/tokens)")
     add_data_arguments(parser)
     return parser.parse_args(argv)
@@ -112,23 +100,23 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    overrides = data_overrides(args)
-    try:  # the common mistakes get one clean line before Prefect starts
-        data, _ = resolve_configs(args.params, overrides, "tokenize")
-        annotations.check_sources(
+
+    def work() -> int:
+        params = read_params(args)
+        data = params.data
+        annotations.check_sources(  # the common mistakes get one clean line before Prefect starts
             video_captions=data.video_captions,
             activity_dir=data.activity_dir,
             activity_split=data.activity_split,
             image_captions_dir=data.image_captions_dir,
             karpathy_split=data.karpathy_split,
         )
-        stats = tokenize_flow(params=args.params, out=args.out, **overrides)
-    except (ConfigError, FileNotFoundError, annotations.AnnotationError) as err:
-        print(f"tokenize: error: {err}", file=sys.stderr)
-        return 2
-    for name, corpus_stats in stats.items():
-        print(f"tokenize: {summary(name, corpus_stats)}")
-    return 0
+        stats = tokenize_flow(config=params.tokenize, data=params.data, out=args.out)
+        for name, corpus_stats in stats.items():
+            print(f"tokenize: {summary(name, corpus_stats)}")
+        return 0
+
+    return run_main("tokenize", work, debug=args.debug)
 
 
 if __name__ == "__main__":

@@ -5,11 +5,11 @@
         --activity-dir data/annotations/ucf101 --activity-split 1 --out artifacts/train/activity/lstm
 
 Tasks: activity, image_captioning, video_captioning. Models: rnn, lstm, gru, transformer, meanpool.
-Reads the ``train`` section and ``models.<model>`` (+ ``models.match_params`` and, when that names a family,
-that family's section) of params.yaml; the whole file is validated first. Inputs: ``--features`` (every task),
-``--tokens`` (captioning: ``{tokens}/video`` or ``{tokens}/image``), ``--activity-dir`` / ``--activity-split``
-(activity; default: params.yaml ``data:``). With params.yaml ``encoder.finetune_encoder: true`` the model trains
-end to end: the encoder from ``--encoder`` (the encoder stage's encoder.pt) sits in front of it and trains with it,
+Reads the ``train`` section, ``models.<model>``, ``models.match_params.<task>`` and ``data.activity_dir`` /
+``activity_split`` of params.yaml (``pipelines.train_args.TrainParams``), once; the whole file is validated first.
+Inputs: ``--features`` (every task), ``--tokens`` (captioning: ``{tokens}/video`` or ``{tokens}/image``),
+``--activity-dir`` / ``--activity-split`` (activity; default: params.yaml ``data:``). With params.yaml
+``train.finetune_encoder: true`` the model trains end to end: the encoder from ``--encoder`` (the encoder stage's encoder.pt) sits in front of it and trains with it,
 on the uint8 frames of ``--frames`` instead of the cached features (meant for GPUs: every step runs the CNN).
 
 Outputs in ``--out``: best.pt, last.pt, history.json, learning_curve.json (for ``dvc plots``), config.json,
@@ -28,7 +28,8 @@ global batch (it must divide by N); one process per GPU (NCCL) when ``train.devi
 CPU processes (gloo); they share ``--threads``, at least one each. Without randomness inside a step (dropout,
 scheduled sampling) the outputs equal one process's up to float summation order (docs/ddp.md).
 
-Exit status: 0 done; 1 training failed (e.g. a non-finite loss); 2 bad arguments, params or inputs.
+Exit status: 0 done; 1 training failed (e.g. a non-finite loss); 2 bad arguments, params or inputs (one line on
+stderr; ``--debug`` adds the traceback).
 """
 
 from __future__ import annotations
@@ -50,21 +51,11 @@ from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
 import pipelines
-from pipelines.common import stage_work, untimed
-from pipelines.train_ddp import (  # noqa: F401 - DATA_DVC, RUN_ID_FILE: re-exported, part of this stage's API
-    DATA_DVC,
-    RUN_ID_FILE,
-    USAGE_ERRORS,
-    add_arguments,
-    finetune_encoder,
-    open_run,
-    resolve_configs,
-)
-from pipelines.train_ddp import load_data as load_task_data
-from seqvision import experiment
-from seqvision.config import ConfigError, ModelsConfig, TrainConfig, load_params
-from seqvision.tracking import PARENT_RUN_ENV, RUN_ID_ENV, NullTracker, tracking_uri
-from seqvision.train import resolve_device
+from pipelines.common import run_main
+from pipelines.train_args import TrainParams, add_arguments, check_inputs, read_train_params
+from seqvision import experiment, tracking
+from seqvision.config import ConfigError, TrainConfig, load_params
+from seqvision.runtime import resolve_device
 
 
 def check_nproc(nproc_per_node: int, train_config: TrainConfig) -> None:
@@ -80,54 +71,35 @@ def check_nproc(nproc_per_node: int, train_config: TrainConfig) -> None:
         raise ConfigError(f"--nproc-per-node {nproc_per_node} but only {torch.cuda.device_count()} GPU(s)")
 
 
-def check_inputs(task_name: str, *, features: str | Path, tokens: str | Path | None,
-                 activity_dir: str | Path | None, frames: str | Path | None = None) -> None:
-    """Fail fast, naming the path, when an input the task reads is missing (before Prefect starts).
-    ``frames``: set when the encoder is fine-tuned; the task then reads frame shards instead of features."""
-    kind = "images" if task_name == "image_captioning" else "videos"
-    if frames is not None:
-        needed = [Path(frames) / "index.json"]
-    else:
-        needed = [Path(features) / "index.json", Path(features) / f"{kind}-train.npy",
-                  Path(features) / f"{kind}-val.npy"]
-    if task_name == "activity":
-        if not activity_dir:
-            raise ConfigError("activity needs its label lists: pass --activity-dir or set data.activity_dir")
-        needed.append(Path(activity_dir) / "classInd.txt")
-    else:
-        if not tokens:
-            raise ConfigError(f"--tokens is required for --task {task_name}")
-        needed.append(Path(tokens) / ("image" if task_name == "image_captioning" else "video") / "vocab.json")
-    for path in needed:
-        if not path.is_file():
-            raise FileNotFoundError(f"{path}: no such file; run the stage that writes it first")
+def tracked(task_name: str, model: str, params: TrainParams) -> dict[str, Any]:
+    return experiment.tracked_params(task_name, model, train_config=params.train, model_config=params.model_config,
+                                     budget=params.budget)
 
 
 @task(cache_policy=NO_CACHE)  # DVC decides what reruns, not a Prefect cache
-def load_data(task_name: str, features: str, tokens: str | None, data_config: Any, seed: int, *,
-              frames: str | None = None, encoder: Any = None) -> experiment.TaskData:
-    with stage_work("train"):
-        return load_task_data(task_name, features_dir=features, frames_dir=frames, encoder=encoder, tokens=tokens,
-                              data_config=data_config, seed=seed)
+def load_data(task_name: str, params: TrainParams, features: str, tokens: str | None, frames: str | None,
+              encoder: Any) -> experiment.TaskData:
+    return experiment.load_for_training(task_name, seed=params.train.seed, activity_dir=params.activity_dir,
+                                        activity_split=params.activity_split, features_dir=features,
+                                        frames_dir=frames, tokens_dir=tokens, encoder=encoder)
 
 
 @task(cache_policy=NO_CACHE, task_run_name="fit-{task_name}-{model}")
-def train_model(task_name: str, model: str, data: experiment.TaskData, train_config: TrainConfig,
-                models_config: ModelsConfig, out: str, *, repo_root: Path, tracking: bool, resume: bool,
-                progress: bool | None, encoder: Any = None) -> experiment.TrainSummary:
+def train_model(task_name: str, model: str, data: experiment.TaskData, params: TrainParams, out: str, *,
+                repo_root: Path, tracking_on: bool, resume: bool, progress: bool | None,
+                encoder: Any = None) -> experiment.TrainSummary:
     logger = get_run_logger()
-    if not tracking:
-        with stage_work("train"):
-            return experiment.run(task_name, model, data=data, train_config=train_config,
-                                  models_config=models_config, out_dir=out, resume=resume, progress=progress,
-                                  log=logger.info, encoder=encoder)
-    tracker, parent = open_run(task_name, model, train_config=train_config, models_config=models_config,
-                               repo_root=repo_root)
-    logger.info(f"MLflow run {tracker.run_id} under parent {parent}")
-    with tracker, stage_work("train"):  # an exception marks the child run FAILED (KILLED for Ctrl-C) and propagates
-        return experiment.run(task_name, model, data=data, train_config=train_config, models_config=models_config,
-                              out_dir=out, tracker=untimed(tracker), parent_run_id=parent, resume=resume,
-                              progress=progress, log=logger.info, encoder=encoder)
+    tracker: Any = tracking.NullTracker()
+    parent = None
+    if tracking_on:
+        tracker, parent = tracking.open_training_run(task_name, model, repo_root=repo_root,
+                                                     params=tracked(task_name, model, params))
+        logger.info(f"MLflow run {tracker.run_id} under parent {parent}")
+    with tracker:  # an exception marks the child run FAILED (KILLED for Ctrl-C) and propagates
+        return experiment.run(task_name, model, data=data, train_config=params.train,
+                              model_config=params.model_config, budget=params.budget, out_dir=out, tracker=tracker,
+                              parent_run_id=parent, resume=resume, progress=progress, log=logger.info,
+                              encoder=encoder)
 
 
 def torchrun_command(nproc_per_node: int, worker_args: list[str]) -> list[str]:
@@ -159,9 +131,8 @@ def stream(command: list[str], *, env: dict[str, str], log: Callable[[str], Any]
 
 
 @task(cache_policy=NO_CACHE, task_run_name="torchrun-{task_name}-{model}")
-def train_model_ddp(task_name: str, model: str, train_config: TrainConfig, models_config: ModelsConfig, out: str,
-                    *, nproc_per_node: int, worker_args: list[str], repo_root: Path,
-                    tracking: bool) -> dict[str, Any]:
+def train_model_ddp(task_name: str, model: str, params: TrainParams, out: str, *, nproc_per_node: int,
+                    worker_args: list[str], repo_root: Path, tracking_on: bool) -> dict[str, Any]:
     """One training on ``nproc_per_node`` local processes; returns ``summary.json``'s content.
 
     The MLflow run is created here, once, and handed to every rank through ``$MLFLOW_RUN_ID`` (rank 0 logs into
@@ -174,33 +145,33 @@ def train_model_ddp(task_name: str, model: str, train_config: TrainConfig, model
     source_root = str(Path(pipelines.__file__).resolve().parent.parent)
     env["PYTHONPATH"] = os.pathsep.join(p for p in (source_root, env.get("PYTHONPATH")) if p)
     env["PYTHONUNBUFFERED"] = "1"  # stream the workers' lines as they come, not when their buffers fill
-    tracker: Any = NullTracker()
-    if tracking:
-        tracker, parent = open_run(task_name, model, train_config=train_config, models_config=models_config,
-                                   repo_root=repo_root)
-        env.update({RUN_ID_ENV: tracker.run_id, PARENT_RUN_ENV: parent, "MLFLOW_TRACKING_URI": tracking_uri(repo_root)})
+    tracker: Any = tracking.NullTracker()
+    if tracking_on:
+        tracker, parent = tracking.open_training_run(task_name, model, repo_root=repo_root,
+                                                     params=tracked(task_name, model, params))
+        env.update({tracking.RUN_ID_ENV: tracker.run_id, tracking.PARENT_RUN_ENV: parent,
+                    "MLFLOW_TRACKING_URI": tracking.tracking_uri(repo_root)})
         logger.info(f"MLflow run {tracker.run_id} under parent {parent}, shared by {nproc_per_node} processes")
     command = torchrun_command(nproc_per_node, worker_args)
     logger.info(" ".join(command))
     with tracker:  # FINISHED on exit status 0; FAILED otherwise (KILLED for Ctrl-C)
-        with stage_work("train"):
-            status, tail = stream(command, env=env, log=logger.info)
+        status, tail = stream(command, env=env, log=logger.info)
         if status != 0:
             raise RuntimeError(f"torchrun exited with status {status}; its last lines:\n{tail}")
     return json.loads((Path(out) / "summary.json").read_text(encoding="utf-8"))
 
 
-def worker_args(task: str, model: str, *, nproc_per_node: int, out: str, params: str, features: str,
-                tokens: str | None, activity_dir: str | None, frames: str | None = None, encoder: str | None = None, activity_split: int | None, resume: bool, tracking: bool,
-                progress: bool | None, repo_root: Path) -> list[str]:
+def worker_args(task_name: str, model: str, *, nproc_per_node: int, out: str, params_path: str, params: TrainParams,
+                features: str, tokens: str | None, frames: str | None, encoder: str | None, resume: bool,
+                tracking_on: bool, progress: bool | None, repo_root: Path) -> list[str]:
     """The flags of ``pipelines.train_ddp`` for one training. The workers share this process's torch threads
     (at least one each): N processes with all of them each would oversubscribe the CPU N times."""
     threads = max(1, torch.get_num_threads() // nproc_per_node)
-    args = ["--task", task, "--model", model, "--out", out, "--params", params, "--features", features,
+    args = ["--task", task_name, "--model", model, "--out", out, "--params", params_path, "--features", features,
             "--repo-root", str(repo_root), "--threads", str(threads),
-            "--resume" if resume else "--no-resume", "--tracking" if tracking else "--no-tracking"]
-    for flag, value in (("--tokens", tokens), ("--activity-dir", activity_dir), ("--activity-split", activity_split),
-                        ("--frames", frames), ("--encoder", encoder)):
+            "--activity-dir", params.activity_dir, "--activity-split", str(params.activity_split),
+            "--resume" if resume else "--no-resume", "--tracking" if tracking_on else "--no-tracking"]
+    for flag, value in (("--tokens", tokens), ("--frames", frames), ("--encoder", encoder)):
         if value is not None:
             args += [flag, str(value)]
     if progress is not None:
@@ -214,11 +185,12 @@ def train_flow(
     model: str,
     *,
     out: str,
-    params: str = "params.yaml",
-    features: str = "artifacts/features",
-    tokens: str | None = None,
+    params: TrainParams | None = None,
+    params_path: str = "params.yaml",
     activity_dir: str | None = None,
     activity_split: int | None = None,
+    features: str = "artifacts/features",
+    tokens: str | None = None,
     resume: bool = True,
     tracking: bool = True,
     progress: bool | None = None,
@@ -229,41 +201,49 @@ def train_flow(
 ) -> dict[str, Any]:
     """Train ``model`` on ``task`` into ``out``; returns ``summary.json``'s content.
 
+    ``params``: what the training reads (``main`` passes it, read once); None: read from the ``params_path`` file
+    (a deployment run; ``activity_dir`` / ``activity_split`` then override its ``data:`` values). The DDP workers
+    read ``params_path`` themselves (each torchrun process once).
     ``repo_root`` (default: the current directory, where DVC runs stages) anchors the MLflow store and the
-    parent-run file ``.seqvision/parent_run_id``. ``activity_dir`` / ``activity_split``: default params.yaml ``data:``.
-    ``nproc_per_node`` > 1: DDP over that many local processes under torchrun (see the module docstring).
-    ``frames`` / ``encoder``: read only when params.yaml ``encoder.finetune_encoder`` is on (end-to-end training).
+    parent-run file ``.seqvision/parent_run_id``. ``nproc_per_node`` > 1: DDP over that many local processes under
+    torchrun (see the module docstring). ``frames`` / ``encoder``: read only when ``train.finetune_encoder`` is on.
     """
     experiment.check_names(task, model)
-    paths, train_config, models_config = resolve_configs(params, activity_dir=activity_dir,
-                                                         activity_split=activity_split)
-    check_nproc(nproc_per_node, train_config)
+    if params is None:
+        loaded = load_params(params_path)
+        params = TrainParams(
+            train=loaded.train, model_config=loaded.models.family(model),
+            budget=loaded.models.match_params.budget(task),
+            activity_dir=loaded.data.activity_dir if activity_dir is None else activity_dir,
+            activity_split=loaded.data.activity_split if activity_split is None else activity_split,
+        )
+    check_nproc(nproc_per_node, params.train)
     root = Path(repo_root).resolve() if repo_root else Path.cwd().resolve()
     # Loaded here in the DDP case too: bad inputs then fail (exit 2) before N processes start.
-    frame_encoder = finetune_encoder(params, encoder)
-    data = load_data(task, features, tokens, paths, train_config.seed, frames=frames, encoder=frame_encoder)
+    frame_encoder = experiment.finetune_encoder(params.train.finetune_encoder, encoder)
+    task_data = load_data(task, params, features, tokens, frames, frame_encoder)
     if nproc_per_node == 1:
-        summary: Any = train_model(task, model, data, train_config, models_config, out, repo_root=root,
-                                   tracking=tracking, resume=resume, progress=progress, encoder=frame_encoder)
+        summary: Any = train_model(task, model, task_data, params, out, repo_root=root, tracking_on=tracking,
+                                   resume=resume, progress=progress, encoder=frame_encoder)
         summary = dataclasses.asdict(summary)
     else:
-        args = worker_args(task, model, nproc_per_node=nproc_per_node, out=out, params=params, features=features,
-                           tokens=tokens, activity_dir=activity_dir, activity_split=activity_split, resume=resume,
+        args = worker_args(task, model, nproc_per_node=nproc_per_node, out=out, params_path=params_path,
+                           params=params, features=features, tokens=tokens,
                            frames=frames if frame_encoder is not None else None,
-                           encoder=encoder if frame_encoder is not None else None,
-                           tracking=tracking, progress=progress, repo_root=root)
-        summary = train_model_ddp(task, model, train_config, models_config, out, nproc_per_node=nproc_per_node,
-                                  worker_args=args, repo_root=root, tracking=tracking)
+                           encoder=encoder if frame_encoder is not None else None, resume=resume,
+                           tracking_on=tracking, progress=progress, repo_root=root)
+        summary = train_model_ddp(task, model, params, out, nproc_per_node=nproc_per_node, worker_args=args,
+                                  repo_root=root, tracking_on=tracking)
     get_run_logger().info(describe(summary))
     return summary
 
 
 def describe(summary: experiment.TrainSummary | dict[str, Any]) -> str:
     s = summary if isinstance(summary, dict) else dataclasses.asdict(summary)
-    baseline = "majority class" if s["task"] == "activity" else "most frequent caption"
+    blind = "majority class" if s["task"] == "activity" else "most frequent caption"
     return (
         f"{s['task']}/{s['family']}: val {s['metric']} {s['best_val_metric']:.3f} at epoch {s['best_epoch']} of "
-        f"{s['epochs_run']} ({baseline}: {s['trivial_baseline']:.3f}); {s['num_parameters']:,} parameters, "
+        f"{s['epochs_run']} ({blind}: {s['input_blind_metric']:.3f}); {s['num_parameters']:,} parameters, "
         f"{s['train_time_s']:.1f} s, {s['samples_per_s']:.0f} samples/s on {s['device']}"
     )
 
@@ -284,41 +264,22 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     started = time.perf_counter()
-    try:  # the common mistakes get one clean line before Prefect starts
-        experiment.check_names(args.task, args.model)
-        paths, train_config, _ = resolve_configs(args.params, activity_dir=args.activity_dir,
-                                                 activity_split=args.activity_split)
-        finetune = load_params(args.params)["encoder"].finetune_encoder
-        if finetune and not (args.frames and args.encoder):
-            raise ConfigError("encoder.finetune_encoder is on: pass --frames (artifacts/frames) and --encoder "
-                              "(artifacts/encoder/encoder.pt)")
-        check_inputs(args.task, features=args.features, tokens=args.tokens, activity_dir=paths.activity_dir,
-                     frames=args.frames if finetune else None)
-        if finetune and not Path(args.encoder).is_file():
-            raise FileNotFoundError(f"{args.encoder}: no such file; run the encoder stage first")
-        if args.threads < 0:
-            raise ConfigError(f"--threads must be >= 0, got {args.threads}")
-        check_nproc(args.nproc_per_node, train_config)
-    except USAGE_ERRORS as err:
-        print(f"train: error: {err}", file=sys.stderr)
-        return 2
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    try:
+
+    def work() -> int:
+        params = read_train_params(args)  # the only read of params.yaml in this process
+        check_inputs(args, params)  # the common mistakes get one clean line before Prefect starts
+        check_nproc(args.nproc_per_node, params.train)
+        if args.threads:
+            torch.set_num_threads(args.threads)
         summary = train_flow(
-            args.task, args.model, out=args.out, params=args.params, features=args.features, tokens=args.tokens,
-            activity_dir=args.activity_dir, activity_split=args.activity_split, resume=args.resume,
-            tracking=args.tracking, progress=args.progress, nproc_per_node=args.nproc_per_node,
-            frames=args.frames, encoder=args.encoder,
+            args.task, args.model, out=args.out, params=params, params_path=args.params, features=args.features,
+            tokens=args.tokens, resume=args.resume, tracking=args.tracking, progress=args.progress,
+            nproc_per_node=args.nproc_per_node, frames=args.frames, encoder=args.encoder,
         )
-    except USAGE_ERRORS as err:  # e.g. a malformed label list or artifacts from different data
-        print(f"train: error: {err}", file=sys.stderr)
-        return 2
-    except Exception as err:  # noqa: BLE001 - the training itself failed; the MLflow run is marked FAILED
-        print(f"train: error: {args.task}/{args.model}: {type(err).__name__}: {err}", file=sys.stderr)
-        return 1
-    print(f"train: {describe(summary)} -> {args.out} ({time.perf_counter() - started:.1f} s in this process)")
-    return 0
+        print(f"train: {describe(summary)} -> {args.out} ({time.perf_counter() - started:.1f} s in this process)")
+        return 0
+
+    return run_main("train", work, debug=args.debug)
 
 
 if __name__ == "__main__":

@@ -18,5 +18,28 @@ def prefect_harness():
     """One temporary Prefect server per test session (per xdist worker); flow tests request it."""
     from prefect.testing.utilities import prefect_test_harness
 
-    with prefect_test_harness():
+    # 120 s, not Prefect's 30: on a loaded 2-core machine (CI, or several test workers) the server can take longer.
+    with prefect_test_harness(server_startup_timeout=120):
         yield
+
+
+# --------------------------------------------------------------------------------------------------------
+# The tiny artifacts (tests/tiny.py), built once per session (per xdist worker). Tests must not modify them.
+
+from tests.tiny import TinyArtifacts, train_tiny, write_tiny_artifacts  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def tiny_artifacts(tmp_path_factory) -> TinyArtifacts:
+    """The tiny artifacts, written once per session (per xdist worker); tests must not modify them."""
+    return write_tiny_artifacts(tmp_path_factory.mktemp("tiny-artifacts"))
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoints(tiny_artifacts, tmp_path_factory) -> dict[tuple[str, str], Path]:
+    """``{(task, family): best.pt}`` trained for two epochs on the tiny artifacts, for the families the evaluation
+    and report tests read; tests must not modify them."""
+    root = tmp_path_factory.mktemp("tiny-checkpoints")
+    return {(task, family): train_tiny(tiny_artifacts, task, family, root / task / family)
+            for task in ("activity", "image_captioning", "video_captioning")
+            for family in ("gru", "transformer", "meanpool")}

@@ -29,9 +29,10 @@ def _write(tmp_path: Path, data: object) -> Path:
 
 def test_committed_params_validate_and_repeat_the_embedded_defaults() -> None:
     loaded = load_params(REPO / "params.yaml")
-    assert set(loaded) == set(SECTIONS)
-    for name, config in loaded.items():
+    assert set(yaml.safe_load((REPO / "params.yaml").read_text())) == set(SECTIONS)
+    for name in SECTIONS:
         # The committed file must equal the dataclass defaults, or "embedded defaults" would lie.
+        config = getattr(loaded, name)
         assert to_dict(config) == to_dict(SECTIONS[name]()), f"params.yaml section {name!r} differs from defaults"
 
 
@@ -73,9 +74,9 @@ def test_missing_and_malformed_files(tmp_path: Path) -> None:
 
 def test_absent_sections_get_defaults_and_configs_are_frozen(tmp_path: Path) -> None:
     loaded = load_params(_write(tmp_path, {"synth": {"seed": 7}}))
-    assert loaded["synth"].seed == 7 and loaded["synth"].fps == SynthConfig().fps
+    assert loaded.synth.seed == 7 and loaded.synth.fps == SynthConfig().fps
     with pytest.raises(Exception):
-        loaded["synth"].seed = 8  # type: ignore[misc]
+        loaded.synth.seed = 8  # type: ignore[misc]
 
 
 def test_every_knob_becomes_a_documented_flag() -> None:
@@ -90,9 +91,27 @@ def test_every_knob_becomes_a_documented_flag() -> None:
 
 def test_params_rewritten_by_dvc_exp_run_keep_their_strings(tmp_path):
     """`dvc exp run -S` rewrites params.yaml as YAML 1.2 and drops the quotes of "off"."""
-    text = Path("params.yaml").read_text().replace('match_params: "off"', "match_params: off")
-    assert "match_params: off\n" in text
+    text = Path("params.yaml").read_text().replace('activity: "off"', "activity: off")
+    assert "activity: off\n" in text
     (tmp_path / "params.yaml").write_text(text + "\n")
     loaded = load_params(tmp_path / "params.yaml")
-    assert loaded["models"].match_params == "off"
-    assert loaded["train"].deterministic is True  # true/false stay booleans
+    assert loaded.models.match_params.activity == "off"
+    assert loaded.train.deterministic is True  # true/false stay booleans
+
+
+def test_match_params_is_a_budget_per_task(tmp_path):
+    loaded = load_params(_write(tmp_path, {"models": {"match_params": {"activity": 5000}}}))
+    assert loaded.models.match_params.budget("activity") == 5000
+    assert loaded.models.match_params.budget("image_captioning") is None
+    for bad, expected in (("lstm", "expected an integer or one of 'off'"), (0, "expected an integer or one of")):
+        with pytest.raises(ConfigError, match=expected):
+            load_params(_write(tmp_path, {"models": {"match_params": {"activity": bad}}}))
+
+
+def test_tbptt_is_a_knob_of_the_recurrent_families_only(tmp_path):
+    loaded = load_params(_write(tmp_path, {"models": {"gru": {"tbptt_steps": 4}}}))
+    assert loaded.models.gru.tbptt_steps == 4 and loaded.models.lstm.tbptt_steps == 0
+    with pytest.raises(ConfigError, match="train.tbptt_steps: unknown key"):
+        load_params(_write(tmp_path, {"train": {"tbptt_steps": 4}}))
+    with pytest.raises(ConfigError, match="models.transformer.tbptt_steps: unknown key"):
+        load_params(_write(tmp_path, {"models": {"transformer": {"tbptt_steps": 4}}}))

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from seqvision.annotations import ImageRecord, VideoRecord
+from seqvision.annotations import ImageRecord, VideoRecord, activity_labels
 from seqvision.config import TokenizeConfig
 from seqvision.datasets import (
     ActivityDataset,
@@ -20,7 +20,6 @@ from seqvision.datasets import (
     ImageCaptionDataset,
     VideoCaptionDataset,
     VisualStore,
-    activity_labels,
     make_loader,
 )
 from seqvision.vocab import BOS_ID, EOS_ID, PAD_ID, Vocab, tokenize_corpus, write_corpus

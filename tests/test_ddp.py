@@ -26,13 +26,19 @@ import torch.multiprocessing as mp
 import yaml
 from torch.utils.data import DistributedSampler
 
-from seqvision import distributed, experiment, train
+from seqvision import checkpoint, distributed, experiment, train
 from seqvision.config import ModelsConfig, TrainConfig, from_mapping
 from seqvision.datasets import DistributedEpochSampler, EpochSampler
-from tests.test_experiment import TINY_TRAIN, RecordingTracker, make_artifacts
+from tests.test_experiment import RecordingTracker
+from tests.tiny import TINY_TRAIN, write_tiny_artifacts
 
 REPO = Path(__file__).resolve().parent.parent
 MODELS = {"gru": {"hidden_size": 16, "embed_size": 8, "dropout": 0.0}}  # no dropout: see the module docstring
+
+
+def make_artifacts(root: Path) -> dict[str, Path]:
+    art = write_tiny_artifacts(root)
+    return {**art._asdict(), "activity_dir": art.labels}
 LOSS_RTOL, WEIGHT_ATOL = 1e-5, 1e-4
 OUTPUTS = {"best.pt", "last.pt", "history.json", "learning_curve.json", "config.json", "summary.json"}
 WORLD = 2
@@ -75,7 +81,7 @@ def assert_same_training(single: Path, ddp: Path) -> None:
     for key in ("train_loss", "val_loss", "grad_norm"):
         assert [e[key] for e in b] == pytest.approx([e[key] for e in a], rel=LOSS_RTOL), key
     assert [e["val_metric"] for e in b] == pytest.approx([e["val_metric"] for e in a], abs=1e-9)
-    wa, wb = (train.load_checkpoint(d / "last.pt")["model"] for d in (single, ddp))
+    wa, wb = (checkpoint.load(d / "last.pt")["model"] for d in (single, ddp))
     assert wa.keys() == wb.keys()
     for name in wa:
         torch.testing.assert_close(wb[name], wa[name], rtol=0, atol=WEIGHT_ATOL, msg=name)
@@ -192,7 +198,7 @@ def ddp_runs(tmp_path_factory) -> dict[str, Path]:
             run("video_captioning", artifacts, root / "out" / "resumed")
     finally:
         train.train_one_epoch = original
-    assert train.load_checkpoint(root / "out" / "resumed" / "last.pt")["epoch"] == 1
+    assert checkpoint.load(root / "out" / "resumed" / "last.pt")["epoch"] == 1
     (root / "out" / "resumed" / "best.pt").unlink()  # restored from last.pt on resume: by rank 0 only
 
     # fork, not spawn: the children inherit torch and seqvision already imported (spawn re-imports them, ~10 s
@@ -272,8 +278,8 @@ def test_cli_refuses_bad_process_counts_with_exit_2(cli_env, tmp_path, capsys):
     out = ["--task", "activity", "--out", str(tmp_path / "o"), "--no-tracking"]
     assert stage.main([*args, *out, "--nproc-per-node", "0"]) == 2
     assert "--nproc-per-node must be >= 1" in capsys.readouterr().err
-    assert stage.main([*args, *out, "--nproc-per-node", "4"]) == 2  # train.batch_size 6
-    assert "must divide by --nproc-per-node (4)" in capsys.readouterr().err
+    assert stage.main([*args, *out, "--nproc-per-node", "3"]) == 2  # train.batch_size 4
+    assert "must divide by --nproc-per-node (3)" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
 
 
@@ -334,7 +340,7 @@ def test_cli_with_two_processes_matches_one_process_and_logs_one_run(cli_env, tm
     run = client.get_run(two["mlflow_run_id"])  # the one the flow created and the workers' rank 0 filled
     assert run.info.status == "FINISHED" and run.data.tags["seqvision.world_size"] == "2"
     assert [m.step for m in client.get_metric_history(run.info.run_id, "val_loss")] == [1, 2]  # once, by rank 0
-    assert run.data.params["train.batch_size"] == "6"
+    assert run.data.params["train.batch_size"] == str(TINY_TRAIN["batch_size"])
     assert {a.path for a in client.list_artifacts(run.info.run_id)} >= {"best.pt", "summary.json", "history.json"}
 
 

@@ -8,7 +8,10 @@ import pytest
 import torch
 from torch import Tensor, nn
 
-from seqvision.decode import BOS, EOS, PAD, beam_search, decode, greedy_decode, length_penalty, reorder
+from seqvision.decode import beam_search, decode, greedy_decode, length_penalty, reorder
+from seqvision.vocab import BOS_ID as BOS
+from seqvision.vocab import EOS_ID as EOS
+from seqvision.vocab import PAD_ID as PAD
 
 
 class PrefixTableModel:

@@ -25,7 +25,9 @@ from seqvision.encoders import (
     extract_features,
     train_encoder,
 )
-from seqvision.models import PixelModel, build_from_checkpoint, build_model, checkpoint_state
+from seqvision import checkpoint
+from seqvision.blocks import ModelDims
+from seqvision.models import PixelModel, build_from_checkpoint, build_model, model_spec
 
 torch.set_num_threads(1)
 
@@ -161,13 +163,13 @@ def test_encoder_checkpoint_round_trip():
         assert all(torch.equal(a, b) for a, b in zip(encoder(frames), rebuilt(frames)))
 
 
-def test_finetuning_skips_padded_frames_and_round_trips():
+def test_finetuning_skips_padded_frames_and_round_trips(tmp_path):
     frames, _, _ = squares(8)
     clips = torch.from_numpy(frames.reshape(2, 4, 64, 64, 3))
     lengths = torch.tensor([4, 2])
     torch.manual_seed(0)
     model = PixelModel(tiny_cnn(), build_model("activity", "lstm", {"hidden_size": 8, "dropout": 0.0},
-                                               feature_dim=16, num_classes=3))
+                                               dims=ModelDims(16, num_classes=3)))
     other = clips.clone()
     other[1, 2:] = 255 - other[1, 2:]  # different padding in clip 1
     # Train mode (BatchNorm uses batch statistics): padded frames must not reach the encoder at all.
@@ -175,11 +177,9 @@ def test_finetuning_skips_padded_frames_and_round_trips():
     torch.testing.assert_close(logits, model(other, lengths)[0])
     loss.backward()
     assert model.pixels.encoder.trunk[0].weight.grad.abs().sum() > 0  # the encoder trains too
-    state = checkpoint_state(model.eval(), task="activity", family="lstm")
-    buffer = io.BytesIO()
-    torch.save(state, buffer)
-    buffer.seek(0)
-    rebuilt = build_from_checkpoint(torch.load(buffer, weights_only=True)).eval()
+    checkpoint.save(tmp_path / "best.pt", {"spec": model_spec(model.eval(), task="activity", family="lstm"),
+                                           "model": model.state_dict()})
+    rebuilt = build_from_checkpoint(checkpoint.load(tmp_path / "best.pt")).eval()
     assert isinstance(rebuilt, PixelModel)
     with torch.no_grad():
         assert torch.equal(model(clips, lengths)[0], rebuilt(clips, lengths)[0])
@@ -190,7 +190,7 @@ def test_pixel_model_images_use_the_grid():
     torch.manual_seed(0)
     model = PixelModel(tiny_cnn(), build_model("image_captioning", "transformer",
                                                {"hidden_size": 8, "num_heads": 2, "num_layers": 1},
-                                               feature_dim=16, vocab_size=9)).eval()
+                                               dims=ModelDims(16, vocab_size=9))).eval()
     tokens = torch.tensor([[1, 5, 6, 2], [1, 7, 2, 0]])
     with torch.no_grad():
         logits, loss = model(torch.from_numpy(frames), torch.tensor([4, 4]), tokens)

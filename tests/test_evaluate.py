@@ -10,105 +10,33 @@ import numpy as np
 import pytest
 import torch
 
-from seqvision import baselines_eval as bl
+from seqvision import baselines as bl
 from seqvision import evaluate as ev
 from seqvision import metrics
-from seqvision.annotations import ImageRecord, VideoRecord
-from seqvision.config import EvaluateConfig, TokenizeConfig
-from seqvision.datasets import VisualStore
+from seqvision.config import EvaluateConfig
+from seqvision.datasets import VisualStore, task_spec
 from seqvision.decode import beam_search
-from seqvision.models import build_model, checkpoint_state
-from seqvision.vocab import Vocab, load_references, tokenize_corpus, write_corpus
+from seqvision.results import load_activity_labels, reversal_pairs_for, write_activity_outputs, write_caption_outputs
+from seqvision.vocab import Vocab, load_references
+
+from tests.tiny import TINY_CLASSES, TINY_IMAGE_IDS, TINY_VIDEO_IDS, TinyArtifacts, tiny_label, train_tiny
 
 torch.set_num_threads(1)
 
-T, H, W, D, G = 6, 8, 8, 8, 4
-CLASSES = ["move_left", "move_right", "grow", "stay_still"]
-CLASS_CAPTIONS = {
-    "move_left": ["a red ball moves left", "the ball goes to the left"],
-    "move_right": ["a red ball moves right", "the ball goes to the right"],
-    "grow": ["a blue square grows", "the square gets bigger"],
-    "stay_still": ["a green circle stays still", "nothing moves"],
-}
-VIDEO_IDS = {"train": [f"v{i:02d}" for i in range(12)], "val": ["v30", "v31"], "test": [f"v{i}" for i in range(20, 28)]}
-IMAGE_IDS = {"train": [f"i{i:02d}" for i in range(8)], "test": [f"i{i}" for i in range(10, 14)]}
-TINY = {
-    "gru": {"hidden_size": 12, "num_layers": 1, "embed_size": 8, "dropout": 0.0, "attention": True},
-    "transformer": {"hidden_size": 8, "num_layers": 1, "num_heads": 2, "ffn_mult": 2, "dropout": 0.0},
-    "meanpool": {"hidden_size": 12, "num_layers": 1, "embed_size": 8, "dropout": 0.0},
-}
+CLASSES = list(TINY_CLASSES)
+VIDEO_IDS, IMAGE_IDS = TINY_VIDEO_IDS, TINY_IMAGE_IDS
 CONFIG = EvaluateConfig(beam_size=2, length_penalty=0.0, max_length=6, batch_size=3, compute_meteor="never")
+label_of = tiny_label
 
 
-def label_of(item_id: str) -> int:
-    return int(item_id[1:]) % len(CLASSES)
+@pytest.fixture
+def art(tiny_artifacts) -> dict[str, Path]:
+    return tiny_artifacts._asdict()
 
 
-def video_features(item_id: str) -> np.ndarray:
-    """(T, D): class-specific direction plus a time ramp; move_right is move_left played backwards, so a
-    mean-pooled clip of one equals the other's."""
-    rng = np.random.default_rng(int(item_id[1:]))
-    label = label_of(item_id)
-    x = np.zeros((T, D), np.float32)
-    ramp = np.linspace(0.0, 1.0, T)
-    if CLASSES[label] in ("move_left", "move_right"):
-        x[:, 0] = ramp if CLASSES[label] == "move_left" else ramp[::-1]
-    else:
-        x[:, label + 2] = 1.0
-    return x + 0.05 * rng.standard_normal((T, D)).astype(np.float32)
-
-
-def make_artifacts(root: Path) -> dict[str, Path]:
-    """features/, frames/, tokens/{video,image}/ and a UCF101-style label folder, all tiny."""
-    frames, features, tokens, labels = root / "frames", root / "features", root / "tokens", root / "ucf"
-    for folder in (frames, features, labels):
-        folder.mkdir(parents=True)
-    index: dict = {"config": {"num_frames": T}, "videos": [], "images": []}
-    for split, ids in VIDEO_IDS.items():
-        feats = np.stack([video_features(i) for i in ids])
-        np.save(features / f"videos-{split}.npy", feats.astype(np.float16))
-        pixels = np.stack([np.full((T, H, W, 3), 20 * (label_of(i) + 1), np.uint8) for i in ids])
-        pixels[:, :, :, :, 0] = np.arange(T, dtype=np.uint8)[None, :, None, None] * 40  # frames differ
-        np.save(frames / f"videos-{split}-000.npy", pixels)
-        for row, i in enumerate(ids):
-            index["videos"].append({"id": i, "split": split, "shard": 0, "row": row, "num_valid": T - row % 2,
-                                    "frame_indices": list(range(T)), "num_source_frames": T, "decoder": "pyav"})
-    for split, ids in IMAGE_IDS.items():
-        grid = np.stack([np.tile(video_features(f"v{int(i[1:]) % 4:02d}").mean(0), (G, 1)) for i in ids])
-        np.save(features / f"images-{split}.npy", grid.astype(np.float16))
-        np.save(frames / f"images-{split}-000.npy", np.stack([np.full((H, W, 3), 60 * (int(i[1:]) % 4), np.uint8)
-                                                              for i in ids]))
-        for row, i in enumerate(ids):
-            index["images"].append({"id": i, "split": split, "shard": f"images-{split}-000.npy", "row": row})
-    for folder in (frames, features):
-        (folder / "index.json").write_text(json.dumps(index))
-
-    videos = [VideoRecord(i, Path("x"), split, label_of(i), tuple(CLASS_CAPTIONS[CLASSES[label_of(i)]]))
-              for split, ids in VIDEO_IDS.items() for i in ids]
-    images = [ImageRecord(i, Path("x"), split, tuple(CLASS_CAPTIONS[CLASSES[int(i[1:]) % 4]]))
-              for split, ids in IMAGE_IDS.items() for i in ids]
-    config = TokenizeConfig(min_count=1, max_length=8)
-    write_corpus(tokenize_corpus(videos, config), tokens / "video")
-    write_corpus(tokenize_corpus(images, config), tokens / "image")
-
-    (labels / "classInd.txt").write_text("".join(f"{k + 1} {name}\n" for k, name in enumerate(CLASSES)))
-    for split, name in (("train", "trainlist01"), ("val", "vallist01"), ("test", "testlist01")):
-        (labels / f"{name}.txt").write_text("".join(f"{i}.mp4 {label_of(i) + 1}\n" for i in VIDEO_IDS[split]))
-    return {"frames": frames, "features": features, "tokens": tokens, "labels": labels}
-
-
-def save_checkpoint(path: Path, task: str, family: str, *, tokens: Path, seed: int = 0) -> Path:
-    torch.manual_seed(seed)
-    vocab_size = len(Vocab.load(tokens / ev.corpus(task) / "vocab.json")) if task != "activity" else None
-    model = build_model(task, family, TINY[family], feature_dim=D, vocab_size=vocab_size, num_classes=len(CLASSES))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    torch.save({**checkpoint_state(model, task=task, family=family), "epoch": 1}, path)
-    return path
-
-
-@pytest.fixture(scope="module")
-def art(tmp_path_factory) -> dict[str, Path]:
-    return make_artifacts(tmp_path_factory.mktemp("artifacts"))
+def save_checkpoint(path: Path, task: str, family: str, *, art: dict[str, Path], seed: int = 0) -> Path:
+    """A real best.pt of the train stage's code (one epoch on the tiny artifacts, seeded)."""
+    return train_tiny(TinyArtifacts(**art), task, family, path.parent, epochs=1, seed=seed)
 
 
 def read_jsonl(path: Path) -> list[dict]:
@@ -129,7 +57,7 @@ def test_caption_metrics_from_the_jsonl_equal_caption_scores_on_the_same_strings
         {"id": "d", "hypothesis": "a woman | slices onions", "references": ["a woman is slicing an onion"],
          "score": -3.0},
     ]
-    written = ev.write_caption_outputs(tmp_path, records, meteor="never", seconds=2.0)
+    written = write_caption_outputs(tmp_path, records, meteor="never", seconds=2.0)
     direct = metrics.caption_scores({r["id"]: r["hypothesis"] for r in records},
                                     {r["id"]: r["references"] for r in records}, meteor="never")
     on_disk = json.loads((tmp_path / "metrics.json").read_text())
@@ -145,7 +73,7 @@ def test_caption_metrics_from_the_jsonl_equal_caption_scores_on_the_same_strings
 
 def test_accuracy_confusion_and_reversal_metrics_are_consistent(tmp_path):
     names = ["move_left", "move_right", "grow", "shrink", "rotate"]
-    pairs = ev.reversal_pairs_for(names)
+    pairs = reversal_pairs_for(names)
     assert pairs == [("move_left", "move_right"), ("grow", "shrink")]
     rows = [("move_left", "move_left"), ("move_left", "move_right"), ("move_right", "move_right"),
             ("grow", "shrink"), ("rotate", "rotate"), ("rotate", "grow")]  # (label, predicted)
@@ -154,7 +82,7 @@ def test_accuracy_confusion_and_reversal_metrics_are_consistent(tmp_path):
         others = [n for n in names if n != predicted]
         records.append({"id": f"c{k}", "label": label, "predicted": predicted, "score": 0.5,
                         "topk": [predicted, *others[:4]]})
-    result = ev.write_activity_outputs(tmp_path, records, class_names=names, reversal_pairs=pairs)
+    result = write_activity_outputs(tmp_path, records, class_names=names, reversal_pairs=pairs)
     assert result["top_1"] == pytest.approx(3 / 6)
     assert result["top_5"] == 1.0  # 5 classes: every label is in the top 5
     assert result["reversal_pair_accuracy"] == pytest.approx(2 / 4)  # labels in pairs: c0..c3
@@ -179,28 +107,28 @@ def test_accuracy_confusion_and_reversal_metrics_are_consistent(tmp_path):
 @pytest.mark.parametrize("task,family", [("video_captioning", "gru"), ("image_captioning", "transformer"),
                                          ("video_captioning", "meanpool")])
 def test_captioner_evaluation_writes_beam_search_predictions_and_metrics(tmp_path, art, task, family):
-    ckpt = save_checkpoint(tmp_path / "best.pt", task, family, tokens=art["tokens"])
+    ckpt = save_checkpoint(tmp_path / "best.pt", task, family, art=art)
     out = tmp_path / "eval"
-    result = ev.evaluate_checkpoint(task, checkpoint=ckpt, family=family, features_dir=art["features"],
+    result = ev.evaluate_checkpoint(task, checkpoint_path=ckpt, family=family, features_dir=art["features"],
                                     tokens_dir=art["tokens"], out_dir=out, config=CONFIG, device="cpu")
     records = read_jsonl(out / "predictions.jsonl")
     assert all(set(r) == {"id", "hypothesis", "references", "score"} for r in records)
     kind = "images" if task == "image_captioning" else "videos"
     ids = (IMAGE_IDS if kind == "images" else VIDEO_IDS)["test"]
     assert [r["id"] for r in records] == ids
-    refs = load_references(art["tokens"] / ev.corpus(task), "test")
+    refs = load_references(art["tokens"] / task_spec(task).corpus, "test")
     assert all(r["references"] == refs[r["id"]] for r in records)
 
     # Same captions as a direct beam search over the same features (no teacher forcing anywhere).
     from seqvision.models import build_from_checkpoint
-    from seqvision.train import load_checkpoint
+    from seqvision.checkpoint import load as load_checkpoint
 
     model = build_from_checkpoint(load_checkpoint(ckpt)).eval()
     store = VisualStore(art["features"], kind=kind, split="test")
     visual = torch.stack([torch.from_numpy(store.load(i)).float() for i in ids])
     lengths = torch.tensor([store.length(i) for i in ids])
     decoded = beam_search(model, visual, lengths, beam_size=CONFIG.beam_size, max_length=CONFIG.max_length)
-    vocab = Vocab.load(art["tokens"] / ev.corpus(task) / "vocab.json")
+    vocab = Vocab.load(art["tokens"] / task_spec(task).corpus / "vocab.json")
     assert [r["hypothesis"] for r in records] == [vocab.decode(t) for t in decoded.tokens.tolist()]
     assert [r["score"] for r in records] == pytest.approx(decoded.score.tolist(), abs=1e-5)
 
@@ -217,11 +145,11 @@ def test_captioner_evaluation_writes_beam_search_predictions_and_metrics(tmp_pat
 
 @pytest.mark.parametrize("family", ["gru", "meanpool"])
 def test_activity_evaluation_writes_predictions_metrics_and_confusion(tmp_path, art, family):
-    ckpt = save_checkpoint(tmp_path / "best.pt", "activity", family, tokens=art["tokens"], seed=3)
+    ckpt = save_checkpoint(tmp_path / "best.pt", "activity", family, art=art, seed=3)
     out = tmp_path / "eval"
-    labels = ev.load_activity_labels(art["labels"], 1)
+    labels = load_activity_labels(art["labels"], 1)
     assert labels.class_names == CLASSES and labels.labels["test"]["v21"] == 1
-    ev.evaluate_checkpoint("activity", checkpoint=ckpt, features_dir=art["features"], activity=labels,
+    ev.evaluate_checkpoint("activity", checkpoint_path=ckpt, features_dir=art["features"], activity=labels,
                            out_dir=out, config=CONFIG, device="cpu")
     records = read_jsonl(out / "predictions.jsonl")
     assert all(set(r) == {"id", "predicted", "label", "score", "topk"} for r in records)
@@ -230,7 +158,7 @@ def test_activity_evaluation_writes_predictions_metrics_and_confusion(tmp_path, 
     assert all(len(r["topk"]) == 4 and r["topk"][0] == r["predicted"] for r in records)  # min(5, classes)
 
     from seqvision.models import build_from_checkpoint
-    from seqvision.train import load_checkpoint
+    from seqvision.checkpoint import load as load_checkpoint
 
     model = build_from_checkpoint(load_checkpoint(ckpt)).eval()
     store = VisualStore(art["features"], kind="videos", split="test")
@@ -258,8 +186,8 @@ def test_activity_evaluation_writes_predictions_metrics_and_confusion(tmp_path, 
 
 
 def test_checkpoint_that_does_not_fit_is_refused(tmp_path, art):
-    ckpt = save_checkpoint(tmp_path / "best.pt", "video_captioning", "gru", tokens=art["tokens"])
-    kwargs = dict(checkpoint=ckpt, features_dir=art["features"], tokens_dir=art["tokens"], out_dir=tmp_path / "o",
+    ckpt = save_checkpoint(tmp_path / "best.pt", "video_captioning", "gru", art=art)
+    kwargs = dict(checkpoint_path=ckpt, features_dir=art["features"], tokens_dir=art["tokens"], out_dir=tmp_path / "o",
                   config=CONFIG, device="cpu")
     with pytest.raises(ValueError, match="not 'image_captioning'"):
         ev.evaluate_checkpoint("image_captioning", **kwargs)
@@ -306,9 +234,9 @@ def test_consensus_caption_is_the_one_that_agrees_most():
 
 
 def test_baselines_stage_scores_every_baseline_like_the_models(tmp_path, art):
-    labels = ev.load_activity_labels(art["labels"], 1)
+    labels = load_activity_labels(art["labels"], 1)
     results = bl.run_baselines(list(bl.BASELINES), features_dir=art["features"], tokens_dir=art["tokens"],
-                               activity=labels, out_root=tmp_path, config=CONFIG)
+                               activity=labels, out_root=tmp_path)
     assert {(r.task, r.name) for r in results} == {(t, n) for t, names in bl.BASELINES.items() for n in names}
     by = {(r.task, r.name): r.metrics for r in results}
     # Train labels are balanced (3 per class): ties go to the lowest index; test has 2 per class.
@@ -361,7 +289,7 @@ def test_evaluate_and_baselines_flows_end_to_end(tmp_path, art, prefect_harness,
 
     params = tmp_path / "params.yaml"
     params.write_text("evaluate:\n  beam_size: 2\n  max_length: 5\n  compute_meteor: never\n")
-    ckpt = save_checkpoint(tmp_path / "train" / "best.pt", "activity", "transformer", tokens=art["tokens"])
+    ckpt = save_checkpoint(tmp_path / "train" / "best.pt", "activity", "transformer", art=art)
     out = tmp_path / "eval" / "activity" / "transformer"
     code = evaluate_cli.main(["--params", str(params), "--task", "activity", "--model", "transformer",
                               "--checkpoint", str(ckpt), "--features", str(art["features"]),

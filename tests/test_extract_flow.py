@@ -11,6 +11,8 @@ import yaml
 from PIL import Image
 
 from pipelines import extract
+from seqvision import frames
+from seqvision.config import DataConfig
 from tests.test_video import STEP, brightness, write_video
 
 
@@ -50,7 +52,7 @@ def test_flow_writes_shards_index_and_skips(tmp_path, prefect_harness):
     data = tiny_dataset(tmp_path / "data", bad_videos=1)
     out = tmp_path / "frames"
     params = tiny_params(tmp_path / "params.yaml", max_skipped_fraction=0.5)
-    stats = extract.extract_flow(params=str(params), out=str(out), progress=False, **data)
+    stats = extract.extract_flow(params=str(params), out=str(out), progress=False, data=DataConfig(**data))
 
     assert stats["videos"] == 4 and stats["images"] == 3 and stats["skipped"] == 1
     assert stats["decoders"] == {"decord": 4}
@@ -140,12 +142,12 @@ def test_shard_tasks_retry_io_errors_only(tmp_path, prefect_harness, monkeypatch
 
     monkeypatch.setattr(extract, "extract_shard", extract.extract_shard.with_options(retry_delay_seconds=0))
     monkeypatch.setattr(frames.FrameExtractor, "extract_shard", flaky)
-    stats = extract.extract_flow(params=str(params), out=str(tmp_path / "a"), progress=False, **data)
+    stats = extract.extract_flow(params=str(params), out=str(tmp_path / "a"), progress=False, data=DataConfig(**data))
     assert stats["videos"] == 4 and set(calls.values()) == {2}  # every shard failed once, then succeeded
 
     calls.clear()
     monkeypatch.setattr(frames.FrameExtractor, "extract_shard",
                         lambda self, plan: flaky(self, plan, error=ValueError))
     with pytest.raises(ValueError, match="disk hiccup"):
-        extract.extract_flow(params=str(params), out=str(tmp_path / "b"), progress=False, **data)
+        extract.extract_flow(params=str(params), out=str(tmp_path / "b"), progress=False, data=DataConfig(**data))
     assert list(calls.values()) == [1], "a non-I/O error must not be retried"

@@ -36,7 +36,7 @@ import pytest
 import torch
 import yaml
 
-from seqvision import train
+from seqvision import checkpoint
 from seqvision.config import TokenizeConfig
 from seqvision.vocab import tokenize_corpus, write_corpus
 
@@ -151,7 +151,7 @@ class Background:
 
 def checkpoint_epoch(path: Path) -> int:
     """The epoch ``last.pt`` was written after; 0 when there is none yet (written atomically, so never torn)."""
-    return int(train.load_checkpoint(path)["epoch"]) if path.is_file() else 0
+    return int(checkpoint.load(path)["epoch"]) if path.is_file() else 0
 
 
 def session_pids(session: int) -> set[int]:
@@ -255,7 +255,7 @@ def assert_same_training(run: Path, reference: Path) -> None:
     ref_summary = json.loads((reference / "summary.json").read_text())
     assert _without(summary, TIMING | PROVENANCE) == _without(ref_summary, TIMING | PROVENANCE)
     for name in ("best.pt", "last.pt"):
-        got, ref = train.load_checkpoint(run / name), train.load_checkpoint(reference / name)
+        got, ref = checkpoint.load(run / name), checkpoint.load(reference / name)
         # The checkpoint's copy of the history carries the same timings as history.json (compared above).
         # The Python `random` state is process noise, not training state: nothing in training draws from it,
         # but Prefect's event client thread does (websockets' keepalive ping calls random.getrandbits) at times
@@ -382,9 +382,9 @@ def scratch_repo(root: Path, inputs: Inputs) -> Path:
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     shutil.copytree(inputs.features, repo / "artifacts" / "features")
     shutil.copytree(inputs.tokens, repo / "artifacts" / "tokens")
-    # A dependency of every train stage, read only with encoder.finetune_encoder (off here): any bytes do.
+    # A dependency of every train stage, read only with train.finetune_encoder (off here): any bytes do.
     (repo / "artifacts" / "encoder").mkdir(parents=True)
-    (repo / "artifacts" / "encoder" / "encoder.pt").write_bytes(b"unused unless encoder.finetune_encoder")
+    (repo / "artifacts" / "encoder" / "encoder.pt").write_bytes(b"unused unless train.finetune_encoder")
     activity_dir = repo / params["data"]["activity_dir"]  # a dependency of every train stage; unread by captioning
     activity_dir.mkdir(parents=True)
     (activity_dir / "classInd.txt").write_text("1 move_left\n")

@@ -12,18 +12,18 @@ from collections import Counter
 import numpy as np
 import pytest
 
-from seqvision import metrics
+from seqvision import metrics, ptb
 from seqvision.metrics import (
     caption_scores,
     classification_report,
     classification_scores,
     confusion_matrix,
-    ptb_tokenize,
     score_activity_jsonl,
     score_predictions_jsonl,
     topk_accuracy,
     write_metrics,
 )
+from seqvision.ptb import ptb_tokenize
 
 # coco-caption's smoothing constants (pycocoevalcap/bleu/bleu_scorer.py): every n-gram precision is
 # (correct + TINY) / (guess + SMALL), so a missing n-gram order gives a tiny positive BLEU instead of 0.
@@ -85,7 +85,7 @@ def test_tokenizer_matches_the_java_original(tmp_path) -> None:
         cwd=tmp_path, capture_output=True, check=True, timeout=120,
     ).stdout.decode("utf-8")
     lines = [line for line in out.split("\n") if line.strip()]
-    java = [" ".join(w for w in line.rstrip().split(" ") if w not in metrics.PUNCTUATIONS) for line in lines]
+    java = [" ".join(w for w in line.rstrip().split(" ") if w not in ptb.PUNCTUATIONS) for line in lines]
     assert java == [ptb_tokenize(c) for c in captions]
     assert java == [e for _, e in PTB_CASES]
 

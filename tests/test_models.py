@@ -6,24 +6,18 @@ Everything is tiny (feature_dim 8, hidden 16-24, vocab 13) and runs on one CPU t
 from __future__ import annotations
 
 import dataclasses
-import io
 import time
-import warnings
 
 import pytest
 import torch
 
-from seqvision.config import ModelsConfig
-from seqvision.models import (
-    MODELS,
-    TASKS,
-    build_from_checkpoint,
-    build_model,
-    checkpoint_state,
-    count_parameters,
-    match_params,
-)
-from seqvision.rnn import BOS, EOS, PAD, center_clip
+from seqvision import checkpoint
+from seqvision.blocks import ModelDims, center_clip
+from seqvision.config import TASKS, ModelsConfig
+from seqvision.models import MODELS, build_from_checkpoint, build_model, count_parameters, fit_to_budget, model_spec
+from seqvision.vocab import BOS_ID as BOS
+from seqvision.vocab import EOS_ID as EOS
+from seqvision.vocab import PAD_ID as PAD
 
 torch.set_num_threads(1)
 
@@ -50,8 +44,8 @@ def make(task: str, family: str, *, attention: bool = True, seed: int = 0, tbptt
     knobs = {**TINY[family], **over}
     if "attention" in knobs:
         knobs["attention"] = attention
-    return build_model(task, family, knobs, feature_dim=FEATURE_DIM, vocab_size=VOCAB, num_classes=CLASSES,
-                       tbptt_steps=tbptt_steps)
+        knobs["tbptt_steps"] = tbptt_steps
+    return build_model(task, family, knobs, dims=ModelDims(FEATURE_DIM, VOCAB, CLASSES))
 
 
 def visual_batch(task: str, *, seed: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
@@ -285,11 +279,11 @@ def test_step_matches_teacher_forcing_and_survives_beam_reordering(task, family,
 @pytest.mark.parametrize("task", TASKS)
 def test_checkpoint_rebuilds_an_identical_model(task, family, tmp_path):
     model = make(task, family, seed=7).eval()
-    buffer = io.BytesIO()
-    torch.save({**checkpoint_state(model, task=task, family=family), "epoch": 3}, buffer)
-    buffer.seek(0)
-    rebuilt = build_from_checkpoint(torch.load(buffer, weights_only=True)).eval()
-    assert type(rebuilt) is type(model) and rebuilt.config == model.config
+    path = tmp_path / "best.pt"
+    checkpoint.save(path, {"spec": model_spec(model, task=task, family=family), "model": model.state_dict(),
+                           "epoch": 3})
+    rebuilt = build_from_checkpoint(checkpoint.load(path)).eval()
+    assert type(rebuilt) is type(model) and rebuilt.config == model.config and rebuilt.dims == model.dims
     visual, lengths = visual_batch(task)
     tokens, token_lengths = caption_batch()
     with torch.no_grad():
@@ -299,33 +293,29 @@ def test_checkpoint_rebuilds_an_identical_model(task, family, tmp_path):
 
 
 @pytest.mark.parametrize("task", TASKS)
-def test_match_params_brings_every_family_within_tolerance(task):
-    dims = {"feature_dim": 32, "vocab_size": 50, "num_classes": 12}
-    configs = {family: getattr(ModelsConfig(), family) for family in FAMILIES}
+def test_fit_to_budget_brings_every_family_within_tolerance(task):
+    dims = ModelDims(feature_dim=32, vocab_size=50, num_classes=12)
+    configs = {family: ModelsConfig().family(family) for family in FAMILIES}
 
     def count(family, config):
-        return count_parameters(build_model(task, family, config, **dims))
+        return count_parameters(build_model(task, family, config, dims=dims))
 
     counts = {f: count(f, c) for f, c in configs.items()}
     assert max(counts.values()) > 1.3 * min(counts.values()), "defaults should differ, or the test proves nothing"
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")  # no family may miss the budget
-        matched = match_params(task, configs, "transformer", **dims)
-        budget = count("transformer", configs["transformer"])
-        assert matched["transformer"] == configs["transformer"]
-        for family, config in matched.items():
-            assert type(config) is type(configs[family])
-            assert abs(count(family, config) - budget) <= 0.1 * budget, family
-        numeric = match_params(task, configs, 300_000, **dims)
-    for family, config in numeric.items():
-        assert abs(count(family, config) - 300_000) <= 0.1 * 300_000, family
-    assert numeric["transformer"].hidden_size % numeric["transformer"].num_heads == 0
+    for budget in (count("transformer", configs["transformer"]), 300_000):
+        for family, config in configs.items():
+            fitted, fitted_count = fit_to_budget(task, family, config, budget, dims=dims)
+            assert type(fitted) is type(config) and fitted_count == count(family, fitted)
+            assert abs(fitted_count - budget) <= 0.1 * budget, (family, budget)
+            assert dataclasses.replace(fitted, hidden_size=config.hidden_size) == config  # only the width moves
+            if family == "transformer":
+                assert fitted.hidden_size % fitted.num_heads == 0
 
 
-def test_match_params_warns_when_a_budget_is_unreachable():
-    configs = {"lstm": TINY["lstm"], "transformer": TINY["transformer"]}
-    with pytest.warns(UserWarning, match="away from the budget"):
-        match_params("image_captioning", configs, 10, feature_dim=8, vocab_size=1000)
+def test_fit_to_budget_reports_an_unreachable_budget_by_its_count():
+    dims = ModelDims(feature_dim=8, vocab_size=1000)
+    fitted, count = fit_to_budget("image_captioning", "lstm", TINY["lstm"], 10, dims=dims)
+    assert fitted.hidden_size == 1 and count > 10_000  # the vocabulary layers alone exceed the budget
 
 
 def test_meanpool_is_order_blind_and_the_sequence_models_are_not():
@@ -344,13 +334,13 @@ def test_meanpool_is_order_blind_and_the_sequence_models_are_not():
 
 def test_builder_rejects_bad_requests():
     with pytest.raises(ValueError, match="unknown model family"):
-        build_model("activity", "mamba", feature_dim=8, num_classes=3)
+        build_model("activity", "mamba", dims=ModelDims(8, num_classes=3))
     with pytest.raises(ValueError, match="unknown task"):
-        build_model("segmentation", "lstm", feature_dim=8, num_classes=3)
+        build_model("segmentation", "lstm", dims=ModelDims(8, num_classes=3))
     with pytest.raises(ValueError, match="vocab_size"):
-        build_model("video_captioning", "lstm", feature_dim=8)
+        build_model("video_captioning", "lstm", dims=ModelDims(8))
     with pytest.raises(TypeError):
-        build_model("activity", "lstm", {"num_heads": 2}, feature_dim=8, num_classes=3)
+        build_model("activity", "lstm", {"num_heads": 2}, dims=ModelDims(8, num_classes=3))
     model = make("activity", "lstm")
     with pytest.raises(ValueError, match="lengths"):
         model(torch.randn(2, 5, FEATURE_DIM), torch.tensor([5, 0]))

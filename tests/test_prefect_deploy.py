@@ -21,7 +21,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.test_experiment import make_artifacts, write_params
+from tests.test_experiment import write_params
+from tests.tiny import write_tiny_artifacts
 
 REPO = Path(__file__).resolve().parents[1]
 PREFECT_YAML = REPO / "prefect.yaml"
@@ -309,7 +310,7 @@ def test_deployed_training_runs_on_a_process_worker_and_logs_to_mlflow(tmp_path)
     with prefect_services(tmp_path) as (url, env, processes):
         # While the server boots: the tiny inputs, and the MLflow tables (a fresh sqlite store migrates for
         # several seconds; better here than inside the flow run's time limit).
-        artifacts = make_artifacts(tmp_path / "inputs")
+        artifacts = write_tiny_artifacts(tmp_path / "inputs")._asdict()
         params = write_params(tmp_path / "params.yaml")
         client = MlflowClient(tracking_uri=mlflow_uri)
         client.search_experiments()
@@ -326,9 +327,9 @@ def test_deployed_training_runs_on_a_process_worker_and_logs_to_mlflow(tmp_path)
              "-n", "train"], env=env)
         clock.lap("deployed")
 
-        parameters = {"task": "activity", "model": "gru", "out": str(tmp_path / "out"), "params": str(params),
+        parameters = {"task": "activity", "model": "gru", "out": str(tmp_path / "out"), "params_path": str(params),
                       "features": str(artifacts["features"]), "tokens": str(artifacts["tokens"]),
-                      "activity_dir": str(artifacts["activity_dir"]), "repo_root": str(tmp_path),
+                      "activity_dir": str(artifacts["labels"]), "repo_root": str(tmp_path),
                       "progress": False}
         with temporary_settings({PREFECT_API_URL: url}):
             flow_run = run_deployment("train/train", parameters=parameters, timeout=RUN_TIMEOUT, poll_interval=1)

@@ -10,10 +10,14 @@ from pathlib import Path
 
 import pytest
 
-from seqvision import evaluate as ev
+from seqvision import results
 from seqvision import metrics
 from seqvision import report
-from tests.test_evaluate import CLASSES, VIDEO_IDS, label_of, make_artifacts
+from seqvision.config import MODEL_FAMILIES
+from tests.tiny import TINY_CLASSES as CLASSES
+from tests.tiny import TINY_VIDEO_IDS as VIDEO_IDS
+from tests.tiny import tiny_label as label_of
+from tests.tiny import write_tiny_artifacts
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 ENV_KEYS = ("MLFLOW_TRACKING_URI", "MLFLOW_RUN_ID", "SEQVISION_PARENT_RUN_ID")
@@ -53,10 +57,10 @@ def build_tree(root: Path, *, mlflow_ids: dict[str, dict] | None = None) -> dict
     """activity: gru (7/8, one 'grow' clip wrong), meanpool (swaps the reversal pair), lstm (unreadable
     metrics.json), rnn (trained, not evaluated), transformer (nothing); baseline_majority present,
     baseline_nearest_neighbour absent. video_captioning: gru, meanpool, a baseline. image_captioning: nothing."""
-    art = make_artifacts(root / "art")
+    art = write_tiny_artifacts(root / "art")._asdict()
     train, evals = root / "train", root / "eval"
     ids = mlflow_ids or {}
-    pairs = ev.reversal_pairs_for(CLASSES)
+    pairs = results.reversal_pairs_for(CLASSES)
     first_grow = next(i for i in VIDEO_IDS["test"] if CLASSES[label_of(i)] == "grow")
     systems = {
         "gru": lambda i, y: "stay_still" if i == first_grow else y,
@@ -64,7 +68,7 @@ def build_tree(root: Path, *, mlflow_ids: dict[str, dict] | None = None) -> dict
         "baseline_majority": lambda i, y: "move_left",
     }
     for name, predict in systems.items():
-        ev.write_activity_outputs(evals / "activity" / name, activity_records(predict), class_names=CLASSES,
+        results.write_activity_outputs(evals / "activity" / name, activity_records(predict), class_names=CLASSES,
                                   reversal_pairs=pairs)
     for name in ("gru", "meanpool", "lstm", "rnn"):
         write_summary(train, "activity", name, **ids.get(name, {}))
@@ -79,7 +83,7 @@ def build_tree(root: Path, *, mlflow_ids: dict[str, dict] | None = None) -> dict
     }
     for name, hyp in captions.items():
         records = [{"id": i, "hypothesis": hyp(i), "references": refs[i], "score": -1.0} for i in VIDEO_IDS["test"]]
-        ev.write_caption_outputs(evals / "video_captioning" / name, records, meteor="never")
+        results.write_caption_outputs(evals / "video_captioning" / name, records, meteor="never")
         if not name.startswith("baseline"):
             write_summary(train, "video_captioning", name, **ids.get(f"video_captioning/{name}", {}))
     return {"train": train, "eval": evals, "frames": art["frames"]}
@@ -158,7 +162,7 @@ def test_report_renders_self_contained_with_failed_and_missing_runs_marked(tmp_p
     assert "not trained" in rows["task-activity", "transformer"]["text"]
     assert rows["task-activity", "baseline_nearest_neighbour"]["status"] == "missing"
     assert "12,345" in rows["task-activity", "gru"]["text"] and "900" in rows["task-activity", "gru"]["text"]
-    assert all(rows["task-image_captioning", m]["status"] == "missing" for m in report.MODEL_FAMILIES)
+    assert all(rows["task-image_captioning", m]["status"] == "missing" for m in MODEL_FAMILIES)
     assert rows["task-video_captioning", "gru"]["status"] == "ok"
 
     md = paths["md"].read_text(encoding="utf-8")
@@ -264,7 +268,10 @@ def test_mlflow_parent_gets_the_report_and_every_childs_headline_metric(tmp_path
     paths, runs = render(tmp_path, build_tree(tmp_path, mlflow_ids=ids), examples=1)
     assert report.parent_run_ids(runs) == [parent]
 
-    logged = report.publish_to_mlflow(runs, paths, parent_run_id=parent, repo_root=tmp_path)
+    logged = report.parent_metrics(runs)
+    tracking.publish_comparison(parent, repo_root=tmp_path, metrics=logged,
+                                child_metrics=report.child_metrics(runs, parent_run_id=parent),
+                                files=[paths["html"], paths["md"]], folders={"report/figures": paths["figures"]})
     client = MlflowClient(tracking_uri=tracking.tracking_uri(tmp_path))
     run = client.get_run(parent)
     assert run.info.status == "FINISHED"

@@ -14,7 +14,8 @@ import pytest
 from PIL import Image
 
 from seqvision.config import SYNTH_PRESETS, SynthConfig, from_mapping, merge, to_dict
-from seqvision.synth import EVENT_CLASSES, REVERSAL_PAIRS, generate
+from seqvision.synth.events import EVENT_CLASSES, REVERSAL_PAIRS
+from seqvision.synth.generate import generate
 from seqvision.synth.__main__ import build_parser, main, resolve_config
 from seqvision.synth.events import (
     JITTER_FRACTION,
@@ -411,7 +412,7 @@ def test_foreign_content_is_refused_then_kept_with_overwrite(tmp_path: Path, cap
 
 
 def test_different_config_is_refused_unless_overwrite(tmp_path: Path) -> None:
-    from seqvision.synth import OutputFolderError
+    from seqvision.synth.generate import OutputFolderError
 
     out = tmp_path / "data"
     generate(micro(workers=1), out, progress=False)

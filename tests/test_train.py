@@ -14,8 +14,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
-from seqvision import distributed, train
+from seqvision import checkpoint, distributed, runtime, train
 from seqvision.config import ConfigError, TrainConfig
+from seqvision.datasets import make_loader
 
 try:  # the real typed batches when the datasets module is there; same fields otherwise
     from seqvision.datasets import CaptionBatch, ClipBatch
@@ -155,6 +156,25 @@ def collate_captions(items: list[tuple[str, Tensor, int, Tensor]]) -> CaptionBat
     )
 
 
+class ToyItems(torch.utils.data.Dataset):
+    """A list of items as a dataset of ``datasets.make_loader``'s kind: ``(index, epoch)`` keys, its own collate."""
+
+    def __init__(self, items: list, collate) -> None:
+        self.items, self.collate = items, collate
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, key):
+        return self.items[key[0] if isinstance(key, tuple) else key]
+
+
+def toy_loader(items: list, collate, *, batch_size: int, shuffle: bool, seed: int = 0) -> DataLoader:
+    """``datasets.make_loader``, the pipeline's one loader, over toy items."""
+    dataset = ToyItems(items, collate)
+    return make_loader(dataset, batch_size=batch_size, shuffle=shuffle, seed=seed)  # type: ignore[arg-type]
+
+
 class EpochKeyedSampler(torch.utils.data.Sampler):
     """Shuffles from (seed, epoch) like datasets.EpochSampler; set_epoch() positions it."""
 
@@ -176,13 +196,13 @@ class EpochKeyedSampler(torch.utils.data.Sampler):
 def loaders(kind: str = "clips", *, seed: int = 0, order: str = "generator") -> tuple[DataLoader, DataLoader]:
     items, collate = (clip_items, collate_clips) if kind == "clips" else (caption_items, collate_captions)
     if order == "generator":
-        tr = train.make_loader(items(24, 1), batch_size=8, shuffle=True, collate_fn=collate, seed=seed)
+        tr = toy_loader(items(24, 1), collate, batch_size=8, shuffle=True, seed=seed)
     elif order == "global-rng":  # a plain DataLoader: shuffling then draws from the global torch RNG
         tr = DataLoader(items(24, 1), batch_size=8, shuffle=True, collate_fn=collate)
     else:  # epoch-keyed sampler with a persistent worker, which draws its base seed only once
         tr = DataLoader(items(24, 1), batch_size=8, sampler=EpochKeyedSampler(24, seed), collate_fn=collate,
                         num_workers=1, persistent_workers=True)
-    va = train.make_loader(items(8, 2), batch_size=8, shuffle=False, collate_fn=collate)
+    va = toy_loader(items(8, 2), collate, batch_size=8, shuffle=False)
     return tr, va
 
 
@@ -193,7 +213,7 @@ def config(**overrides) -> TrainConfig:
 
 
 def fresh(cls: type[nn.Module] = ToyActivity, seed: int = 0) -> nn.Module:
-    train.seed_everything(seed)
+    runtime.seed_everything(seed)
     return cls()
 
 
@@ -258,7 +278,7 @@ def test_resume_equals_uninterrupted_run(tmp_path, order):
     with pytest.raises(KeyboardInterrupt):
         train.fit(interrupted, tr, va, config=cfg, out_dir=tmp_path / "b",
                   metric=train.ValidationMetric("accuracy", crash_in_epoch_two, True))
-    assert train.load_checkpoint(tmp_path / "b" / "last.pt")["epoch"] == 1
+    assert checkpoint.load(tmp_path / "b" / "last.pt")["epoch"] == 1
 
     tr, va = loaders(order=order)  # new process: new loaders, a differently initialised model
     resumed_model = fresh(seed=123)
@@ -274,15 +294,15 @@ def test_resume_equals_uninterrupted_run(tmp_path, order):
 
 
 def test_resume_restores_data_order_not_a_fresh_shuffle(tmp_path):
-    # Guard for the test above: without the restored generator, epoch 2 would replay epoch 1's order.
+    # Guard for the test above: each epoch has its own order, a function of (seed, epoch) that fit positions
+    # when it resumes (a fresh loader would otherwise replay epoch 1's order).
     tr, _ = loaders()
     first = [b.ids for b in tr]
     second = [b.ids for b in tr]
     assert first != second
-    state = train.rng_state(tr)
-    third = [b.ids for b in tr]
-    train.set_rng_state(state, tr)
-    assert [b.ids for b in tr] == third
+    fresh_loader, _ = loaders()
+    train._set_sampler_epoch(fresh_loader, 2)  # fit counts epochs from 1
+    assert [b.ids for b in fresh_loader] == second
 
 
 def test_resuming_a_finished_run_still_writes_its_history(tmp_path):
@@ -324,14 +344,14 @@ class NaNAfter(ToyActivity):
 
 def test_nan_loss_names_the_step_and_keeps_last_good_checkpoint(tmp_path):
     tr, va = loaders()  # 3 steps per epoch; step 5 = epoch 2, step 2
-    train.seed_everything(0)
+    runtime.seed_everything(0)
     model = NaNAfter(bad_call=5)
     with pytest.raises(train.NonFiniteLossError) as info:
         train.fit(model, tr, va, config=config(epochs=3, log_every=100), out_dir=tmp_path)
     message = str(info.value)
     assert "epoch 2, step 2/3 (global step 5)" in message
     assert "last.pt" in message and "nan" in message.lower()
-    kept = train.load_checkpoint(tmp_path / "last.pt")
+    kept = checkpoint.load(tmp_path / "last.pt")
     assert kept["epoch"] == 1 and kept["step"] == 3
     assert all(torch.isfinite(v).all() for v in kept["model"].values())
     assert [e["epoch"] for e in json.loads((tmp_path / "history.json").read_text())] == [1]
@@ -339,7 +359,7 @@ def test_nan_loss_names_the_step_and_keeps_last_good_checkpoint(tmp_path):
 
 def test_nan_in_first_epoch_says_no_checkpoint(tmp_path):
     tr, va = loaders()
-    train.seed_everything(0)
+    runtime.seed_everything(0)
     with pytest.raises(train.NonFiniteLossError, match="epoch 1, step 1/3.*no checkpoint"):
         train.fit(NaNAfter(bad_call=1), tr, va, config=config(), out_dir=tmp_path)
     assert not (tmp_path / "last.pt").exists()
@@ -432,10 +452,10 @@ def test_early_stopping_and_best_checkpoint_follow_the_metric(tmp_path):
                        metric=train.ValidationMetric("score", metric, higher_is_better=True))
     assert result.stopped_early and [e["epoch"] for e in result.history] == [1, 2, 3, 4]
     assert (result.best_epoch, result.best_metric) == (2, 0.5)
-    best = train.load_checkpoint(result.best_checkpoint)
+    best = checkpoint.load(result.best_checkpoint)
     assert best["epoch"] == 2 and same_weights(best["model"], snapshots[2])
     assert not same_weights(best["model"], snapshots[4])
-    last = train.load_checkpoint(result.last_checkpoint)
+    last = checkpoint.load(result.last_checkpoint)
     assert last["epoch"] == 4 and last["stopped_early"]
 
     # resuming a stopped run does not train further
@@ -450,7 +470,7 @@ def test_lower_is_better_metric_picks_the_minimum(tmp_path):
     result = train.fit(fresh(), tr, va, config=config(epochs=3), out_dir=tmp_path,
                        metric=train.ValidationMetric("wer", lambda *a: next(scripted), higher_is_better=False))
     assert (result.best_epoch, result.best_metric) == (2, 0.2)
-    assert train.load_checkpoint(tmp_path / "best.pt")["epoch"] == 2
+    assert checkpoint.load(tmp_path / "best.pt")["epoch"] == 2
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -460,12 +480,11 @@ def test_lower_is_better_metric_picks_the_minimum(tmp_path):
 def test_checkpoint_rebuilds_model_and_history_has_every_column(tmp_path):
     tr, va = loaders()
     model = fresh()
-    train.fit(model, tr, va, config=config(epochs=1), out_dir=tmp_path, model_meta={"family": "gru"})
-    ckpt = train.load_checkpoint(tmp_path / "last.pt")  # weights_only: plain data, no pickled classes
-    assert ckpt["config"] == dataclasses.asdict(model.config)
-    assert (ckpt["task"], ckpt["family"]) == ("activity", "gru")  # model_meta wins over the attribute
-    assert ckpt["model_class"].endswith("ToyActivity")
-    rebuilt = ToyActivity(ToyConfig(**ckpt["config"]))
+    spec = {"task": "activity", "family": "toy", "config": dataclasses.asdict(model.config)}
+    train.fit(model, tr, va, config=config(epochs=1), out_dir=tmp_path, spec=spec, extra={"fingerprint": "f"})
+    ckpt = checkpoint.load(tmp_path / "last.pt")  # verified; weights_only: plain data, no pickled classes
+    assert ckpt["spec"] == spec and ckpt["fingerprint"] == "f"
+    rebuilt = ToyActivity(ToyConfig(**ckpt["spec"]["config"]))
     rebuilt.load_state_dict(ckpt["model"])
     assert same_weights(rebuilt.state_dict(), model.state_dict())
     assert {"optimizer", "scheduler", "rng", "history", "train_config", "best_metric"} <= ckpt.keys()
@@ -484,9 +503,8 @@ def test_activity_model_learns(tmp_path):
 
 
 class NoSmoothing(nn.Module):
-    def __init__(self, tbptt_steps: int = 0) -> None:
+    def __init__(self) -> None:
         super().__init__()
-        self.config = dataclasses.make_dataclass("C", [("tbptt_steps", int)])(tbptt_steps)
         self.head = nn.Linear(FEATURES, CLASSES)
 
     def forward(self, visual, lengths, labels=None):
@@ -497,18 +515,8 @@ class NoSmoothing(nn.Module):
 def test_model_keywords_are_checked():
     with pytest.raises(TypeError, match="label_smoothing"):
         train.training_kwargs(NoSmoothing(), config(label_smoothing=0.1))
-    with pytest.raises(ValueError, match="tbptt_steps=4"):
-        train.training_kwargs(NoSmoothing(tbptt_steps=4), config(tbptt_steps=0))
-    assert train.training_kwargs(NoSmoothing(tbptt_steps=4), config(tbptt_steps=4)) == {}
-    assert train.training_kwargs(nn.Linear(1, 1), config(tbptt_steps=4)) == {}  # not recurrent: ignored
-
-    class PerCall(NoSmoothing):
-        supports_tbptt = True
-
-        def forward(self, visual, lengths, labels=None, *, tbptt_steps=0):
-            return super().forward(visual, lengths, labels)
-
-    assert train.training_kwargs(PerCall(), config(tbptt_steps=3)) == {"tbptt_steps": 3}
+    assert train.training_kwargs(NoSmoothing(), config()) == {}
+    assert train.training_kwargs(ToyActivity(), config(label_smoothing=0.1)) == {"label_smoothing": 0.1}
 
 
 def test_distributed_helpers_without_a_process_group():
@@ -529,7 +537,7 @@ def test_fit_on_cuda_bf16_is_finite_repeatable_and_loads_on_cpu(tmp_path, compil
         assert next(model.parameters()).device.type == "cuda"
     assert all(math.isfinite(e["val_loss"]) and e["peak_memory_mb"] > 0 for e in runs[0].history)
     assert [e["val_loss"] for e in runs[0].history] == [e["val_loss"] for e in runs[1].history]
-    ckpt = train.load_checkpoint(tmp_path / "a" / "last.pt")
+    ckpt = checkpoint.load(tmp_path / "a" / "last.pt")
     assert all(v.device.type == "cpu" for v in ckpt["model"].values())
     ToyCaptioner().load_state_dict(ckpt["model"])
 
@@ -537,10 +545,10 @@ def test_fit_on_cuda_bf16_is_finite_repeatable_and_loads_on_cpu(tmp_path, compil
 @pytest.mark.parametrize("compile_model", [False, True])
 def test_configure_backends_switches_deterministic_kernels(compile_model):
     try:
-        train.configure_backends(torch.device("cpu"), deterministic=True, compile_model=compile_model)
+        runtime.configure_backends(torch.device("cpu"), deterministic=True, compile_model=compile_model)
         assert torch.are_deterministic_algorithms_enabled()
         assert torch.is_deterministic_algorithms_warn_only_enabled()
-        train.configure_backends(torch.device("cpu"), deterministic=False, compile_model=compile_model)
+        runtime.configure_backends(torch.device("cpu"), deterministic=False, compile_model=compile_model)
         assert not torch.are_deterministic_algorithms_enabled()
     finally:
         torch.use_deterministic_algorithms(False)

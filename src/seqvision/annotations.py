@@ -594,3 +594,8 @@ def check_sources(
             raise FileNotFoundError(f"{path}: no such file or folder")
     if str(image_captions_dir) and not any(Path(image_captions_dir).glob("captions_*.json")):
         raise FileNotFoundError(f"{image_captions_dir}: no captions_*.json files")
+
+
+def activity_labels(records: Iterable[VideoRecord], split: str) -> dict[str, int]:
+    """``{id: label}`` (0-based) of the labelled video records of one split."""
+    return {r.id: r.label for r in records if r.split == split and r.label is not None}

@@ -298,7 +298,6 @@ class TrainConfig:
         0.0, "captioning: final probability of feeding the model's own token (ramps up linearly from 0)",
         low=0.0, high=1.0,
     )
-    tbptt_steps: int = knob(0, "recurrent models: truncate backprop every N time steps; 0 = full BPTT", low=0)
     patience: int = knob(5, "stop after this many epochs without a better validation metric; 0 = never", low=0)
     device: str = knob("auto", "auto picks CUDA when present", choices=("auto", "cpu", "cuda"))
     compile: bool = knob(False, "wrap the model in torch.compile")
@@ -306,6 +305,10 @@ class TrainConfig:
     seed: int = knob(0, "seeds python, numpy, torch and the data order", low=0)
     num_workers: int = knob(0, "DataLoader worker processes", low=0, high=64)
     log_every: int = knob(25, "steps between progress updates and NaN checks (each one syncs the GPU)", low=1)
+    finetune_encoder: bool = knob(
+        False, "train the encoder stage's encoder end to end with each model (models then consume pixels, not "
+        "cached features; meant for GPUs)"
+    )
 
 
 @dataclass(frozen=True)
@@ -319,6 +322,7 @@ class RecurrentModelConfig:
     attention: bool = knob(
         True, "captioning: soft attention over grid cells / encoder outputs (Show, Attend and Tell)"
     )
+    tbptt_steps: int = knob(0, "frame encoder: truncate backprop every N time steps; 0 = full BPTT", low=0)
 
 
 @dataclass(frozen=True)
@@ -349,6 +353,23 @@ class MeanPoolModelConfig:
 
 
 MODEL_FAMILIES = ("rnn", "lstm", "gru", "transformer", "meanpool")
+TASKS = ("activity", "image_captioning", "video_captioning")
+
+
+@dataclass(frozen=True)
+class ParamBudgets:
+    """``models.match_params``: one parameter budget per task (the families differ in their fixed costs, e.g. a
+    captioner's vocabulary layers, so one number cannot serve all three tasks). A number, not a family name, so a
+    training depends only on its own family's section and its task's budget, which is what DVC tracks."""
+
+    activity: int | Literal["off"] = knob("off", "activity models: parameter budget, or off", low=1)
+    image_captioning: int | Literal["off"] = knob("off", "image captioners: parameter budget, or off", low=1)
+    video_captioning: int | Literal["off"] = knob("off", "video captioners: parameter budget, or off", low=1)
+
+    def budget(self, task: str) -> int | None:
+        """The budget of ``task``; None when off."""
+        value = getattr(self, task)
+        return None if value == "off" else int(value)
 
 
 @dataclass(frozen=True)
@@ -359,21 +380,16 @@ class ModelsConfig:
     lstm: RecurrentModelConfig = knob(RecurrentModelConfig(), "LSTM family")
     gru: RecurrentModelConfig = knob(RecurrentModelConfig(), "GRU family")
     transformer: TransformerModelConfig = knob(TransformerModelConfig(), "Transformer family")
-    meanpool: MeanPoolModelConfig = knob(MeanPoolModelConfig(), "mean-pool baselines")
-    match_params: int | str = knob(
-        "off",
-        "resize every family's hidden_size to one parameter budget (per task): 'off', a family name (its own"
-        " count is the budget) or a parameter count",
+    meanpool: MeanPoolModelConfig = knob(MeanPoolModelConfig(), "order-blind mean-pool family")
+    match_params: ParamBudgets = knob(
+        ParamBudgets(), "per task: resize every family's hidden_size to this many parameters, or off"
     )
 
-    def __post_init__(self) -> None:
-        if isinstance(self.match_params, int) and self.match_params < 1:
-            raise ConfigError(f"match_params must be a positive parameter count, got {self.match_params}")
-        if isinstance(self.match_params, str) and self.match_params not in ("off", *MODEL_FAMILIES):
-            raise ConfigError(
-                f"match_params must be 'off', one of {', '.join(MODEL_FAMILIES)} or a parameter count,"
-                f" got {self.match_params!r}"
-            )
+    def family(self, name: str) -> RecurrentModelConfig | TransformerModelConfig | MeanPoolModelConfig:
+        """The ``models.<name>`` section."""
+        if name not in MODEL_FAMILIES:
+            raise ConfigError(f"unknown model family {name!r}; expected one of {', '.join(MODEL_FAMILIES)}")
+        return getattr(self, name)
 
 
 @dataclass(frozen=True)
@@ -401,9 +417,6 @@ class EncoderConfig:
     weight_decay: float = knob(1e-4, "small_cnn: AdamW weight decay", low=0.0, high=1.0)
     batch_size: int = knob(32, "small_cnn: training batch size (frames)", low=1, high=65_536)
     seed: int = knob(0, "small_cnn: initialisation and data-order seed", low=0)
-    finetune_encoder: bool = knob(
-        False, "train the encoder end to end with each model (models then consume pixels, not features)"
-    )
 
 
 @dataclass(frozen=True)
@@ -442,16 +455,23 @@ class EvaluateConfig:
     )
 
 
-SECTIONS: dict[str, type] = {
-    "data": DataConfig,
-    "synth": SynthConfig,
-    "extract": ExtractConfig,
-    "tokenize": TokenizeConfig,
-    "train": TrainConfig,
-    "encoder": EncoderConfig,
-    "models": ModelsConfig,
-    "evaluate": EvaluateConfig,
-}
+@dataclass(frozen=True)
+class Params:
+    """Every section of params.yaml, validated (:func:`load_params`). Stages read it once in ``main`` and pass the
+    sections they need down as typed configs."""
+
+    data: DataConfig = knob(DataConfig(), "where the raw inputs live")
+    synth: SynthConfig = knob(SynthConfig(), "the synthetic benchmark generator")
+    extract: ExtractConfig = knob(ExtractConfig(), "frame extraction")
+    tokenize: TokenizeConfig = knob(TokenizeConfig(), "caption tokenization")
+    train: TrainConfig = knob(TrainConfig(), "the training loop")
+    encoder: EncoderConfig = knob(EncoderConfig(), "the shared frame encoder")
+    models: ModelsConfig = knob(ModelsConfig(), "the model families")
+    evaluate: EvaluateConfig = knob(EvaluateConfig(), "decoding and scoring")
+
+
+SECTIONS: dict[str, type] = {f.name: f.type if isinstance(f.type, type) else typing.get_type_hints(Params)[f.name]
+                             for f in dataclasses.fields(Params)}
 
 
 class _Yaml12Loader(yaml.SafeLoader):
@@ -468,13 +488,12 @@ _Yaml12Loader.add_implicit_resolver(
     "tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF"))
 
 
-def load_params(path: str | Path, *, sections: Mapping[str, type] | None = None) -> dict[str, Any]:
-    """Read and validate every section of a params file.
+def load_params(path: str | Path) -> Params:
+    """Read and validate every section of a params file; a section absent from the file gets its defaults.
 
-    Returns ``{section name: config}``; a section absent from the file gets its defaults.
     Raises :class:`ConfigError` naming ``path`` and the dotted key on any problem.
     """
-    sections = SECTIONS if sections is None else sections
+    sections = SECTIONS
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"{path}: no such params file; copy params.yaml from the repository root")
@@ -491,14 +510,9 @@ def load_params(path: str | Path, *, sections: Mapping[str, type] | None = None)
             f"{path}: {unknown[0]}: unknown section; allowed sections are {', '.join(sorted(sections))}"
         )
     try:
-        return {name: from_mapping(cls, raw.get(name), where=name) for name, cls in sections.items()}
+        return Params(**{name: from_mapping(cls, raw.get(name), where=name) for name, cls in sections.items()})
     except ConfigError as err:
         raise ConfigError(f"{path}: {err}") from None
-
-
-def load_section(path: str | Path, name: str) -> Any:
-    """Validate the whole params file, then return section ``name``."""
-    return load_params(path)[name]
 
 
 # --------------------------------------------------------------------------------------------------------

@@ -100,6 +100,19 @@ class CaptionItem(NamedTuple):
 # Visual store
 
 
+def shard_name(kind: str, split: str, shard: int | str) -> str:
+    """File name of a frame shard as ``index.json`` refers to it (a number, or the name itself)."""
+    return shard if isinstance(shard, str) else f"{kind}-{split}-{int(shard):03d}.npy"
+
+
+def ordered_entries(index: Mapping[str, Any], kind: str, split: str) -> list[dict[str, Any]]:
+    """The ``index.json`` entries of one kind and split in feature-row order: shard by shard (numerically: shard
+    1000 after 999), then row. The one definition of that order: the features stage writes its arrays in it and
+    :class:`VisualStore` reads them in it."""
+    entries = [e for e in index[kind] if e["split"] == split]
+    return sorted(entries, key=lambda e: (_natural(shard_name(kind, split, e["shard"])), int(e["row"])))
+
+
 class VisualStore:
     """``id -> row`` of memory-mapped frame shards or feature arrays, for one kind and split.
 
@@ -116,15 +129,11 @@ class VisualStore:
         index = json.loads(index_path.read_text(encoding="utf-8"))
         if not isinstance(index, Mapping) or not isinstance(index.get(kind), list):
             raise ValueError(f"{index_path}: missing key {kind!r} (a list of entries)")
-        entries = []
         for i, entry in enumerate(index[kind]):
             for key in ("id", "split", "shard", "row"):
                 if not isinstance(entry, Mapping) or key not in entry:
                     raise ValueError(f"{index_path}: {kind}[{i}]: missing key {key!r}")
-            if entry["split"] == split:
-                entries.append(entry)
-        # Shard by shard (numerically: shard 1000 after 999), row by row: the feature arrays' row order.
-        entries.sort(key=lambda e: (_natural(self._shard_name(e["shard"])), int(e["row"])))
+        entries = ordered_entries(index, kind, split)
 
         features = self.root / f"{kind}-{split}.npy"
         self.source: Literal["frames", "features"] = "features" if features.is_file() else "frames"
@@ -145,7 +154,7 @@ class VisualStore:
         self._validate(index_path)
 
     def _shard_name(self, shard: int | str) -> str:
-        return shard if isinstance(shard, str) else f"{self.kind}-{self.split}-{int(shard):03d}.npy"
+        return shard_name(self.kind, self.split, shard)
 
     def _validate(self, index_path: Path) -> None:
         rows_needed: dict[Path, int] = {}
@@ -317,11 +326,6 @@ def collate_captions(items: Sequence[CaptionItem]) -> CaptionBatch:
 # Datasets
 
 
-def activity_labels(records: Sequence[Any], split: str) -> dict[str, int]:
-    """``{id: label}`` of the labelled :class:`~seqvision.annotations.VideoRecord` s of one split."""
-    return {r.id: r.label for r in records if r.split == split and r.label is not None}
-
-
 class ActivityDataset(Dataset):
     """Clip -> 0-based label, for the ids of ``labels`` (one split) that ``store`` holds; the rest (skipped
     by extraction) are listed in ``dropped``."""
@@ -403,6 +407,61 @@ class ImageCaptionDataset(_CaptionDataset):
 
 
 # --------------------------------------------------------------------------------------------------------
+# Tasks: which records, captions and dataset each task reads
+
+
+class TaskSpec(NamedTuple):
+    """What a task reads: its kind of visual record, its caption corpus (``artifacts/tokens/{corpus}``; None for
+    activity, which reads class labels instead) and its dataset class."""
+
+    name: str
+    kind: Kind
+    corpus: str | None
+    dataset: type[ActivityDataset] | type[_CaptionDataset]
+
+    @property
+    def captioning(self) -> bool:
+        return self.corpus is not None
+
+
+TASKS: dict[str, TaskSpec] = {
+    "activity": TaskSpec("activity", "videos", None, ActivityDataset),
+    "image_captioning": TaskSpec("image_captioning", "images", "image", ImageCaptionDataset),
+    "video_captioning": TaskSpec("video_captioning", "videos", "video", VideoCaptionDataset),
+}
+
+
+def task_spec(task: str) -> TaskSpec:
+    """The :class:`TaskSpec` of ``task``; ``ValueError`` naming the tasks otherwise."""
+    try:
+        return TASKS[task]
+    except KeyError:
+        raise ValueError(f"unknown task {task!r}; expected one of {', '.join(TASKS)}") from None
+
+
+def task_dataset(
+    task: str,
+    store: VisualStore,
+    *,
+    labels: Mapping[str, int] | None = None,
+    tokens_dir: str | Path | None = None,
+    train: bool = False,
+    seed: int = 0,
+) -> ActivityDataset | _CaptionDataset:
+    """The dataset of ``task`` over one split's ``store``: activity needs that split's ``labels``, captioning the
+    tokens root ``tokens_dir`` (``artifacts/tokens``; the task's corpus sub-folder is picked here). ``train``:
+    sample one caption per item per epoch (with ``seed``) instead of always the first."""
+    spec = task_spec(task)
+    if spec.corpus is None:
+        if labels is None:
+            raise ValueError("activity datasets need the split's class labels")
+        return ActivityDataset(store, labels)
+    if tokens_dir is None:
+        raise ValueError(f"{task} datasets need the tokens folder")
+    return spec.dataset(store, Path(tokens_dir) / spec.corpus, train=train, seed=seed)  # type: ignore[call-arg]
+
+
+# --------------------------------------------------------------------------------------------------------
 # Loader
 
 
@@ -437,7 +496,7 @@ def make_loader(
         batch_size=batch_size,
         sampler=sampler,
         num_workers=workers,
-        collate_fn=type(dataset).collate,
+        collate_fn=dataset.collate,
         pin_memory=torch.device(device).type == "cuda",
         persistent_workers=workers > 0,
         drop_last=drop_last,

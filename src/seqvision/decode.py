@@ -25,7 +25,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-PAD, BOS, EOS = 0, 1, 2
+from seqvision.vocab import BOS_ID, EOS_ID, PAD_ID
+
 
 Tensors = tuple[Tensor | None, ...] | None
 
@@ -76,8 +77,8 @@ def _check(model: Captioner, max_length: int, beam_size: int = 1, alpha: float =
 def _log_probs(logits: Tensor) -> Tensor:
     """(N, V) logits -> (N, V) float32 log-probabilities with <pad> and <bos> excluded from generation."""
     logp = F.log_softmax(logits.float(), dim=-1)
-    logp[:, PAD] = float("-inf")
-    logp[:, BOS] = float("-inf")
+    logp[:, PAD_ID] = float("-inf")
+    logp[:, BOS_ID] = float("-inf")
     return logp
 
 
@@ -96,8 +97,8 @@ def greedy_decode(
     state = model.init_state(memory)
     batch, device = visual.size(0), visual.device
 
-    prev = torch.full((batch,), BOS, dtype=torch.long, device=device)
-    tokens = torch.full((batch, max_length), PAD, dtype=torch.long, device=device)
+    prev = torch.full((batch,), BOS_ID, dtype=torch.long, device=device)
+    tokens = torch.full((batch, max_length), PAD_ID, dtype=torch.long, device=device)
     out_lengths = torch.zeros(batch, dtype=torch.long, device=device)
     log_prob = torch.zeros(batch, dtype=torch.float32, device=device)
     finished = torch.zeros(batch, dtype=torch.bool, device=device)
@@ -105,11 +106,11 @@ def greedy_decode(
         logits, state = model.step(prev, state, memory)  # (B, V)
         best_logp, best = _log_probs(logits).max(dim=-1)  # (B,), (B,)
         alive = ~finished
-        best = best.masked_fill(finished, PAD)  # finished sequences stop growing
+        best = best.masked_fill(finished, PAD_ID)  # finished sequences stop growing
         log_prob += best_logp.masked_fill(finished, 0.0)
         out_lengths += alive.long()
         tokens[:, t] = best
-        finished |= best == EOS
+        finished |= best == EOS_ID
         prev = best
         if bool(finished.all()):
             break
@@ -143,8 +144,8 @@ def beam_search(
     expand = torch.arange(batch, device=device).repeat_interleave(k)  # (B*k,)
     memory, state = reorder(memory, expand), reorder(state, expand)
 
-    prev = torch.full((batch * k,), BOS, dtype=torch.long, device=device)
-    tokens = torch.full((batch, k, max_length), PAD, dtype=torch.long, device=device)
+    prev = torch.full((batch * k,), BOS_ID, dtype=torch.long, device=device)
+    tokens = torch.full((batch, k, max_length), PAD_ID, dtype=torch.long, device=device)
     beam_logp = torch.zeros(batch, k, device=device)
     beam_logp[:, 1:] = float("-inf")  # k identical start beams: expand only the first at step 0
     beam_len = torch.zeros(batch, k, dtype=torch.long, device=device)
@@ -157,7 +158,7 @@ def beam_search(
         logp = _log_probs(logits).view(batch, k, vocab)
         # A finished (or dead, -inf) beam has exactly one continuation: <pad> at log-probability 0.
         logp = logp.masked_fill(finished.unsqueeze(-1), float("-inf"))
-        logp[..., PAD] = logp[..., PAD].masked_fill(finished, 0.0)
+        logp[..., PAD_ID] = logp[..., PAD_ID].masked_fill(finished, 0.0)
 
         cand_logp = beam_logp.unsqueeze(-1) + logp  # (B, k, V)
         cand_len = (beam_len + (~finished).long()).unsqueeze(-1)  # (B, k, 1), same for every token
@@ -171,7 +172,7 @@ def beam_search(
         beam_len = beam_len.gather(1, source) + (~was_finished).long()
         tokens = tokens.gather(1, source.unsqueeze(-1).expand(-1, -1, max_length))  # (B, k, max_length)
         tokens[:, :, t] = token
-        finished = was_finished | (token == EOS) | torch.isinf(beam_logp)
+        finished = was_finished | (token == EOS_ID) | torch.isinf(beam_logp)
 
         state = reorder(state, (item_offset + source).view(-1))
         prev = token.view(-1)

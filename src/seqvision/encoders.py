@@ -267,7 +267,8 @@ def encoder_from_checkpoint(checkpoint: dict[str, Any]) -> nn.Module:
         encoder: nn.Module = SmallCNN(SmallCNNConfig(**checkpoint["config"]))
     else:
         encoder = TorchvisionEncoder(TorchvisionConfig(**checkpoint["config"]), warn_random=False)
-    encoder.load_state_dict(checkpoint["model"])
+    if checkpoint.get("model") is not None:  # None: a skeleton whose weights come from elsewhere (models.PixelModel)
+        encoder.load_state_dict(checkpoint["model"])
     return encoder
 
 

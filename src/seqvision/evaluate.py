@@ -2,35 +2,11 @@
 
 Captioners decode with :func:`seqvision.decode.decode` (beam search, or greedy for ``beam_size == 1``),
 batched, feeding back their own tokens (never teacher forcing). Activity models classify each clip once.
-
-Output folder (``artifacts/eval/{task}/{model}/``; baselines use the same layout, see ``baselines_eval.py``)::
-
-    predictions.jsonl   captioning: {"id", "hypothesis", "references": [...], "score"}
-                        activity:   {"id", "predicted", "label", "score", "topk": [5 class names, best first]}
-    metrics.json        captioning: bleu_1..bleu_4, meteor (null: the report stage scores it), rouge_l, cider_d, num_items,
-                        decode_time_s, items_per_s (numbers only, so ``dvc metrics show`` stays readable)
-                        activity: top_1, top_5, mean_class_accuracy, reversal_pair_accuracy,
-                        reversal_swap_rate, num_items, decode_time_s, items_per_s
-    details.json        captioning: decoding settings and ``scale`` (the sentence below);
-                        activity: class_names, reversal_pairs, confusion (rows = true class, columns =
-                        predicted), per_class_accuracy
-    plots/confusion.csv activity only: one row per clip, ``actual,predicted`` (the ``dvc plots`` confusion
-                        template); ``plots/`` exists, empty, for captioning so every evaluation has the same outs
-
-Scale: every caption metric is coco-caption's raw value, never x100. BLEU-n, METEOR and ROUGE-L lie in
-[0, 1]; CIDEr-D is reported as coco-caption returns it (it can exceed 1; papers print 100x these numbers).
-Accuracies are fractions in [0, 1]. ``score`` is the model's own confidence: the beam's length-normalised
-log-probability for captions, the softmax probability of the predicted class for activity.
-
-The metrics are always computed from the written ``predictions.jsonl`` (``metrics.score_predictions_jsonl``
-/ ``metrics.score_activity_jsonl``), so the file on disk and the numbers cannot disagree.
+The files written and their meaning are :mod:`seqvision.results`'s layout.
 """
 
 from __future__ import annotations
 
-import csv
-import io
-import json
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
@@ -40,142 +16,21 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from seqvision import annotations, metrics
+from seqvision import checkpoint
 from seqvision.config import EvaluateConfig
-from seqvision.datasets import (
-    ActivityDataset,
-    ImageCaptionDataset,
-    VideoCaptionDataset,
-    VisualStore,
-    activity_labels,
-    make_loader,
-)
+from seqvision.datasets import VisualStore, make_loader, task_dataset, task_spec
 from seqvision.decode import decode
-from seqvision.io import write_json, write_text
-from seqvision.models import TASKS, build_from_checkpoint
-from seqvision.synth.events import REVERSAL_PAIRS
-from seqvision.train import load_checkpoint, resolve_device
+from seqvision.models import build_from_checkpoint
+from seqvision.results import (
+    SPLIT,
+    TOPK,
+    ActivityLabels,
+    reversal_pairs_for,
+    write_activity_outputs,
+    write_caption_outputs,
+)
+from seqvision.runtime import resolve_device
 from seqvision.vocab import Vocab
-
-PREDICTIONS, METRICS, DETAILS, PLOTS, CONFUSION_CSV = (
-    "predictions.jsonl", "metrics.json", "details.json", "plots", "confusion.csv",
-)
-TOPK = 5
-# The metric each task is ranked by in the report and on the MLflow parent run.
-HEADLINE = {"activity": "top_1", "image_captioning": "cider_d", "video_captioning": "cider_d"}
-CAPTION_SCALE = (
-    "raw coco-caption values, not x100: BLEU-n, METEOR, ROUGE-L in [0, 1]; CIDEr-D as coco-caption reports it "
-    "(can exceed 1)"
-)
-SPLIT = "test"
-
-
-class ActivityLabels(NamedTuple):
-    class_names: list[str]  # names[label], 0-based
-    labels: dict[str, dict[str, int]]  # split -> {clip id: label}
-
-
-def corpus(task: str) -> str:
-    """The tokens sub-folder (``video`` / ``image``) of a captioning task."""
-    return "image" if task == "image_captioning" else "video"
-
-
-def load_activity_labels(activity_dir: str | Path, activity_split: int = 1) -> ActivityLabels:
-    """Class names and per-split labels from a UCF101-layout folder (``annotations.load_video_records``)."""
-    class_names = annotations.load_class_names(activity_dir)
-    # video_dir only fills in record paths, which evaluation never opens.
-    records = annotations.load_video_records(
-        video_dir=activity_dir, activity_dir=activity_dir, activity_split=activity_split
-    )
-    return ActivityLabels(class_names, {s: activity_labels(records, s) for s in annotations.SPLITS})
-
-
-def reversal_pairs_for(class_names: Sequence[str]) -> list[tuple[str, str]]:
-    """The time-reversed class pairs of the synthetic benchmark whose two classes both exist here
-    (none for a real dataset such as UCF101, whose reversal metrics are then null)."""
-    present = set(class_names)
-    return [(a, b) for a, b in REVERSAL_PAIRS if a in present and b in present]
-
-
-# --------------------------------------------------------------------------------------------------------
-# Writing predictions and scoring them
-
-
-def write_jsonl(path: str | Path, records: Iterable[Mapping[str, Any]]) -> None:
-    """One JSON object per line (keys sorted, UTF-8), written atomically."""
-    text = "".join(json.dumps(dict(r), sort_keys=True, ensure_ascii=False) + "\n" for r in records)
-    write_text(path, text)
-
-
-def _timing(num_items: int, seconds: float) -> dict[str, float]:
-    return {"decode_time_s": float(seconds), "items_per_s": float(num_items / seconds) if seconds > 0 else 0.0}
-
-
-def write_caption_outputs(
-    out_dir: str | Path,
-    records: Sequence[Mapping[str, Any]],
-    *,
-    meteor: metrics.MeteorMode = "auto",
-    seconds: float = 0.0,
-    details: Mapping[str, Any] | None = None,
-) -> dict[str, Any]:
-    """Write ``predictions.jsonl``, score it, write ``metrics.json`` / ``details.json`` and an empty
-    ``plots/``. Returns the metrics."""
-    out_dir = Path(out_dir)
-    write_jsonl(out_dir / PREDICTIONS, records)
-    scores = metrics.score_predictions_jsonl(out_dir / PREDICTIONS, meteor=meteor)
-    result = {**scores, **_timing(len(records), seconds)}
-    metrics.write_metrics(out_dir / METRICS, result)
-    write_json(out_dir / DETAILS, {**dict(details or {}), "scale": CAPTION_SCALE})
-    _reset_plots(out_dir)
-    return result
-
-
-def write_activity_outputs(
-    out_dir: str | Path,
-    records: Sequence[Mapping[str, Any]],
-    *,
-    class_names: Sequence[str],
-    reversal_pairs: Sequence[tuple[str, str]],
-    seconds: float = 0.0,
-    details: Mapping[str, Any] | None = None,
-) -> dict[str, Any]:
-    """Write ``predictions.jsonl``, score it, write ``metrics.json``, ``details.json`` (confusion, per-class
-    accuracy) and ``plots/confusion.csv``. Returns the metrics."""
-    out_dir = Path(out_dir)
-    write_jsonl(out_dir / PREDICTIONS, records)
-    report = metrics.score_activity_jsonl(
-        out_dir / PREDICTIONS, class_names=class_names, reversal_pairs=reversal_pairs
-    )
-    result = {
-        key: report[key]
-        for key in ("top_1", "top_5", "mean_class_accuracy", "reversal_pair_accuracy", "reversal_swap_rate",
-                    "num_items")
-    }
-    result.update(_timing(len(records), seconds))
-    metrics.write_metrics(out_dir / METRICS, result)
-    write_json(out_dir / DETAILS, {
-        **dict(details or {}),
-        "class_names": list(class_names),
-        "reversal_pairs": [list(p) for p in reversal_pairs],
-        "confusion": report["confusion"],
-        "per_class_accuracy": report["per_class_accuracy"],
-    })
-    _reset_plots(out_dir)
-    buffer = io.StringIO()
-    writer = csv.writer(buffer, lineterminator="\n")
-    writer.writerow(["actual", "predicted"])
-    writer.writerows([r["label"], r["predicted"]] for r in records)
-    write_text(out_dir / PLOTS / CONFUSION_CSV, buffer.getvalue())
-    return result
-
-
-def _reset_plots(out_dir: Path) -> None:
-    plots = out_dir / PLOTS
-    plots.mkdir(parents=True, exist_ok=True)
-    stale = plots / CONFUSION_CSV
-    stale.unlink(missing_ok=True)
-
 
 # --------------------------------------------------------------------------------------------------------
 # Running a model
@@ -236,7 +91,7 @@ def predict_captions(
 def evaluate_checkpoint(
     task: str,
     *,
-    checkpoint: str | Path,
+    checkpoint_path: str | Path,
     family: str | None = None,
     features_dir: str | Path,
     frames_dir: str | Path | None = None,
@@ -247,36 +102,35 @@ def evaluate_checkpoint(
     device: str | torch.device = "auto",
     workers: int = 0,
 ) -> dict[str, Any]:
-    """Evaluate ``checkpoint`` (a ``train.fit`` best.pt) on the test split and write ``out_dir``.
+    """Evaluate ``checkpoint_path`` (a ``train.fit`` best.pt, verified on load) on the test split; write ``out_dir``.
 
     Visual input: ``features_dir`` (``artifacts/features``), or ``frames_dir`` for a checkpoint that carries
     its own encoder (``finetune_encoder``). Captioning needs ``tokens_dir`` (``artifacts/tokens``; the
     ``video``/``image`` sub-folder is picked from ``task``), activity the labels (:func:`load_activity_labels`).
     ``family``, when given, must match the checkpoint's. Returns the metrics written to ``metrics.json``.
     """
-    if task not in TASKS:
-        raise ValueError(f"unknown task {task!r}; expected one of {', '.join(TASKS)}")
-    device = resolve_device(device) if isinstance(device, str) else device
-    ckpt = load_checkpoint(checkpoint)
-    if ckpt.get("task") != task:
-        raise ValueError(f"{checkpoint}: a {ckpt.get('task')!r} checkpoint, not {task!r}")
-    if family is not None and ckpt.get("family") != family:
-        raise ValueError(f"{checkpoint}: a {ckpt.get('family')!r} model, not {family!r}")
+    spec = task_spec(task)
+    device = resolve_device(device)
+    ckpt = checkpoint.load(checkpoint_path)
+    saved = ckpt["spec"]
+    if saved.get("task") != task:
+        raise ValueError(f"{checkpoint_path}: a {saved.get('task')!r} checkpoint, not {task!r}")
+    if family is not None and saved.get("family") != family:
+        raise ValueError(f"{checkpoint_path}: a {saved.get('family')!r} model, not {family!r}")
     model = build_from_checkpoint(ckpt).to(device).eval()
-    pixels = "encoder" in ckpt
+    pixels = "encoder" in saved
     if pixels and frames_dir is None:
-        raise ValueError(f"{checkpoint} fine-tunes its encoder: it needs the frames folder, not features")
+        raise ValueError(f"{checkpoint_path} fine-tunes its encoder: it needs the frames folder, not features")
     root = frames_dir if pixels else features_dir
-    kind = "images" if task == "image_captioning" else "videos"
-    store = VisualStore(root, kind=kind, split=SPLIT)  # type: ignore[arg-type]
-    about = {"checkpoint": str(checkpoint), "family": ckpt.get("family"), "epoch": ckpt.get("epoch"),
+    store = VisualStore(root, kind=spec.kind, split=SPLIT)  # type: ignore[arg-type]
+    about = {"checkpoint": str(checkpoint_path), "family": saved.get("family"), "epoch": ckpt.get("epoch"),
              "input": "frames" if pixels else "features", "device": str(device)}
 
     if task == "activity":
         if activity is None:
             raise ValueError("activity evaluation needs the labels (load_activity_labels)")
-        dataset = ActivityDataset(store, activity.labels.get(SPLIT, {}))
-        _check_items(dataset, checkpoint)
+        dataset = task_dataset(task, store, labels=activity.labels.get(SPLIT, {}))
+        _check_items(dataset, checkpoint_path)
         loader = make_loader(dataset, batch_size=config.batch_size, shuffle=False, workers=workers, device=device)
         started = time.perf_counter()
         records = predict_activity(model, loader, class_names=activity.class_names, device=device)
@@ -289,14 +143,13 @@ def evaluate_checkpoint(
 
     if tokens_dir is None:
         raise ValueError("captioning evaluation needs the tokens folder")
-    tokens = Path(tokens_dir) / corpus(task)
+    tokens = Path(tokens_dir) / str(spec.corpus)
     vocab = Vocab.load(tokens / "vocab.json")
-    if getattr(model.config, "vocab_size", len(vocab)) != len(vocab):
-        raise ValueError(f"{checkpoint}: vocabulary of {model.config.vocab_size} words, but "
+    if model.dims.vocab_size != len(vocab):
+        raise ValueError(f"{checkpoint_path}: vocabulary of {model.dims.vocab_size} words, but "
                          f"{tokens / 'vocab.json'} has {len(vocab)}")
-    dataset_cls = ImageCaptionDataset if task == "image_captioning" else VideoCaptionDataset
-    dataset = dataset_cls(store, tokens, train=False)
-    _check_items(dataset, checkpoint)
+    dataset = task_dataset(task, store, tokens_dir=tokens_dir)
+    _check_items(dataset, checkpoint_path)
     loader = make_loader(dataset, batch_size=config.batch_size, shuffle=False, workers=workers, device=device)
     references = {item_id: dataset.references(item_id) for item_id in dataset.ids}
     started = time.perf_counter()

@@ -4,15 +4,14 @@ Plain functions, in the order the stage calls them:
 
 1. :func:`load_task_data` — the train/val datasets of a task from ``artifacts/features`` (+ ``artifacts/tokens``
    for captioning, + the UCF101-style label lists for activity), and the sizes a model needs.
-2. :func:`model_config` / :func:`build` — the family's ``models:`` section, resized by ``models.match_params``
+2. :func:`sized_config` / :func:`build` — the family's ``models:`` section, resized by ``models.match_params``
    when that is on, then the model itself.
 3. :func:`validation_metric` — what picks ``best.pt``: top-1 accuracy for activity; for captioners CIDEr-D of
    greedy decodes on (at most :data:`CIDER_VAL_ITEMS` of) the val set, the metric the comparison reports.
 4. :func:`run` — :func:`seqvision.train.fit` plus the stage's outputs in ``out_dir``:
 
-   ``best.pt`` / ``last.pt``   fit's checkpoints; ``{"task", "family", "config", "model"}`` inside is the
-                               :func:`seqvision.models.checkpoint_state` layout, so
-                               ``models.build_from_checkpoint(train.load_checkpoint(path))`` rebuilds the model
+   ``best.pt`` / ``last.pt``   fit's checkpoints (:mod:`seqvision.checkpoint` layout, verified on load);
+                               ``models.build_from_checkpoint(checkpoint.load(path))`` rebuilds the model
    ``history.json``            fit's per-epoch records
    ``learning_curve.json``     ``[{"epoch", "train_loss", "val_loss", "val_metric"}, ...]`` for ``dvc plots``
    ``config.json``             exactly what was trained: task, family, effective model config, train config
@@ -20,11 +19,12 @@ Plain functions, in the order the stage calls them:
 
 Resuming: ``last.pt`` records a fingerprint of everything that decides the result (task, family, effective model
 config, the train knobs that change the maths, and the content of the input files). ``resume=True`` continues from
-``last.pt`` only when the fingerprint matches; otherwise it starts afresh (with a warning), so a stage rerun by DVC
-after its params or inputs changed never continues someone else's run.
+``last.pt`` only when the fingerprint matches and both checkpoints verify; otherwise it starts afresh (saying why),
+so a stage rerun by DVC after its params or inputs changed never continues someone else's run, and a corrupted
+checkpoint is never resumed from or left as an output.
 
-Tracking goes through a :class:`seqvision.tracking.TrackerLike` that the caller opens (:func:`open_child_run`
-resolves the comparison's parent run and starts this training's child run); nothing here needs MLflow itself.
+Tracking goes through a :class:`seqvision.tracking.TrackerLike` that the caller opens
+(:func:`seqvision.tracking.open_training_run`); nothing here needs MLflow itself.
 
 Under DDP (``torchrun ... -m pipelines.train_ddp``, see ``docs/ddp.md``) every rank calls :func:`run`: the train
 data is sharded, rank 0 alone decides whether to resume, writes the outputs and uses the tracker.
@@ -47,34 +47,19 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from seqvision import annotations, distributed, models, tracking
-from seqvision.config import MODEL_FAMILIES, ModelsConfig, TrainConfig, flatten, to_dict
-from seqvision.datasets import (
-    ActivityDataset,
-    ImageCaptionDataset,
-    VideoCaptionDataset,
-    VisualStore,
-    activity_labels,
-    make_loader,
-)
+from seqvision import annotations, checkpoint, distributed, models, tracking
+from seqvision.blocks import ModelDims
+from seqvision.config import MODEL_FAMILIES, TASKS, TrainConfig, flatten, to_dict
+from seqvision.annotations import activity_labels
+from seqvision.datasets import VisualStore, make_loader, task_dataset, task_spec
 from seqvision.decode import greedy_decode
 from seqvision.io import atomic_path, write_json
 from seqvision.metrics import caption_scores
-from seqvision.train import (
-    _RESUMABLE_CHANGES,
-    ACCURACY,
-    ValidationMetric,
-    fit,
-    load_checkpoint,
-    resolve_device,
-    seed_everything,
-)
+from seqvision.runtime import resolve_device, seed_everything
+from seqvision.train import _RESUMABLE_CHANGES, ACCURACY, ValidationMetric, fit
 from seqvision.vocab import Vocab, load_split
 
-TASKS = models.TASKS
 FAMILIES = MODEL_FAMILIES
-PARENT_EXPERIMENT = "seqvision"
-PARENT_RUN_NAME = "comparison"
 
 # CIDEr-D is computed on the first CIDER_VAL_ITEMS val items (the val loader is not shuffled, so always the
 # same ones). On the default data that is all 150; it caps the per-epoch cost of greedy decoding + scoring on a
@@ -85,12 +70,7 @@ CIDER_VAL_ITEMS = 1000
 OUTPUT_FILES = ("best.pt", "last.pt", "history.json", "learning_curve.json", "config.json", "summary.json")
 
 
-def check_names(task: str, family: str) -> None:
-    """Raise ``ValueError`` naming the allowed values when ``task`` or ``family`` is unknown."""
-    if task not in TASKS:
-        raise ValueError(f"unknown task {task!r}; expected one of {', '.join(TASKS)}")
-    if family not in FAMILIES:
-        raise ValueError(f"unknown model {family!r}; expected one of {', '.join(FAMILIES)}")
+check_names = models.check_names
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -110,10 +90,6 @@ class TaskData(NamedTuple):
     inputs: tuple[Path, ...]  # the files whose content decides the result (for the resume fingerprint)
     dropped: int  # labelled / captioned items of train + val that have no features (skipped by extract)
     constant_prediction: int | str  # the majority training class / the most frequent training caption
-
-
-def _visual_kind(task: str) -> str:
-    return "images" if task == "image_captioning" else "videos"
 
 
 def _stores(features_dir: Path, kind: str, *, pixels: bool = False) -> dict[str, VisualStore]:
@@ -143,14 +119,13 @@ def load_task_data(
     ``features_dir``: ``artifacts/features`` (``{videos,images}-{split}.npy`` + ``index.json``). Captioning reads
     ``{tokens_dir}/video`` or ``{tokens_dir}/image`` (vocab, ids, references); activity reads the UCF101-style
     lists in ``activity_dir`` (split ``activity_split``). ``seed`` drives the per-epoch caption sampling.
-    ``pixel_feature_dim``: set for ``encoder.finetune_encoder``: ``features_dir`` is then the frames folder
+    ``pixel_feature_dim``: set for ``train.finetune_encoder``: ``features_dir`` is then the frames folder
     (``artifacts/frames``, uint8 pixels) and this is the feature size the encoder in front of the model emits.
     Raises ``FileNotFoundError`` / ``ValueError`` naming the missing input or the empty split.
     """
-    if task not in TASKS:
-        raise ValueError(f"unknown task {task!r}; expected one of {', '.join(TASKS)}")
+    spec = task_spec(task)
     features_dir = Path(features_dir)
-    kind = _visual_kind(task)
+    kind = spec.kind
     pixels = pixel_feature_dim is not None
     stores = _stores(features_dir, kind, pixels=pixels)
     inputs = [features_dir / "index.json"]
@@ -167,21 +142,20 @@ def load_task_data(
         records = annotations.load_video_records(
             video_dir=activity_dir, activity_dir=activity_dir, activity_split=activity_split
         )
-        train_set: Dataset = ActivityDataset(stores["train"], activity_labels(records, "train"))
-        val_set: Dataset = ActivityDataset(stores["val"], activity_labels(records, "val"))
+        train_set: Any = task_dataset(task, stores["train"], labels=activity_labels(records, "train"))
+        val_set: Any = task_dataset(task, stores["val"], labels=activity_labels(records, "val"))
         num_classes = len(names)
         constant: int | str = collections.Counter(train_set.labels[i] for i in train_set.ids).most_common(1)[0][0]
         inputs += sorted(p for p in activity_dir.iterdir() if p.suffix == ".txt")
     else:
         if not tokens_dir:
             raise ValueError(f"{task} needs the tokenized captions (tokens_dir)")
-        corpus = Path(tokens_dir) / ("image" if task == "image_captioning" else "video")
+        corpus = Path(tokens_dir) / str(spec.corpus)
         for name in ("vocab.json", "train.npz", "val.npz", "references-val.json"):
             if not (corpus / name).is_file():
                 raise FileNotFoundError(f"{corpus / name}: missing; run the tokenize stage first")
-        cls = ImageCaptionDataset if task == "image_captioning" else VideoCaptionDataset
-        train_set = cls(stores["train"], corpus, train=True, seed=seed)
-        val_set = cls(stores["val"], corpus, train=False)
+        train_set = task_dataset(task, stores["train"], tokens_dir=tokens_dir, train=True, seed=seed)
+        val_set = task_dataset(task, stores["val"], tokens_dir=tokens_dir)
         vocab = Vocab.load(corpus / "vocab.json")
         encoded = load_split(corpus, "train")
         max_length = int(encoded.lengths.max()) - 1  # minus <bos>
@@ -205,39 +179,76 @@ def load_task_data(
                     constant)
 
 
+def finetune_encoder(enabled: bool, encoder_path: str | Path | None) -> nn.Module | None:
+    """The trained frame encoder to fine-tune with the model when ``train.finetune_encoder`` (``enabled``) is on;
+    ``None`` when it is off. Raises ``ValueError`` / ``FileNotFoundError`` naming what is missing."""
+    from seqvision.features import load_encoder
+
+    if not enabled:
+        return None
+    if not encoder_path:
+        raise ValueError("train.finetune_encoder is on: pass the encoder stage's encoder.pt (--encoder) and the "
+                         "frames (--frames)")
+    return load_encoder(encoder_path)
+
+
+def load_for_training(task: str, *, seed: int, activity_dir: str | Path | None, activity_split: int,
+                      features_dir: str | Path, frames_dir: str | Path | None, tokens_dir: str | Path | None,
+                      encoder: nn.Module | None) -> TaskData:
+    """The task's train/val data for one training: cached features, or frame pixels when ``encoder`` (from
+    :func:`finetune_encoder`) is fine-tuned in front. ``seed``: ``train.seed`` (per-epoch caption sampling)."""
+    if encoder is not None and not frames_dir:
+        raise ValueError("train.finetune_encoder is on: pass the frames folder (--frames)")
+    source = features_dir if encoder is None else frames_dir
+    pixel_dim = None if encoder is None else int(encoder.feature_dim)  # type: ignore[arg-type]
+    return load_task_data(task, features_dir=source, tokens_dir=tokens_dir,  # type: ignore[arg-type]
+                          activity_dir=activity_dir, activity_split=activity_split, seed=seed,
+                          pixel_feature_dim=pixel_dim)
+
+
+def tracked_params(task: str, family: str, *, train_config: TrainConfig, model_config: Any,
+                   budget: int | None) -> dict[str, Any]:
+    """The params one training depends on, flat (``train.lr``, ``models.lstm.hidden_size``, ...): what its MLflow
+    run records and its lineage hash covers."""
+    return flatten({"train": to_dict(train_config),
+                    "models": {family: to_dict(model_config), "match_params": {task: budget or "off"}}})
+
+
 # --------------------------------------------------------------------------------------------------------
 # Model
 
 
-def _dims(data: TaskData) -> dict[str, Any]:
-    return {
-        "feature_dim": data.feature_dim,
-        "vocab_size": len(data.vocab) if data.vocab is not None else None,
-        "num_classes": data.num_classes,
-    }
+def dims(data: TaskData) -> ModelDims:
+    """The sizes a model of ``data``'s task takes from the data."""
+    return ModelDims(feature_dim=data.feature_dim, vocab_size=len(data.vocab) if data.vocab is not None else 0,
+                     num_classes=data.num_classes or 0)
 
 
-def model_config(task: str, family: str, models_config: ModelsConfig, *, data: TaskData) -> Any:
-    """The family's ``models:`` section, with ``hidden_size`` resized to the ``models.match_params`` budget for
-    ``task`` when that is not ``off`` (the reference family, when it is a family name, stays as configured)."""
+# A family whose size cannot come within this fraction of its task's budget is reported (the report marks it).
+BUDGET_TOLERANCE = 0.1
+
+
+def sized_config(task: str, family: str, section: Any, budget: int | None, *, data: TaskData) -> Any:
+    """The family's ``models:`` section, with ``hidden_size`` resized to the task's ``models.match_params`` budget
+    (``budget``; None: off). Warns when the closest size is more than :data:`BUDGET_TOLERANCE` off the budget."""
     check_names(task, family)
-    section = getattr(models_config, family)
-    target = models_config.match_params
-    if target == "off":
+    if budget is None:
         return section
-    configs = {family: section}
-    if isinstance(target, str):
-        configs[target] = getattr(models_config, target)
-    return models.match_params(task, configs, target, **_dims(data))[family]
+    config, count = models.fit_to_budget(task, family, section, budget, dims=dims(data))
+    if abs(count - budget) > BUDGET_TOLERANCE * budget:
+        warnings.warn(f"models.match_params.{task}: {family} gets {count:,} parameters at hidden_size="
+                      f"{config.hidden_size}, more than {BUDGET_TOLERANCE:.0%} away from the budget of {budget:,}",
+                      stacklevel=2)
+    return config
 
 
-def build(task: str, family: str, config: Any, *, data: TaskData, tbptt_steps: int = 0) -> nn.Module:
+def build(task: str, family: str, config: Any, *, data: TaskData) -> nn.Module:
     """A fresh model of ``family`` for ``task``, sized for ``data`` (feature width, classes or vocabulary)."""
-    return models.build_model(task, family, config, tbptt_steps=tbptt_steps, **_dims(data))
+    return models.build_model(task, family, config, dims=dims(data))
 
 
 # --------------------------------------------------------------------------------------------------------
-# Validation metric and trivial baselines
+# Validation metric, and the same metric for a model that ignores its input
 
 
 def _references(dataset: Any, ids: Sequence[str]) -> dict[str, list[str]]:
@@ -271,7 +282,7 @@ def validation_metric(data: TaskData) -> ValidationMetric:
     return caption_cider(data.vocab, max_length=data.max_caption_length)
 
 
-def trivial_baseline(data: TaskData) -> float:
+def input_blind_metric(data: TaskData) -> float:
     """The validation metric of a model that ignores its input: the majority training class (activity), or the
     most frequent training caption for every item (captioning), scored like :func:`validation_metric`."""
     val: Any = data.val
@@ -319,26 +330,36 @@ def fingerprint(task: str, family: str, config: Any, train_config: TrainConfig, 
 def _resume_point(out_dir: Path, expected: str, log: Any) -> int | None:
     """The epoch to continue from, or None for a fresh start (outputs of another run are then removed).
 
-    Resumable: ``last.pt`` exists and carries ``expected`` as its fingerprint. When ``best.pt`` is gone (a kill
-    between the two writes, or deleted by hand) it is restored from ``last.pt`` if the last epoch was the best
-    one; otherwise the best weights are lost and the run starts afresh.
+    Resumable: ``last.pt`` verifies (:func:`seqvision.checkpoint.load`) and carries ``expected`` as its
+    fingerprint, and ``best.pt`` verifies too. A missing or corrupt ``best.pt`` is restored from ``last.pt`` when
+    the last epoch was the best one; otherwise the best weights are lost and the run starts afresh. A corrupt
+    checkpoint is never resumed from and never left behind as an output; ``log`` says which case applied.
     """
     last_path, best_path = out_dir / "last.pt", out_dir / "best.pt"
     if not last_path.is_file():
         return None
     try:
-        last = load_checkpoint(last_path)
-    except Exception as err:  # noqa: BLE001 - an unreadable checkpoint is simply not resumable
-        log(f"{last_path}: unreadable ({type(err).__name__}: {err}); starting afresh")
+        last = checkpoint.load(last_path)
+    except checkpoint.CorruptCheckpoint as err:
+        log(f"{err}; it is not resumed from: starting afresh")
         return None
     if last.get("fingerprint") != expected:
         log(f"{last_path}: written for other params or inputs; starting afresh")
         return None
-    if not best_path.is_file() and last["best_epoch"] is not None:
+    if last["best_epoch"] is None:
+        return int(last["epoch"])
+    problem = None
+    try:
+        best = checkpoint.load(best_path)
+        if best.get("fingerprint") != expected or best.get("epoch") != last["best_epoch"]:
+            problem = f"{best_path}: not the best epoch ({last['best_epoch']}) of this run"
+    except (FileNotFoundError, checkpoint.CorruptCheckpoint) as err:
+        problem = str(err)
+    if problem is not None:
         if last["best_epoch"] != last["epoch"]:
-            log(f"{best_path}: missing, and its weights (epoch {last['best_epoch']}) are not in {last_path}; "
-                "starting afresh")
+            log(f"{problem}, and its weights (epoch {last['best_epoch']}) are not in {last_path}: starting afresh")
             return None
+        log(f"{problem}: restored from {last_path}, whose epoch {last['epoch']} was the best")
         with atomic_path(best_path) as tmp:  # the last epoch was the best: last.pt holds best.pt's weights
             shutil.copyfile(last_path, tmp)
     return int(last["epoch"])
@@ -351,32 +372,6 @@ def _silent(*_: Any) -> None:
 def _clear_outputs(out_dir: Path) -> None:
     for name in OUTPUT_FILES:
         (out_dir / name).unlink(missing_ok=True)
-
-
-# --------------------------------------------------------------------------------------------------------
-# Tracking
-
-
-def open_child_run(
-    task: str,
-    family: str,
-    *,
-    repo_root: str | Path,
-    params: Mapping[str, Any] | None = None,
-    run_id_file: str | Path | None = None,
-    data_dvc: str | Path | None = None,
-) -> tuple[tracking.Tracker, str]:
-    """(child tracker, parent run id): the comparison's parent run (``$SEQVISION_PARENT_RUN_ID``, else the RUNNING
-    run named in ``run_id_file``, else a new run ``comparison`` in experiment ``seqvision``) and a child run
-    ``{task}-{family}`` under it carrying the lineage tags (git commit, ``data_dvc`` md5, params hash)."""
-    lineage = tracking.lineage_tags(repo_root=repo_root, data_dvc=data_dvc, params=params)
-    parent = tracking.start_parent(
-        PARENT_EXPERIMENT, PARENT_RUN_NAME, repo_root=repo_root, run_id_file=run_id_file,
-        tags={k: v for k, v in lineage.items() if k != "seqvision.params_hash"},
-    )
-    tags = {**lineage, "seqvision.task": task, "seqvision.family": family, "seqvision.stage": "train"}
-    child = tracking.start_child(parent_run_id=parent, run_name=f"{task}-{family}", repo_root=repo_root, tags=tags)
-    return child, parent
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -393,7 +388,7 @@ class TrainSummary:
     metric: str  # "accuracy" or "cider_d"
     best_val_metric: float | None
     best_epoch: int | None
-    trivial_baseline: float  # the same metric for a model that ignores its input (see trivial_baseline)
+    input_blind_metric: float  # the same metric for a model that ignores its input (see input_blind_metric)
     epochs_run: int
     stopped_early: bool
     resumed_from_epoch: int  # 0 for a fresh run
@@ -434,7 +429,8 @@ def run(
     *,
     data: TaskData,
     train_config: TrainConfig,
-    models_config: ModelsConfig,
+    model_config: Any,
+    budget: int | None = None,
     out_dir: str | Path,
     tracker: tracking.TrackerLike | None = None,
     parent_run_id: str | None = None,
@@ -445,11 +441,12 @@ def run(
 ) -> TrainSummary:
     """Train ``family`` on ``task`` and write every output into ``out_dir`` (see the module docstring).
 
-    ``tracker`` (e.g. from :func:`open_child_run`) receives fit's params and per-epoch metrics, the effective
+    ``tracker`` (e.g. from :func:`seqvision.tracking.open_training_run`) receives fit's params and per-epoch metrics, the effective
     model config, parameter count, headline metrics, ``config.json``, ``summary.json`` and ``best.pt``.
     ``resume``: continue from ``out_dir/last.pt`` when its fingerprint matches (else start afresh).
     ``log``: where one-line notes go (resume decisions, warnings).
-    ``encoder``: for ``encoder.finetune_encoder``: this trained frame encoder goes in front of the model and
+    ``model_config``: the family's ``models:`` section; ``budget``: its task's ``models.match_params`` (None: off).
+    ``encoder``: for ``train.finetune_encoder``: this trained frame encoder goes in front of the model and
     trains with it (``models.PixelModel``); ``data`` must then come from frames (``pixel_feature_dim``).
     Under DDP only rank 0 logs, writes and tracks; ``train.batch_size`` is the global batch.
     """
@@ -464,7 +461,7 @@ def run(
 
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        config = model_config(task, family, models_config, data=data)
+        config = sized_config(task, family, model_config, budget, data=data)
     for w in caught:
         log(f"warning: {w.message}")
     key = fingerprint(task, family, config, train_config, data.inputs, encoder=encoder)
@@ -479,7 +476,7 @@ def run(
     resumed_from = distributed.broadcast_object(resumed_from)
 
     seed_everything(train_config.seed)  # before building, so the initial weights are reproducible
-    model = build(task, family, config, data=data, tbptt_steps=train_config.tbptt_steps)
+    model = build(task, family, config, data=data)
     if encoder is not None:
         model = models.PixelModel(copy.deepcopy(encoder), model)
     num_parameters = models.count_parameters(model)
@@ -490,22 +487,24 @@ def run(
     val_loader = make_loader(data.val, batch_size=train_config.batch_size, shuffle=False,  # type: ignore[arg-type]
                              workers=workers, device=device)
     metric = validation_metric(data)
-    baseline = trivial_baseline(data)
+    blind = input_blind_metric(data)
 
     if rank0:
         write_json(out_dir / "config.json", {
-            "task": task, "family": family, "model": to_dict(config), "match_params": models_config.match_params,
+            "task": task, "family": family, "model": to_dict(config),
+            "match_params": budget or "off",
             "train": to_dict(train_config), "num_parameters": num_parameters, "fingerprint": key,
         })
     tracker.log_params({
         **flatten({"model": to_dict(config)}), "model.family": family, "model.task": task,
-        "models.match_params": models_config.match_params, "num_parameters": num_parameters,
+        f"models.match_params.{task}": budget or "off", "num_parameters": num_parameters,
     })
     tracker.log_artifact(out_dir / "config.json")
 
     result = fit(
         model, train_loader, val_loader, config=train_config, out_dir=out_dir, tracker=tracker, metric=metric,
-        model_meta={"task": task, "family": family, "fingerprint": key}, resume=resumed_from is not None,
+        spec=models.model_spec(model, task=task, family=family), extra={"fingerprint": key},
+        resume=resumed_from is not None,
         progress=progress,
     )
     if rank0 and result.best_checkpoint is None:  # cannot happen: the first epoch always writes best.pt
@@ -518,7 +517,7 @@ def run(
     stats = _summarize_history(result.history)
     summary = TrainSummary(
         task=task, family=family, num_parameters=num_parameters, metric=result.metric,
-        best_val_metric=result.best_metric, best_epoch=result.best_epoch, trivial_baseline=round(baseline, 6),
+        best_val_metric=result.best_metric, best_epoch=result.best_epoch, input_blind_metric=round(blind, 6),
         epochs_run=len(result.history), stopped_early=result.stopped_early, resumed_from_epoch=resumed_from,
         device=str(device), torch_version=str(torch.__version__), train_items=len(data.train),  # type: ignore[arg-type]
         val_items=len(data.val), dropped_items=data.dropped, model_config=to_dict(config),  # type: ignore[arg-type]
@@ -529,7 +528,7 @@ def run(
         write_json(out_dir / "summary.json", dataclasses.asdict(summary))
     tracker.log_epoch({
         f"best_val_{result.metric}": result.best_metric, "best_epoch": result.best_epoch,
-        f"baseline_val_{result.metric}": baseline, "num_parameters": num_parameters,
+        f"input_blind_val_{result.metric}": blind, "num_parameters": num_parameters,
         "epochs_run": summary.epochs_run, "train_time_s": stats["train_time_s"],
         "train_samples_per_s": stats["samples_per_s"], "train_peak_memory_mb": stats["peak_memory_mb"],
     }, step=summary.epochs_run)
@@ -540,6 +539,6 @@ def run(
 
 __all__ = [
     "CIDER_VAL_ITEMS", "FAMILIES", "OUTPUT_FILES", "TASKS", "TaskData", "TrainSummary", "build", "caption_cider",
-    "check_names", "fingerprint", "learning_curve", "load_task_data", "model_config", "open_child_run", "run",
-    "trivial_baseline", "validation_metric",
+    "check_names", "dims", "finetune_encoder", "fingerprint", "input_blind_metric", "learning_curve",
+    "load_for_training", "load_task_data", "run", "sized_config", "tracked_params", "validation_metric",
 ]

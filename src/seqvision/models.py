@@ -1,27 +1,39 @@
-"""Build any model by (task, family); rebuild one from its checkpoint; size families to one parameter budget.
+"""Build any model by (task, family); rebuild one from its checkpoint; size a family to a parameter budget.
 
 Tasks: ``activity`` (many-to-one), ``image_captioning`` (one-to-many), ``video_captioning`` (many-to-many).
 Families: ``rnn``, ``lstm``, ``gru`` (:mod:`seqvision.rnn`), ``transformer`` (:mod:`seqvision.transformer`) and
-``meanpool`` (:mod:`seqvision.baselines`). See ``docs/models.md`` for the architectures.
+the order-blind ``meanpool`` (:mod:`seqvision.meanpool`). See ``docs/models.md`` for the architectures.
+
+A model is fully described by its *spec*, ``{"task", "family", "dims", "config"}`` (+ ``"encoder"`` when a frame
+encoder is fine-tuned in front of it): the family's ``models:`` section as trained, and the data's sizes. Every
+checkpoint stores the spec once (nanoGPT-style), so :func:`build_from_checkpoint` rebuilds the model from the
+checkpoint alone.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import warnings
 from collections.abc import Mapping
 from typing import Any
 
 import torch
 from torch import nn
 
-from seqvision.baselines import MeanPoolCaptioner, MeanPoolClassifier, MeanPoolConfig
+from seqvision.blocks import ModelDims
+from seqvision.config import (
+    MODEL_FAMILIES,
+    TASKS,
+    MeanPoolModelConfig,
+    RecurrentModelConfig,
+    TransformerModelConfig,
+)
 from seqvision.encoders import PixelFeatures, encoder_from_checkpoint, encoder_state
-from seqvision.rnn import RNNActivityClassifier, RNNConfig, RNNImageCaptioner, RNNVideoCaptioner
-from seqvision.transformer import TransformerActivityClassifier, TransformerCaptioner, TransformerConfig
+from seqvision.meanpool import MeanPoolCaptioner, MeanPoolClassifier
+from seqvision.rnn import RNNActivityClassifier, RNNImageCaptioner, RNNVideoCaptioner
+from seqvision.transformer import TransformerActivityClassifier, TransformerCaptioner
 
-TASKS = ("activity", "image_captioning", "video_captioning")
 CAPTIONING_TASKS = ("image_captioning", "video_captioning")
+RECURRENT_FAMILIES = ("rnn", "lstm", "gru")
 
 _RECURRENT = {
     "activity": RNNActivityClassifier,
@@ -45,57 +57,55 @@ MODELS: dict[str, dict[str, type[nn.Module]]] = {
         "video_captioning": MeanPoolCaptioner,
     },
 }
+assert tuple(MODELS) == MODEL_FAMILIES
 
-# family -> the model config dataclass stored in checkpoints
-MODEL_CONFIGS: dict[str, type] = {
-    "rnn": RNNConfig,
-    "lstm": RNNConfig,
-    "gru": RNNConfig,
-    "transformer": TransformerConfig,
-    "meanpool": MeanPoolConfig,
+# family -> its params.yaml section (``models.<family>``), the one definition of its knobs and defaults
+SECTIONS: dict[str, type] = {
+    "rnn": RecurrentModelConfig,
+    "lstm": RecurrentModelConfig,
+    "gru": RecurrentModelConfig,
+    "transformer": TransformerModelConfig,
+    "meanpool": MeanPoolModelConfig,
 }
 
 
-def _knobs(config: Any) -> dict[str, Any]:
-    if config is None:
-        return {}
-    if dataclasses.is_dataclass(config) and not isinstance(config, type):
-        return dataclasses.asdict(config)
-    if isinstance(config, Mapping):
-        return dict(config)
-    raise TypeError(f"config must be a dataclass, a mapping or None, got {type(config).__name__}")
-
-
-def build_model(
-    task: str,
-    family: str,
-    config: Any = None,
-    *,
-    feature_dim: int,
-    vocab_size: int | None = None,
-    num_classes: int | None = None,
-    tbptt_steps: int = 0,
-) -> nn.Module:
-    """A fresh model for ``task`` from ``family``.
-
-    ``config`` is the family's ``params.yaml`` section (``config.ModelsConfig.<family>``), a mapping of the same
-    knobs, or None for the defaults. ``feature_dim`` is D of the visual features; captioning needs ``vocab_size``,
-    activity ``num_classes``. ``tbptt_steps`` (recurrent families only; others ignore it) truncates backprop in
-    frame encoders. The returned model carries its frozen config as ``model.config``.
-    """
+def check_names(task: str, family: str) -> None:
+    """Raise ``ValueError`` naming the allowed values unless ``task`` and ``family`` exist."""
     if task not in TASKS:
         raise ValueError(f"unknown task {task!r}; expected one of {', '.join(TASKS)}")
     if family not in MODELS:
         raise ValueError(f"unknown model family {family!r}; expected one of {', '.join(MODELS)}")
-    if task == "activity" and not num_classes:
+
+
+def family_config(family: str, config: Any = None) -> Any:
+    """The family's section as its config dataclass, from a dataclass, a mapping of its knobs, or None (defaults)."""
+    cls = SECTIONS[family]
+    if config is None:
+        return cls()
+    if isinstance(config, cls):
+        return config
+    if isinstance(config, Mapping):
+        return cls(**config)
+    raise TypeError(f"config of {family} must be a {cls.__name__}, a mapping or None, got {type(config).__name__}")
+
+
+def build_model(task: str, family: str, config: Any = None, *, dims: ModelDims) -> nn.Module:
+    """A fresh model for ``task`` from ``family``.
+
+    ``config`` is the family's ``models:`` section (see :func:`family_config`); ``dims`` the data's sizes:
+    captioning needs ``vocab_size``, activity ``num_classes``. The model keeps both as ``model.config`` and
+    ``model.dims``.
+    """
+    check_names(task, family)
+    if task == "activity" and not dims.num_classes:
         raise ValueError("activity models need num_classes")
-    if task in CAPTIONING_TASKS and not vocab_size:
+    if task in CAPTIONING_TASKS and not dims.vocab_size:
         raise ValueError("captioning models need vocab_size")
-    knobs = _knobs(config)
-    knobs.update(feature_dim=feature_dim, vocab_size=vocab_size or 0, num_classes=num_classes or 0)
-    if MODEL_CONFIGS[family] is RNNConfig:
-        knobs.update(cell=family, tbptt_steps=tbptt_steps)
-    return MODELS[family][task](MODEL_CONFIGS[family](**knobs))
+    config = family_config(family, config)
+    cls = MODELS[family][task]
+    if family in RECURRENT_FAMILIES:
+        return cls(config, dims, cell=family)
+    return cls(config, dims)
 
 
 def count_parameters(model: nn.Module, *, trainable_only: bool = True) -> int:
@@ -104,7 +114,7 @@ def count_parameters(model: nn.Module, *, trainable_only: bool = True) -> int:
 
 
 class PixelModel(nn.Module):
-    """A model with the frame encoder in front (``encoder.finetune_encoder``): uint8 pixels in, not features.
+    """A model with the frame encoder in front (``train.finetune_encoder``): uint8 pixels in, not features.
 
     Same contract as the wrapped model (forward, and for captioners encode / init_state / step); ``visual`` is
     (B, T, H, W, 3) uint8 for clips or (B, H, W, 3) for images. The encoder trains with the model.
@@ -114,7 +124,7 @@ class PixelModel(nn.Module):
         super().__init__()
         self.pixels = PixelFeatures(encoder)
         self.model = model
-        self.config = model.config
+        self.config, self.dims = model.config, model.dims
 
     def forward(self, visual: torch.Tensor, lengths: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
         features, lengths = self.pixels(visual, lengths)
@@ -129,115 +139,68 @@ class PixelModel(nn.Module):
     def step(self, prev_tokens: torch.Tensor, state: Any, memory: Any) -> Any:
         return self.model.step(prev_tokens, state, memory)
 
-    def checkpoint_metadata(self) -> dict[str, Any]:
-        """Added to every checkpoint ``train.fit`` writes, so that :func:`build_from_checkpoint` rebuilds the pair:
-        the encoder's config (its weights in the checkpoint's ``model`` state dict are the fine-tuned ones)."""
-        return {"encoder": encoder_state(self.pixels.encoder)}
+
+_ENCODER_PREFIX = "pixels.encoder."
 
 
-def checkpoint_state(model: nn.Module, *, task: str, family: str) -> dict[str, Any]:
-    """The part of a checkpoint that rebuilds the model: {"task", "family", "config", "model"} (+ "encoder" for a
-    :class:`PixelModel`, holding the encoder's own config and weights).
-
-    Callers add their own keys (optimizer state, epoch, metrics) to the returned dict before saving.
-    """
-    inner = model.model if isinstance(model, PixelModel) else model
-    state = {
-        "task": task,
-        "family": family,
-        "config": dataclasses.asdict(inner.config),  # type: ignore[arg-type]
-        "model": inner.state_dict(),
-    }
+def model_spec(model: nn.Module, *, task: str, family: str) -> dict[str, Any]:
+    """What rebuilds ``model`` (stored once in every checkpoint): task, family, dims and config as plain data, plus
+    the encoder's backbone and config for a :class:`PixelModel` (its fine-tuned weights are in the state dict)."""
+    spec = {"task": task, "family": family, "dims": dataclasses.asdict(model.dims),
+            "config": dataclasses.asdict(model.config)}
     if isinstance(model, PixelModel):
-        state["encoder"] = encoder_state(model.pixels.encoder)
-    return state
+        state = encoder_state(model.pixels.encoder)
+        spec["encoder"] = {"backbone": state["backbone"], "config": state["config"]}
+    return spec
+
+
+def build_from_spec(spec: Mapping[str, Any]) -> nn.Module:
+    """A model with fresh weights from :func:`model_spec` output (a :class:`PixelModel` when it has an encoder)."""
+    model = build_model(spec["task"], spec["family"], spec["config"], dims=ModelDims(**spec["dims"]))
+    if "encoder" in spec:
+        skeleton = {**spec["encoder"], "model": None}
+        model = PixelModel(encoder_from_checkpoint(skeleton), model)
+    return model
 
 
 def build_from_checkpoint(checkpoint: Mapping[str, Any], *, load_weights: bool = True) -> nn.Module:
-    """Rebuild a model from a checkpoint dict alone (``checkpoint_state`` layout), weights loaded strictly."""
-    task, family = checkpoint["task"], checkpoint["family"]
-    config = MODEL_CONFIGS[family](**checkpoint["config"])
-    model = MODELS[family][task](config)
-    if "encoder" not in checkpoint:
-        if load_weights:
-            model.load_state_dict(checkpoint["model"])
-        return model
-    pixel_model = PixelModel(encoder_from_checkpoint(checkpoint["encoder"]), model)
+    """Rebuild a model from a checkpoint dict alone (``checkpoint["spec"]``), weights loaded strictly."""
+    model = build_from_spec(checkpoint["spec"])
     if load_weights:
-        state = checkpoint["model"]
-        if any(key.startswith("pixels.") for key in state):  # train.fit saves the whole PixelModel (fine-tuned encoder)
-            pixel_model.load_state_dict(state)
-        else:  # checkpoint_state: the inner model; the encoder's weights are in "encoder"
-            model.load_state_dict(state)
-    return pixel_model
+        model.load_state_dict(checkpoint["model"])
+    return model
 
 
 # --------------------------------------------------------------------------------------------------------
 # Parameter budgets
 
 
-def _count(task: str, family: str, knobs: Mapping[str, Any], dims: Mapping[str, Any]) -> int:
+def _count(task: str, family: str, config: Any, dims: ModelDims) -> int:
     # Built on the meta device: no memory is allocated, so even very wide candidates cost microseconds.
     with torch.device("meta"):
-        return count_parameters(build_model(task, family, knobs, **dims))
+        return count_parameters(build_model(task, family, config, dims=dims))
 
 
-def match_params(
-    task: str,
-    configs: Mapping[str, Any],
-    target: int | str,
-    *,
-    feature_dim: int,
-    vocab_size: int | None = None,
-    num_classes: int | None = None,
-    tolerance: float = 0.1,
-    max_hidden: int = 8192,
-) -> dict[str, Any]:
-    """Resize each family's ``hidden_size`` so its parameter count for ``task`` is as close as possible to a budget.
-
-    ``configs`` maps family -> its params section (dataclass or mapping). ``target`` is a parameter count or a
-    family name whose own count (at its configured size) is the budget; that family is returned unchanged.
-    Everything but ``hidden_size`` stays as configured; the Transformer's width stays divisible by its heads.
-    Returns family -> config of the same type with the new ``hidden_size``. Warns when the closest size is
-    still off by more than ``tolerance`` (relative), e.g. when the budget is below a family's fixed costs.
-    """
-    dims = {"feature_dim": feature_dim, "vocab_size": vocab_size, "num_classes": num_classes}
-    if isinstance(target, str):
-        if target not in configs:
-            raise ValueError(f"match_params target {target!r} is not one of the families {', '.join(configs)}")
-        budget = _count(task, target, _knobs(configs[target]), dims)
-    else:
-        budget = int(target)
-
-    matched: dict[str, Any] = {}
-    for family, config in configs.items():
-        if family == target:
-            matched[family] = config
-            continue
-        knobs = _knobs(config)
-        step = 1
-        if family == "transformer":
-            heads = knobs.get("num_heads", TransformerConfig.num_heads)
-            step = heads if heads % 2 == 0 else 2 * heads  # even and divisible by num_heads
-        # The count grows monotonically with hidden_size: binary search over multiples of ``step``.
-        lo, hi = 1, max(1, max_hidden // step)
-        while lo < hi:
-            mid = (lo + hi) // 2
-            if _count(task, family, {**knobs, "hidden_size": mid * step}, dims) < budget:
-                lo = mid + 1
-            else:
-                hi = mid
-        counts = {m: _count(task, family, {**knobs, "hidden_size": m * step}, dims) for m in (lo - 1, lo) if m >= 1}
-        best = min(counts, key=lambda m: abs(counts[m] - budget))  # the closer of the two sizes around the budget
-        count = counts[best]
-        if abs(count - budget) > tolerance * budget:
-            warnings.warn(
-                f"match_params: {family} for {task} gets {count:,} parameters at hidden_size={best * step}, "
-                f"more than {tolerance:.0%} away from the budget of {budget:,}",
-                stacklevel=2,
-            )
-        if dataclasses.is_dataclass(config) and not isinstance(config, type):
-            matched[family] = dataclasses.replace(config, hidden_size=best * step)
+def fit_to_budget(task: str, family: str, config: Any, budget: int, *, dims: ModelDims,
+                  max_hidden: int = 8192) -> tuple[Any, int]:
+    """``config`` with ``hidden_size`` chosen so the family's parameter count for ``task`` is as close as possible
+    to ``budget``; returns (config, its parameter count). Everything but ``hidden_size`` stays as configured; the
+    Transformer's width stays even and divisible by its heads. The count is not guaranteed to land within any
+    tolerance (a budget below a family's fixed costs cannot be met): callers check and report it."""
+    config = family_config(family, config)
+    step = 1
+    if family == "transformer":
+        heads = config.num_heads
+        step = heads if heads % 2 == 0 else 2 * heads  # even and divisible by num_heads
+    # The count grows monotonically with hidden_size: binary search over multiples of ``step``.
+    lo, hi = 1, max(1, max_hidden // step)
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if _count(task, family, dataclasses.replace(config, hidden_size=mid * step), dims) < budget:
+            lo = mid + 1
         else:
-            matched[family] = {**knobs, "hidden_size": best * step}
-    return matched
+            hi = mid
+    counts = {m: _count(task, family, dataclasses.replace(config, hidden_size=m * step), dims)
+              for m in (lo - 1, lo) if m >= 1}
+    best = min(counts, key=lambda m: abs(counts[m] - budget))  # the closer of the two sizes around the budget
+    return dataclasses.replace(config, hidden_size=best * step), counts[best]

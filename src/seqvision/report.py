@@ -32,13 +32,12 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from seqvision.baselines_eval import BASELINES, PREFIX
-from seqvision.evaluate import CAPTION_SCALE, DETAILS, HEADLINE, METRICS, PREDICTIONS
+from seqvision.config import MODEL_FAMILIES, TASKS
 from seqvision.io import write_bytes, write_text
-from seqvision.metrics import meteor_scores, ptb_tokenize, read_jsonl, tokenized_corpus
-from seqvision.models import MODELS, TASKS
+from seqvision.metrics import meteor_scores, read_jsonl, tokenized_corpus
+from seqvision.ptb import ptb_tokenize
+from seqvision.results import BASELINES, CAPTION_SCALE, DETAILS, HEADLINE, METRICS, PREDICTIONS, PREFIX
 
-MODEL_FAMILIES = tuple(MODELS)
 ORDER_BLIND = "meanpool"
 # Reversal-pair accuracy "separates" an order-aware family from mean-pool when it is higher by at least this
 # much (absolute). Mean pooling maps a clip and its time reversal to the same input, so within a balanced
@@ -869,31 +868,13 @@ def parent_run_ids(runs: Mapping[str, Sequence[Run]]) -> list[str]:
     return [pid for pid, _ in counts.most_common()]
 
 
-def publish_to_mlflow(
-    runs: Mapping[str, Sequence[Run]],
-    paths: Mapping[str, Path],
-    *,
-    parent_run_id: str,
-    repo_root: str | Path,
-    end_parent: bool = True,
-) -> dict[str, float]:
-    """Log the report files on the parent run (artifact folder ``report/``), every run's headline metric on
-    the parent, each model's test metrics (``test_*``) on its own child run when the summary names it; then
-    end the parent FINISHED. Returns the metrics set on the parent."""
-    from seqvision import tracking
-
-    metrics = parent_metrics(runs)
-    tracking.log_to_run(parent_run_id, repo_root=repo_root, metrics=metrics,
-                        artifacts=[paths["html"], paths["md"]], artifact_path="report")
-    if paths.get("figures") is not None and Path(paths["figures"]).is_dir():
-        tracking.log_to_run(parent_run_id, repo_root=repo_root, artifacts=[paths["figures"]],
-                            artifact_path="report/figures")
+def child_metrics(runs: Mapping[str, Sequence[Run]], *, parent_run_id: str) -> dict[str, dict[str, float]]:
+    """``{child run id: {"test_<metric>": value}}``: each model's test metrics, for its own MLflow child run (when
+    its train summary names one)."""
+    out: dict[str, dict[str, float]] = {}
     for task_runs in runs.values():
         for run in task_runs:
             child = run.info("run_id")
             if run.ok and child and str(child) != parent_run_id:
-                numeric = {f"test_{k}": v for k, v in run.metrics.items() if _number(v) is not None}
-                tracking.log_to_run(str(child), repo_root=repo_root, metrics=numeric)
-    if end_parent:
-        tracking.end_run(parent_run_id, repo_root=repo_root, status="FINISHED")
-    return metrics
+                out[str(child)] = {f"test_{k}": float(v) for k, v in run.metrics.items() if _number(v) is not None}
+    return out

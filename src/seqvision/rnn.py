@@ -8,7 +8,8 @@
   encoder's final state, optionally attending over the encoder outputs (S2VT-style, Venugopalan et al. 2015;
   attention as in Yao et al. 2015).
 
-The cell type is the family name (``RNNConfig.cell``). Recurrences run through ``nn.RNN`` / ``nn.LSTM`` /
+The cell type is the family name (``cell=``); the knobs are the family's ``models:`` section
+(:class:`seqvision.config.RecurrentModelConfig`), the sizes of the data :class:`seqvision.blocks.ModelDims`. Recurrences run through ``nn.RNN`` / ``nn.LSTM`` /
 ``nn.GRU`` (cuDNN on GPU) on packed sequences, so padding never reaches a hidden state.
 
 This file also holds the pieces every family shares (:func:`caption_loss`, :func:`length_mask`,
@@ -17,7 +18,6 @@ This file also holds the pieces every family shares (:func:`caption_loss`, :func
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Literal
 
 import torch
@@ -25,90 +25,24 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
-PAD, BOS, EOS, UNK = 0, 1, 2, 3
+from seqvision.blocks import (
+    ModelDims,
+    caption_loss,
+    center_clip,
+    check_lengths,
+    length_mask,
+    masked_mean,
+    split_tokens,
+)
+from seqvision.config import RecurrentModelConfig
+from seqvision.vocab import PAD_ID
 
 CELLS: dict[str, type[nn.RNNBase]] = {"rnn": nn.RNN, "lstm": nn.LSTM, "gru": nn.GRU}
 
 State = tuple[Tensor, ...]  # batch on dim 0: (h,) or (h, c), each (B, num_layers, H)
 
 
-@dataclass(frozen=True)
-class RNNConfig:
-    cell: str = "lstm"  # "rnn" | "lstm" | "gru"
-    feature_dim: int = 128  # D of the visual features
-    vocab_size: int = 0  # captioning only
-    num_classes: int = 0  # activity only
-    hidden_size: int = 256
-    num_layers: int = 1
-    embed_size: int = 128
-    dropout: float = 0.2
-    attention: bool = True  # captioners: soft attention over grid cells / encoder outputs
-    tbptt_steps: int = 0  # frame encoders: truncated-BPTT chunk length, 0 = full backprop
-
-    def __post_init__(self) -> None:
-        if self.cell not in CELLS:
-            raise ValueError(f"cell must be one of {', '.join(CELLS)}, got {self.cell!r}")
-        if self.tbptt_steps < 0:
-            raise ValueError(f"tbptt_steps must be >= 0, got {self.tbptt_steps}")
-
-
 # --------------------------------------------------------------------------------------------------------
-# Shared helpers (every family imports these, so all of them train on exactly the same objective)
-
-
-def length_mask(lengths: Tensor, max_len: int) -> Tensor:
-    """(B,) int lengths -> (B, max_len) bool, True at real positions."""
-    return torch.arange(max_len, device=lengths.device)[None, :] < lengths[:, None]
-
-
-def masked_mean(x: Tensor, lengths: Tensor) -> Tensor:
-    """Mean of x (B, T, D) over its first ``lengths`` (B,) positions -> (B, D). Padding never counts."""
-    mask = length_mask(lengths, x.size(1)).unsqueeze(-1).to(x.dtype)  # (B, T, 1)
-    return (x * mask).sum(1) / lengths.clamp(min=1).unsqueeze(-1).to(x.dtype)
-
-
-def center_clip(x: Tensor, lengths: Tensor) -> Tensor:
-    """Every real frame minus the mean of its clip's real frames; padding stays 0: (B, T, D) -> (B, T, D).
-
-    The input of every activity model except the order-blind mean-pool one (which pools the same two parts, see
-    ``baselines.MeanPoolClassifier``). Frame features vary much less within a clip than between clips, so on raw
-    features the models memorised each clip's static content (colours, shapes, place) and stayed near chance on
-    validation (training loss 0.1-0.5, val loss ~ln 12). Subtracting the clip mean leaves what changes, which is
-    what the activity classes are about. Default data, 5 epochs, val top-1 raw -> centred: rnn .17 -> .58,
-    lstm .14 -> .71, gru .19 -> .61, transformer .16 -> .65 (docs/models.md). Order-free, so it favours no family.
-    """
-    mask = length_mask(lengths, x.size(1)).unsqueeze(-1).to(x.dtype)  # (B, T, 1)
-    return (x - masked_mean(x, lengths).unsqueeze(1)) * mask
-
-
-def split_tokens(tokens: Tensor, token_lengths: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
-    """Teacher forcing: ``<bos> w1 .. wn <eos> <pad>..`` -> (inputs (B, L-1), targets (B, L-1), input lengths (B,)).
-
-    The inputs are ``tokens[:, :-1]`` and the targets ``tokens[:, 1:]``; an input sequence is one shorter than
-    its caption (``<eos>`` is never fed). Without ``token_lengths`` the lengths are the non-pad counts.
-    """
-    if token_lengths is None:
-        token_lengths = (tokens != PAD).sum(1)
-    in_lengths = (token_lengths - 1).clamp(min=1, max=tokens.size(1) - 1)
-    return tokens[:, :-1], tokens[:, 1:], in_lengths
-
-
-def caption_loss(logits: Tensor, targets: Tensor, *, label_smoothing: float = 0.0) -> Tensor:
-    """Cross-entropy of logits (B, L, V) against targets (B, L), averaged over real (non-pad) tokens."""
-    return F.cross_entropy(
-        logits.reshape(-1, logits.size(-1)),  # (B*L, V)
-        targets.reshape(-1),  # (B*L,)
-        ignore_index=PAD,
-        label_smoothing=label_smoothing,
-    )
-
-
-def check_lengths(lengths: Tensor, max_len: int) -> None:
-    """Raise a clear error unless lengths is (B,) with every value in [1, max_len]."""
-    if lengths.dim() != 1 or bool((lengths < 1).any()) or bool((lengths > max_len).any()):
-        raise ValueError(f"lengths must be (B,) in [1, {max_len}], got {lengths.tolist()}")
-
-
 # Hidden states: nn.RNN* keeps them layer-first (num_layers, B, H); the decoding API wants the batch on dim 0.
 
 
@@ -245,7 +179,7 @@ class RecurrentDecoder(nn.Module):
         super().__init__()
         self.cell, self.context = cell, context
         self.num_layers, self.hidden_size = num_layers, hidden_size
-        self.embed = nn.Embedding(vocab_size, embed_size, padding_idx=PAD)
+        self.embed = nn.Embedding(vocab_size, embed_size, padding_idx=PAD_ID)
         self.drop = nn.Dropout(dropout)
         ctx = context_size if context != "none" else 0
         self.rnn = make_rnn(cell, embed_size + ctx, hidden_size, num_layers, dropout)
@@ -317,15 +251,15 @@ class InitState(nn.Module):
 class RNNActivityClassifier(nn.Module):
     """LRCN-style: clip-centred frame features -> recurrent encoder -> last real step's top hidden state -> linear."""
 
-    def __init__(self, config: RNNConfig) -> None:
+    def __init__(self, config: RecurrentModelConfig, dims: ModelDims, *, cell: str) -> None:
         super().__init__()
-        if config.num_classes < 1:
+        if dims.num_classes < 1:
             raise ValueError("activity models need num_classes >= 1")
-        self.config = config
+        self.config, self.dims, self.cell = config, dims, cell
         self.drop = nn.Dropout(config.dropout)
-        self.encoder = RecurrentEncoder(config.cell, config.feature_dim, config.hidden_size, config.num_layers,
+        self.encoder = RecurrentEncoder(cell, dims.feature_dim, config.hidden_size, config.num_layers,
                                         config.dropout, config.tbptt_steps)
-        self.head = nn.Linear(config.hidden_size, config.num_classes)
+        self.head = nn.Linear(config.hidden_size, dims.num_classes)
 
     def forward(self, visual: Tensor, lengths: Tensor, labels: Tensor | None = None, *,
                 label_smoothing: float = 0.0) -> tuple[Tensor, Tensor | None]:
@@ -371,17 +305,17 @@ class RNNImageCaptioner(_Captioner):
     memory: with attention ``(grid (B, G, D), mask (B, G) bool, keys (B, G, H))``; without ``(mean (B, D),)``.
     """
 
-    def __init__(self, config: RNNConfig) -> None:
+    def __init__(self, config: RecurrentModelConfig, dims: ModelDims, *, cell: str) -> None:
         super().__init__()
-        if config.vocab_size < 4:
+        if dims.vocab_size < 4:
             raise ValueError("captioning models need vocab_size >= 4 (pad, bos, eos, unk)")
-        self.config = config
+        self.config, self.dims, self.cell = config, dims, cell
         self.drop = nn.Dropout(config.dropout)
-        self.init = InitState(config.cell, config.feature_dim, config.hidden_size, config.num_layers)
+        self.init = InitState(cell, dims.feature_dim, config.hidden_size, config.num_layers)
         self.decoder = RecurrentDecoder(
-            cell=config.cell, vocab_size=config.vocab_size, embed_size=config.embed_size,
+            cell=cell, vocab_size=dims.vocab_size, embed_size=config.embed_size,
             hidden_size=config.hidden_size, num_layers=config.num_layers, dropout=config.dropout,
-            context="attention" if config.attention else "none", context_size=config.feature_dim,
+            context="attention" if config.attention else "none", context_size=dims.feature_dim,
         )
 
     def encode(self, visual: Tensor, lengths: Tensor) -> tuple[Tensor, ...]:
@@ -412,20 +346,20 @@ class RNNVideoCaptioner(_Captioner):
     *final_state)``; final_state is (h,) or (h, c), each (B, num_layers, H).
     """
 
-    def __init__(self, config: RNNConfig) -> None:
+    def __init__(self, config: RecurrentModelConfig, dims: ModelDims, *, cell: str) -> None:
         super().__init__()
-        if config.vocab_size < 4:
+        if dims.vocab_size < 4:
             raise ValueError("captioning models need vocab_size >= 4 (pad, bos, eos, unk)")
-        self.config = config
+        self.config, self.dims, self.cell = config, dims, cell
         self.drop = nn.Dropout(config.dropout)
-        self.encoder = RecurrentEncoder(config.cell, config.feature_dim, config.hidden_size, config.num_layers,
+        self.encoder = RecurrentEncoder(cell, dims.feature_dim, config.hidden_size, config.num_layers,
                                         config.dropout, config.tbptt_steps)
         self.decoder = RecurrentDecoder(
-            cell=config.cell, vocab_size=config.vocab_size, embed_size=config.embed_size,
+            cell=cell, vocab_size=dims.vocab_size, embed_size=config.embed_size,
             hidden_size=config.hidden_size, num_layers=config.num_layers, dropout=config.dropout,
             context="attention" if config.attention else "none", context_size=config.hidden_size,
         )
-        self._state_parts = 2 if config.cell == "lstm" else 1
+        self._state_parts = 2 if cell == "lstm" else 1
 
     def encode(self, visual: Tensor, lengths: Tensor) -> tuple[Tensor, ...]:
         outputs, final = self.encoder(self.drop(visual), lengths)  # (B, T, H), each (B, L, H)

@@ -373,3 +373,55 @@ def runtime_tags(device: Any) -> dict[str, str]:
         "seqvision.torch_version": torch.__version__,
         "seqvision.cuda_version": str(torch.version.cuda),
     }
+
+
+# --------------------------------------------------------------------------------------------------------
+# Run policy: one comparison is one parent run; every training is a child run under it.
+
+PARENT_EXPERIMENT = "seqvision"
+PARENT_RUN_NAME = "comparison"
+RUN_ID_FILE = Path(".seqvision") / "parent_run_id"  # relative to the repository root; not a DVC output
+DATA_DVC = "data.dvc"
+
+
+def open_training_run(
+    task: str, family: str, *, repo_root: str | Path, params: Mapping[str, Any] | None = None
+) -> tuple[Tracker, str]:
+    """(child tracker, parent run id) of one training: the comparison's parent run (``$SEQVISION_PARENT_RUN_ID``,
+    else the RUNNING run named in ``{repo_root}/.seqvision/parent_run_id``, else a new run ``comparison`` in
+    experiment ``seqvision``, recorded there) and a child run ``{task}-{family}`` under it, tagged with its lineage
+    (git commit, ``data.dvc`` md5 when the file exists, a hash of ``params``). With ``$MLFLOW_RUN_ID`` set the
+    tracker logs into that run instead (a DDP launcher created it)."""
+    root = Path(repo_root)
+    data_dvc = root / DATA_DVC
+    lineage = lineage_tags(repo_root=root, data_dvc=data_dvc if data_dvc.is_file() else None, params=params)
+    parent = start_parent(
+        PARENT_EXPERIMENT, PARENT_RUN_NAME, repo_root=root, run_id_file=root / RUN_ID_FILE,
+        tags={k: v for k, v in lineage.items() if k != "seqvision.params_hash"},
+    )
+    tags = {**lineage, "seqvision.task": task, "seqvision.family": family, "seqvision.stage": "train"}
+    child = start_child(parent_run_id=parent, run_name=f"{task}-{family}", repo_root=root, tags=tags)
+    return child, parent
+
+
+def publish_comparison(
+    parent_run_id: str,
+    *,
+    repo_root: str | Path,
+    metrics: Mapping[str, float],
+    child_metrics: Mapping[str, Mapping[str, float]],
+    files: tuple[str | Path, ...] | list[str | Path] = (),
+    folders: Mapping[str, str | Path] | None = None,
+    end_parent: bool = True,
+) -> None:
+    """The report stage's publishing: ``metrics`` and ``files`` (artifact folder ``report/``; ``folders`` maps an
+    artifact path to a local folder) on the parent run, each child's test metrics on that child; then end the
+    parent FINISHED."""
+    log_to_run(parent_run_id, repo_root=repo_root, metrics=metrics, artifacts=list(files), artifact_path="report")
+    for artifact_path, folder in (folders or {}).items():
+        if Path(folder).is_dir():
+            log_to_run(parent_run_id, repo_root=repo_root, artifacts=[folder], artifact_path=artifact_path)
+    for child, values in child_metrics.items():
+        log_to_run(child, repo_root=repo_root, metrics=values)
+    if end_parent:
+        end_run(parent_run_id, repo_root=repo_root, status="FINISHED")

@@ -7,18 +7,10 @@ The loop knows models only through the contract in ``docs/design.md``:
   teacher-forced on ``tokens[:, :-1]`` against ``tokens[:, 1:]``.
 
 Batches are ``ClipBatch`` / ``CaptionBatch`` NamedTuples; a batch with a ``tokens`` field is a captioning
-batch. Two optional keyword arguments reach ``forward`` during training only:
-
-- ``label_smoothing=`` when ``train.label_smoothing > 0`` (a model that lacks it is an error, so no model
-  silently trains with a different loss than the others);
-- ``tbptt_steps=`` when ``train.tbptt_steps > 0`` and the model sets ``supports_tbptt = True``.
-
-Truncated BPTT (Williams & Peng 1990) is implemented by the recurrent models, not here: they run the
-recurrence in chunks of ``tbptt_steps`` time steps and detach the hidden state between chunks, so
-gradients flow back at most that far. A model gets the value either per call (``supports_tbptt`` and the
-keyword above) or at build time in its config (``models.build_model(..., tbptt_steps=...)`` stores
-``model.config.tbptt_steps``, so checkpoints record it); for the latter the loop checks that it equals
-``train.tbptt_steps``. Models without recurrence (Transformers, mean-pool baselines) ignore the knob.
+batch. One optional keyword argument reaches ``forward`` during training only: ``label_smoothing=`` when
+``train.label_smoothing > 0`` (a model that lacks it is an error, so no model silently trains with a different
+loss than the others). Truncated BPTT is an architecture knob of the recurrent families
+(``models.<family>.tbptt_steps``), implemented by their frame encoders (``rnn.RecurrentEncoder``).
 
 Scheduled sampling uses the two-pass scheme of Mihaylova & Martins (2019, "Scheduled Sampling for
 Transformers", ACL SRW), which works for any teacher-forced model, recurrent or not: pass 1 runs teacher
@@ -27,7 +19,7 @@ pass 2 trains on the mixed inputs against the gold targets. ``p`` ramps linearly
 ``train.scheduled_sampling`` over training (a schedule in the spirit of Bengio et al. 2015).
 
 ``fit`` writes into ``out_dir``: ``last.pt`` after every epoch, ``best.pt`` when the validation metric
-improves, ``history.json`` (all atomically, rank 0 only). ``resume=True`` continues from ``last.pt``,
+improves (both in the :mod:`seqvision.checkpoint` layout), ``history.json`` (all atomically, rank 0 only). ``resume=True`` continues from ``last.pt``,
 restoring model, optimizer, scheduler, RNG and data-order state, so on CPU with ``deterministic`` an
 interrupted-and-resumed run equals an uninterrupted one bit for bit.
 
@@ -43,12 +35,9 @@ early-stopping decisions. Only rank 0 writes files and talks to the tracker.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import functools
 import inspect
-import io
 import math
-import os
 import random
 import sys
 import time
@@ -59,18 +48,16 @@ from typing import Any, NamedTuple
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from seqvision import distributed
+from seqvision import checkpoint, distributed, io
+from seqvision.blocks import caption_loss
 from seqvision.config import ConfigError, TrainConfig, flatten, to_dict
-from seqvision.io import write_bytes, write_json
+from seqvision.runtime import configure_backends, resolve_device, seed_everything
 from seqvision.tracking import NullTracker, TrackerLike, runtime_tags
-
-CHECKPOINT_FORMAT = 1
 
 # Knobs that may change between an interrupted run and its resumption: they do not change the maths.
 _RESUMABLE_CHANGES = frozenset({"device", "compile", "num_workers", "log_every", "patience"})
@@ -136,82 +123,6 @@ ACCURACY = ValidationMetric("accuracy", accuracy, higher_is_better=True)
 
 # --------------------------------------------------------------------------------------------------------
 # Device, seeds, determinism, data loading
-
-
-def resolve_device(name: str) -> torch.device:
-    """``"auto"`` -> CUDA when available, else CPU. Asking for ``"cuda"`` without one is an error."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("train.device is 'cuda' but torch.cuda.is_available() is False")
-    return torch.device(name)
-
-
-def seed_everything(seed: int) -> None:
-    """Seed python, numpy and torch (CPU and every CUDA device). Call before building the model too."""
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)  # also seeds all CUDA devices
-
-
-def configure_backends(device: torch.device, *, deterministic: bool, compile_model: bool = False) -> None:
-    """Deterministic kernels on request; TF32 matmuls/convolutions on CUDA.
-
-    ``warn_only=True``: an op without a deterministic kernel warns instead of stopping a long run.
-    ``torch.use_deterministic_algorithms`` also sets ``torch._inductor.config.deterministic``, and importing
-    ``torch._inductor`` costs ~1.5 s per process (measured: a third of a small training stage). Without
-    ``torch.compile`` that flag is never read, so we flip only the kernel switch it wraps.
-    ``CUBLAS_WORKSPACE_CONFIG`` is required by cuBLAS for reproducible results (CUDA >= 10.2); it must be
-    set before the first cuBLAS call, hence here, before the model runs.
-    """
-    if deterministic:
-        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-    if compile_model or not hasattr(torch._C, "_set_deterministic_algorithms"):
-        torch.use_deterministic_algorithms(deterministic, warn_only=True)
-    else:
-        torch._C._set_deterministic_algorithms(deterministic, warn_only=True)
-    torch.backends.cudnn.deterministic = deterministic
-    torch.backends.cudnn.benchmark = not deterministic
-    if device.type == "cuda":
-        # TF32 keeps fp32 range with a 10-bit mantissa: ~free speed on Ampere+ for the fp32 parts that
-        # autocast leaves in fp32. torch >= 2.9 has the fp32_precision API and deprecates allow_tf32.
-        if hasattr(torch.backends.cuda.matmul, "fp32_precision"):
-            torch.backends.cuda.matmul.fp32_precision = "tf32"
-            torch.backends.cudnn.conv.fp32_precision = "tf32"
-            torch.backends.cudnn.rnn.fp32_precision = "tf32"
-        else:  # pragma: no cover - older torch
-            torch.backends.cuda.matmul.allow_tf32 = True
-            torch.backends.cudnn.allow_tf32 = True
-
-
-def make_loader(
-    dataset: Dataset,
-    *,
-    batch_size: int,
-    shuffle: bool,
-    collate_fn: Callable[[list[Any]], Any] | None = None,
-    num_workers: int = 0,
-    seed: int = 0,
-    device: torch.device | str = "cpu",
-    drop_last: bool = False,
-) -> DataLoader:
-    """A DataLoader whose order is a function of ``seed`` and which ``fit`` can resume exactly.
-
-    Its own generator (checkpointed by ``fit``) drives shuffling and worker seeds; memory is pinned for
-    CUDA so ``non_blocking`` copies overlap compute. Workers are not persistent: a persistent pool draws
-    its worker seeds once, so a resumed run would consume the generator differently.
-    """
-    device = torch.device(device)
-    return DataLoader(
-        dataset,
-        batch_size=batch_size,
-        shuffle=shuffle,
-        collate_fn=collate_fn,
-        num_workers=num_workers,
-        pin_memory=device.type == "cuda",
-        drop_last=drop_last,
-        generator=torch.Generator().manual_seed(seed),
-    )
 
 
 def to_device(batch: Any, device: torch.device) -> Any:
@@ -295,21 +206,6 @@ def mix_tokens(
     return torch.where(replaceable & coin, guesses, tokens)
 
 
-def sequence_cross_entropy(
-    logits: Tensor, targets: Tensor, target_lengths: Tensor, *, label_smoothing: float = 0.0
-) -> Tensor:
-    """Mean token cross-entropy of ``logits`` (B, S, V) against ``targets`` (B, S), ignoring positions
-    ``>= target_lengths`` (B,). Same reduction as the captioning contract (padding ignored)."""
-    B, S, V = logits.shape
-    real = torch.arange(S, device=targets.device).unsqueeze(0) < target_lengths.unsqueeze(1)  # (B, S)
-    # ignore_index rather than boolean indexing: no device->host sync for the mask's size.
-    targets = targets.masked_fill(~real, -100)
-    return F.cross_entropy(
-        logits.float().reshape(B * S, V), targets.reshape(B * S), ignore_index=-100,
-        label_smoothing=label_smoothing,
-    )
-
-
 def scheduled_sampling_loss(
     model: nn.Module, batch: Any, *, prob: float, model_kwargs: Mapping[str, Any] | None = None
 ) -> Tensor:
@@ -318,7 +214,7 @@ def scheduled_sampling_loss(
     Pass 1 (no gradient) predicts every next token under teacher forcing; :func:`mix_tokens` swaps gold
     inputs for those predictions with probability ``prob``; pass 2 runs on the mixed inputs and is scored
     against the *gold* targets (the model's own loss would score against the mixed ones, so it is
-    recomputed here with :func:`sequence_cross_entropy`). With ``prob=0`` this equals teacher forcing.
+    recomputed here with :func:`seqvision.blocks.caption_loss`). With ``prob=0`` this equals teacher forcing.
     """
     kwargs = dict(model_kwargs or {})
     with torch.no_grad():
@@ -326,10 +222,7 @@ def scheduled_sampling_loss(
                           **kwargs)  # (B, L-1, V)
     mixed = mix_tokens(batch.tokens, logits.argmax(dim=-1), batch.token_lengths, prob=prob)  # (B, L)
     logits, _ = model(batch.visual, batch.lengths, tokens=mixed, token_lengths=batch.token_lengths, **kwargs)
-    return sequence_cross_entropy(
-        logits, batch.tokens[:, 1:], batch.token_lengths - 1,
-        label_smoothing=float(kwargs.get("label_smoothing", 0.0)),
-    )
+    return caption_loss(logits, batch.tokens[:, 1:], label_smoothing=float(kwargs.get("label_smoothing", 0.0)))
 
 
 def batch_loss(
@@ -367,16 +260,6 @@ def training_kwargs(model: nn.Module, config: TrainConfig) -> dict[str, Any]:
                 "takes no label_smoothing argument"
             )
         kwargs["label_smoothing"] = config.label_smoothing
-    if getattr(model, "supports_tbptt", False):
-        if config.tbptt_steps > 0:
-            kwargs["tbptt_steps"] = config.tbptt_steps
-    else:
-        built_with = getattr(getattr(model, "config", None), "tbptt_steps", None)
-        if built_with is not None and built_with != config.tbptt_steps:
-            raise ValueError(
-                f"{type(model).__name__} was built with tbptt_steps={built_with} but train.tbptt_steps="
-                f"{config.tbptt_steps}; build it with models.build_model(..., tbptt_steps=train.tbptt_steps)"
-            )
     return kwargs
 
 
@@ -593,40 +476,6 @@ def set_rng_state(state: Mapping[str, Any], loader: DataLoader | None = None) ->
             gen.set_state(gen_state)
 
 
-def model_metadata(model: nn.Module) -> dict[str, Any]:
-    """What rebuilds ``model``: its class, its dataclass config (as a dict) and ``task``/``family`` when the
-    model has such attributes (``fit(model_meta=...)`` supplies them otherwise)."""
-    cls = type(model)
-    meta: dict[str, Any] = {"model_class": f"{cls.__module__}.{cls.__qualname__}"}
-    config = getattr(model, "config", None)
-    if config is not None and dataclasses.is_dataclass(config):
-        meta["config"] = dataclasses.asdict(config)
-        meta["config_class"] = f"{type(config).__module__}.{type(config).__qualname__}"
-    for attr in ("task", "family"):
-        if hasattr(model, attr):
-            meta[attr] = getattr(model, attr)
-    extra = getattr(model, "checkpoint_metadata", None)  # e.g. models.PixelModel: its encoder's config
-    if callable(extra):
-        meta.update(extra())
-    return meta
-
-
-def load_checkpoint(path: str | Path, *, map_location: str | torch.device = "cpu") -> dict[str, Any]:
-    """A checkpoint written by :func:`fit`: plain data only (``weights_only=True``, no pickled code).
-
-    Keys: ``format``, ``model_class``, ``config`` (dict), ``config_class``, ``task``, ``family``, ``model``
-    (state dict), ``optimizer``, ``scheduler``, ``epoch``, ``step``, ``best_metric``, ``best_epoch``,
-    ``epochs_since_best``, ``stopped_early``, ``metric``, ``history``, ``train_config``, ``rng``.
-    """
-    return torch.load(path, map_location=map_location, weights_only=True)
-
-
-def _serialize(obj: Mapping[str, Any]) -> bytes:
-    buffer = io.BytesIO()
-    torch.save(dict(obj), buffer)
-    return buffer.getvalue()
-
-
 def _check_resumable(saved: Mapping[str, Any], config: TrainConfig, path: Path) -> None:
     current = to_dict(config)
     changed = sorted(k for k in current if k not in _RESUMABLE_CHANGES and saved.get(k) != current[k])
@@ -698,7 +547,8 @@ def fit(
     out_dir: str | Path,
     tracker: TrackerLike | None = None,
     metric: ValidationMetric = VAL_LOSS,
-    model_meta: Mapping[str, Any] | None = None,
+    spec: Mapping[str, Any] | None = None,
+    extra: Mapping[str, Any] | None = None,
     resume: bool = False,
     progress: bool | None = None,
 ) -> FitResult:
@@ -707,8 +557,9 @@ def fit(
     Seed with :func:`seed_everything` before building ``model`` so its initial weights are reproducible;
     ``fit`` seeds again for data order and dropout. ``metric`` picks ``best.pt`` and drives ``patience``.
     ``tracker`` receives params, tags, one batch of metrics per epoch and ``history.json``.
-    ``model_meta`` (e.g. ``{"task": "activity", "family": "gru"}``) is stored in every checkpoint beside
-    the model's class and config, so ``models.build_from_checkpoint(load_checkpoint(path))`` rebuilds it.
+    ``spec`` (``models.model_spec``) is stored in every checkpoint, so
+    ``models.build_from_checkpoint(checkpoint.load(path))`` rebuilds the model; ``extra`` (e.g. the resume
+    fingerprint) is stored beside it.
     ``resume=True`` continues from ``out_dir/last.pt`` (a fresh start when there is none; a finished or
     early-stopped run returns at once); knobs that change the maths must match the checkpoint's.
     ``progress=None`` shows a tqdm bar only when stderr is a terminal.
@@ -746,7 +597,7 @@ def fit(
     best_epoch: int | None = None
     history: list[dict[str, float]] = []
     if resume and last_path.is_file():
-        ckpt = load_checkpoint(last_path)  # CPU; load_state_dict copies onto the model's device
+        ckpt = checkpoint.load(last_path)  # verified; CPU; load_state_dict copies onto the model's device
         _check_resumable(ckpt["train_config"], config, last_path)
         if ckpt["metric"] != metric.name:
             raise ValueError(f"cannot resume from {last_path}: it tracked {ckpt['metric']!r}, not {metric.name!r}")
@@ -801,8 +652,8 @@ def fit(
             raise err
         if not rank0:
             continue
-        blob = _serialize({
-            "format": CHECKPOINT_FORMAT, **model_metadata(raw), **(model_meta or {}), "model": raw.state_dict(),
+        blob = checkpoint.to_bytes({
+            **(extra or {}), "spec": dict(spec or {}), "model": raw.state_dict(),
             "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
             "epoch": epoch, "step": step, "best_metric": best_metric, "best_epoch": best_epoch,
             "epochs_since_best": since_best, "stopped_early": stopped, "metric": metric.name,
@@ -810,9 +661,9 @@ def fit(
             "torch_version": str(torch.__version__),
         })
         if improved:
-            write_bytes(best_path, blob)
-        write_bytes(last_path, blob)
-        write_json(history_path, history)
+            io.write_bytes(best_path, blob)
+        io.write_bytes(last_path, blob)
+        io.write_json(history_path, history)
         logged = {k: v for k, v in entry.items() if k != "epoch"}
         if metric.fn is not None:
             logged[f"val_{metric.name}"] = value
@@ -821,7 +672,7 @@ def fit(
     if rank0:
         # Rewritten here too: a run resumed after it had already finished (DVC removes the non-persistent
         # outputs before rerunning a stage) trains no epoch but must still leave its history behind.
-        write_json(history_path, history)
+        io.write_json(history_path, history)
         tracker.log_artifact(history_path)
     distributed.barrier()  # DDP: no rank returns before rank 0's files are written
     return FitResult(

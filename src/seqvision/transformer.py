@@ -21,33 +21,15 @@ The cross-attention keys/values of the memory are recomputed at each step (memor
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from seqvision.rnn import PAD, caption_loss, center_clip, check_lengths, length_mask, split_tokens
+from seqvision.blocks import ModelDims, caption_loss, center_clip, check_lengths, length_mask, split_tokens
+from seqvision.config import TransformerModelConfig
+from seqvision.vocab import PAD_ID
 
 State = tuple[Tensor, ...]  # (k_1, v_1, ..., k_N, v_N), each (B, heads, t, head_dim)
-
-
-@dataclass(frozen=True)
-class TransformerConfig:
-    feature_dim: int = 128  # D of the visual features
-    vocab_size: int = 0  # captioning only
-    num_classes: int = 0  # activity only
-    hidden_size: int = 256  # d_model
-    num_layers: int = 2  # per stack: the encoder has num_layers blocks and so does the decoder
-    num_heads: int = 4
-    ffn_mult: int = 4  # feed-forward width = ffn_mult * hidden_size
-    dropout: float = 0.1
-
-    def __post_init__(self) -> None:
-        if self.hidden_size % self.num_heads:
-            raise ValueError(f"hidden_size ({self.hidden_size}) must be divisible by num_heads ({self.num_heads})")
-        if self.hidden_size % 2:
-            raise ValueError(f"hidden_size must be even for sinusoidal positions, got {self.hidden_size}")
 
 
 def sinusoidal_positions(positions: Tensor, dim: int) -> Tensor:
@@ -103,7 +85,7 @@ class FeedForward(nn.Module):
 
 
 class EncoderBlock(nn.Module):
-    def __init__(self, config: TransformerConfig) -> None:
+    def __init__(self, config: TransformerModelConfig) -> None:
         super().__init__()
         d = config.hidden_size
         self.ln1, self.ln2 = nn.LayerNorm(d), nn.LayerNorm(d)
@@ -118,7 +100,7 @@ class EncoderBlock(nn.Module):
 
 
 class DecoderBlock(nn.Module):
-    def __init__(self, config: TransformerConfig) -> None:
+    def __init__(self, config: TransformerModelConfig) -> None:
         super().__init__()
         d = config.hidden_size
         self.ln1, self.ln2, self.ln3 = nn.LayerNorm(d), nn.LayerNorm(d), nn.LayerNorm(d)
@@ -151,9 +133,9 @@ def _init_weights(module: nn.Module) -> None:
 class VisualEncoder(nn.Module):
     """Visual tokens (frames or grid cells) -> contextualised tokens, padding masked out."""
 
-    def __init__(self, config: TransformerConfig) -> None:
+    def __init__(self, config: TransformerModelConfig, feature_dim: int) -> None:
         super().__init__()
-        self.proj = nn.Linear(config.feature_dim, config.hidden_size)
+        self.proj = nn.Linear(feature_dim, config.hidden_size)
         self.drop = nn.Dropout(config.dropout)
         self.blocks = nn.ModuleList(EncoderBlock(config) for _ in range(config.num_layers))
         self.ln = nn.LayerNorm(config.hidden_size)
@@ -175,17 +157,17 @@ class VisualEncoder(nn.Module):
 
 
 class TransformerActivityClassifier(nn.Module):
-    """Encoder over clip-centred frame features (``rnn.center_clip``) with temporal positions; the CLS token's final
-    state is classified."""
+    """Encoder over clip-centred frame features (``blocks.center_clip``) with temporal positions; the CLS token's
+    final state is classified."""
 
-    def __init__(self, config: TransformerConfig) -> None:
+    def __init__(self, config: TransformerModelConfig, dims: ModelDims) -> None:
         super().__init__()
-        if config.num_classes < 1:
+        if dims.num_classes < 1:
             raise ValueError("activity models need num_classes >= 1")
-        self.config = config
-        self.encoder = VisualEncoder(config)
+        self.config, self.dims = config, dims
+        self.encoder = VisualEncoder(config, dims.feature_dim)
         self.cls = nn.Parameter(torch.zeros(1, 1, config.hidden_size))
-        self.head = nn.Linear(config.hidden_size, config.num_classes)
+        self.head = nn.Linear(config.hidden_size, dims.num_classes)
         self.apply(_init_weights)
         nn.init.normal_(self.cls, std=0.02)
 
@@ -204,18 +186,18 @@ class TransformerCaptioner(nn.Module):
     memory: ``(tokens (B, S, D), mask (B, S) bool)``; state: the decoder's KV cache (see the module docstring).
     """
 
-    def __init__(self, config: TransformerConfig) -> None:
+    def __init__(self, config: TransformerModelConfig, dims: ModelDims) -> None:
         super().__init__()
-        if config.vocab_size < 4:
+        if dims.vocab_size < 4:
             raise ValueError("captioning models need vocab_size >= 4 (pad, bos, eos, unk)")
-        self.config = config
+        self.config, self.dims = config, dims
         d = config.hidden_size
-        self.encoder = VisualEncoder(config)
-        self.embed = nn.Embedding(config.vocab_size, d, padding_idx=PAD)
+        self.encoder = VisualEncoder(config, dims.feature_dim)
+        self.embed = nn.Embedding(dims.vocab_size, d, padding_idx=PAD_ID)
         self.drop = nn.Dropout(config.dropout)
         self.blocks = nn.ModuleList(DecoderBlock(config) for _ in range(config.num_layers))
         self.ln = nn.LayerNorm(d)
-        self.head = nn.Linear(d, config.vocab_size)
+        self.head = nn.Linear(d, dims.vocab_size)
         self.apply(_init_weights)
         # GPT-2's std 0.02 suits unit-scale token embeddings; the frame features are not (std ~3 per dimension on
         # the default data), and with 0.02 the visual tokens start small next to the positional code, so within

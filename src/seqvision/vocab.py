@@ -1,28 +1,17 @@
 """Caption normalisation, vocabulary, encode/decode, and the ``tokenize`` stage's work.
 
-Normalisation follows what coco-caption (pycocoevalcap) does before scoring: Stanford's PTBTokenizer with
-``-lowerCase``, then removal of the tokens in ``PUNCTUATIONS`` (pycocoevalcap/tokenizer/ptbtokenizer.py).
-Training on the same normalised text the metrics see means the model is never scored on distinctions it was
-never taught (case, punctuation). This is a pure-Python approximation of PTB (no Java):
-
-- Unicode NFKC, curly quotes -> ASCII quotes, dashes -> ``-``, lowercase; control characters become spaces;
-- words are runs of letters, digits, marks and ``_`` joined by single inner ``- . & / '`` (``t-shirt``,
-  ``3.5``, ``o'clock``, ``and/or``), or ``, :`` between digits (``1,000``, ``10:30``);
-- PTB clitics are split off: ``don't`` -> ``do n't``, ``man's`` -> ``man 's`` (also ``'re 've 'll 'd 'm``);
-- every other character is a one-character token; the PTB punctuation (``. , ? ! : ; - ' `` ...``) and the
-  brackets and double quotes (PTB turns them into ``-LRB-``, `````` etc.) are dropped, other symbols
-  (``$ % & # +``) stay, as in coco-caption.
-
-Known differences from Stanford PTB: no ``cannot`` -> ``can not`` / ``gonna`` -> ``gon na`` splits, a final
-period is always split off (``u.s.`` -> ``u.s``), and square brackets are dropped (PTB keeps ``-lsb-``).
+Normalisation is coco-caption's own (:func:`seqvision.ptb.ptb_tokenize`: PTB tokens, lower case, punctuation
+removed), the same function the metrics score with, so a model is trained on exactly the text it is scored on.
 ``normalize`` is idempotent (``normalize(normalize(x)) == normalize(x)``), which is what makes
 ``decode(encode(x)) == normalize(x)`` hold for in-vocabulary text.
+
+Special tokens: ids :data:`PAD_ID` ... :data:`UNK_ID` (0-3) are owned here and imported by every model, decoder
+and dataset; their strings are :data:`PAD_TOKEN` ... :data:`UNK_TOKEN`.
 """
 
 from __future__ import annotations
 
 import json
-import unicodedata
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
@@ -32,99 +21,32 @@ import numpy as np
 
 from seqvision import io
 from seqvision.config import TokenizeConfig, to_dict
+from seqvision.ptb import ptb_tokenize
 
-# pycocoevalcap/tokenizer/ptbtokenizer.py
-PUNCTUATIONS = frozenset(
-    ["''", "'", "``", "`", "-LRB-", "-RRB-", "-LCB-", "-RCB-", ".", "?", "!", ",", ":", "-", "--", "...", ";"]
-)
-# Characters PTB rewrites into the bracket/quote tokens above (or -LSB-/-RSB-, which we drop as well).
-_DROPPED = PUNCTUATIONS | frozenset('"()[]{}')
-_INNER = frozenset("-./&'")  # may join two word characters
-_INNER_DIGITS = frozenset(",:")  # may join two digits
-_CLITICS = ("'s", "'re", "'ve", "'ll", "'d", "'m")
-_ASCII = str.maketrans(
-    {
-        "\u2018": "'", "\u2019": "'", "\u201a": "'", "\u201b": "'", "\u2032": "'",
-        "\u201c": '"', "\u201d": '"', "\u201e": '"', "\u201f": '"', "\u2033": '"',
-        "\u2010": "-", "\u2011": "-", "\u2012": "-", "\u2013": "-", "\u2014": "-", "\u2015": "-", "\u2212": "-",
-    }
-)
-
-PAD, BOS, EOS, UNK = "<pad>", "<bos>", "<eos>", "<unk>"
-SPECIALS = {"pad": 0, "bos": 1, "eos": 2, "unk": 3}
+PAD_TOKEN, BOS_TOKEN, EOS_TOKEN, UNK_TOKEN = "<pad>", "<bos>", "<eos>", "<unk>"
 PAD_ID, BOS_ID, EOS_ID, UNK_ID = 0, 1, 2, 3
+SPECIALS = {"pad": PAD_ID, "bos": BOS_ID, "eos": EOS_ID, "unk": UNK_ID}
+_SPECIAL_TOKENS = frozenset({PAD_TOKEN, BOS_TOKEN, EOS_TOKEN, UNK_TOKEN})
 
 
 # --------------------------------------------------------------------------------------------------------
 # Normalisation
 
 
-def _is_word_char(ch: str) -> bool:
-    return ch == "_" or unicodedata.category(ch)[0] in "LNM"
-
-
-def _canonical(text: str) -> str:
-    """NFKC + ASCII quotes/dashes + lowercase, iterated to a fixed point (``lower`` can un-normalise:
-    ``"İ".lower()`` is ``i`` + a combining dot; NFKC can produce capitals: ``"ℌ"`` -> ``H``)."""
-    for _ in range(4):
-        new = unicodedata.normalize("NFKC", text).translate(_ASCII).lower()
-        if new == text:
-            break
-        text = new
-    # Control, format, private-use and unassigned characters separate words; they never form one.
-    return "".join(" " if unicodedata.category(ch)[0] == "C" else ch for ch in text)
-
-
-def _split_clitics(word: str) -> list[str]:
-    """``don't`` -> ``[do, n't]``; ``man's`` -> ``[man, 's]``; repeated (``x's's``), so output is stable."""
-    tail: list[str] = []
-    while True:
-        if len(word) > 3 and word.endswith("n't") and _is_word_char(word[-4]):
-            tail.append("n't")
-            word = word[:-3]
-            continue
-        clitic = next((c for c in _CLITICS if word.endswith(c) and len(word) > len(c)), None)
-        if clitic is None:
-            break
-        tail.append(clitic)
-        word = word[: -len(clitic)]
-    return [word, *reversed(tail)]
-
-
-def _scan(chunk: str) -> list[str]:
-    """One whitespace-free chunk -> PTB-like tokens (punctuation not yet removed)."""
-    out: list[str] = []
-    i, n = 0, len(chunk)
-    while i < n:
-        # A clitic standing alone ("'s" after "man 's" was re-joined) stays one token.
-        clitic = next((c for c in _CLITICS if chunk.startswith(c, i)), None)
-        if clitic and (i + len(clitic) == n or not _is_word_char(chunk[i + len(clitic)])):
-            out.append(clitic)
-            i += len(clitic)
-            continue
-        if not _is_word_char(chunk[i]):
-            out.append(chunk[i])
-            i += 1
-            continue
-        j = i + 1
-        while j < n:
-            ch = chunk[j]
-            if _is_word_char(ch):
-                j += 1
-            elif j + 1 < n and _is_word_char(chunk[j + 1]) and (
-                ch in _INNER or (ch in _INNER_DIGITS and chunk[j - 1].isdigit() and chunk[j + 1].isdigit())
-            ):
-                j += 2
-            else:
-                break
-        out.extend(_split_clitics(chunk[i:j]))
-        i = j
-    return out
-
-
 def tokenize(text: str) -> list[str]:
-    """Raw caption -> normalised word tokens (lowercase, PTB-split, PTB punctuation removed)."""
-    return [tok for chunk in _canonical(text).split() for tok in _scan(chunk) if tok not in _DROPPED]
+    """Raw caption -> normalised word tokens, exactly as coco-caption tokenizes it for scoring.
+
+    Applied until nothing changes (at most a few passes; only odd inputs such as emoticons take more than one:
+    ``":)"`` -> ``":-rrb-"`` -> ``"-rrb-"``), so a decoded caption, re-tokenized by the metrics, is scored on
+    exactly the tokens the model generated. A token that spells a special token (PTB keeps ``<eos>`` whole, like
+    any SGML-style tag) is dropped: a caption cannot smuggle an end-of-sentence or padding id into training."""
+    line = ptb_tokenize(text)
+    for _ in range(8):
+        again = ptb_tokenize(line)
+        if again == line:
+            break
+        line = again
+    return [tok for tok in line.split() if tok not in _SPECIAL_TOKENS]
 
 
 def normalize(text: str) -> str:
@@ -139,14 +61,13 @@ def normalize(text: str) -> str:
 class Vocab:
     """Word <-> id. Ids 0..3 are ``<pad> <bos> <eos> <unk>``; words follow by descending training count.
 
-    Special tokens cannot collide with words: ``<`` and ``>`` never join a word, so ``"<unk>"`` in a caption
-    tokenizes to ``< unk >``.
+    Special tokens cannot collide with words: :func:`tokenize` drops a token that spells one.
     """
 
     def __init__(self, itos: Sequence[str], *, config: Mapping[str, Any] | None = None) -> None:
         itos = list(itos)
-        if itos[:4] != [PAD, BOS, EOS, UNK]:
-            raise ValueError(f"a vocabulary must start with {[PAD, BOS, EOS, UNK]}, got {itos[:4]}")
+        if itos[:4] != [PAD_TOKEN, BOS_TOKEN, EOS_TOKEN, UNK_TOKEN]:
+            raise ValueError(f"a vocabulary must start with {[PAD_TOKEN, BOS_TOKEN, EOS_TOKEN, UNK_TOKEN]}, got {itos[:4]}")
         if len(set(itos)) != len(itos):
             raise ValueError("a vocabulary must not repeat a word")
         self.itos = itos
@@ -227,7 +148,7 @@ def vocab_from_counts(counts: Mapping[str, int], *, min_count: int = 1, max_size
     words = sorted((w for w, c in counts.items() if c >= min_count), key=lambda w: (-counts[w], w))
     if max_size is not None:
         words = words[: max_size - len(SPECIALS)]
-    return Vocab([PAD, BOS, EOS, UNK, *words], config={"min_count": min_count, "max_size": max_size})
+    return Vocab([PAD_TOKEN, BOS_TOKEN, EOS_TOKEN, UNK_TOKEN, *words], config={"min_count": min_count, "max_size": max_size})
 
 
 # --------------------------------------------------------------------------------------------------------

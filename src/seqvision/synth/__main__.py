@@ -53,7 +53,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def resolve_config(args: argparse.Namespace) -> SynthConfig:
     """Defaults < params file < preset < flags, validated once at the end. Raises ConfigError."""
-    base = to_dict(load_params(args.params)["synth"]) if args.params else to_dict(SynthConfig())
+    base = to_dict(load_params(args.params).synth) if args.params else to_dict(SynthConfig())
     merged = merge(merge(base, SYNTH_PRESETS[args.preset]), overrides_from_args(args))
     return from_mapping(SynthConfig, merged, where="synth")
 

@@ -1,0 +1,161 @@
+"""The evaluation output layout, shared by the models' evaluation (``evaluate.py``), the non-learned baselines
+(``baselines.py``) and the report: predictions, metrics and details of one system on the test split.
+
+Output folder (``artifacts/eval/{task}/{model}/``, ``artifacts/eval/{task}/baseline_{name}/``)::
+
+    predictions.jsonl   captioning: {"id", "hypothesis", "references": [...], "score"}
+                        activity:   {"id", "predicted", "label", "score", "topk": [5 class names, best first]}
+    metrics.json        captioning: bleu_1..bleu_4, meteor (null: the report stage scores it), rouge_l, cider_d,
+                        num_items, decode_time_s, items_per_s (numbers only, so ``dvc metrics show`` stays
+                        readable); activity: top_1, top_5, mean_class_accuracy, reversal_pair_accuracy,
+                        reversal_swap_rate, num_items, decode_time_s, items_per_s
+    details.json        captioning: decoding settings and ``scale`` (the sentence below);
+                        activity: class_names, reversal_pairs, confusion (rows = true class, columns =
+                        predicted), per_class_accuracy
+    plots/confusion.csv activity only: one row per clip, ``actual,predicted`` (the ``dvc plots`` confusion
+                        template); ``plots/`` exists, empty, for captioning so every evaluation has the same outs
+
+Scale: every caption metric is coco-caption's raw value, never x100. BLEU-n, METEOR and ROUGE-L lie in
+[0, 1]; CIDEr-D is reported as coco-caption returns it (it can exceed 1; papers print 100x these numbers).
+Accuracies are fractions in [0, 1]. ``score`` is the system's own confidence.
+
+The metrics are always computed from the written ``predictions.jsonl`` (``metrics.score_predictions_jsonl``
+/ ``metrics.score_activity_jsonl``), so the file on disk and the numbers cannot disagree.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any, NamedTuple
+
+from seqvision import annotations, metrics
+from seqvision.io import write_json, write_text
+from seqvision.synth.events import REVERSAL_PAIRS
+
+PREDICTIONS, METRICS, DETAILS, PLOTS, CONFUSION_CSV = (
+    "predictions.jsonl", "metrics.json", "details.json", "plots", "confusion.csv",
+)
+TOPK = 5
+# The metric each task is ranked by in the report and on the MLflow parent run.
+HEADLINE = {"activity": "top_1", "image_captioning": "cider_d", "video_captioning": "cider_d"}
+CAPTION_SCALE = (
+    "raw coco-caption values, not x100: BLEU-n, METEOR, ROUGE-L in [0, 1]; CIDEr-D as coco-caption reports it "
+    "(can exceed 1)"
+)
+SPLIT = "test"
+
+
+class ActivityLabels(NamedTuple):
+    class_names: list[str]  # names[label], 0-based
+    labels: dict[str, dict[str, int]]  # split -> {clip id: label}
+
+
+def load_activity_labels(activity_dir: str | Path, activity_split: int = 1) -> ActivityLabels:
+    """Class names and per-split labels from a UCF101-layout folder (``annotations.load_video_records``)."""
+    class_names = annotations.load_class_names(activity_dir)
+    # video_dir only fills in record paths, which evaluation never opens.
+    records = annotations.load_video_records(
+        video_dir=activity_dir, activity_dir=activity_dir, activity_split=activity_split
+    )
+    return ActivityLabels(class_names, {s: annotations.activity_labels(records, s) for s in annotations.SPLITS})
+
+
+def reversal_pairs_for(class_names: Sequence[str]) -> list[tuple[str, str]]:
+    """The time-reversed class pairs of the synthetic benchmark whose two classes both exist here
+    (none for a real dataset such as UCF101, whose reversal metrics are then null)."""
+    present = set(class_names)
+    return [(a, b) for a, b in REVERSAL_PAIRS if a in present and b in present]
+
+
+# --------------------------------------------------------------------------------------------------------
+# Writing predictions and scoring them
+
+
+def write_jsonl(path: str | Path, records: Iterable[Mapping[str, Any]]) -> None:
+    """One JSON object per line (keys sorted, UTF-8), written atomically."""
+    text = "".join(json.dumps(dict(r), sort_keys=True, ensure_ascii=False) + "\n" for r in records)
+    write_text(path, text)
+
+
+def _timing(num_items: int, seconds: float) -> dict[str, float]:
+    return {"decode_time_s": float(seconds), "items_per_s": float(num_items / seconds) if seconds > 0 else 0.0}
+
+
+def write_caption_outputs(
+    out_dir: str | Path,
+    records: Sequence[Mapping[str, Any]],
+    *,
+    meteor: metrics.MeteorMode = "auto",
+    seconds: float = 0.0,
+    details: Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Write ``predictions.jsonl``, score it, write ``metrics.json`` / ``details.json`` and an empty
+    ``plots/``. Returns the metrics."""
+    out_dir = Path(out_dir)
+    write_jsonl(out_dir / PREDICTIONS, records)
+    scores = metrics.score_predictions_jsonl(out_dir / PREDICTIONS, meteor=meteor)
+    result = {**scores, **_timing(len(records), seconds)}
+    metrics.write_metrics(out_dir / METRICS, result)
+    write_json(out_dir / DETAILS, {**dict(details or {}), "scale": CAPTION_SCALE})
+    _reset_plots(out_dir)
+    return result
+
+
+def write_activity_outputs(
+    out_dir: str | Path,
+    records: Sequence[Mapping[str, Any]],
+    *,
+    class_names: Sequence[str],
+    reversal_pairs: Sequence[tuple[str, str]],
+    seconds: float = 0.0,
+    details: Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Write ``predictions.jsonl``, score it, write ``metrics.json``, ``details.json`` (confusion, per-class
+    accuracy) and ``plots/confusion.csv``. Returns the metrics."""
+    out_dir = Path(out_dir)
+    write_jsonl(out_dir / PREDICTIONS, records)
+    report = metrics.score_activity_jsonl(
+        out_dir / PREDICTIONS, class_names=class_names, reversal_pairs=reversal_pairs
+    )
+    result = {
+        key: report[key]
+        for key in ("top_1", "top_5", "mean_class_accuracy", "reversal_pair_accuracy", "reversal_swap_rate",
+                    "num_items")
+    }
+    result.update(_timing(len(records), seconds))
+    metrics.write_metrics(out_dir / METRICS, result)
+    write_json(out_dir / DETAILS, {
+        **dict(details or {}),
+        "class_names": list(class_names),
+        "reversal_pairs": [list(p) for p in reversal_pairs],
+        "confusion": report["confusion"],
+        "per_class_accuracy": report["per_class_accuracy"],
+    })
+    _reset_plots(out_dir)
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(["actual", "predicted"])
+    writer.writerows([r["label"], r["predicted"]] for r in records)
+    write_text(out_dir / PLOTS / CONFUSION_CSV, buffer.getvalue())
+    return result
+
+
+def _reset_plots(out_dir: Path) -> None:
+    plots = out_dir / PLOTS
+    plots.mkdir(parents=True, exist_ok=True)
+    stale = plots / CONFUSION_CSV
+    stale.unlink(missing_ok=True)
+
+
+
+# The non-learned reference systems of each task (``baselines.py``), evaluated into ``{task}/{PREFIX}{name}``.
+BASELINES: dict[str, tuple[str, ...]] = {
+    "activity": ("majority", "nearest_neighbour"),
+    "image_captioning": ("frequent_caption", "nearest_neighbour"),
+    "video_captioning": ("frequent_caption", "nearest_neighbour"),
+}
+PREFIX = "baseline_"
