@@ -274,6 +274,16 @@ def test_check_tracking_on_sqlite_stores(repo, client, tmp_path, monkeypatch):
         with pytest.raises(tracking.TrackingUnavailableError, match=problem) as err:
             tracking.check_tracking(uri)
         assert _one_line(err, uri).startswith(f"MLflow tracking store {uri}: ")
+    import sqlite3
+
+    writer = sqlite3.connect(tmp_path / "busy.db", isolation_level=None)  # another stage writing right now
+    writer.execute("CREATE TABLE t (x)")
+    writer.execute("BEGIN EXCLUSIVE")
+    try:
+        tracking.check_tracking(f"sqlite:///{tmp_path / 'busy.db'}", timeout_s=0.2)  # busy, but a database
+    finally:
+        writer.execute("COMMIT")
+        writer.close()
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'junk.db'}")
     with pytest.raises(tracking.TrackingUnavailableError, match="or unset MLFLOW_TRACKING_URI to use the default"):
         tracking.check_tracking(f"sqlite:///{tmp_path / 'junk.db'}")

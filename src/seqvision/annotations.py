@@ -521,9 +521,9 @@ def load_video_records(
         if lab is not None:
             path = folder.path(lab.rel_path, source=lab.source, where=lab.where)
         else:
-            assert cap is not None
+            only = captioned[video_id]
             name = existing[video_id].name if video_id in existing else f"{video_id}{default_ext}"
-            path = folder.path(name, source=cap.source, where=cap.where)
+            path = folder.path(name, source=only.source, where=only.where)
         records.append(
             VideoRecord(
                 id=video_id,

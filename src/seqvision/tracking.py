@@ -226,6 +226,10 @@ def _check_sqlite(uri: str, timeout_s: float) -> None:
             connection.execute("SELECT count(*) FROM sqlite_master").fetchone()
         finally:
             connection.close()
+    except sqlite3.OperationalError as err:
+        if "locked" in str(err):  # another process is writing to it: it is a working database
+            return
+        raise fail(f"{db_path} cannot be opened as a database ({err})") from err
     except sqlite3.Error as err:
         raise fail(f"{db_path} cannot be opened as a database ({err})") from err
 
