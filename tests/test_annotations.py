@@ -373,3 +373,109 @@ def test_check_sources_names_the_missing_path(tmp_path):
     (tmp_path / "coco").mkdir()
     with pytest.raises(FileNotFoundError, match="no captions_"):
         check_sources(image_captions_dir=tmp_path / "coco")
+
+
+# ------------------------------------------------------------------------------------------ media paths stay inside
+
+
+@pytest.fixture
+def media(tmp_path) -> Path:
+    """``media/`` with a file inside, a file and a folder symlinked from outside, and an inner symlink."""
+    outside = tmp_path / "outside"
+    write(outside / "secret.mp4", "")
+    write(outside / "secret.png", "")
+    folder = tmp_path / "media"
+    write(folder / "inside.mp4", "")
+    (folder / "link.mp4").symlink_to(outside / "secret.mp4")
+    (folder / "link.png").symlink_to(outside / "secret.png")
+    (folder / "link_1_2.avi").symlink_to(outside / "secret.mp4")
+    (folder / "linkdir").symlink_to(outside, target_is_directory=True)
+    (folder / "alias.mp4").symlink_to("inside.mp4")  # resolves inside: fine
+    return folder
+
+
+# (relative path written in the annotation, what the error says about it)
+ESCAPES = [
+    ("../../etc/passwd", "leads outside the {what} folder"),
+    ("sub/../../outside/secret", "leads outside the {what} folder"),
+    ("/etc/passwd", "is an absolute path"),
+    ("link", "resolves through a symlink to"),
+    ("linkdir/secret", "resolves through a symlink to"),
+]
+ESCAPE_IDS = ["dotdot", "inner-dotdot", "absolute", "file-symlink", "folder-symlink"]
+
+
+def _assert_refused(err: pytest.ExceptionInfo, source: Path, where: str, problem: str, folder: Path) -> None:
+    message = str(err.value)
+    assert message.startswith(f"{source}: {where}: "), message
+    assert problem in message and f"media files must lie inside {folder}" in message, message
+    assert "\n" not in message
+
+
+@pytest.mark.parametrize(("rel", "problem"), ESCAPES, ids=ESCAPE_IDS)
+def test_ucf_list_paths_stay_inside_the_video_folder(tmp_path, media, rel, problem):
+    write(tmp_path / "ucf" / "classInd.txt", "1 a\n")
+    lst = write(tmp_path / "ucf" / "trainlist01.txt", f"inside.mp4 1\n{rel}.mp4 1\n")
+    write(tmp_path / "ucf" / "testlist01.txt", "alias.mp4 1\n")
+    with pytest.raises(AnnotationError) as err:
+        load_video_records(video_dir=media, activity_dir=tmp_path / "ucf")
+    _assert_refused(err, lst, "line 2", problem.format(what="video"), media)
+
+
+@pytest.mark.parametrize(("rel", "problem"), ESCAPES, ids=ESCAPE_IDS)
+def test_msrvtt_video_ids_stay_inside_the_video_folder(tmp_path, media, rel, problem):
+    path = write(tmp_path / "msrvtt.json", msrvtt([("inside", "train"), (rel, "test")], []))
+    with pytest.raises(AnnotationError) as err:
+        load_video_records(video_dir=media, video_captions=path)
+    _assert_refused(err, path, "videos[1]", problem.format(what="video"), media)
+
+
+@pytest.mark.parametrize(("rel", "problem"), ESCAPES, ids=ESCAPE_IDS)
+def test_msvd_clip_names_stay_inside_the_video_folder(tmp_path, media, rel, problem):
+    path = write(tmp_path / "AllVideoDescriptions.txt", f"# header\ninside_1_2 a cat\n{rel}_1_2 a dog\n")
+    with pytest.raises(AnnotationError) as err:
+        load_video_records(video_dir=media, video_captions=path, video_captions_format="msvd")
+    _assert_refused(err, path, "line 3", problem.format(what="video"), media)
+
+
+@pytest.mark.parametrize(("rel", "problem"), ESCAPES, ids=ESCAPE_IDS)
+def test_coco_file_names_stay_inside_the_image_folder(tmp_path, media, rel, problem):
+    ann = tmp_path / "ann"
+    path = write(ann / "captions_train2014.json", coco([(1, "inside.png"), (2, f"{rel}.png")], [(2, "x")]))
+    with pytest.raises(AnnotationError) as err:
+        load_image_records(image_dir=media, image_captions_dir=ann)
+    _assert_refused(err, path, "images[1]", problem.format(what="image"), media)
+
+
+@pytest.mark.parametrize(("rel", "problem"), ESCAPES, ids=ESCAPE_IDS)
+def test_karpathy_filenames_and_filepaths_stay_inside_the_image_folder(tmp_path, media, rel, problem):
+    def karpathy(image: dict) -> Path:
+        ok = {"filepath": "", "filename": "inside.png", "split": "train", "sentences": []}
+        return write(tmp_path / "dataset_coco.json", {"images": [ok, {"split": "val", "sentences": [], **image}]})
+
+    path = karpathy({"filename": f"{rel}.png"})
+    with pytest.raises(AnnotationError) as err:
+        load_image_records(image_dir=media, karpathy_split=path)
+    _assert_refused(err, path, "images[1]", problem.format(what="image"), media)
+    # filepath is only tried when {image_dir}/{filename} does not exist: then it must stay inside too
+    directory, _, name = f"{rel}.png".rpartition("/")
+    if directory:
+        path = karpathy({"filepath": directory, "filename": name})
+        with pytest.raises(AnnotationError) as err:
+            load_image_records(image_dir=media, karpathy_split=path)
+        _assert_refused(err, path, "images[1]", problem.format(what="image"), media)
+
+
+def test_paths_inside_the_folder_are_kept_as_written(tmp_path, media):
+    """Inner ``..``, inner symlinks and a media folder that is itself a symlink are all fine; record paths are
+    ``folder / relative`` unchanged (not resolved)."""
+    write(tmp_path / "ucf" / "classInd.txt", "1 a\n")
+    write(tmp_path / "ucf" / "trainlist01.txt", "sub/../inside.mp4 1\nalias.mp4 1\n")
+    write(tmp_path / "ucf" / "testlist01.txt", "missing.mp4 1\n")  # need not exist
+    linked = tmp_path / "linked-media"
+    linked.symlink_to(media, target_is_directory=True)
+    for folder in (media, linked):
+        records = load_video_records(video_dir=folder, activity_dir=tmp_path / "ucf")
+        assert sorted(str(r.path) for r in records) == sorted(
+            str(folder / p) for p in ("sub/../inside.mp4", "alias.mp4", "missing.mp4")
+        )

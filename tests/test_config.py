@@ -115,3 +115,56 @@ def test_tbptt_is_a_knob_of_the_recurrent_families_only(tmp_path):
         load_params(_write(tmp_path, {"train": {"tbptt_steps": 4}}))
     with pytest.raises(ConfigError, match="models.transformer.tbptt_steps: unknown key"):
         load_params(_write(tmp_path, {"models": {"transformer": {"tbptt_steps": 4}}}))
+
+
+def _float_knobs(cls: type, prefix: str) -> list[str]:
+    """Dotted keys of every float knob under ``cls`` (nested sections included)."""
+    import dataclasses
+    import typing
+
+    keys = []
+    for name, tp in typing.get_type_hints(cls).items():
+        if dataclasses.is_dataclass(tp):
+            keys += _float_knobs(tp, f"{prefix}{name}.")
+        elif tp is float or float in typing.get_args(tp):
+            keys.append(f"{prefix}{name}")
+    return keys
+
+
+FLOAT_KNOBS = [key for section, cls in SECTIONS.items() for key in _float_knobs(cls, f"{section}.")]
+
+
+def test_every_section_has_float_knobs_to_check():
+    # The parametrisation below must not silently shrink to nothing (e.g. after a refactor of the hints).
+    assert {"train.lr", "extract.max_skipped_fraction", "evaluate.length_penalty", "models.gru.dropout"} <= set(
+        FLOAT_KNOBS
+    )
+
+
+@pytest.mark.parametrize("key", FLOAT_KNOBS)
+@pytest.mark.parametrize(("text", "shown"), [(".nan", "nan"), (".inf", "inf"), ("-.inf", "-inf"), ("1.0e+999", "inf")])
+def test_float_knobs_reject_nan_and_infinity(tmp_path: Path, key: str, text: str, shown: str) -> None:
+    """YAML ``.nan`` compares false with every bound, so it passed every range check (and a NaN
+    max_skipped_fraction disabled the skip guard); no knob documents a meaning for infinity."""
+    section, *inner = key.split(".")
+    body = "".join(f"{'  ' * (i + 1)}{part}:\n" for i, part in enumerate(inner[:-1]))
+    path = _write(tmp_path, f"{section}:\n{body}{'  ' * len(inner)}{inner[-1]}: {text}\n")
+    with pytest.raises(ConfigError) as err:
+        load_params(path)
+    assert str(err.value) == f"{path}: {key}: expected a finite number, got {shown}"
+
+
+def test_nan_from_a_command_line_flag_is_rejected_too() -> None:
+    from seqvision.config import TrainConfig, from_mapping, merge
+
+    parser = argparse.ArgumentParser()
+    add_config_arguments(parser, TrainConfig)
+    overrides = overrides_from_args(parser.parse_args(["--lr", ".nan"]))
+    with pytest.raises(ConfigError, match=r"^train.lr: expected a finite number, got nan$"):
+        from_mapping(TrainConfig, merge({}, overrides), where="train")
+
+
+def test_huge_integer_for_a_float_knob_is_an_error_not_a_crash(tmp_path: Path) -> None:
+    path = _write(tmp_path, "train:\n  lr: " + "9" * 400 + "\n")
+    with pytest.raises(ConfigError, match="train.lr: expected a finite number"):
+        load_params(path)

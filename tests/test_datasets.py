@@ -119,6 +119,60 @@ def test_store_rejects_inconsistent_index(tmp_path, artifacts):
         VisualStore(tmp_path, kind="videos", split="train")
 
 
+def _copy(src: Path, dst: Path) -> Path:
+    dst.mkdir()
+    for file in src.iterdir():
+        (dst / file.name).write_bytes(file.read_bytes())
+    return dst
+
+
+@pytest.mark.parametrize(
+    ("source", "file", "stage"),
+    [("frames", "videos-train-001.npy", "extract"), ("features", "videos-train.npy", "features")],
+)
+@pytest.mark.parametrize(
+    ("damage", "problem"),
+    [
+        (lambda b: b[: len(b) - 7], "truncated"),  # numpy said "mmap length is greater than file size"
+        (lambda b: bytes(64) + b[64:], "not a .npy file"),  # numpy suggested allow_pickle
+    ],
+    ids=["truncated", "zeroed-header"],
+)
+def test_store_names_a_damaged_array_and_the_stage_that_rewrites_it(tmp_path, artifacts, source, file, stage,
+                                                                   damage, problem):
+    root = _copy(artifacts[source], tmp_path / source)
+    (root / file).write_bytes(damage((root / file).read_bytes()))
+    with pytest.raises(ValueError) as err:
+        VisualStore(root, kind="videos", split="train")
+    message = str(err.value)
+    assert message.startswith(f"{root / file}: {problem}"), message
+    assert message.endswith(f"rebuild it with `dvc repro {stage}` (or `dvc checkout` to restore the cached copy)")
+
+
+def test_store_names_a_damaged_or_missing_index_and_shard(tmp_path, artifacts):
+    root = _copy(artifacts["frames"], tmp_path / "frames")
+    (root / "videos-train-000.npy").unlink()
+    with pytest.raises(FileNotFoundError, match=r"videos-train-000.npy: listed in .*index.json but missing; "
+                                                r"rebuild it with `dvc repro extract`"):
+        VisualStore(root, kind="videos", split="train")
+    (root / "index.json").write_text('{"videos": [')
+    with pytest.raises(ValueError, match=r"index.json: not valid JSON .*; rebuild it with `dvc repro extract`"):
+        VisualStore(root, kind="videos", split="train")
+    (root / "index.json").unlink()
+    with pytest.raises(FileNotFoundError, match=r"index.json: no such file; rebuild it with `dvc repro extract`"):
+        VisualStore(root, kind="videos", split="train")
+
+
+def test_store_reopened_in_a_worker_checks_the_array_again(tmp_path, artifacts):
+    """A shard damaged after the store was built (and pickled to a DataLoader worker) is caught on reopen."""
+    root = _copy(artifacts["frames"], tmp_path / "frames")
+    clone = pickle.loads(pickle.dumps(VisualStore(root, kind="videos", split="train")))
+    shard = root / "videos-train-000.npy"
+    shard.write_bytes(shard.read_bytes()[:-1])
+    with pytest.raises(ValueError, match="videos-train-000.npy: truncated"):
+        clone.row("v0")
+
+
 # ------------------------------------------------------------------------------------------ datasets + collate
 
 

@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import http.server
 import json
 import os
+import socket
 import subprocess
 import sys
+import threading
+import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -13,7 +18,10 @@ import pytest
 from seqvision import tracking, train
 from tests.test_train import NaNAfter, config, fresh, loaders
 
-ENV_KEYS = ("MLFLOW_TRACKING_URI", "MLFLOW_RUN_ID", "SEQVISION_PARENT_RUN_ID")
+# MLflow's HTTP limits too: _client() sets them in os.environ, and monkeypatch restores the environment afterwards.
+HTTP_KEYS = ("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR",
+             "MLFLOW_HTTP_REQUEST_BACKOFF_JITTER", "MLFLOW_HTTP_REQUEST_TIMEOUT")
+ENV_KEYS = ("MLFLOW_TRACKING_URI", "MLFLOW_RUN_ID", "SEQVISION_PARENT_RUN_ID", *HTTP_KEYS)
 
 
 @pytest.fixture(autouse=True)
@@ -171,3 +179,182 @@ def test_importing_train_and_tracking_does_not_import_mlflow():
     code = "import json, sys, seqvision.train, seqvision.tracking; print(json.dumps('mlflow' in sys.modules))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert json.loads(out) is False
+
+
+# --------------------------------------------------------------------------------------------------------
+# Failing fast when the store is not there
+
+
+def _dead_uri() -> str:
+    """An http URI on 127.0.0.1 where nothing listens (the port was free a moment ago)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return f"http://127.0.0.1:{sock.getsockname()[1]}"
+
+
+def _one_line(err: pytest.ExceptionInfo, uri: str) -> str:
+    message = str(err.value)
+    assert uri in message and "\n" not in message, message
+    return message
+
+
+def test_check_tracking_fails_in_a_second_on_a_port_where_nothing_listens(monkeypatch):
+    uri = _dead_uri()
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    tracking.check_tracking(f"sqlite:///{Path.cwd() / 'unused.db'}")  # import mlflow outside the timing
+    start = time.monotonic()
+    with pytest.raises(tracking.TrackingUnavailableError) as err:
+        tracking.check_tracking(uri)
+    assert time.monotonic() - start < 3
+    message = _one_line(err, uri)
+    assert "does not answer (" in message and "Connection refused" in message, message
+    assert f"`mlflow server --host 127.0.0.1 --port {uri.rsplit(':', 1)[1]}`" in message
+    assert "unset MLFLOW_TRACKING_URI to log to the local sqlite store" in message
+
+
+def test_check_tracking_gives_up_on_a_server_that_never_answers():
+    with socket.socket() as sock:  # accepts connections (the kernel does) but never reads or answers
+        sock.bind(("127.0.0.1", 0))
+        sock.listen(8)
+        uri = f"http://127.0.0.1:{sock.getsockname()[1]}"
+        start = time.monotonic()
+        with pytest.raises(tracking.TrackingUnavailableError, match=r"does not answer \(.*timed out"):
+            tracking.check_tracking(uri, timeout_s=0.5)
+        assert time.monotonic() - start < 3
+
+
+@pytest.fixture
+def http_status() -> Iterator[tuple[str, list[int]]]:
+    """A plain HTTP server on 127.0.0.1 answering every request with ``statuses[0]``."""
+    statuses = [404]
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_POST(self) -> None:  # noqa: N802 - the http.server API
+            self.send_response(statuses[0])
+            self.end_headers()
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}", statuses
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_check_tracking_names_what_a_server_that_is_not_mlflow_answers(http_status):
+    uri, statuses = http_status
+    with pytest.raises(tracking.TrackingUnavailableError) as err:
+        tracking.check_tracking(uri)
+    assert "answers HTTP 404 to /api/2.0/mlflow/experiments/search" in _one_line(err, uri)
+    statuses[0] = 401
+    with pytest.raises(tracking.TrackingUnavailableError, match="HTTP 401.*MLFLOW_TRACKING_USERNAME"):
+        tracking.check_tracking(uri)
+    statuses[0] = 200
+    tracking.check_tracking(uri)
+
+
+def test_check_tracking_on_sqlite_stores(repo, client, tmp_path, monkeypatch):
+    client.search_experiments()  # the module's store exists by now
+    tracking.check_tracking(tracking.tracking_uri(repo))
+    tracking.check_tracking(f"sqlite:///{tmp_path / 'new.db'}")  # not there yet: MLflow creates it
+    cases = {
+        f"sqlite:///{tmp_path / 'no' / 'such' / 'mlflow.db'}": "folder .*no/such does not exist",
+        "sqlite:///mlflow.db": "relative database path",
+    }
+    (tmp_path / "junk.db").write_bytes(b"not a database" * 100)
+    cases[f"sqlite:///{tmp_path / 'junk.db'}"] = r"junk.db cannot be opened as a database \(file is not a database\)"
+    (tmp_path / "a_folder.db").mkdir()
+    cases[f"sqlite:///{tmp_path / 'a_folder.db'}"] = "a_folder.db is not a readable and writable file"
+    for uri, problem in cases.items():
+        with pytest.raises(tracking.TrackingUnavailableError, match=problem) as err:
+            tracking.check_tracking(uri)
+        assert _one_line(err, uri).startswith(f"MLflow tracking store {uri}: ")
+    import sqlite3
+
+    writer = sqlite3.connect(tmp_path / "busy.db", isolation_level=None)  # another stage writing right now
+    writer.execute("CREATE TABLE t (x)")
+    writer.execute("BEGIN EXCLUSIVE")
+    try:
+        tracking.check_tracking(f"sqlite:///{tmp_path / 'busy.db'}", timeout_s=0.2)  # busy, but a database
+    finally:
+        writer.execute("COMMIT")
+        writer.close()
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'junk.db'}")
+    with pytest.raises(tracking.TrackingUnavailableError, match="or unset MLFLOW_TRACKING_URI to use the default"):
+        tracking.check_tracking(f"sqlite:///{tmp_path / 'junk.db'}")
+
+
+def test_every_call_on_a_dead_server_fails_in_seconds_with_one_line(monkeypatch, tmp_path):
+    """MLflow's own defaults retried one request for ~250 s (7 retries, backoff factor 2); the module now
+    bounds them unless the user set them."""
+    uri = _dead_uri()
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    start = time.monotonic()
+    with pytest.raises(tracking.TrackingUnavailableError) as err:
+        tracking.start_parent("comparison", "cmp", repo_root=tmp_path)
+    assert time.monotonic() - start < 15  # measured: ~2-3 s (two retries after 0 s and ~2 s)
+    assert "does not answer (" in _one_line(err, uri)
+    assert {k: os.environ[k] for k in HTTP_KEYS} == tracking.HTTP_LIMITS
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")  # the user's own setting wins
+    tracking._client(uri)
+    assert os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] == "0"
+
+
+def test_a_failing_run_keeps_its_own_error_when_the_store_is_gone_too(monkeypatch):
+    from mlflow import MlflowClient
+
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")  # fast, also for the old code this guards
+    tracker = tracking.Tracker(MlflowClient(_dead_uri()), "0123", owns_run=True)
+    with pytest.raises(RuntimeError, match="the training's own error"):
+        with tracker:
+            raise RuntimeError("the training's own error")
+    assert tracker.status == "FAILED"
+
+
+def test_errors_from_a_store_that_answers_are_not_rephrased(repo):
+    parent = tracking.start_parent("comparison", "cmp-missing", repo_root=repo)
+    from mlflow.exceptions import MlflowException
+
+    with pytest.raises(MlflowException) as err:
+        tracking.start_child(parent_run_id="f" * 32, run_name="x", repo_root=repo)
+    assert not isinstance(err.value, tracking.TrackingUnavailableError)
+    tracking.end_run(parent, repo_root=repo)
+
+
+@pytest.mark.slow
+@pytest.mark.integration
+def test_a_real_server_that_dies_during_a_run(tmp_path, monkeypatch):
+    """check_tracking passes against a live `mlflow server`; after SIGKILL, the next log call of a run fails
+    within seconds with one line, and the run's own context manager does not wait for the server again."""
+    from tests.test_end_to_end import BIN, SERVER_START_TIMEOUT_S, _free_port, _start, _stop, _wait_healthy
+
+    env = {**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true", "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+    uri = f"http://127.0.0.1:{_free_port()}"
+    server = _start(
+        [str(BIN / "mlflow"), "server", "--host", "127.0.0.1", "--port", uri.rsplit(":", 1)[1], "--workers", "1",
+         "--backend-store-uri", f"sqlite:///{tmp_path / 'mlflow.db'}", "--artifacts-destination",
+         str(tmp_path / "mlartifacts")],
+        cwd=tmp_path, env=env, log=tmp_path / "mlflow.log",
+    )
+    try:
+        _wait_healthy(f"{uri}/health", server, tmp_path / "mlflow.log", timeout=SERVER_START_TIMEOUT_S)
+        tracking.check_tracking(uri)
+        monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+        parent = tracking.start_parent("comparison", "cmp", repo_root=tmp_path)
+        tracker = tracking.start_child(parent_run_id=parent, run_name="activity-gru", repo_root=tmp_path)
+        tracker.log_epoch({"train_loss": 1.0}, step=1)
+    finally:
+        _stop(server)
+    start = time.monotonic()
+    with pytest.raises(tracking.TrackingUnavailableError) as err:
+        with tracker:
+            tracker.log_epoch({"train_loss": 0.5}, step=2)
+    assert time.monotonic() - start < 15  # MLflow's defaults: ~250 s for the call, as much again for FAILED
+    assert "does not answer (" in _one_line(err, uri)
+    with pytest.raises(tracking.TrackingUnavailableError):
+        tracking.check_tracking(uri)

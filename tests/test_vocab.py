@@ -209,6 +209,33 @@ def test_write_corpus_layout(tmp_path):
     assert json.loads((tmp_path / "video" / "stats.json").read_text())["dropped_empty"] == 2
 
 
+def test_damaged_token_files_name_the_file_and_the_tokenize_stage(tmp_path):
+    write_corpus(tokenize_corpus(_records(), TokenizeConfig(min_count=1, max_length=4)), tmp_path)
+    remedy = "rebuild it with `dvc repro tokenize` (or `dvc checkout` to restore the cached copy)"
+    npz = tmp_path / "train.npz"
+    npz.write_bytes(npz.read_bytes()[:-40])  # numpy: zipfile.BadZipFile "File is not a zip file", no name
+    with pytest.raises(ValueError) as err:
+        load_split(tmp_path, "train")
+    assert str(err.value) == f"{npz}: corrupt .npz (File is not a zip file); {remedy}"
+    npz.write_bytes(b"\x00" * 200)  # numpy: "... pass allow_pickle=True"
+    with pytest.raises(ValueError, match=r"train.npz: not an .npz file \(no zip header\)"):
+        load_split(tmp_path, "train")
+    with open(npz, "wb") as f:  # readable, but not what tokenize writes
+        np.savez(f, tokens=np.zeros((2, 3), np.int32), lengths=np.zeros(3, np.int32), ids=np.array(["a", "b"]))
+    with pytest.raises(ValueError, match=r"train.npz: arrays disagree \(tokens \(2, 3\), lengths \(3,\), ids \(2,\)\)"):
+        load_split(tmp_path, "train")
+    with pytest.raises(FileNotFoundError, match=r"nope.npz: no such file; rebuild it with `dvc repro tokenize`"):
+        load_split(tmp_path, "nope")
+
+    refs = tmp_path / "references-val.json"
+    refs.write_text('{"v2": ["A zebra')
+    with pytest.raises(ValueError, match=r"references-val.json: not valid JSON .*dvc repro tokenize"):
+        load_references(tmp_path, "val")
+    refs.write_text('{"v2": "A zebra runs"}')
+    with pytest.raises(ValueError, match=r"references-val.json: expected \{id: \[caption, ...\]\}; rebuild"):
+        load_references(tmp_path, "val")
+
+
 # ------------------------------------------------------------------------------------------ the flow
 
 

@@ -7,6 +7,10 @@ functions unchanged. Every reader:
 - keeps captions verbatim apart from stripping surrounding whitespace (normalisation is ``vocab.py``'s job),
   in file order, empty ones included (``tokenize`` drops and counts them);
 - does not require the media files to exist: a missing file is reported by ``extract`` in ``skipped.json``;
+- keeps every media path inside its folder (``video_dir`` / ``image_dir``): a path from an annotation that is
+  absolute, climbs out with ``..`` or resolves through a symlink to a file outside the folder is an
+  :class:`AnnotationError` naming the file and line (or record). DVC tracks the folder, not what lies outside
+  it, and an annotation file must not be able to make a stage read ``/etc/passwd``;
 - raises :class:`AnnotationError` naming the file, the record and the missing or malformed key, and
   :class:`FileNotFoundError` naming a missing annotation file.
 
@@ -163,8 +167,52 @@ def _files_by_stem(folder: Path, extensions: Iterable[str]) -> dict[str, Path]:
     return found
 
 
-def _video_path(video_dir: Path, stem: str, default_ext: str, existing: Mapping[str, Path]) -> Path:
-    return existing.get(stem, video_dir / f"{stem}{default_ext}")
+class _MediaFolder:
+    """``folder / relative`` for paths taken from annotations, refused unless the result stays inside
+    ``folder`` once ``..`` and symlinks are resolved (as the OS would when opening it).
+
+    Costs one ``lstat`` per path and one ``realpath`` per distinct parent folder (about 12 us of CPU per path
+    on a slow shared machine: ~1.5 s for COCO's 120k images).
+    """
+
+    def __init__(self, folder: Path, what: str) -> None:
+        self.folder = folder
+        self.what = what  # "video" or "image", for the message
+        self._folder = os.fspath(folder)
+        self._real = os.path.realpath(folder)
+        self._real_parents: dict[str, str] = {}
+
+    def _realpath(self, path: str) -> str:
+        parent, name = os.path.split(path)
+        if name in ("", ".", ".."):
+            return os.path.realpath(path)
+        real_parent = self._real_parents.get(parent)
+        if real_parent is None:
+            real_parent = self._real_parents[parent] = os.path.realpath(parent)
+        candidate = os.path.join(real_parent, name)
+        return os.path.realpath(candidate) if os.path.islink(candidate) else candidate
+
+    def path(self, relative: str, *, source: Path, where: str) -> Path:
+        """The media path ``folder / relative``; :class:`AnnotationError` naming ``source`` and ``where`` when
+        it leads outside the folder."""
+        joined = os.path.join(self._folder, relative)
+        real = self._realpath(joined)
+        if _within(real, self._real):
+            return Path(joined)
+        if os.path.isabs(relative):
+            problem = "is an absolute path"
+        elif not _within(os.path.normpath(joined), os.path.normpath(self._folder)):
+            problem = f"leads outside the {self.what} folder {self.folder} (to {os.path.abspath(joined)})"
+        else:
+            problem = f"resolves through a symlink to {real}, outside the {self.what} folder {self.folder}"
+        raise AnnotationError(
+            f"{source}: {where}: {relative!r} {problem}; media files must lie inside {self.folder}, which DVC "
+            f"tracks: write the path relative to that folder, or copy the file into it"
+        )
+
+
+def _within(path: str, folder: str) -> bool:
+    return path == folder or path.startswith(folder.rstrip(os.sep) + os.sep)
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -175,6 +223,7 @@ class _Captioned(NamedTuple):
     split: str
     captions: list[str]
     source: Path
+    where: str  # the record in source: "videos[3]", "line 12"
 
 
 def _read_msrvtt(path: Path) -> dict[str, _Captioned]:
@@ -191,7 +240,7 @@ def _read_msrvtt(path: Path) -> dict[str, _Captioned]:
         split = normalize_split(_field(video, "split", str, source=path, where=where), source=path, where=where)
         if video_id in out:
             raise AnnotationError(f"{path}: {where}: video_id {video_id!r} listed twice")
-        out[video_id] = _Captioned(split, [], path)
+        out[video_id] = _Captioned(split, [], path, where)
     for i, sentence in enumerate(sentences):
         where = f"sentences[{i}]"
         video_id = _field(sentence, "video_id", str, source=path, where=where)
@@ -210,33 +259,39 @@ def _msvd_clip(clip: str, *, source: Path, where: str) -> str:
     return clip
 
 
-def _read_msvd_txt(path: Path) -> dict[str, list[str]]:
-    """AllVideoDescriptions.txt -> {clip: captions}, clips in order of first appearance."""
+def _read_msvd_txt(path: Path) -> tuple[dict[str, list[str]], dict[str, str]]:
+    """AllVideoDescriptions.txt -> ({clip: captions}, {clip: its first line}), clips in order of first
+    appearance."""
     out: dict[str, list[str]] = {}
+    first: dict[str, str] = {}
     for lineno, line in enumerate(_read_text(path).splitlines(), start=1):
         if not line.strip() or line.lstrip().startswith("#"):
             continue
         parts = line.strip().split(maxsplit=1)
         clip = _msvd_clip(parts[0], source=path, where=f"line {lineno}")
         out.setdefault(clip, []).append(_clean(parts[1]) if len(parts) > 1 else "")
-    return out
+        first.setdefault(clip, f"line {lineno}")
+    return out, first
 
 
-def _read_msvd_csv(path: Path) -> dict[str, list[str]]:
-    """MSR Video Description Corpus.csv -> {clip: English captions}, clips in order of first appearance."""
+def _read_msvd_csv(path: Path) -> tuple[dict[str, list[str]], dict[str, str]]:
+    """MSR Video Description Corpus.csv -> ({clip: English captions}, {clip: its first line}), clips in order
+    of first appearance."""
     rows = csv.DictReader(_read_text(path).splitlines())
     required = ("VideoID", "Start", "End", "Language", "Description")
     missing = [k for k in required if k not in (rows.fieldnames or [])]
     if missing:
         raise AnnotationError(f"{path}: header: missing column {missing[0]!r}")
     out: dict[str, list[str]] = {}
+    first: dict[str, str] = {}
     for lineno, row in enumerate(rows, start=2):
         if (row["Language"] or "").strip().lower() != "english":
             continue
         clip = f"{row['VideoID']}_{row['Start']}_{row['End']}"
         _msvd_clip(clip, source=path, where=f"line {lineno}")
         out.setdefault(clip, []).append(_clean(row["Description"] or ""))
-    return out
+        first.setdefault(clip, f"line {lineno}")
+    return out, first
 
 
 def _msvd_splits(clips: list[str], path: Path) -> dict[str, str]:
@@ -281,11 +336,11 @@ def _read_captioned_videos(path: Path, fmt: str) -> tuple[dict[str, _Captioned],
         if suffix == ".json":
             return _read_msrvtt(path), ".avi"
         if suffix == ".csv":
-            captions = _read_msvd_csv(path)
+            captions, first = _read_msvd_csv(path)
         else:
-            captions = _read_msvd_txt(path)
+            captions, first = _read_msvd_txt(path)
         splits = _msvd_splits(list(captions), path)
-        return {clip: _Captioned(splits[clip], caps, path) for clip, caps in captions.items()}, ".avi"
+        return {clip: _Captioned(splits[clip], caps, path, first[clip]) for clip, caps in captions.items()}, ".avi"
     raise AnnotationError(f"{path}: unknown video caption format {fmt!r}; expected 'msrvtt' or 'msvd'")
 
 
@@ -319,6 +374,7 @@ class _Labelled(NamedTuple):
     split: str
     label: int
     source: Path
+    where: str  # "line 12" of source
 
 
 def _ucf_group(stem: str) -> str:
@@ -366,7 +422,7 @@ def _read_ucf_list(path: Path, split: str, classes: Mapping[str, int], *, label_
                 f"{path}: {where}: cannot tell the class of {rel_path!r}: no label column, no class folder, "
                 "and the name is not v_{Class}_gNN_cMM; write it as '{path} {label}' or '{Class}/{file}'"
             )
-        out.append(_Labelled(rel_path, split, label, path))
+        out.append(_Labelled(rel_path, split, label, path, where))
     return out
 
 
@@ -436,6 +492,7 @@ def load_video_records(
     only matters for UCF101 splits without a ``vallist0N.txt``. Sorted by id.
     """
     video_dir = Path(video_dir)
+    folder = _MediaFolder(video_dir, "video")
     existing = _files_by_stem(video_dir, VIDEO_EXTENSIONS)
     captioned: dict[str, _Captioned] = {}
     default_ext = ".mp4"
@@ -462,9 +519,11 @@ def load_video_records(
                 f"video {video_id!r} is {cap.split} in {cap.source} but {lab.split} in {lab.source}"
             )
         if lab is not None:
-            path = video_dir / lab.rel_path
+            path = folder.path(lab.rel_path, source=lab.source, where=lab.where)
         else:
-            path = _video_path(video_dir, video_id, default_ext, existing)
+            only = captioned[video_id]
+            name = existing[video_id].name if video_id in existing else f"{video_id}{default_ext}"
+            path = folder.path(name, source=only.source, where=only.where)
         records.append(
             VideoRecord(
                 id=video_id,
@@ -483,14 +542,22 @@ def load_video_records(
 _COCO_FILE = re.compile(r"^captions_(?P<split>[a-z]+?)(?P<year>\d*)\.json$")
 
 
-def _read_coco_dir(image_captions_dir: Path) -> dict[str, tuple[str, str, list[str], Path]]:
-    """-> {stem: (split, file_name, captions, source)} over every captions_*.json."""
+class _CocoImage(NamedTuple):
+    split: str
+    file_name: str
+    captions: list[str]
+    source: Path
+    where: str  # "images[7]" of source
+
+
+def _read_coco_dir(image_captions_dir: Path) -> dict[str, _CocoImage]:
+    """-> {stem: image} over every captions_*.json."""
     if not image_captions_dir.is_dir():
         raise FileNotFoundError(f"{image_captions_dir}: no such image caption folder")
     files = sorted(image_captions_dir.glob("captions_*.json"))
     if not files:
         raise FileNotFoundError(f"{image_captions_dir}: no captions_*.json files")
-    out: dict[str, tuple[str, str, list[str], Path]] = {}
+    out: dict[str, _CocoImage] = {}
     for path in files:
         m = _COCO_FILE.match(path.name)
         if not m:
@@ -506,27 +573,30 @@ def _read_coco_dir(image_captions_dir: Path) -> dict[str, tuple[str, str, list[s
             file_name = _field(image, "file_name", str, source=path, where=where)
             stem = Path(file_name).stem
             if stem in out:
-                raise AnnotationError(f"{path}: {where}: image {stem!r} also appears in {out[stem][3]}")
+                raise AnnotationError(f"{path}: {where}: image {stem!r} also appears in {out[stem].source}")
             by_id[image_id] = stem
-            out[stem] = (split, file_name, [], path)
+            out[stem] = _CocoImage(split, file_name, [], path, where)
         for i, ann in enumerate(annotations):
             where = f"annotations[{i}]"
             image_id = _field(ann, "image_id", (int, str), source=path, where=where)
             caption = _field(ann, "caption", str, source=path, where=where)
             if image_id not in by_id:
                 raise AnnotationError(f"{path}: {where}: image_id {image_id!r} has no entry in 'images'")
-            out[by_id[image_id]][2].append(_clean(caption))
+            out[by_id[image_id]].captions.append(_clean(caption))
     return out
 
 
-def _image_path(image_dir: Path, file_name: str, *subdirs: str) -> Path:
-    """``{image_dir}/{file_name}``, or ``{image_dir}/{subdir}/{file_name}`` when only that exists."""
-    direct = image_dir / file_name
+def _image_path(folder: _MediaFolder, file_name: str, *subdirs: str, source: Path, where: str) -> Path:
+    """``{image_dir}/{file_name}``, or ``{image_dir}/{subdir}/{file_name}`` when only that exists; each
+    candidate is checked to stay inside the folder before it is looked at."""
+    direct = folder.path(file_name, source=source, where=where)
     if direct.exists():
         return direct
     for sub in subdirs:
-        if sub and (image_dir / sub / file_name).exists():
-            return image_dir / sub / file_name
+        if sub:
+            candidate = folder.path(f"{sub}/{file_name}", source=source, where=where)
+            if candidate.exists():
+                return candidate
     return direct
 
 
@@ -537,7 +607,7 @@ def load_image_records(
     karpathy_split: str | Path = "",
 ) -> list[ImageRecord]:
     """COCO caption files and/or a Karpathy split file -> image records sorted by id (see module doc)."""
-    image_dir = Path(image_dir)
+    folder = _MediaFolder(Path(image_dir), "image")
     coco = _read_coco_dir(Path(image_captions_dir)) if str(image_captions_dir) else {}
     records: dict[str, ImageRecord] = {}
     if str(karpathy_split):
@@ -552,20 +622,22 @@ def load_image_records(
             if stem in records:
                 raise AnnotationError(f"{path}: {where}: image {stem!r} listed twice")
             if stem in coco:
-                captions = tuple(coco[stem][2])
+                captions = tuple(coco[stem].captions)
             else:
                 sentences = _field(image, "sentences", list, source=path, where=where)
                 captions = tuple(
                     _clean(_field(s, "raw", str, source=path, where=f"{where}.sentences[{j}]"))
                     for j, s in enumerate(sentences)
                 )
-            records[stem] = ImageRecord(stem, _image_path(image_dir, filename, str(filepath)), split, captions)
+            file = _image_path(folder, filename, str(filepath), source=path, where=where)
+            records[stem] = ImageRecord(stem, file, split, captions)
     else:
-        for stem, (split, file_name, captions, source) in coco.items():
+        for stem, image in coco.items():
             # Real COCO keeps images in train2014/ and val2014/, named like the caption file's suffix.
-            m = _COCO_FILE.match(source.name)
+            m = _COCO_FILE.match(image.source.name)
             subdir = f"{m['split']}{m['year']}" if m else ""
-            records[stem] = ImageRecord(stem, _image_path(image_dir, file_name, subdir), split, tuple(captions))
+            file = _image_path(folder, image.file_name, subdir, source=image.source, where=image.where)
+            records[stem] = ImageRecord(stem, file, image.split, tuple(image.captions))
     return [records[k] for k in sorted(records)]
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import re
 import types
 import typing
@@ -115,7 +116,15 @@ def _convert(value: Any, tp: Any, where: str, meta: Mapping[str, Any]) -> Any:
     if tp is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise bad
-        return _check_range(float(value), where, meta)
+        # NaN compares false with everything, so it would pass any range check below (and e.g. a NaN
+        # max_skipped_fraction would silently disable the skip guard); no knob gives infinity a meaning.
+        try:
+            number = float(value)
+        except OverflowError:  # an integer beyond float range
+            number = math.inf
+        if not math.isfinite(number):
+            raise ConfigError(f"{where}: expected a finite number, got {value!r}")
+        return _check_range(number, where, meta)
     if tp is str:
         if not isinstance(value, str):
             raise bad

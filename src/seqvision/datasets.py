@@ -1,7 +1,8 @@
 """Task datasets over memory-mapped visual arrays + collate functions -> the typed batches of design.md.
 
 Visual input comes from one :class:`VisualStore`, which maps a record id to one row of a ``.npy`` array opened
-with ``np.load(mmap_mode="r")`` (so nothing is loaded whole, and the page cache is shared by workers):
+memory-mapped by :func:`seqvision.io.load_array` (so nothing is loaded whole, the page cache is shared by workers, and
+a truncated or corrupt file is an error naming it and the stage to rerun):
 
 - frame shards (``artifacts/frames/``): ``{kind}-{split}-{k:03d}.npy`` uint8, rows located by ``index.json``;
 - feature arrays (``artifacts/features/``): ``{kind}-{split}.npy`` float16 in the frame shards' row order
@@ -35,7 +36,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 
-from seqvision import distributed
+from seqvision import distributed, io
 from seqvision.vocab import load_references, load_split
 
 Kind = Literal["videos", "images"]
@@ -125,33 +126,41 @@ class VisualStore:
         if kind not in ("videos", "images"):
             raise ValueError(f"kind must be 'videos' or 'images', got {kind!r}")
         self.root, self.kind, self.split = Path(root), kind, split
+        features = self.root / f"{kind}-{split}.npy"
+        self.source: Literal["frames", "features"] = "features" if features.is_file() else "frames"
+        # The stage whose outputs these are, named in every error so the user knows what to rerun.
+        self.stage = "features" if self.source == "features" else "extract"
         index_path = self.root / "index.json"
-        index = json.loads(index_path.read_text(encoding="utf-8"))
+        index = io.load_json(index_path, stage=self.stage)
         if not isinstance(index, Mapping) or not isinstance(index.get(kind), list):
-            raise ValueError(f"{index_path}: missing key {kind!r} (a list of entries)")
+            raise self._corrupt(index_path, f"missing key {kind!r} (a list of entries)")
         for i, entry in enumerate(index[kind]):
             for key in ("id", "split", "shard", "row"):
                 if not isinstance(entry, Mapping) or key not in entry:
-                    raise ValueError(f"{index_path}: {kind}[{i}]: missing key {key!r}")
+                    raise self._corrupt(index_path, f"{kind}[{i}]: missing key {key!r}")
         entries = ordered_entries(index, kind, split)
 
-        features = self.root / f"{kind}-{split}.npy"
-        self.source: Literal["frames", "features"] = "features" if features.is_file() else "frames"
         self._arrays: dict[Path, np.memmap] = {}
         self._rows: dict[str, tuple[Path, int]] = {}
         self._num_valid: dict[str, int] = {}
         for rank, entry in enumerate(entries):
             entry_id = str(entry["id"])
             if entry_id in self._rows:
-                raise ValueError(f"{index_path}: {kind} id {entry_id!r} listed twice in split {split!r}")
+                raise self._corrupt(index_path, f"{kind} id {entry_id!r} listed twice in split {split!r}")
             if self.source == "features":
                 self._rows[entry_id] = (features, rank)  # features keep the shards' row order
             else:
-                self._rows[entry_id] = (self.root / self._shard_name(entry["shard"]), int(entry["row"]))
+                shard = self.root / self._shard_name(entry["shard"])
+                if shard.parent != self.root:  # the index names files of this folder only
+                    raise self._corrupt(index_path, f"{kind} {entry_id!r}: shard {entry['shard']!r} is not a file name")
+                self._rows[entry_id] = (shard, int(entry["row"]))
             if "num_valid" in entry:
                 self._num_valid[entry_id] = int(entry["num_valid"])
         self.ids: list[str] = list(self._rows)
         self._validate(index_path)
+
+    def _corrupt(self, path: Path, problem: str) -> io.ArtifactError:
+        return io.ArtifactError(f"{path}: {problem}; {io.remedy(self.stage)}")
 
     def _shard_name(self, shard: int | str) -> str:
         return shard_name(self.kind, self.split, shard)
@@ -162,17 +171,17 @@ class VisualStore:
             rows_needed[path] = max(rows_needed.get(path, 0), row + 1)
         for path, needed in rows_needed.items():
             if not path.is_file():
-                raise FileNotFoundError(f"{path}: listed in {index_path} but missing")
+                raise FileNotFoundError(f"{path}: listed in {index_path} but missing; {io.remedy(self.stage)}")
             available = self._array(path).shape[0]
             if self.source == "features" and available != len(self._rows):
-                raise ValueError(f"{path}: {available} rows, but {index_path} lists {len(self._rows)} {self.kind}")
+                raise self._corrupt(path, f"{available} rows, but {index_path} lists {len(self._rows)} {self.kind}")
             if available < needed:
-                raise ValueError(f"{path}: {available} rows, but {index_path} points at row {needed - 1}")
+                raise self._corrupt(path, f"{available} rows, but {index_path} points at row {needed - 1}")
 
     def _array(self, path: Path) -> np.memmap:
         array = self._arrays.get(path)
         if array is None:
-            array = self._arrays[path] = np.load(path, mmap_mode="r")
+            array = self._arrays[path] = io.load_array(path, stage=self.stage)
         return array
 
     def __getstate__(self) -> dict[str, Any]:

@@ -1,17 +1,26 @@
-"""Atomic file writes: a crash never leaves half an artifact behind.
+"""Atomic file writes, and checked reads of the project's arrays.
 
-Everything is written to a temporary name in the destination folder, flushed, then renamed with
-``os.replace`` (atomic on POSIX within one filesystem).
+Writes: everything is written to a temporary name in the destination folder, flushed, then renamed with
+``os.replace`` (atomic on POSIX within one filesystem), so a crash never leaves half an artifact behind.
+
+Reads: :func:`load_array` (``.npy``) and :func:`load_arrays` (``.npz``) are the one place that opens a
+project array. A file that is missing, truncated, padded or not an array at all (a disk that filled up, an
+interrupted copy, a bad ``dvc pull``) raises one error that names the file, says what is wrong and which
+``dvc repro`` stage writes it again, instead of numpy's "mmap length is greater than file size" or its
+advice to pass ``allow_pickle``.
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import re
 import tempfile
-from collections.abc import Iterator
+import zipfile
+import zlib
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -79,3 +88,109 @@ def is_temporary(path: str | Path) -> bool:
     """True for leftovers of an interrupted atomic write."""
     name = Path(path).name
     return name.startswith(".") and name.endswith(".tmp")
+
+
+# --------------------------------------------------------------------------------------------------------
+# Checked reads
+
+
+class ArtifactError(ValueError):
+    """A project artifact exists but cannot be read as what it should be. The message names the file, what
+    is wrong and the ``dvc repro`` stage that writes it."""
+
+
+def remedy(stage: str) -> str:
+    """How a user gets a good copy of an output of ``stage`` back: the tail of every artifact error."""
+    return f"rebuild it with `dvc repro {stage}` (or `dvc checkout` to restore the cached copy)"
+
+
+def missing_artifact(path: str | Path, *, stage: str) -> FileNotFoundError:
+    """The error for an artifact of ``stage`` that is not there (raise it)."""
+    return FileNotFoundError(f"{path}: no such file; {remedy(stage)}")
+
+
+def _npy_layout(path: Path) -> tuple[tuple[int, ...], np.dtype, int]:
+    """``(shape, dtype, data offset)`` from a ``.npy`` header; raises :class:`ArtifactError` for a file that
+    is not one, or whose size disagrees with its header (truncated or with trailing bytes)."""
+    fmt = np.lib.format
+    with open(path, "rb") as f:
+        try:
+            version = fmt.read_magic(f)
+            if version == (1, 0):
+                shape, _, dtype = fmt.read_array_header_1_0(f)
+            elif version == (2, 0):
+                shape, _, dtype = fmt.read_array_header_2_0(f)
+            else:  # 3.0 only exists for non-latin-1 field names, which no project array has
+                raise ValueError(f"unsupported .npy format version {version[0]}.{version[1]}")
+        except ValueError as err:
+            kind = "not a .npy file" if "magic" in str(err) else "corrupt .npy header"
+            raise ArtifactError(f"{path}: {kind} ({err})") from None
+        offset = f.tell()
+    if dtype.hasobject:  # np.save(allow_pickle=False) never writes one: this file did not come from us
+        raise ArtifactError(f"{path}: holds pickled Python objects ({dtype}), not a numeric array")
+    expected = offset + math.prod(shape) * dtype.itemsize
+    size = path.stat().st_size
+    if size != expected:
+        what = "truncated" if size < expected else "longer than its header says"
+        raise ArtifactError(
+            f"{path}: {what}: a {'x'.join(map(str, shape)) or 'scalar'} {dtype} array needs {expected} bytes, "
+            f"the file has {size}"
+        )
+    return tuple(shape), dtype, offset
+
+
+def load_array(path: str | Path, *, stage: str, mmap: bool = True) -> np.ndarray:
+    """A ``.npy`` written by ``stage`` -> its array, memory-mapped read-only (``np.memmap``) unless ``mmap`` is
+    False. The header is checked against the file size first (cost: one small read and a ``stat``).
+
+    Raises :class:`FileNotFoundError` (missing) or :class:`ArtifactError` (anything else), both naming
+    ``path`` and ending with how to rebuild it (``dvc repro {stage}``).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise missing_artifact(path, stage=stage)
+    try:
+        _npy_layout(path)
+        return np.load(path, mmap_mode="r" if mmap else None, allow_pickle=False)
+    except ArtifactError as err:
+        raise ArtifactError(f"{err}; {remedy(stage)}") from None
+    except (OSError, ValueError, EOFError) as err:  # e.g. unreadable sectors; the header check caught the rest
+        raise ArtifactError(f"{path}: cannot read the array ({err}); {remedy(stage)}") from None
+
+
+def load_arrays(path: str | Path, keys: Sequence[str], *, stage: str) -> dict[str, np.ndarray]:
+    """An ``.npz`` written by ``stage`` -> ``{key: array}`` for ``keys``, loaded whole.
+
+    ``np.savez`` stores each array with a CRC-32, so a flipped bit is caught here as well as truncation.
+    Raises :class:`FileNotFoundError` (missing) or :class:`ArtifactError` (corrupt, or a key absent), both
+    naming ``path`` and ending with how to rebuild it (``dvc repro {stage}``).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise missing_artifact(path, stage=stage)
+    with open(path, "rb") as f:
+        magic = f.read(4)
+    if magic not in (b"PK\x03\x04", b"PK\x05\x06"):  # a zip's first local header, or an empty zip
+        raise ArtifactError(f"{path}: not an .npz file (no zip header); {remedy(stage)}")
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            missing = [k for k in keys if k not in data.files]
+            if missing:
+                raise ArtifactError(f"{path}: missing array {missing[0]!r}; {remedy(stage)}")
+            return {k: data[k] for k in keys}
+    except ArtifactError:
+        raise
+    except (zipfile.BadZipFile, zlib.error, OSError, ValueError, EOFError) as err:
+        raise ArtifactError(f"{path}: corrupt .npz ({err}); {remedy(stage)}") from None
+
+
+def load_json(path: str | Path, *, stage: str) -> Any:
+    """A JSON artifact written by ``stage`` -> its value; missing or invalid files raise one error naming
+    ``path`` and how to rebuild it."""
+    path = Path(path)
+    if not path.is_file():
+        raise missing_artifact(path, stage=stage)
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ArtifactError(f"{path}: not valid JSON ({err}); {remedy(stage)}") from None

@@ -11,6 +11,11 @@ Where runs go: ``MLFLOW_TRACKING_URI`` when set, else an *absolute* ``sqlite:///
 file store is refused by MLflow 3). Artifacts of a sqlite store go beside the database in ``mlartifacts/``
 (MLflow's own default is ``./mlruns`` under the *current* directory, which has the same problem).
 
+Failing fast: :func:`check_tracking` tells in a second or two whether the store answers (call it before any
+work), and every client this module makes bounds MLflow's HTTP retries (:data:`HTTP_LIMITS`), so a server that
+dies during a run costs seconds, not MLflow's default four minutes of back-off. Either way the error is one
+:class:`TrackingUnavailableError` line naming the URI and the fix.
+
 Process-level hand-over:
 
 - ``SEQVISION_PARENT_RUN_ID``: :func:`start_parent` reuses this run instead of creating one;
@@ -20,9 +25,12 @@ Process-level hand-over:
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
+import logging
 import os
+import sqlite3
 import subprocess
 import time
 from collections.abc import Iterator, Mapping
@@ -41,6 +49,22 @@ if TYPE_CHECKING:  # pragma: no cover
 PARENT_RUN_ENV = "SEQVISION_PARENT_RUN_ID"
 RUN_ID_ENV = "MLFLOW_RUN_ID"
 PARENT_TAG = "mlflow.parentRunId"  # == mlflow.utils.mlflow_tags.MLFLOW_PARENT_RUN_ID
+
+log = logging.getLogger(__name__)
+
+# MLflow's HTTP client during a run (read by mlflow.utils.rest_utils.http_request at every request; a value
+# the user exported wins). MLflow 3's defaults, 7 retries with backoff factor 2 and a 120 s timeout, spend
+# ~4 minutes on a dead server per call. With these, a refused connection fails in ~3 s (attempts after 0 s
+# and 2 s of back-off, plus up to 0.5 s of jitter) and a server that accepts but never answers in at most
+# 3 x 8 s + 2.5 s < 30 s, while one dropped connection or slow answer is still retried.
+HTTP_LIMITS = {
+    "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2",
+    "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",  # an int for MLflow; urllib3 sleeps factor * 2**(n-1), n >= 2
+    "MLFLOW_HTTP_REQUEST_BACKOFF_JITTER": "0.5",
+    "MLFLOW_HTTP_REQUEST_TIMEOUT": "8",  # seconds, for connecting and again for each read
+}
+_SEARCH_ENDPOINT = "/api/2.0/mlflow/experiments/search"  # POST {"max_results": 1}: the cheapest call that
+# needs the tracking store behind the server (a /health page answers even when the store is broken)
 
 # MLflow's log_batch limits per request (REST API docs): 1000 metrics, 100 params, 100 tags.
 _MAX_PARAMS_PER_BATCH = 100
@@ -75,11 +99,139 @@ def artifact_location(uri: str) -> str | None:
     return (db_path.parent / "mlartifacts").as_uri()
 
 
-def _client(uri: str) -> MlflowClient:
+class TrackingUnavailableError(ConnectionError):
+    """The MLflow tracking store cannot be reached or used. One line naming the URI and the fix."""
+
+
+def _bound_http() -> None:
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+    for key, value in HTTP_LIMITS.items():
+        os.environ.setdefault(key, value)
+
+
+def _client(uri: str) -> MlflowClient:
+    _bound_http()
     from mlflow import MlflowClient
 
     return MlflowClient(tracking_uri=uri)
+
+
+def _fix(uri: str) -> str:
+    """What a user does about a store that fails, for the end of an error line."""
+    from_env = os.environ.get("MLFLOW_TRACKING_URI") == uri
+    if urlparse(uri).scheme in ("http", "https"):
+        port = urlparse(uri).port or ""
+        start = f"start the server (`mlflow server --host 127.0.0.1 --port {port}`)" if port else "start the server"
+        return f"{start}, or unset MLFLOW_TRACKING_URI to log to the local sqlite store (mlflow.db)"
+    unset = ", or unset MLFLOW_TRACKING_URI to use the default store (mlflow.db in the repository)"
+    return "fix the path or its permissions" + (unset if from_env else ", or set MLFLOW_TRACKING_URI to a server")
+
+
+def _transport_failure(err: BaseException) -> str | None:
+    """The innermost OS-level error (refused, timed out, unknown host, TLS) behind an MLflow exception, as
+    text; ``None`` when the store answered (a bad request, a missing run): those are not ours to rephrase."""
+    reason = None
+    seen: set[int] = set()
+    current: BaseException | None = err
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        if isinstance(current, OSError):  # requests' and urllib3's transport errors are OSErrors too
+            reason = str(current).strip() or type(current).__name__
+        current = current.__cause__ or current.__context__
+    return reason
+
+
+@contextlib.contextmanager
+def _reaching(uri: str) -> Iterator[None]:
+    """Turn MLflow's "could not reach the store" exception into one :class:`TrackingUnavailableError` line."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        yield
+    except MlflowException as err:
+        reason = _transport_failure(err)
+        if reason is None:
+            raise
+        raise TrackingUnavailableError(f"MLflow tracking store {uri} does not answer ({reason}); {_fix(uri)}") from err
+
+
+def check_tracking(uri: str, *, timeout_s: float = 5.0) -> None:
+    """Raise :class:`TrackingUnavailableError` (one line: the URI, what failed, how to fix it) unless the
+    tracking store at ``uri`` can be used; returns within about ``timeout_s`` (twice that at worst).
+
+    - ``http(s)://``: one ``experiments/search`` request (with the user's MLflow credentials), no retries,
+      ``timeout_s`` to connect and again to answer. Any answer other than 200 is an error too (401/403: the
+      credentials; 404: not an MLflow server).
+    - ``sqlite:///``: the folder exists and is writable (sqlite writes its journal beside the database), and
+      an existing database opens read-write and reads its schema (a truncated or foreign file fails here).
+    - anything else (databricks, postgresql, ...): not checked.
+    """
+    _bound_http()
+    scheme = urlparse(uri).scheme
+    if scheme in ("http", "https"):
+        _check_server(uri, timeout_s)
+    elif scheme == "sqlite":
+        _check_sqlite(uri, timeout_s)
+
+
+def _check_server(uri: str, timeout_s: float) -> None:
+    from mlflow.utils.credentials import get_default_host_creds
+    from mlflow.utils.rest_utils import http_request
+
+    def fail(problem: str) -> TrackingUnavailableError:
+        return TrackingUnavailableError(f"MLflow tracking server {uri} {problem}; {_fix(uri)}")
+
+    try:
+        response = http_request(
+            get_default_host_creds(uri), _SEARCH_ENDPOINT, "POST", json={"max_results": 1},
+            max_retries=0, backoff_factor=0, retry_codes=(), timeout=timeout_s,
+        )
+    except Exception as err:  # MLflow wraps every transport error in a generic MlflowException
+        raise fail(f"does not answer ({_transport_failure(err) or err})") from err
+    if response.status_code in (401, 403):
+        raise TrackingUnavailableError(
+            f"MLflow tracking server {uri} refuses the request (HTTP {response.status_code}); set "
+            "MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD (or MLFLOW_TRACKING_TOKEN) for it"
+        )
+    if response.status_code != 200:
+        raise TrackingUnavailableError(
+            f"MLflow tracking server {uri} answers HTTP {response.status_code} to {_SEARCH_ENDPOINT}; check that "
+            "MLFLOW_TRACKING_URI names an MLflow tracking server (scheme, host, port, path)"
+        )
+
+
+def _check_sqlite(uri: str, timeout_s: float) -> None:
+    db_path = Path(uri[len("sqlite:///") :])
+
+    def fail(problem: str) -> TrackingUnavailableError:
+        return TrackingUnavailableError(f"MLflow tracking store {uri}: {problem}; {_fix(uri)}")
+
+    if not db_path.is_absolute():
+        raise TrackingUnavailableError(
+            f"MLflow tracking store {uri}: relative database path (it would move with the working directory); "
+            "use sqlite:////absolute/path/mlflow.db"
+        )
+    folder = db_path.parent
+    if not folder.is_dir():
+        raise fail(f"folder {folder} does not exist")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise fail(f"folder {folder} is not writable")
+    if not db_path.exists():
+        return  # MLflow creates the database and its schema on first use
+    if not db_path.is_file() or not os.access(db_path, os.R_OK | os.W_OK):
+        raise fail(f"{db_path} is not a readable and writable file")
+    try:
+        connection = sqlite3.connect(f"{db_path.as_uri()}?mode=rw", uri=True, timeout=timeout_s)
+        try:
+            connection.execute("SELECT count(*) FROM sqlite_master").fetchone()
+        finally:
+            connection.close()
+    except sqlite3.OperationalError as err:
+        if "locked" in str(err):  # another process is writing to it: it is a working database
+            return
+        raise fail(f"{db_path} cannot be opened as a database ({err})") from err
+    except sqlite3.Error as err:
+        raise fail(f"{db_path} cannot be opened as a database ({err})") from err
 
 
 def _experiment_id(client: MlflowClient, name: str, uri: str) -> str:
@@ -105,17 +257,18 @@ def start_parent(
     """
     uri = tracking_uri(repo_root)
     client = _client(uri)
-    env_id = os.environ.get(PARENT_RUN_ENV)
-    if env_id:
-        client.get_run(env_id)  # raises MlflowException naming the id when it does not exist
-        return env_id
-    if run_id_file is not None and Path(run_id_file).is_file():
-        stored = Path(run_id_file).read_text().strip()
-        if stored and _is_running(client, stored):
-            return stored
-    run = client.create_run(
-        _experiment_id(client, experiment, uri), run_name=run_name, tags=_stringify(tags or {})
-    )
+    with _reaching(uri):
+        env_id = os.environ.get(PARENT_RUN_ENV)
+        if env_id:
+            client.get_run(env_id)  # raises MlflowException naming the id when it does not exist
+            return env_id
+        if run_id_file is not None and Path(run_id_file).is_file():
+            stored = Path(run_id_file).read_text().strip()
+            if stored and _is_running(client, stored):
+                return stored
+        run = client.create_run(
+            _experiment_id(client, experiment, uri), run_name=run_name, tags=_stringify(tags or {})
+        )
     if run_id_file is not None:
         write_text(run_id_file, run.info.run_id + "\n")
     return run.info.run_id
@@ -126,13 +279,17 @@ def _is_running(client: MlflowClient, run_id: str) -> bool:
 
     try:
         return client.get_run(run_id).info.status == "RUNNING"
-    except MlflowException:
+    except MlflowException as err:
+        if _transport_failure(err) is not None:  # the store is down, not the run gone
+            raise
         return False
 
 
 def end_run(run_id: str, *, repo_root: str | Path, status: str = "FINISHED") -> None:
     """Mark a run (typically the parent) terminated with ``status`` (FINISHED, FAILED or KILLED)."""
-    _client(tracking_uri(repo_root)).set_terminated(run_id, status)
+    uri = tracking_uri(repo_root)
+    with _reaching(uri):
+        _client(uri).set_terminated(run_id, status)
 
 
 def log_to_run(
@@ -164,19 +321,21 @@ def start_child(
     With ``$MLFLOW_RUN_ID`` set, logs into that run instead (created by a launcher, which also ends it).
     Use the tracker as a context manager so that an exception marks the run FAILED.
     """
-    client = _client(tracking_uri(repo_root))
+    uri = tracking_uri(repo_root)
+    client = _client(uri)
     external = os.environ.get(RUN_ID_ENV)
-    if external:
-        client.get_run(external)
-        tracker = Tracker(client, external, owns_run=False)
-    else:
-        parent = client.get_run(parent_run_id)
-        run = client.create_run(
-            parent.info.experiment_id,
-            run_name=run_name,
-            tags={PARENT_TAG: parent_run_id, **_stringify(tags or {})},
-        )
-        tracker = Tracker(client, run.info.run_id, owns_run=True)
+    with _reaching(uri):
+        if external:
+            client.get_run(external)
+            tracker = Tracker(client, external, owns_run=False)
+        else:
+            parent = client.get_run(parent_run_id)
+            run = client.create_run(
+                parent.info.experiment_id,
+                run_name=run_name,
+                tags={PARENT_TAG: parent_run_id, **_stringify(tags or {})},
+            )
+            tracker = Tracker(client, run.info.run_id, owns_run=True)
     if external and tags:
         tracker.set_tags(tags)
     return tracker
@@ -214,21 +373,24 @@ class Tracker:
         self.run_id = run_id
         self.owns_run = owns_run
         self.status: str | None = None  # set once finished
+        self._uri = str(client.tracking_uri)
 
     def log_params(self, params: Mapping[str, Any]) -> None:
         """Flat ``{"train.lr": 0.001, ...}``; values are stored as strings (MLflow params are strings)."""
         from mlflow.entities import Param
 
         entries = [Param(str(k), str(v)[:_MAX_PARAM_LENGTH]) for k, v in params.items()]
-        for chunk in _chunks(entries, _MAX_PARAMS_PER_BATCH):
-            self.client.log_batch(self.run_id, params=chunk)
+        with _reaching(self._uri):
+            for chunk in _chunks(entries, _MAX_PARAMS_PER_BATCH):
+                self.client.log_batch(self.run_id, params=chunk)
 
     def set_tags(self, tags: Mapping[str, Any]) -> None:
         from mlflow.entities import RunTag
 
         entries = [RunTag(str(k), str(v)) for k, v in tags.items()]
-        for chunk in _chunks(entries, _MAX_TAGS_PER_BATCH):
-            self.client.log_batch(self.run_id, tags=chunk)
+        with _reaching(self._uri):
+            for chunk in _chunks(entries, _MAX_TAGS_PER_BATCH):
+                self.client.log_batch(self.run_id, tags=chunk)
 
     def log_epoch(self, metrics: Mapping[str, Any], *, step: int) -> None:
         """Numeric entries of ``metrics`` at ``step`` (the epoch), in one ``log_batch`` call."""
@@ -240,16 +402,18 @@ class Tracker:
             for k, v in metrics.items()
             if isinstance(v, (int, float)) and not isinstance(v, bool)
         ]
-        for chunk in _chunks(entries, _MAX_METRICS_PER_BATCH):
-            self.client.log_batch(self.run_id, metrics=chunk)
+        with _reaching(self._uri):
+            for chunk in _chunks(entries, _MAX_METRICS_PER_BATCH):
+                self.client.log_batch(self.run_id, metrics=chunk)
 
     def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
         """Copy a file (or every file of a folder) into the run's artifacts."""
         path = Path(path)
-        if path.is_dir():
-            self.client.log_artifacts(self.run_id, str(path), artifact_path)
-        else:
-            self.client.log_artifact(self.run_id, str(path), artifact_path)
+        with _reaching(self._uri):
+            if path.is_dir():
+                self.client.log_artifacts(self.run_id, str(path), artifact_path)
+            else:
+                self.client.log_artifact(self.run_id, str(path), artifact_path)
 
     def finish(self, status: str = "FINISHED") -> None:
         """End the run with ``status``; later calls are ignored (the first verdict stands)."""
@@ -257,7 +421,8 @@ class Tracker:
             return
         self.status = status
         if self.owns_run or status != "FINISHED":
-            self.client.set_terminated(self.run_id, status)
+            with _reaching(self._uri):
+                self.client.set_terminated(self.run_id, status)
 
     def __enter__(self) -> Tracker:
         return self
@@ -270,10 +435,17 @@ class Tracker:
     ) -> bool:
         if exc_type is None:
             self.finish("FINISHED")
-        elif issubclass(exc_type, KeyboardInterrupt):
-            self.finish("KILLED")
-        else:
-            self.finish("FAILED")
+            return False
+        status = "KILLED" if issubclass(exc_type, KeyboardInterrupt) else "FAILED"
+        if issubclass(exc_type, TrackingUnavailableError):  # another request would only wait for it again
+            self.status = status
+            log.warning("MLflow run %s stays RUNNING: its tracking store stopped answering", self.run_id)
+            return False
+        try:
+            self.finish(status)
+        except TrackingUnavailableError as err:
+            # The store died as well: keep the original error, which says more, rather than replace it.
+            log.warning("could not mark MLflow run %s %s: %s", self.run_id, status, err)
         return False  # never swallow the exception
 
 

@@ -250,16 +250,26 @@ def write_corpus(corpus: TokenizedCorpus, out_dir: str | Path) -> None:
 
 
 def load_split(tokens_dir: str | Path, split: str) -> EncodedSplit:
-    """``{tokens_dir}/{split}.npz`` -> :class:`EncodedSplit` (small: loaded whole)."""
+    """``{tokens_dir}/{split}.npz`` -> :class:`EncodedSplit` (small: loaded whole). A missing or corrupt file
+    raises one error naming it and the stage that rewrites it (``tokenize``)."""
     path = Path(tokens_dir) / f"{split}.npz"
-    with np.load(path, allow_pickle=False) as data:
-        missing = [k for k in EncodedSplit._fields if k not in data.files]
-        if missing:
-            raise ValueError(f"{path}: missing array {missing[0]!r}")
-        return EncodedSplit(*(data[k] for k in EncodedSplit._fields))
+    arrays = io.load_arrays(path, EncodedSplit._fields, stage="tokenize")
+    encoded = EncodedSplit(**arrays)
+    if encoded.tokens.ndim != 2 or encoded.lengths.ndim != 1 or encoded.ids.ndim != 1 or not (
+        encoded.tokens.shape[0] == encoded.lengths.shape[0] == encoded.ids.shape[0]
+    ):
+        shapes = ", ".join(f"{k} {a.shape}" for k, a in arrays.items())
+        raise io.ArtifactError(f"{path}: arrays disagree ({shapes}); {io.remedy('tokenize')}")
+    return encoded
 
 
 def load_references(tokens_dir: str | Path, split: str) -> dict[str, list[str]]:
-    """``{tokens_dir}/references-{split}.json`` -> {id: [raw reference, ...]}."""
+    """``{tokens_dir}/references-{split}.json`` -> {id: [raw reference, ...]}. A missing or malformed file raises
+    one error naming it and the stage that rewrites it (``tokenize``)."""
     path = Path(tokens_dir) / f"references-{split}.json"
-    return json.loads(path.read_text(encoding="utf-8"))
+    data = io.load_json(path, stage="tokenize")
+    if not isinstance(data, dict) or not all(
+        isinstance(refs, list) and all(isinstance(r, str) for r in refs) for refs in data.values()
+    ):
+        raise io.ArtifactError(f"{path}: expected {{id: [caption, ...]}}; {io.remedy('tokenize')}")
+    return data
