@@ -753,3 +753,20 @@ def test_image_references_name_every_object_and_relation(tiny: Path, metadata: d
                 assert f"{o['size']} {o['color']} {o['shape']}" in ref, ref
             assert ref.count(" of ") + ref.count("above") + ref.count("below") + ref.count("under") + ref.count(
                 "higher") == len(image["relations"]) or len(image["objects"]) == 1, ref
+
+
+def test_a_configuration_without_valid_scenes_is_one_clear_error(tmp_path: Path, monkeypatch, capsys) -> None:
+    from seqvision.synth import items
+
+    class Everything(frozenset):
+        def __contains__(self, _: object) -> bool:
+            return True
+
+    monkeypatch.setattr(items, "SCENE_ATTEMPTS", 20)
+    monkeypatch.setattr(items, "train_signatures", lambda config: Everything())
+    flags = ["--out", str(tmp_path / "data"), "--preset", "tiny", "--videos.train", "1", "--videos.val", "1",
+             "--videos.test", "1", "--images.train", "1", "--images.val", "1", "--images.test", "1",
+             "--workers", "1", "--quiet"]
+    assert main(flags) == 2
+    err = capsys.readouterr().err
+    assert "unlike every train scene" in err and "synth.images.train" in err and "Traceback" not in err

@@ -4,7 +4,7 @@
 style annotations (layout and schemas: docs/data.md). Output bytes depend only on the config.
 """
 
-from .events import EVENT_CLASSES, REVERSAL_PAIRS
+from .events import EVENT_CLASSES, REVERSAL_PAIRS, GenerationError
 from .generate import OutputFolderError, Summary, generate
 
-__all__ = ["EVENT_CLASSES", "REVERSAL_PAIRS", "OutputFolderError", "Summary", "generate"]
+__all__ = ["EVENT_CLASSES", "REVERSAL_PAIRS", "GenerationError", "OutputFolderError", "Summary", "generate"]

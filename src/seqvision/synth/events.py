@@ -56,6 +56,11 @@ REVERSAL_PAIRS: tuple[tuple[str, str], ...] = (
     ("appear", "disappear"),
 )
 
+class GenerationError(RuntimeError):
+    """The configuration leaves no valid item to draw (e.g. frames too small for a move, or too few distinct
+    scenes for val/test images unlike every train image). The message names the knob to change."""
+
+
 # Each class played backwards: the partner of a reversal pair, or the class itself.
 REVERSE: dict[str, str] = {
     **{cls: cls for cls in EVENT_CLASSES},
@@ -289,7 +294,10 @@ def sample_clip(rng: np.random.Generator, config: SynthConfig, *, attempts: int 
         spec = build(rng, config, forward)
         if spec is not None:
             return reverse_clip(spec) if reverse else spec
-    raise RuntimeError(f"could not build a valid {forward} clip in {attempts} attempts")
+    raise GenerationError(
+        f"could not build a valid {forward} clip in {attempts} attempts; the frame is too small for its events "
+        f"at synth.height {config.height} x synth.width {config.width}: raise them"
+    )
 
 
 def _try_clip(rng: np.random.Generator, config: SynthConfig, main_cls: str) -> ClipSpec | None:

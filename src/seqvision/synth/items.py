@@ -17,7 +17,7 @@ import numpy as np
 from ..config import SynthConfig
 from . import render
 from .captions import Mention, image_captions, video_captions
-from .events import EVENT_CLASSES, ClipSpec, clip_states, sample_clip
+from .events import EVENT_CLASSES, ClipSpec, GenerationError, clip_states, sample_clip
 from .scene import (
     COLORS,
     INVERSE_RELATION,
@@ -281,7 +281,7 @@ def image_scene(config: SynthConfig, key: ItemKey) -> ImageScene:
         scene = _draw_scene(config, rng, objects_ok=objects_ok, signature_ok=lambda sig: sig not in seen)
         if scene is not None:
             return scene._replace(compositional=compositional)
-    raise RuntimeError(
+    raise GenerationError(
         f"{key.id}: no {key.split} scene unlike every train scene in {SCENE_ATTEMPTS} draws; with "
         f"synth.max_objects {config.max_objects} there are few distinct scenes: lower synth.images.train or "
         "raise synth.max_objects"
