@@ -222,10 +222,21 @@ class SynthConfig:
     max_events: int = knob(3, "events per clip are drawn from 1..max_events", low=1, high=3)
     noise_std: float = knob(6.0, "std of per-frame pixel noise (0-255 scale)", low=0.0, high=64.0)
     long_range: bool = knob(
-        False, "place the labelled event at the very start, then fill the clip with distractor motion"
+        False,
+        "long-range clips: the labelled object is hidden, fades in, does its event, fades out and stays hidden for "
+        "long_range_distance frames, while distractors walk (docs/data.md)",
     )
-    long_range_frames: int = knob(128, "clip length when long_range is on", low=8, high=4096)
-    main_event_frames: int = knob(12, "length of the labelled event when long_range is on", low=4, high=4096)
+    long_range_distance: int = knob(
+        55, "long-range: frames after the labelled object was last visible (and before it is first visible)",
+        low=1, high=2048,
+    )
+    main_event_frames: int = knob(12, "long-range: length of the labelled event, in frames", low=4, high=4096)
+    held_out_combinations: int = knob(
+        4,
+        "colour-shape combinations no train or val image shows (distinct colours, shapes in turn); about half of "
+        "the test images show at least one (0: no compositional test split)",
+        low=0, high=8,
+    )
     crf: int = knob(18, "x264 constant rate factor (lower = higher quality)", low=0, high=51)
     workers: int = knob(0, "worker processes; 0 means one per CPU core", low=0, high=256)
 
@@ -234,8 +245,6 @@ class SynthConfig:
             raise ConfigError(f"height and width must be even for yuv420p, got {self.height}x{self.width}")
         if self.min_frames > self.max_frames:
             raise ConfigError(f"min_frames ({self.min_frames}) must not exceed max_frames ({self.max_frames})")
-        if self.long_range and self.main_event_frames >= self.long_range_frames:
-            raise ConfigError("main_event_frames must be shorter than long_range_frames")
 
 
 # Presets for the generator CLI: overrides on top of the embedded defaults.

@@ -18,6 +18,7 @@ from ..config import (
     overrides_from_args,
     to_dict,
 )
+from .events import GenerationError
 from .generate import OutputFolderError, generate
 
 EPILOG = """\
@@ -29,7 +30,8 @@ else - a different configuration, or files the generator does not write - is ref
 --overwrite deletes only what the generator writes (synth.json, videos/video{N}.mp4, images/image{N}.png,
 the annotation files, and temporary leftovers of these), then generates; other files are never deleted.
 
-exit status: 0 done, 2 invalid parameters or a refused output folder (nothing is written then).
+exit status: 0 done, 2 invalid parameters, a refused output folder (nothing is written then), or a
+configuration that leaves no valid item to draw.
 """
 
 
@@ -71,7 +73,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         summary = generate(config, args.out, overwrite=args.overwrite, progress=not args.quiet)
-    except OutputFolderError as err:
+    except (OutputFolderError, GenerationError) as err:
         print(f"{parser.prog}: error: {err}", file=sys.stderr)
         return 2
     print(summary.line())

@@ -3,6 +3,11 @@
 A clip plays 1..max_events events one after another; each event changes one object's state from
 ``before`` to ``after`` over its frames ``[start, end)``. The clip's label is its *main event*, the longest
 one: it gets more than half of the frames, so every other event is strictly shorter (see ``sample_clip``).
+
+Reversal pairs are exact: a clip of one class of a pair is a clip of the other played backwards. Clips are
+generated forward for the first class of a pair (or for a class that is its own reverse), then the whole clip
+is reversed (``reverse_clip``) for the partner class (and for half of the self-reverse clips), so every
+statistic that ignores frame order has the same distribution in both classes of a pair.
 """
 
 from __future__ import annotations
@@ -15,8 +20,7 @@ import numpy as np
 from ..config import SynthConfig
 from .scene import (
     COLORS,
-    MAX_RADIUS_FRACTION,
-    MIN_RADIUS_FRACTION,
+    RADIUS_FRACTION,
     Background,
     ObjectSpec,
     ObjectState,
@@ -52,14 +56,33 @@ REVERSAL_PAIRS: tuple[tuple[str, str], ...] = (
     ("appear", "disappear"),
 )
 
+class GenerationError(RuntimeError):
+    """The configuration leaves no valid item to draw (e.g. frames too small for a move, or too few distinct
+    scenes for val/test images unlike every train image). The message names the knob to change."""
+
+
+# Each class played backwards: the partner of a reversal pair, or the class itself.
+REVERSE: dict[str, str] = {
+    **{cls: cls for cls in EVENT_CLASSES},
+    **{a: b for a, b in REVERSAL_PAIRS},
+    **{b: a for a, b in REVERSAL_PAIRS},
+}
+# Clips are generated forward for these classes only; every other label is reached by reversal.
+FORWARD_CLASSES: tuple[str, ...] = tuple(c for c in EVENT_CLASSES if c not in {b for _, b in REVERSAL_PAIRS})
+# Long-range labels: the reversal pairs whose change is visible while the object is (moves, size). appear and
+# disappear are left out because the labelled object fades in and out around its event anyway.
+LONG_RANGE_CLASSES: tuple[str, ...] = ("move_left", "move_right", "move_up", "move_down", "grow", "shrink")
+
 MOVE_FRACTION = (0.25, 0.40)  # of the frame width (left/right) or height (up/down)
-GROW_FACTOR = 1.7
-SHRINK_FACTOR = 0.6
 ROTATE_DEGREES = (40.0, 60.0)  # never near 90: a square turned by 90 degrees looks unchanged
 HOP_FRACTION = (0.20, 0.30)  # bounce height, of the frame height
 MIN_EVENT_FRAMES = 3
-JITTER_FRACTION = 0.03  # long-range distractor: offsets stay within +-3% of min(height, width)
-JITTER_STEP = 0.4  # pixels, std of one random-walk step
+# Long-range mode: the labelled object fades in and out over FADE_FRAMES frames; distractors follow
+# stationary AR(1) walks around their centres (std WALK_FRACTION of min(height, width), lag-one correlation
+# WALK_CORRELATION: a step of about 2 px at 64x64, slow next to a move event's 16-26 px in 12 frames).
+FADE_FRAMES = 4
+WALK_FRACTION = 0.12
+WALK_CORRELATION = 0.97
 
 
 class Event(NamedTuple):
@@ -77,11 +100,19 @@ class Event(NamedTuple):
 
     def state_at(self, frame: int) -> ObjectState:
         """The object's state at ``frame`` (``start <= frame < end``): the first frame shows ``before``,
-        the last shows ``after``, so each event's own frames hold its whole change."""
-        t = (frame - self.start) / max(1, self.end - self.start - 1)
-        state = lerp_state(self.before, self.after, t)
+        the last shows ``after``, so each event's own frames hold its whole change.
+
+        Interpolation starts from the nearer end (and the midpoint is exact), so the reversed event
+        (``reverse_event``) gives the same floats at the mirrored frame: a reversed clip renders to exactly
+        the forward pixels in reverse order.
+        """
+        i, n = frame - self.start, max(1, self.end - self.start - 1)
+        if 2 * i <= n:
+            state = lerp_state(self.before, self.after, 0.5 if 2 * i == n else i / n)
+        else:
+            state = lerp_state(self.after, self.before, (n - i) / n)
         if self.hop:
-            state = state._replace(y=state.y - self.hop * math.sin(math.pi * t))
+            state = state._replace(y=state.y - self.hop * math.sin(math.pi * min(i, n - i) / n))
         return state
 
 
@@ -89,23 +120,25 @@ class ClipSpec(NamedTuple):
     """Everything needed to render a clip and to describe it."""
 
     num_frames: int
-    objects: tuple[ObjectSpec, ...]
+    objects: tuple[ObjectSpec, ...]  # attributes at the start of the clip
     initial: tuple[ObjectState, ...]
-    events: tuple[Event, ...]  # in temporal order, back to back
+    events: tuple[Event, ...]  # in temporal order
     main: int  # index into events of the labelled event
     background: Background
-    distractor_start: int | None  # long-range: first frame of the jitter tail
-    jitter: np.ndarray | None  # long-range: (num_frames - distractor_start, num_objects, 2) pixel offsets
+    # Long-range distractors: float64 (num_frames, num_objects, 2) pixel offsets (dx, dy) added to every
+    # state (zero for objects that do not walk); None in ordinary clips.
+    walk: np.ndarray | None = None
+    long_range_distance: int | None = None  # frames after the labelled object was last visible
 
     @property
     def label(self) -> int:
         return EVENT_CLASSES.index(self.events[self.main].cls)
 
     @property
-    def jittered_objects(self) -> tuple[int, ...]:
-        if self.jitter is None:
+    def walking_objects(self) -> tuple[int, ...]:
+        if self.walk is None:
             return ()
-        return tuple(int(j) for j in np.flatnonzero(np.abs(self.jitter).sum(axis=(0, 2)) > 0))
+        return tuple(int(j) for j in np.flatnonzero(np.abs(self.walk).sum(axis=(0, 2)) > 0))
 
 
 def _room(state: ObjectState, *, height: int, width: int) -> dict[str, float]:
@@ -119,13 +152,29 @@ def _room(state: ObjectState, *, height: int, width: int) -> dict[str, float]:
     }
 
 
+def large_radius(*, height: int, width: int) -> float:
+    return RADIUS_FRACTION["large"] * min(height, width)
+
+
+def small_radius(*, height: int, width: int) -> float:
+    return RADIUS_FRACTION["small"] * min(height, width)
+
+
 def valid_classes(
-    state: ObjectState, shape: str, *, visible: bool, had_event: bool, height: int, width: int
+    state: ObjectState,
+    shape: str,
+    size: str,
+    *,
+    visible: bool,
+    had_event: bool,
+    height: int,
+    width: int,
 ) -> list[str]:
     """Classes that can happen to an object now, in EVENT_CLASSES order.
 
     Only ``appear`` may touch an invisible object, and only one with no earlier event (it is then hidden
-    from the first frame); ``rotate`` skips circles; moves, grow and bounce need room to stay in frame.
+    from the first frame); ``rotate`` skips circles; ``grow`` needs a small object that fits when large,
+    ``shrink`` a large one; moves and bounce need room to stay in frame.
     """
     if not visible:
         return []
@@ -136,12 +185,11 @@ def valid_classes(
             span = width if cls in ("move_left", "move_right") else height
             ok = room[cls] >= MOVE_FRACTION[0] * span
         elif cls == "grow":
-            r = state.radius * GROW_FACTOR
-            ok = r <= MAX_RADIUS_FRACTION * min(height, width) and inside(
-                state.x, state.y, r, height=height, width=width
+            ok = size == "small" and inside(
+                state.x, state.y, large_radius(height=height, width=width), height=height, width=width
             )
         elif cls == "shrink":
-            ok = state.radius * SHRINK_FACTOR >= MIN_RADIUS_FRACTION * min(height, width)
+            ok = size == "large"
         elif cls == "rotate":
             ok = shape != "circle"
         elif cls == "appear":
@@ -175,9 +223,9 @@ def apply_event(
         sign = -1.0 if cls in ("move_left", "move_up") else 1.0
         after = state._replace(x=state.x + sign * distance) if horizontal else state._replace(y=state.y + sign * distance)
     elif cls == "grow":
-        after = state._replace(radius=state.radius * GROW_FACTOR)
+        after = state._replace(radius=large_radius(height=height, width=width))
     elif cls == "shrink":
-        after = state._replace(radius=state.radius * SHRINK_FACTOR)
+        after = state._replace(radius=small_radius(height=height, width=width))
     elif cls == "rotate":
         turn = rng.uniform(*ROTATE_DEGREES) * (1.0 if rng.random() < 0.5 else -1.0)
         after = state._replace(angle=state.angle + turn)
@@ -195,6 +243,10 @@ def apply_event(
     elif cls != "stay_still":
         raise ValueError(f"unknown event class {cls!r}")
     return before, after, new_color, hop
+
+
+def _size_after(size: str, cls: str) -> str:
+    return {"grow": "large", "shrink": "small"}.get(cls, size)
 
 
 def _durations(rng: np.random.Generator, num_frames: int, max_events: int) -> tuple[list[int], int]:
@@ -215,28 +267,44 @@ def _durations(rng: np.random.Generator, num_frames: int, max_events: int) -> tu
     return others[:main] + [main_len] + others[main:], main
 
 
+def long_range_frames(config: SynthConfig) -> int:
+    """Length of every long-range clip: ``2 D + 2 FADE_FRAMES + E - 2`` (layout: ``sample_clip``)."""
+    return 2 * config.long_range_distance + 2 * FADE_FRAMES + config.main_event_frames - 2
+
+
 def sample_clip(rng: np.random.Generator, config: SynthConfig, *, attempts: int = 1000) -> ClipSpec:
-    """A clip whose label is drawn uniformly from EVENT_CLASSES, then a scene and timeline that make it
-    valid (redrawn until every event is valid for the state it starts from)."""
-    main_cls = EVENT_CLASSES[int(rng.integers(len(EVENT_CLASSES)))]
+    """A clip whose label is drawn uniformly (from EVENT_CLASSES, or LONG_RANGE_CLASSES in long-range mode).
+
+    The clip is built forward for ``FORWARD_CLASSES[...]`` (scene and timeline redrawn until every event is
+    valid for the state it starts from), then reversed as a whole when the label is the second class of a
+    reversal pair, and with probability 1/2 when the label is its own reverse.
+
+    Long-range layout (D = ``long_range_distance``, E = ``main_event_frames``, F = FADE_FRAMES): the labelled
+    object is hidden in frames ``[0, D)``, fades in (appear, frames ``[D-1, D-1+F)``), does the labelled event
+    (``E`` frames), fades out (disappear, ``F`` frames) and is hidden in the last ``D`` frames; every other
+    object walks (``WALK_*``) for the whole clip. The layout is symmetric, so reversal keeps it.
+    """
+    classes = LONG_RANGE_CLASSES if config.long_range else EVENT_CLASSES
+    label = classes[int(rng.integers(len(classes)))]
+    flip = bool(rng.random() < 0.5)
+    reverse = flip if REVERSE[label] == label else label not in FORWARD_CLASSES
+    forward = REVERSE[label] if reverse else label
+    build = _try_long_range_clip if config.long_range else _try_clip
     for _ in range(attempts):
-        spec = _try_clip(rng, config, main_cls)
+        spec = build(rng, config, forward)
         if spec is not None:
-            return spec
-    raise RuntimeError(f"could not build a valid {main_cls} clip in {attempts} attempts")
+            return reverse_clip(spec) if reverse else spec
+    raise GenerationError(
+        f"could not build a valid {forward} clip in {attempts} attempts; the frame is too small for its events "
+        f"at synth.height {config.height} x synth.width {config.width}: raise them"
+    )
 
 
 def _try_clip(rng: np.random.Generator, config: SynthConfig, main_cls: str) -> ClipSpec | None:
     height, width = config.height, config.width
-    if config.long_range:
-        num_frames = config.long_range_frames
-        # At least two objects when allowed, so the tail always has something to jitter besides the main one.
-        count = int(rng.integers(min(2, config.max_objects), config.max_objects + 1))
-        durations, main = [config.main_event_frames], 0
-    else:
-        num_frames = int(rng.integers(config.min_frames, config.max_frames + 1))
-        count = int(rng.integers(1, config.max_objects + 1))
-        durations, main = _durations(rng, num_frames, config.max_events)
+    num_frames = int(rng.integers(config.min_frames, config.max_frames + 1))
+    count = int(rng.integers(1, config.max_objects + 1))
+    durations, main = _durations(rng, num_frames, config.max_events)
     objects = sample_objects(rng, count)
     placed = place_objects(rng, objects, height=height, width=width, random_angle=True, separated=False)
     if placed is None:
@@ -244,6 +312,7 @@ def _try_clip(rng: np.random.Generator, config: SynthConfig, main_cls: str) -> C
     initial = list(placed)
     states = list(placed)
     colors = [o.color for o in objects]
+    sizes = [o.size for o in objects]
     visible = [True] * count
     had_event = [False] * count
     events: list[Event] = []
@@ -251,7 +320,8 @@ def _try_clip(rng: np.random.Generator, config: SynthConfig, main_cls: str) -> C
     for i, length in enumerate(durations):
         options = {
             j: valid_classes(
-                states[j], objects[j].shape, visible=visible[j], had_event=had_event[j], height=height, width=width
+                states[j], objects[j].shape, sizes[j], visible=visible[j], had_event=had_event[j],
+                height=height, width=width,
             )
             for j in range(count)
         }
@@ -273,17 +343,10 @@ def _try_clip(rng: np.random.Generator, config: SynthConfig, main_cls: str) -> C
         if cls == "appear":  # hidden from the first frame until it fades in
             initial[obj] = initial[obj]._replace(alpha=0.0)
         events.append(Event(obj, cls, start, start + length, before, after, colors[obj], new_color, hop))
-        states[obj], colors[obj] = after, new_color
+        states[obj], colors[obj], sizes[obj] = after, new_color, _size_after(sizes[obj], cls)
         visible[obj] = after.alpha > 0
         had_event[obj] = True
         start += length
-
-    distractor_start, jitter = None, None
-    if config.long_range:
-        distractor_start = start
-        main_obj = events[0].obj
-        movers = [j for j in range(count) if j != main_obj] or ([main_obj] if visible[main_obj] else [])
-        jitter = _jitter(rng, states, movers, frames=num_frames - start, height=height, width=width)
     return ClipSpec(
         num_frames=num_frames,
         objects=tuple(objects),
@@ -291,28 +354,118 @@ def _try_clip(rng: np.random.Generator, config: SynthConfig, main_cls: str) -> C
         events=tuple(events),
         main=main,
         background=sample_background(rng),
-        distractor_start=distractor_start,
-        jitter=jitter,
     )
 
 
-def _jitter(
-    rng: np.random.Generator, states: list[ObjectState], movers: list[int], *, frames: int, height: int, width: int
-) -> np.ndarray:
-    """Small bounded random walks (not an event class): offsets within +-JITTER_FRACTION of the frame and
-    clamped so every object stays inside it. Returns (frames, num_objects, 2) offsets (dx, dy) in pixels."""
-    limit = JITTER_FRACTION * min(height, width)
+def _try_long_range_clip(rng: np.random.Generator, config: SynthConfig, main_cls: str) -> ClipSpec | None:
+    """The long-range layout of ``sample_clip``, forward. The labelled object is the last one (drawn on top);
+    the distractors are placed and walk independently of it, so nothing they do depends on the label."""
+    height, width = config.height, config.width
+    distance, length = config.long_range_distance, config.main_event_frames
+    num_frames = long_range_frames(config)
+    count = int(rng.integers(min(2, config.max_objects), config.max_objects + 1))
+    objects = sample_objects(rng, count)
+    if main_cls == "grow":  # grow takes a small object to large (shrink is only ever reached by reversal)
+        objects[-1] = objects[-1]._replace(size="small")
+    target = objects[-1]
+    placed = place_objects(rng, [target], height=height, width=width, random_angle=True, separated=False)
+    if placed is None or main_cls not in valid_classes(
+        placed[0], target.shape, target.size, visible=True, had_event=False, height=height, width=width
+    ):
+        return None
+    # Distractors: placed among themselves only (not avoiding the labelled object, which would tie where
+    # they are to where it starts and ends, i.e. to the label).
+    others = place_objects(rng, objects[:-1], height=height, width=width, random_angle=True, separated=False)
+    if others is None:
+        return None
+    before, after, new_color, hop = apply_event(
+        rng, main_cls, placed[0], target.color, taken_colors={o.color for o in objects}, height=height, width=width
+    )
+    obj, first = count - 1, distance - 1
+    shown = before._replace(alpha=1.0)
+    events = (
+        Event(obj, "appear", first, first + FADE_FRAMES, shown._replace(alpha=0.0), shown, target.color, target.color),
+        Event(obj, main_cls, first + FADE_FRAMES, first + FADE_FRAMES + length, before, after, target.color,
+              new_color, hop),
+        Event(obj, "disappear", first + FADE_FRAMES + length, first + 2 * FADE_FRAMES + length, after,
+              after._replace(alpha=0.0), new_color, new_color),
+    )
+    walk = np.zeros((num_frames, count, 2))
+    for j, state in enumerate(others):
+        walk[:, j] = _walk(rng, state, frames=num_frames, height=height, width=width)
+    return ClipSpec(
+        num_frames=num_frames,
+        objects=tuple(objects),
+        initial=(*others, shown._replace(alpha=0.0)),
+        events=events,
+        main=1,
+        background=sample_background(rng),
+        walk=walk,
+        long_range_distance=distance,
+    )
+
+
+def _walk(rng: np.random.Generator, centre: ObjectState, *, frames: int, height: int, width: int) -> np.ndarray:
+    """A stationary AR(1) walk around ``centre``, folded back at the borders so the object stays inside the
+    frame (it bounces off a border instead of sticking to it).
+
+    Started from its stationary law, a Gaussian AR(1) process is time-reversible (its law is fixed by a
+    symmetric autocovariance), and the fold is applied frame by frame, so the walk played backwards has the
+    same law: the first and the last frames of a long-range clip look alike. Returns (frames, 2) offsets.
+    """
+    sigma = WALK_FRACTION * min(height, width)
     m = margin(height=height, width=width)
-    out = np.zeros((frames, len(states), 2))
-    for j in movers:
-        s = states[j]
-        low = np.maximum(-limit, [m + s.radius - s.x, m + s.radius - s.y])
-        high = np.minimum(limit, [width - m - s.radius - s.x, height - m - s.radius - s.y])
-        offset = np.zeros(2)
-        for t in range(frames):
-            offset = np.clip(offset + rng.normal(0.0, JITTER_STEP, 2), low, high)
-            out[t, j] = offset
-    return out
+    low = np.array([m + centre.radius - centre.x, m + centre.radius - centre.y])
+    span = np.array([width, height]) - 2 * (m + centre.radius)
+    innovation = sigma * math.sqrt(1.0 - WALK_CORRELATION**2)
+    raw = np.empty((frames, 2))
+    raw[0] = rng.normal(0.0, sigma, 2)
+    for t in range(1, frames):
+        raw[t] = WALK_CORRELATION * raw[t - 1] + rng.normal(0.0, innovation, 2)
+    folded = np.mod(raw - low, 2 * span)  # (frames, 2), in [0, 2 span)
+    return low + np.where(folded <= span, folded, 2 * span - folded)
+
+
+def reverse_event(event: Event, num_frames: int) -> Event:
+    """``event`` played backwards in a clip of ``num_frames`` frames: mirrored frames, swapped end states and
+    colours, the reverse class (``REVERSE``). ``state_at`` of the result at ``num_frames - 1 - t`` equals
+    ``state_at`` of ``event`` at ``t``, float for float."""
+    return Event(
+        obj=event.obj,
+        cls=REVERSE[event.cls],
+        start=num_frames - event.end,
+        end=num_frames - event.start,
+        before=event.after,
+        after=event.before,
+        color_before=event.color_after,
+        color_after=event.color_before,
+        hop=event.hop,
+    )
+
+
+def final_states(spec: ClipSpec) -> tuple[tuple[ObjectState, ...], tuple[ObjectSpec, ...]]:
+    """Every object's state and attributes (colour, size) after the last event, walk offsets left out."""
+    states, objects = list(spec.initial), list(spec.objects)
+    for e in spec.events:
+        states[e.obj] = e.after
+        o = objects[e.obj]
+        objects[e.obj] = o._replace(color=e.color_after, size=_size_after(o.size, e.cls))
+    return tuple(states), tuple(objects)
+
+
+def reverse_clip(spec: ClipSpec) -> ClipSpec:
+    """The whole clip played backwards: events in reverse order, each reversed (``reverse_event``), the
+    initial state and attributes taken from the forward clip's end, the walk reversed. Durations and the
+    labelled event are kept. ``clip_states(reverse_clip(s))[t] == clip_states(s)[T - 1 - t]``."""
+    states, objects = final_states(spec)
+    k = len(spec.events)
+    return spec._replace(
+        objects=objects,
+        initial=states,
+        events=tuple(reverse_event(e, spec.num_frames) for e in reversed(spec.events)),
+        main=k - 1 - spec.main,
+        walk=None if spec.walk is None else spec.walk[::-1].copy(),
+    )
 
 
 def clip_states(spec: ClipSpec) -> list[list[ObjectState]]:
@@ -325,8 +478,7 @@ def clip_states(spec: ClipSpec) -> list[list[ObjectState]]:
         if event is not None:
             current[event.obj] = event.state_at(t)
         row = list(current)
-        if spec.distractor_start is not None and t >= spec.distractor_start and spec.jitter is not None:
-            dx_dy = spec.jitter[t - spec.distractor_start]
-            row = [s._replace(x=s.x + dx_dy[j, 0], y=s.y + dx_dy[j, 1]) for j, s in enumerate(row)]
+        if spec.walk is not None:
+            row = [s._replace(x=s.x + spec.walk[t, j, 0], y=s.y + spec.walk[t, j, 1]) for j, s in enumerate(row)]
         frames.append(row)
     return frames

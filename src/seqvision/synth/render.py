@@ -21,20 +21,29 @@ DIAMOND_HALF_WIDTH = 0.5  # an elongated rhombus (2:1), never mistaken for a squ
 DIAMOND_HALF_HEIGHT = 1.0
 
 
-def _sample_grid(height: int, width: int) -> tuple[np.ndarray, np.ndarray]:
-    """Sample-point coordinates in pixel units, (H*S, W*S) each."""
+def _sample_grid(rows: range, cols: range) -> tuple[np.ndarray, np.ndarray]:
+    """Sample-point coordinates in pixel units of the pixels ``rows`` x ``cols``: (len(rows)*S, len(cols)*S) each."""
     s = SUPERSAMPLE
-    ys = (np.arange(height * s) + 0.5) / s
-    xs = (np.arange(width * s) + 0.5) / s
+    ys = (np.arange(rows.start * s, rows.stop * s) + 0.5) / s
+    xs = (np.arange(cols.start * s, cols.stop * s) + 0.5) / s
     return np.meshgrid(ys, xs, indexing="ij")
 
 
 def coverage(shape: str, state: ObjectState, *, height: int, width: int) -> np.ndarray:
-    """Fraction of each pixel the shape covers: float64 (H, W) in [0, 1], alpha not applied."""
-    gy, gx = _sample_grid(height, width)
+    """Fraction of each pixel the shape covers: float64 (H, W) in [0, 1], alpha not applied.
+
+    Only the pixels of the circumcircle's bounding box (plus one) are sampled: every shape lies inside its
+    circumcircle, and each sample's value is computed exactly as on the full grid.
+    """
+    out = np.zeros((height, width))
+    rows = range(max(0, math.floor(state.y - state.radius) - 1), min(height, math.ceil(state.y + state.radius) + 2))
+    cols = range(max(0, math.floor(state.x - state.radius) - 1), min(width, math.ceil(state.x + state.radius) + 2))
+    if not rows or not cols:
+        return out
+    gy, gx = _sample_grid(rows, cols)
     # Object-local coordinates, unrotated: screen y points down, so a positive angle turns counter-clockwise.
     theta = math.radians(state.angle)
-    dx, dy = gx - state.x, state.y - gy  # (H*S, W*S), dy upwards
+    dx, dy = gx - state.x, state.y - gy  # (h*S, w*S), dy upwards
     u = (dx * math.cos(theta) + dy * math.sin(theta)) / state.radius
     v = (-dx * math.sin(theta) + dy * math.cos(theta)) / state.radius
     if shape == "circle":
@@ -52,7 +61,8 @@ def coverage(shape: str, state: ObjectState, *, height: int, width: int) -> np.n
     else:
         raise ValueError(f"unknown shape {shape!r}")
     s = SUPERSAMPLE
-    return inside.reshape(height, s, width, s).mean(axis=(1, 3))
+    out[rows.start : rows.stop, cols.start : cols.stop] = inside.reshape(len(rows), s, len(cols), s).mean(axis=(1, 3))
+    return out
 
 
 def background_image(background: Background, *, height: int, width: int) -> np.ndarray:

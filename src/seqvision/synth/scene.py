@@ -28,11 +28,10 @@ COLORS: dict[str, tuple[int, int, int]] = {
 }
 
 SIZES: tuple[str, ...] = ("small", "large")
-# Circumradius as a fraction of min(height, width).
+# Circumradius as a fraction of min(height, width). Sizes are categorical at every still moment: grow takes a
+# small object exactly to large and shrink a large one exactly to small, so the size words stay true when a
+# clip is played backwards, and the radii seen in a clip do not tell grow from shrink (issue #11).
 RADIUS_FRACTION: dict[str, float] = {"small": 0.10, "large": 0.16}
-# Limits that grow/shrink must respect (same unit): never a speck, never more than half the frame.
-MIN_RADIUS_FRACTION = 0.05
-MAX_RADIUS_FRACTION = 0.28
 # Gap kept between an object's circumcircle and the frame border, as a fraction of min(height, width).
 MARGIN_FRACTION = 0.02
 
@@ -57,8 +56,9 @@ class ObjectState(NamedTuple):
 
 
 def lerp_state(a: ObjectState, b: ObjectState, t: float) -> ObjectState:
-    """Linear interpolation between two states; ``t`` in [0, 1]."""
-    mix = lambda u, v: u + (v - u) * t  # noqa: E731
+    """Linear interpolation between two states; ``t`` in [0, 1]. At ``t == 0.5`` it returns the exact midpoint
+    ``(a + b) / 2``, which is symmetric in ``a`` and ``b`` bit for bit (see ``events.Event.state_at``)."""
+    mix = (lambda u, v: (u + v) * 0.5) if t == 0.5 else (lambda u, v: u + (v - u) * t)  # noqa: E731
     return ObjectState(
         x=mix(a.x, b.x),
         y=mix(a.y, b.y),

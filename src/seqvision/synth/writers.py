@@ -17,9 +17,9 @@ from PIL import Image
 from .. import io
 from ..config import SynthConfig, to_dict
 from .events import EVENT_CLASSES, REVERSAL_PAIRS
-from .items import SPLITS, ItemRecord
+from .items import SPLITS, ItemRecord, held_out_combinations
 
-GENERATOR_VERSION = "1.0"
+GENERATOR_VERSION = "2.0"
 X264_PRESET = "medium"
 # MB-tree off: with it, x264 (core 165, single-threaded) gave different bytes for identical input in
 # about one clip in five (seen at 48, 64 and 96 pixels); without it, every repeat was identical.
@@ -122,6 +122,7 @@ def write_annotations(
             "generator": {"name": "seqvision.synth", "version": GENERATOR_VERSION},
             "event_classes": list(EVENT_CLASSES),
             "reversal_pairs": [list(p) for p in REVERSAL_PAIRS],
+            "held_out_combinations": [list(c) for c in held_out_combinations(config.seed, config.held_out_combinations)],
             "videos": [r.metadata for r in videos],
             "images": [r.metadata for r in images],
         },
