@@ -22,7 +22,7 @@ def test_recovers_a_known_exponent_within_its_interval(exponent):
     assert fit.low <= exponent <= fit.high
     assert abs(fit.exponent - exponent) < 0.05
     assert fit.high - fit.low < 0.2, "five points with 8% noise should pin the exponent down"
-    assert fit.n_fitted == (256, 512, 1024, 2048, 4096) and fit.method == "repeats"
+    assert fit.n_fitted == (256, 512, 1024, 2048, 4096) and fit.method == "repeats+residuals"
     other = 2.0 if exponent == 1.0 else 1.0
     assert not fit.low <= other <= fit.high
 
@@ -41,6 +41,16 @@ def test_single_values_per_n_use_the_residual_bootstrap():
     values = [[v[0]] for v in synthetic(1.0, seed=3)]
     fit = fit_power_law(LADDER, values, min_n=128)
     assert fit.method == "residuals" and fit.low <= 1.0 <= fit.high
+
+
+def test_identical_repeats_still_get_an_interval_from_the_lack_of_fit():
+    """Memory is deterministic: no spread between repeats, but points off the line must widen the interval."""
+    rng = np.random.default_rng(4)
+    values = [[1e3 * n * float(np.exp(rng.normal(0, 0.1)))] * 5 for n in LADDER]
+    fit = fit_power_law(LADDER, values, min_n=256)
+    assert fit.high - fit.low > 0.02 and fit.low <= 1.0 <= fit.high
+    exact = fit_power_law(LADDER, [[1e3 * n] * 5 for n in LADDER], min_n=256)
+    assert abs(exact.exponent - 1) < 1e-9 and exact.high - exact.low < 1e-9
 
 
 def test_rejects_what_cannot_be_fitted():

@@ -1,11 +1,12 @@
 """Power laws fitted to measurements, with bootstrap intervals, and the verdicts that follow from them.
 
 :func:`fit_power_law` fits y = c * N^k by least squares on log y vs log N (medians of the repeats, large-N points
-only: at small N fixed costs dominate and the slope says nothing about the asymptote). The 95% interval of k comes
-from a bootstrap that resamples the repeats within each N (Efron & Tibshirani 1993, ch. 6; stratified, so every
-resample keeps the same ladder), which is the measurement noise we have. It does not cover curvature: a curve
-still bending towards its asymptote has a well-determined but transient slope; :attr:`PowerFit.local_slopes`
-shows that, and :func:`verdict` calls it "depends on N".
+only: at small N fixed costs dominate and the slope says nothing about the asymptote). The 95% interval of k is the
+union of two bootstrap intervals (Efron & Tibshirani 1993, ch. 6 and 9): one resamples the repeats within each N
+(measurement noise; stratified, so every resample keeps the ladder), the other the residuals of the fitted line
+(lack of fit; deterministic measurements such as memory have no spread between repeats). Neither says where a
+curve still bending towards its asymptote will end; :attr:`PowerFit.local_slopes` shows the bend, and
+:func:`verdict` calls that "depends on N".
 """
 
 from __future__ import annotations
@@ -25,8 +26,8 @@ class PowerFit:
     """y ~ exp(intercept) * N^exponent on the points ``n_fitted``; [low, high] its bootstrap interval.
 
     ``local_slopes``: log-log slope between each pair of consecutive N over the whole ladder (medians), keyed by
-    the upper N of the pair. ``method``: "repeats" (stratified bootstrap over repeats) or "residuals" (one value
-    per N: resampled residuals of the fit).
+    the upper N of the pair. ``method``: which bootstrap intervals were joined: "repeats" (within each N),
+    "residuals" (of the fit; needs >= 3 points), or both ("repeats+residuals").
     """
 
     exponent: float
@@ -42,6 +43,11 @@ class PowerFit:
     def to_json(self) -> dict[str, Any]:
         return {k: (list(map(list, v)) if k == "local_slopes" else list(v) if isinstance(v, tuple) else v)
                 for k, v in asdict(self).items()}
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> PowerFit:
+        return cls(**{**data, "n_fitted": tuple(data["n_fitted"]),
+                      "local_slopes": tuple(tuple(p) for p in data["local_slopes"])})
 
 
 def _slope_intercept(x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -83,21 +89,24 @@ def fit_power_law(
     slope, intercept = _slope_intercept(x, y)
 
     rng = np.random.default_rng(seed)
-    if all(len(v) >= 2 for _, v in fitted):
-        method = "repeats"
+    tail = (1 - confidence) / 2
+    intervals, methods = [], []
+    if all(len(v) >= 2 for _, v in fitted):  # measurement noise: resample the repeats within each N
         boot_y = np.stack([
             np.log(np.median(v[rng.integers(0, len(v), size=(resamples, len(v)))], axis=1)) for _, v in fitted
         ], axis=-1)  # (R, P)
-    else:
-        if len(fitted) < 3:
-            raise ValueError("with one value per N, need >= 3 values of N to bootstrap an interval")
-        method = "residuals"
+        intervals.append(np.quantile(_slope_intercept(x, boot_y)[0], [tail, 1 - tail]))
+        methods.append("repeats")
+    if len(fitted) >= 3:  # lack of fit: resample the residuals of the fitted line
         residuals = y - (slope * x + intercept)
         residuals = residuals * math.sqrt(len(x) / (len(x) - 2))  # unbiased scale for 2 fitted parameters
         boot_y = slope * x + intercept + residuals[rng.integers(0, len(x), size=(resamples, len(x)))]
-    boot_slopes, _ = _slope_intercept(x, boot_y)
-    tail = (1 - confidence) / 2
-    low, high = np.quantile(boot_slopes, [tail, 1 - tail])
+        intervals.append(np.quantile(_slope_intercept(x, boot_y)[0], [tail, 1 - tail]))
+        methods.append("residuals")
+    if not intervals:
+        raise ValueError("with one value per N, need >= 3 values of N to bootstrap an interval")
+    low, high = min(i[0] for i in intervals), max(i[1] for i in intervals)
+    method = "+".join(methods)
     return PowerFit(
         exponent=float(slope), low=float(low), high=float(high), intercept=float(intercept),
         n_fitted=tuple(p[0] for p in fitted), local_slopes=local, confidence=confidence, resamples=resamples,
@@ -156,3 +165,20 @@ def combine(verdicts: Mapping[str, Verdict], *, depends_on: str) -> str:
     if len(labels) == 1:
         return labels.pop()
     return f"depends on {depends_on}: " + ", ".join(f"{name} {v.label}" for name, v in verdicts.items())
+
+
+def ratio_interval(numerator: Sequence[float], denominator: Sequence[float], *, resamples: int = 2000,
+                   confidence: float = 0.95, seed: int = 0) -> tuple[float, float, float]:
+    """median(numerator) / median(denominator) and its bootstrap interval (repeats resampled on both sides).
+
+    Returns (ratio, low, high); NaNs when either side has no values.
+    """
+    a, b = np.asarray(numerator, dtype=float), np.asarray(denominator, dtype=float)
+    if a.size == 0 or b.size == 0:
+        return math.nan, math.nan, math.nan
+    rng = np.random.default_rng(seed)
+    boot = (np.median(a[rng.integers(0, a.size, size=(resamples, a.size))], axis=1)
+            / np.median(b[rng.integers(0, b.size, size=(resamples, b.size))], axis=1))
+    tail = (1 - confidence) / 2
+    low, high = np.quantile(boot, [tail, 1 - tail])
+    return float(np.median(a) / np.median(b)), float(low), float(high)
