@@ -162,6 +162,9 @@ def test_speedups_and_the_parallelism_table():
     assert table["Transformers"]["verdict"] == "agrees"
     assert table["minGRU"]["verdict"] == "disagrees"  # the scan bought nothing here
     assert "N=1024" in table["minGRU"]["measured"]
+    # Every variant slower with two threads (a busy machine): no verdict either way.
+    busy = [{**r, "speedup": 0.3, "low": 0.2, "high": 0.5} for r in rows]
+    assert all(t["verdict"].startswith("inconclusive: ") for t in parallelism_table(busy))
 
 
 def test_token_budget_cells_hold_batch_throughput_and_mfu():

@@ -87,11 +87,15 @@ def speedups(cells: Sequence[Cell], *, seed: int = 0) -> list[dict[str, Any]]:
 
 
 def parallel_label(speedup: Mapping[str, Any], *, min_speedup: float = 1.1) -> str:
-    """'parallel' when the whole interval is above ``min_speedup``, 'sequential' when below it, else 'unclear'."""
+    """'parallel' when the whole interval is above ``min_speedup``; 'slower' when it is below 1 / min_speedup
+    (more threads cost time: the cores were busy, or the work is too small to split); 'sequential' when it lies
+    in between; else 'unclear'."""
     if math.isnan(speedup["low"]):
         return "unclear"
     if speedup["low"] > min_speedup:
         return "parallel"
+    if speedup["high"] < 1 / min_speedup:
+        return "slower"
     if speedup["high"] < min_speedup:
         return "sequential"
     return "unclear"
@@ -115,8 +119,12 @@ def parallelism_table(rows: Sequence[Mapping[str, Any]], *, min_speedup: float =
                    for v in dict.fromkeys(r["variant"] for r in mine)}
         labels = {v: parallel_label(r, min_speedup=min_speedup) for v, r in largest.items()}
         claim = PARALLEL_CLAIMS[column]
-        agree = {v: (lab == claim) for v, lab in labels.items() if lab != "unclear"}
-        if not agree:
+        agree = {v: (lab == claim) for v, lab in labels.items() if lab in ("parallel", "sequential")}
+        slower = [v for v, lab in labels.items() if lab == "slower"]
+        if slower:
+            # A slowdown says nothing about the model: the extra threads had no free core (or nothing to split).
+            label = f"inconclusive: {', '.join(slower)} ran slower with more threads"
+        elif not agree:
             label = "inconclusive"
         elif all(agree.values()) and len(agree) == len(labels):
             label = "agrees"
