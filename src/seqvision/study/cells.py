@@ -140,6 +140,7 @@ class StreamSpec:
     n: int  # tokens decoded before the measured step
     batch_size: int = 1
     threads: int = 1
+    device: str = "cpu"
     steps: int = 20  # timed steps, each from the same state at position n
     memory_frames: int = 16  # the clip the decoder attends over (fixed, so only n varies)
     sizes: ModelSizes = ModelSizes()
@@ -155,20 +156,19 @@ def stream_cell(spec: StreamSpec) -> dict[str, Any]:
     """
     torch.set_num_threads(spec.threads)
     torch.manual_seed(spec.seed)
-    model = build_variant("video_captioning", spec.variant, spec.sizes).eval()
-    visual = torch.randn(spec.batch_size, spec.memory_frames, spec.sizes.feature_dim)
-    lengths = torch.full((spec.batch_size,), spec.memory_frames)
+    device = torch.device(spec.device)
+    model = build_variant("video_captioning", spec.variant, spec.sizes).to(device).eval()
+    visual = torch.randn(spec.batch_size, spec.memory_frames, spec.sizes.feature_dim, device=device)
+    lengths = torch.full((spec.batch_size,), spec.memory_frames, device=device)
     with torch.inference_mode():
         memory = model.encode(visual, lengths)
         state = model.init_state(memory)
-        if family_of(spec.variant) == "transformer":
-            state = tuple(torch.randn(*s.shape[:2], spec.n, s.shape[3]) for s in state)  # (B, heads, n, d/heads)
-        prev = torch.full((spec.batch_size,), BOS)
+        if family_of(spec.variant) == "transformer":  # (B, heads, n, d/heads) per layer, keys and values
+            state = tuple(torch.randn(*s.shape[:2], spec.n, s.shape[3], device=device) for s in state)
+        prev = torch.full((spec.batch_size,), BOS, device=device)
         for _ in range(2):  # warm-up
             model.step(prev, state, memory)
-        times, new_state = [], state
-        for _ in range(spec.steps):
-            times.append(time_call(lambda: model.step(prev, state, memory), device=torch.device("cpu")))
+        times = [time_call(lambda: model.step(prev, state, memory), device=device) for _ in range(spec.steps)]
         _, new_state = model.step(prev, state, memory)
     return {"time_s": statistics.median(times), "times_s": times, "state_bytes": tensor_bytes(new_state),
             "parameters": models.count_parameters(model)}

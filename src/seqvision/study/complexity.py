@@ -155,8 +155,8 @@ def run_compute(config: StudyConfig, *, log: Log = None) -> RowResult:
 def run_streaming(config: StudyConfig, *, log: Log = None) -> RowResult:
     """Streaming decoding cost per new token vs the number of earlier tokens N; fits and verdicts."""
     specs = [
-        (v, {"n": n}, StreamSpec(variant=v, n=n, threads=config.threads, steps=config.stream_steps,
-                                 sizes=config.sizes, seed=config.seed))
+        (v, {"n": n}, StreamSpec(variant=v, n=n, threads=config.threads, device=config.device,
+                                 steps=config.stream_steps, sizes=config.sizes, seed=config.seed))
         for v in config.variants for n in config.stream_n_values
     ]
     cells = run_cells(specs, stream_cell, row="streaming", rounds=config.repeats, metrics=("time_s", "state_bytes"),

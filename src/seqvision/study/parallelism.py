@@ -149,8 +149,8 @@ def run_token_budget(config: StudyConfig, *, device: str = "cuda", log: Log = No
     """
     specs = [
         (v, {"n": n}, StepSpec(variant=v, n=n, batch_size=max(1, config.gpu_tokens // n), threads=config.threads,
-                               device=device, precision="bfloat16", optimizer=True, iterations=max(3, config.iterations),
-                               sizes=config.sizes, seed=config.seed))
+                               device=device, precision="bfloat16", optimizer=True,
+                               iterations=max(3, config.iterations), sizes=config.sizes, seed=config.seed))
         for v in config.parallel_variants for n in config.gpu_n_values
     ]
     cells = run_cells(specs, step_cell, row="gpu", rounds=config.repeats, metrics=("time_s", "peak_bytes"),
