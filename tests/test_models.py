@@ -14,7 +14,7 @@ import torch
 from seqvision import checkpoint
 from seqvision.blocks import ModelDims, center_clip
 from seqvision.config import TASKS, ModelsConfig
-from seqvision.models import MODELS, build_from_checkpoint, build_model, count_parameters, fit_to_budget, model_spec
+from seqvision.models import MODELS, RECURRENT_FAMILIES, build_from_checkpoint, build_model, count_parameters, fit_to_budget, model_spec
 from seqvision.vocab import BOS_ID as BOS
 from seqvision.vocab import EOS_ID as EOS
 from seqvision.vocab import PAD_ID as PAD
@@ -31,6 +31,7 @@ TINY = {
     "gru": {"hidden_size": 16, "num_layers": 2, "embed_size": 8, "dropout": 0.1, "attention": True},
     "transformer": {"hidden_size": 16, "num_layers": 2, "num_heads": 2, "ffn_mult": 2, "dropout": 0.1},
     "meanpool": {"hidden_size": 16, "num_layers": 1, "embed_size": 8, "dropout": 0.1},
+    "mingru": {"hidden_size": 16, "num_layers": 2, "embed_size": 8, "dropout": 0.1, "attention": True},
 }
 
 # Captioner variants: every family, plus the recurrent decoder without attention (a different code path).
@@ -44,6 +45,7 @@ def make(task: str, family: str, *, attention: bool = True, seed: int = 0, tbptt
     knobs = {**TINY[family], **over}
     if "attention" in knobs:
         knobs["attention"] = attention
+    if family in RECURRENT_FAMILIES:
         knobs["tbptt_steps"] = tbptt_steps
     return build_model(task, family, knobs, dims=ModelDims(FEATURE_DIM, VOCAB, CLASSES))
 

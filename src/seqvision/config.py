@@ -352,6 +352,9 @@ class TransformerModelConfig:
     num_heads: int = knob(4, "attention heads", low=1, high=128)
     ffn_mult: int = knob(4, "feed-forward width = ffn_mult * hidden_size", low=1, high=16)
     dropout: float = knob(0.1, "dropout on embeddings, attention weights and residual branches", low=0.0, high=0.9)
+    attention_impl: str = knob(
+        "sdpa", "sdpa: fused F.scaled_dot_product_attention (O(N) memory); naive: softmax(QK^T)V with the (N, N) "
+        "score matrix (O(N^2) memory; the study compares both)", choices=("sdpa", "naive"))
 
     def __post_init__(self) -> None:
         if self.hidden_size % self.num_heads or self.hidden_size % 2:
@@ -370,7 +373,7 @@ class MeanPoolModelConfig:
     dropout: float = knob(0.2, "dropout on the pooled feature, embeddings and before the output", low=0.0, high=0.9)
 
 
-MODEL_FAMILIES = ("rnn", "lstm", "gru", "transformer", "meanpool")
+MODEL_FAMILIES = ("rnn", "lstm", "gru", "transformer", "meanpool", "mingru")
 TASKS = ("activity", "image_captioning", "video_captioning")
 
 
@@ -391,6 +394,19 @@ class ParamBudgets:
 
 
 @dataclass(frozen=True)
+class MinGRUModelConfig:
+    """models.mingru: minGRU (Feng et al. 2024), gates that depend on the input only, trained with a parallel scan."""
+
+    hidden_size: int = knob(128, "hidden units per minGRU layer (encoder and decoder)", low=1, high=16_384)
+    num_layers: int = knob(1, "stacked minGRU layers (encoder and decoder each)", low=1, high=16)
+    embed_size: int = knob(128, "word embedding size (captioning)", low=1, high=16_384)
+    dropout: float = knob(0.2, "dropout on inputs, between layers and before the output layer", low=0.0, high=0.9)
+    attention: bool = knob(True, "captioning: attention over grid cells / encoder outputs, queried by h_t")
+    scan: str = knob("parallel", "parallel: log-space scan (Heinsen 2023); sequential: the step loop (same maths)",
+                     choices=("parallel", "sequential"))
+
+
+@dataclass(frozen=True)
 class ModelsConfig:
     """One sub-mapping per family, so DVC retrains only the family whose knobs changed."""
 
@@ -399,11 +415,12 @@ class ModelsConfig:
     gru: RecurrentModelConfig = knob(RecurrentModelConfig(), "GRU family")
     transformer: TransformerModelConfig = knob(TransformerModelConfig(), "Transformer family")
     meanpool: MeanPoolModelConfig = knob(MeanPoolModelConfig(), "order-blind mean-pool family")
+    mingru: MinGRUModelConfig = knob(MinGRUModelConfig(), "minGRU family (parallel-scan RNN)")
     match_params: ParamBudgets = knob(
         ParamBudgets(), "per task: resize every family's hidden_size to this many parameters, or off"
     )
 
-    def family(self, name: str) -> RecurrentModelConfig | TransformerModelConfig | MeanPoolModelConfig:
+    def family(self, name: str) -> RecurrentModelConfig | TransformerModelConfig | MeanPoolModelConfig | MinGRUModelConfig:
         """The ``models.<name>`` section."""
         if name not in MODEL_FAMILIES:
             raise ConfigError(f"unknown model family {name!r}; expected one of {', '.join(MODEL_FAMILIES)}")

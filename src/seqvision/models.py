@@ -2,7 +2,8 @@
 
 Tasks: ``activity`` (many-to-one), ``image_captioning`` (one-to-many), ``video_captioning`` (many-to-many).
 Families: ``rnn``, ``lstm``, ``gru`` (:mod:`seqvision.rnn`), ``transformer`` (:mod:`seqvision.transformer`) and
-the order-blind ``meanpool`` (:mod:`seqvision.meanpool`). See ``docs/models.md`` for the architectures.
+the order-blind ``meanpool`` (:mod:`seqvision.meanpool`) and ``mingru`` (:mod:`seqvision.mingru`, an RNN trained by
+parallel scan). See ``docs/models.md`` for the architectures.
 
 A model is fully described by its *spec*, ``{"task", "family", "dims", "config"}`` (+ ``"encoder"`` when a frame
 encoder is fine-tuned in front of it): the family's ``models:`` section as trained, and the data's sizes. Every
@@ -24,11 +25,13 @@ from seqvision.config import (
     MODEL_FAMILIES,
     TASKS,
     MeanPoolModelConfig,
+    MinGRUModelConfig,
     RecurrentModelConfig,
     TransformerModelConfig,
 )
 from seqvision.encoders import PixelFeatures, encoder_from_checkpoint, encoder_state
 from seqvision.meanpool import MeanPoolCaptioner, MeanPoolClassifier
+from seqvision.mingru import MINGRU_MODELS
 from seqvision.rnn import RNNActivityClassifier, RNNImageCaptioner, RNNVideoCaptioner
 from seqvision.transformer import TransformerActivityClassifier, TransformerCaptioner
 
@@ -56,6 +59,7 @@ MODELS: dict[str, dict[str, type[nn.Module]]] = {
         "image_captioning": MeanPoolCaptioner,
         "video_captioning": MeanPoolCaptioner,
     },
+    "mingru": MINGRU_MODELS,
 }
 assert tuple(MODELS) == MODEL_FAMILIES
 
@@ -66,6 +70,7 @@ SECTIONS: dict[str, type] = {
     "gru": RecurrentModelConfig,
     "transformer": TransformerModelConfig,
     "meanpool": MeanPoolModelConfig,
+    "mingru": MinGRUModelConfig,
 }
 
 

@@ -5,7 +5,8 @@
 - :class:`TransformerCaptioner`           one-to-many and many-to-many: encoder over the visual tokens (image grid
   cells or frames) -> decoder with causal self-attention and cross-attention (Vaswani et al. 2017).
 
-Attention is ``F.scaled_dot_product_attention`` (fused kernels where available) with our own masks: a key padding
+Attention is ``F.scaled_dot_product_attention`` (fused kernels where available; ``attention_impl="naive"`` instead
+materialises softmax(QK^T)V, for the memory study in docs/study.md) with our own masks: a key padding
 mask over visual tokens (padded frames are never attended to, in the encoder or in cross-attention) and causal
 self-attention in the decoder. Caption padding sits after ``<eos>``, so causality alone hides it from every real
 position. We write the blocks ourselves instead of using ``nn.Transformer`` to control masks and the KV cache.
@@ -31,6 +32,8 @@ from seqvision.vocab import PAD_ID
 
 State = tuple[Tensor, ...]  # (k_1, v_1, ..., k_N, v_N), each (B, heads, t, head_dim)
 
+ATTENTION_IMPLS = ("sdpa", "naive")
+
 
 def sinusoidal_positions(positions: Tensor, dim: int) -> Tensor:
     """positions (L,) int -> (L, dim) float: [sin(p w_i), cos(p w_i)], w_i = 10000^(-i/(dim/2))."""
@@ -40,12 +43,28 @@ def sinusoidal_positions(positions: Tensor, dim: int) -> Tensor:
     return torch.cat([angles.sin(), angles.cos()], dim=-1)  # (L, dim)
 
 
+def naive_attention(q: Tensor, k: Tensor, v: Tensor, *, attn_mask: Tensor | None = None, dropout_p: float = 0.0,
+                    is_causal: bool = False) -> Tensor:
+    """softmax(q k^T / sqrt(d)) v with the (B, h, Lq, Lk) weights materialised: the textbook form whose memory
+    grows with Lq * Lk, which fused kernels avoid (Dao et al. 2022). Same arguments and result as
+    ``F.scaled_dot_product_attention`` (mask True = may attend; causal aligned top-left)."""
+    scores = q @ k.transpose(-2, -1) / math.sqrt(q.size(-1))  # (B, h, Lq, Lk)
+    if is_causal:
+        future = torch.ones(q.size(-2), k.size(-2), dtype=torch.bool, device=q.device).triu(1)  # (Lq, Lk)
+        scores = scores.masked_fill(future, float("-inf"))
+    if attn_mask is not None:
+        scores = scores.masked_fill(~attn_mask, float("-inf"))
+    weights = F.dropout(scores.softmax(dim=-1), p=dropout_p) if dropout_p > 0 else scores.softmax(dim=-1)
+    return weights @ v  # (B, h, Lq, D/h)
+
+
 class Attention(nn.Module):
     """Multi-head attention over ``source`` (self-attention when None), with an optional KV cache."""
 
-    def __init__(self, dim: int, num_heads: int, dropout: float) -> None:
+    def __init__(self, dim: int, num_heads: int, dropout: float, impl: str = "sdpa") -> None:
         super().__init__()
         self.num_heads, self.dropout = num_heads, dropout
+        self.attend = F.scaled_dot_product_attention if impl == "sdpa" else naive_attention
         self.q = nn.Linear(dim, dim)
         self.kv = nn.Linear(dim, 2 * dim)
         self.proj = nn.Linear(dim, dim)
@@ -68,7 +87,7 @@ class Attention(nn.Module):
         k, v = self._heads(k), self._heads(v)  # each (B, h, Lk, D/h)
         if cache is not None:
             k, v = torch.cat([cache[0], k], dim=2), torch.cat([cache[1], v], dim=2)
-        y = F.scaled_dot_product_attention(
+        y = self.attend(
             q, k, v, attn_mask=mask, dropout_p=self.dropout if self.training else 0.0, is_causal=is_causal
         )  # (B, h, Lq, D/h)
         y = y.transpose(1, 2).reshape(B, L, D)  # (B, Lq, D)
@@ -89,7 +108,7 @@ class EncoderBlock(nn.Module):
         super().__init__()
         d = config.hidden_size
         self.ln1, self.ln2 = nn.LayerNorm(d), nn.LayerNorm(d)
-        self.attn = Attention(d, config.num_heads, config.dropout)
+        self.attn = Attention(d, config.num_heads, config.dropout, config.attention_impl)
         self.ffn = FeedForward(d, config.ffn_mult, config.dropout)
         self.drop = nn.Dropout(config.dropout)
 
@@ -104,8 +123,8 @@ class DecoderBlock(nn.Module):
         super().__init__()
         d = config.hidden_size
         self.ln1, self.ln2, self.ln3 = nn.LayerNorm(d), nn.LayerNorm(d), nn.LayerNorm(d)
-        self.self_attn = Attention(d, config.num_heads, config.dropout)
-        self.cross_attn = Attention(d, config.num_heads, config.dropout)
+        self.self_attn = Attention(d, config.num_heads, config.dropout, config.attention_impl)
+        self.cross_attn = Attention(d, config.num_heads, config.dropout, config.attention_impl)
         self.ffn = FeedForward(d, config.ffn_mult, config.dropout)
         self.drop = nn.Dropout(config.dropout)
 

@@ -1,0 +1,120 @@
+"""The study's figures (matplotlib, Agg): one PNG per row, written atomically."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import matplotlib
+import matplotlib.ticker
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402  (after choosing the backend)
+import numpy as np  # noqa: E402
+
+from seqvision.io import atomic_path  # noqa: E402
+from seqvision.study.cells import VARIANTS  # noqa: E402
+from seqvision.study.complexity import Finding, RowResult  # noqa: E402
+from seqvision.study.measure import Cell  # noqa: E402
+
+COLORS = dict(zip(VARIANTS, plt.get_cmap("tab10").colors))
+STYLES = {"transformer_naive": "--", "mingru_sequential": ":"}
+
+
+def _ladder(ax: plt.Axes, cells: Sequence[Cell], findings: Sequence[Finding], metric: str, *, scale: float = 1.0,
+            title: str, ylabel: str) -> None:
+    """Medians vs N (bars: min-max of the repeats) per variant, with the fitted power law over its range."""
+    for variant in dict.fromkeys(c.variant for c in cells):
+        mine = sorted((c for c in cells if c.variant == variant and c.metrics.get(metric)), key=lambda c: c.key["n"])
+        if not mine:
+            continue
+        n = np.array([c.key["n"] for c in mine], dtype=float)
+        med = np.array([c.median(metric) for c in mine]) * scale
+        lo = med - np.array([min(c.metrics[metric]) for c in mine]) * scale
+        hi = np.array([max(c.metrics[metric]) for c in mine]) * scale - med
+        fit = next((f.fit for f in findings if f.variant == variant and f.metric == metric and f.fit), None)
+        label = variant if fit is None else f"{variant}  N^{fit.exponent:.2f}"
+        color = COLORS.get(variant)
+        ax.errorbar(n, med, yerr=[lo, hi], fmt="o", ms=3, color=color, capsize=2, label=label,
+                    linestyle=STYLES.get(variant, "-"), lw=0.8)
+        if fit is not None:
+            xs = np.array([min(fit.n_fitted), max(fit.n_fitted)], dtype=float)
+            ax.plot(xs, np.exp(fit.intercept) * xs**fit.exponent * scale, color=color, lw=2.5, alpha=0.35)
+    ax.set(yscale="log", title=title, xlabel="N", ylabel=ylabel)
+    _n_axis(ax, [c.key["n"] for c in cells])
+    ax.grid(True, which="both", alpha=0.25)
+    ax.legend(fontsize=7)
+
+
+def _n_axis(ax: plt.Axes, n_values: Sequence[float]) -> None:
+    """Log-2 N axis labelled with the ladder's own values (16, 32, ... rather than 2 x 10^1)."""
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(sorted(set(n_values)), [f"{int(n)}" for n in sorted(set(n_values))], fontsize=7)
+    ax.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
+
+
+def _save(fig: plt.Figure, path: str | Path) -> None:
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=110)
+    plt.close(fig)
+
+
+def plot_compute(compute: RowResult, streaming: RowResult | None, path: str | Path) -> None:
+    """Row 3: training time and peak memory vs N; streaming step time and state bytes vs N."""
+    fig, axes = plt.subplots(2, 2, figsize=(12, 9))
+    device = next((c.settings.get("device") for c in compute.cells), "cpu")
+    _ladder(axes[0, 0], compute.cells, compute.findings, "time_s", scale=1e3,
+            title=f"forward + backward time ({device})", ylabel="ms per step")
+    _ladder(axes[0, 1], compute.cells, compute.findings, "peak_bytes", scale=2.0**-20,
+            title="peak memory above model + input", ylabel="MiB")
+    if streaming is not None:
+        _ladder(axes[1, 0], streaming.cells, streaming.findings, "time_s", scale=1e3,
+                title="streaming: one decoding step after N tokens", ylabel="ms per token")
+        _ladder(axes[1, 1], streaming.cells, streaming.findings, "state_bytes", scale=2.0**-10,
+                title="streaming: decoding state (RNN state / KV cache)", ylabel="KiB")
+    else:
+        for ax in axes[1]:
+            ax.axis("off")
+    fig.suptitle("Compute and memory vs sequence length N (thick lines: fitted power laws)")
+    _save(fig, path)
+
+
+def plot_parallelism(result: RowResult, path: str | Path) -> None:
+    """Row 2: critical path vs N, speedup from more threads, and (with a GPU) step time at a fixed token budget."""
+    gpu_cells = [c for c in result.cells if c.row == "gpu"]
+    fig, axes = plt.subplots(1, 3 if gpu_cells else 2, figsize=(16 if gpu_cells else 11, 4.5))
+    ax = axes[0]
+    for variant, path_by_n in result.extra["critical_path"].items():
+        n = np.array([int(k) for k in path_by_n], dtype=float)
+        ax.plot(n, list(path_by_n.values()), marker="o", ms=3, color=COLORS.get(variant), label=variant,
+                linestyle=STYLES.get(variant, "-"))
+    ax.set(yscale="log", title="critical path (sequential steps per layer)", xlabel="N", ylabel="steps")
+    _n_axis(ax, [int(k) for p in result.extra["critical_path"].values() for k in p])
+    ax.grid(True, which="both", alpha=0.25)
+    ax.legend(fontsize=7)
+
+    ax = axes[1]
+    rows = result.extra["speedups"]
+    ns = sorted({r["n"] for r in rows})
+    variants = list(dict.fromkeys(r["variant"] for r in rows))
+    width = 0.8 / max(1, len(ns))
+    for j, n in enumerate(ns):
+        for i, variant in enumerate(variants):
+            r = next((r for r in rows if r["variant"] == variant and r["n"] == n), None)
+            if r is None or np.isnan(r["speedup"]):
+                continue
+            ax.bar(i + j * width, r["speedup"], width, color=COLORS.get(variant), alpha=0.4 + 0.6 * j / len(ns),
+                   yerr=[[r["speedup"] - r["low"]], [r["high"] - r["speedup"]]], capsize=2)
+    if rows:
+        lo, hi = rows[0]["threads"]
+        ax.axhline(1.0, color="k", lw=0.8)
+        ax.axhline(hi / lo, color="k", lw=0.8, ls=":")
+        ax.set_title(f"training step speedup, {hi} vs {lo} threads, batch 1 (bars: N = {', '.join(map(str, ns))})")
+    ax.set_xticks(np.arange(len(variants)) + 0.4 - width / 2, variants, rotation=30, fontsize=8)
+    ax.set_ylabel("time(fewer threads) / time(more threads)")
+
+    if gpu_cells:
+        _ladder(axes[2], gpu_cells, result.findings, "time_s", scale=1e3,
+                title=f"GPU step time at a fixed token budget ({result.extra.get('gpu')})", ylabel="ms per step")
+    _save(fig, path)

@@ -1,0 +1,97 @@
+"""The study's settings: one frozen, validated config (a future ``study:`` section of params.yaml) and its presets.
+
+- ``ci``:      every variant on a three-point ladder with tiny models, two repeats: seconds, for tests and CI.
+- ``default``: ``make study`` on a 2-core CPU; rows 2 and 3 budgeted at about 5 minutes on a quiet machine.
+- ``gpu``:     longer sequences, a wider two-layer model, bfloat16 autocast, on CUDA (not run on the development
+               machine, which has no GPU).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any
+
+from seqvision.config import knob
+from seqvision.study.cells import VARIANTS, ModelSizes
+
+MAIN_VARIANTS = ("rnn", "lstm", "gru", "transformer", "transformer_naive", "mingru")
+LADDER = (16, 32, 64, 128, 256, 512, 1024, 2048, 4096)
+
+
+@dataclass(frozen=True)
+class StudyConfig:
+    """Rows 2 (parallelism) and 3 (compute and memory vs N) of the seed's table."""
+
+    # Row 3: training cost vs N
+    variants: tuple[str, ...] = knob(MAIN_VARIANTS, "model variants of the compute/memory row",
+                                     choices=tuple(VARIANTS))
+    n_values: tuple[int, ...] = knob(LADDER, "sequence lengths N (frames per clip) of the compute/memory ladder")
+    fit_min_n: int = knob(256, "fit exponents on the points with N >= this (fixed costs dominate below)", low=1)
+    repeats: int = knob(5, "interleaved repeats per cell, each in a fresh process; the median is reported", low=1)
+    iterations: int = knob(1, "timed steps per process after the measured first one (their median is one repeat)",
+                           low=1, high=100)
+    batch_size: int = knob(1, "clips per batch in the compute/memory row", low=1)
+    threads: int = knob(1, "torch threads in the compute/memory and streaming cells", low=1, high=256)
+    device: str = knob("cpu", "where the compute/memory row runs", choices=("cpu", "cuda"))
+    precision: str = knob("float32", "float32, or bfloat16 autocast", choices=("float32", "bfloat16"))
+    # Row 3: streaming inference
+    stream_n_values: tuple[int, ...] = knob(LADDER, "decoded positions before the measured streaming step")
+    stream_steps: int = knob(20, "timed decoding steps per streaming cell (median reported)", low=1)
+    # Row 2: parallelism
+    parallel_variants: tuple[str, ...] = knob((*MAIN_VARIANTS, "mingru_sequential"),
+                                              "model variants of the parallelism row", choices=tuple(VARIANTS))
+    parallel_n_values: tuple[int, ...] = knob((256, 1024), "sequence lengths of the threads experiment (batch 1)")
+    thread_counts: tuple[int, ...] = knob((1, 2), "torch thread counts compared (training step time)")
+    gpu_n_values: tuple[int, ...] = knob((256, 512, 1024, 2048, 4096, 8192, 16384),
+                                         "sequence lengths of the GPU experiment (run only where CUDA is present)")
+    gpu_tokens: int = knob(65536, "GPU experiment: frames per batch, held fixed (batch = gpu_tokens // N)", low=1)
+    gpu_peak_tflops: float = knob(989.0, "dense bfloat16 peak of the GPU for MFU (H100/H200 SXM: 989)", low=0.0)
+    # Models (one width for every family)
+    feature_dim: int = knob(128, "D of the synthetic frame features", low=1)
+    hidden_size: int = knob(128, "hidden units / d_model of every variant", low=2)
+    num_layers: int = knob(1, "layers of every variant", low=1, high=48)
+    num_heads: int = knob(4, "Transformer attention heads", low=1)
+    # Running
+    cell_timeout_s: float = knob(300.0, "a cell's process is stopped after this long (recorded as failed)", low=1.0)
+    tolerance: float = knob(0.25, "an exponent 'agrees' when its interval lies within claim +- tolerance",
+                            low=0.0, high=1.0)
+    seed: int = knob(0, "seeds the models, inputs, shuffled order and bootstrap", low=0)
+
+    def __post_init__(self) -> None:
+        for name in ("variants", "parallel_variants"):
+            unknown = [v for v in getattr(self, name) if v not in VARIANTS]
+            if unknown:
+                raise ValueError(f"{name}: unknown variant {unknown[0]!r}; expected one of {', '.join(VARIANTS)}")
+        for name in ("n_values", "stream_n_values", "parallel_n_values", "thread_counts", "gpu_n_values"):
+            if any(v < 1 for v in getattr(self, name)):
+                raise ValueError(f"{name}: every value must be >= 1, got {list(getattr(self, name))}")
+        for name in ("n_values", "stream_n_values"):
+            if len([n for n in getattr(self, name) if n >= self.fit_min_n]) < 2:
+                raise ValueError(f"fit_min_n={self.fit_min_n} leaves fewer than 2 points of {name} to fit")
+        if self.hidden_size % self.num_heads or self.hidden_size % 2:
+            raise ValueError(f"hidden_size ({self.hidden_size}) must be even and divisible by num_heads "
+                             f"({self.num_heads})")
+
+    @property
+    def sizes(self) -> ModelSizes:
+        return ModelSizes(feature_dim=self.feature_dim, hidden_size=self.hidden_size, num_layers=self.num_layers,
+                          num_heads=self.num_heads)
+
+    def replace(self, **changes: Any) -> StudyConfig:
+        return dataclasses.replace(self, **changes)
+
+
+PRESETS: dict[str, StudyConfig] = {
+    "ci": StudyConfig(
+        n_values=(16, 32, 64), fit_min_n=16, repeats=2, stream_n_values=(16, 32, 64), stream_steps=3,
+        parallel_n_values=(32,), gpu_n_values=(64, 128), gpu_tokens=256, feature_dim=16, hidden_size=16,
+        num_heads=2, cell_timeout_s=120.0,
+    ),
+    "default": StudyConfig(),
+    "gpu": StudyConfig(
+        n_values=(256, 512, 1024, 2048, 4096, 8192, 16384), fit_min_n=1024, device="cuda", precision="bfloat16",
+        batch_size=8, hidden_size=512, num_layers=2, num_heads=8, stream_n_values=(256, 1024, 4096, 16384, 65536),
+        gpu_n_values=(256, 512, 1024, 2048, 4096, 8192, 16384, 32768), gpu_tokens=262144,
+    ),
+}

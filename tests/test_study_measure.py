@@ -1,0 +1,84 @@
+"""Peak-memory measurement sees known allocations; fresh processes report results, errors and timeouts; records."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import pytest
+import torch
+
+from seqvision.study.measure import Cell, CellError, peak_memory, run_isolated, tensor_bytes
+
+MB = 2**20
+
+pytestmark = pytest.mark.integration  # every test here but the record ones starts fresh processes
+
+
+# Module-level, so that the fresh process can import them by name.
+
+
+def hold_tensor(megabytes: int, method: str, *, earlier_megabytes: int = 0) -> tuple[int, str]:
+    """Peak above the start of a block that allocates (and writes) ``megabytes`` and frees it again.
+
+    With ``earlier_megabytes`` the process first touches and frees a bigger tensor, raising its lifetime peak.
+    """
+    torch.set_num_threads(1)
+    if earlier_megabytes:
+        earlier = torch.ones(earlier_megabytes * MB // 4)
+        del earlier
+    with peak_memory("cpu", method=method) as probe:
+        x = torch.ones(megabytes * MB // 4)  # float32, every page written
+        del x
+    return probe.peak_bytes, probe.method
+
+
+def fail() -> None:
+    raise ArithmeticError("the cell went wrong")
+
+
+def sleep(seconds: float) -> None:
+    time.sleep(seconds)
+
+
+@pytest.mark.parametrize("method", ["rss_hwm", "ru_maxrss"])
+def test_peak_memory_sees_a_200_mb_tensor_in_a_fresh_process(method):
+    peak, used = run_isolated(hold_tensor, 200, method)
+    assert used == method
+    assert 195 * MB <= peak < 230 * MB, f"{peak / MB:.1f} MB"  # pages freed before the block may be reused
+    nothing, _ = run_isolated(hold_tensor, 0, method)
+    assert nothing < 8 * MB, f"{nothing / MB:.1f} MB for an empty block"
+
+
+def test_only_the_reset_high_water_mark_sees_an_allocation_below_an_earlier_peak():
+    """Why each cell runs in a fresh process (or resets VmHWM): ru_maxrss never goes down."""
+    hwm, _ = run_isolated(hold_tensor, 100, "rss_hwm", earlier_megabytes=300)
+    maxrss, _ = run_isolated(hold_tensor, 100, "ru_maxrss", earlier_megabytes=300)
+    assert 97 * MB <= hwm < 130 * MB
+    assert maxrss < 20 * MB
+
+
+def test_run_isolated_reports_errors_and_stops_what_runs_too_long():
+    with pytest.raises(CellError, match="ArithmeticError: the cell went wrong"):
+        run_isolated(fail)
+    start = time.perf_counter()
+    with pytest.raises(CellError, match="ran past its limit of 1 s"):
+        run_isolated(sleep, 60, timeout_s=1)
+    assert time.perf_counter() - start < 20
+    assert run_isolated(max, 3, 7) == 7
+
+
+def test_tensor_bytes_counts_a_state_tuple():
+    assert tensor_bytes((torch.zeros(2, 3), None, torch.zeros(4, dtype=torch.float16))) == 2 * 3 * 4 + 4 * 2
+    assert tensor_bytes(None) == 0
+
+
+def test_cell_record_round_trips_through_json():
+    cell = Cell(row="compute", variant="lstm", key={"n": 512}, metrics={"time_s": [0.3, 0.1, 0.2], "peak_bytes": []},
+                settings={"batch_size": 1}, errors=["round 2: killed"])
+    data = json.loads(json.dumps(cell.to_json()))
+    assert data["name"] == "compute/lstm/n=512"
+    assert data["medians"] == {"time_s": 0.2, "peak_bytes": None}
+    assert Cell.from_json(data) == Cell(row="compute", variant="lstm", key={"n": 512},
+                                        metrics={"time_s": [0.3, 0.1, 0.2], "peak_bytes": []},
+                                        settings={"batch_size": 1}, errors=["round 2: killed"])
