@@ -8,8 +8,8 @@ features, cosine). Image and video captioning: ``frequent_caption`` (most freque
 ``nearest_neighbour`` (the closest training item's consensus caption). Fitted on train, scored on test.
 See seqvision/baselines.py.
 
-Reads the ``evaluate`` section of params.yaml (compute_meteor); activity labels come from
-``--activity-dir`` / ``--activity-split`` (default: params.yaml ``data:``). Same files as the evaluate stage.
+Reads no params but ``data.activity_dir`` / ``activity_split`` (``--activity-dir`` / ``--activity-split`` override
+them). Writes the evaluation layout of seqvision/results.py, as the trainings' test evaluations do.
 
 Exit status: 0 done; 2 bad params or a missing input (one line on stderr).
 """

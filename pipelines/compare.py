@@ -72,6 +72,7 @@ from seqvision import tracking
 from seqvision.config import MODEL_FAMILIES, TASKS, ConfigError, DataConfig, Params
 from seqvision.features import require_metadata
 from seqvision.io import write_json
+from seqvision.runtime import parallel_slots
 
 # The train stage's command line as dvc.yaml runs it (the interpreter running this flow, so a venv carries over).
 TRAIN_COMMAND: tuple[str, ...] = (sys.executable, "-m", "pipelines.train")
@@ -156,40 +157,12 @@ def plan_trainings(tasks: Sequence[str] | None, models: Sequence[str] | None) ->
     return [Training(t, m) for t in TASKS if t in tasks for m in MODEL_FAMILIES if m in models]
 
 
-def visible_gpus() -> list[str]:
-    """The CUDA devices this process may use, as CUDA_VISIBLE_DEVICES entries (index or UUID)."""
-    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
-    inherited = os.environ.get("CUDA_VISIBLE_DEVICES")
-    if inherited is not None:  # a child must name the *physical* device, not its index among the visible ones
-        return [d.strip() for d in inherited.split(",") if d.strip()][:count]
-    return [str(i) for i in range(count)]
-
-
-def usable_cores() -> int:
-    """CPU cores this process may run on (its affinity mask; a container's CPU set, not the host's)."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not Linux
-        return os.cpu_count() or 1
-
-
 def training_slots(max_parallel: int | None, *, train_device: str, num_trainings: int) -> list[str | None]:
-    """One entry per training that may run at once: the CUDA_VISIBLE_DEVICES value it gets, ``None`` on CPU.
-
-    GPU (``train.device`` auto or cuda, and a device visible): by default one training per device, so each
-    one has a device to itself; a larger ``max_parallel`` shares them round-robin. CPU: by default one per
-    usable core, because the train stage runs single-threaded (``--threads 1``: one thread was 5-14x faster
-    than two for these small sequential models, docs/benchmarks.md "Training budget"). Never more slots
-    than trainings.
-    """
-    if max_parallel is not None and max_parallel < 1:
-        raise ConfigError(f"max_parallel must be >= 1, got {max_parallel}")
-    gpus = visible_gpus() if train_device != "cpu" else []
-    if train_device == "cuda" and not gpus:
-        raise ConfigError("train.device is 'cuda' but no CUDA device is visible")
-    wanted = max_parallel or (len(gpus) if gpus else usable_cores())
-    count = max(1, min(wanted, num_trainings))
-    return [gpus[i % len(gpus)] for i in range(count)] if gpus else [None] * count
+    """One entry per training that may run at once (``runtime.parallel_slots``); ``ConfigError`` for bad values."""
+    try:
+        return parallel_slots(num_trainings, device=train_device, wanted=max_parallel)
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
 
 
 def check_inputs(
@@ -542,7 +515,7 @@ def compare_flow(
                 tasks=tuple(t for t in TASKS if any(j.task == t for j in jobs)),
                 models=tuple(m for m in MODEL_FAMILIES if any(j.model == m for j in jobs)),
                 parent_run_id=parent, mlflow=mlflow, repo_root=str(root),
-                meteor=params.evaluate.compute_meteor,
+                meteor=params.report.compute_meteor,
             )
             status["report"] = {k: str(v) for k, v in written["paths"].items()}
         except Exception as err:  # noqa: BLE001 - e.g. MLflow unreachable: the report files may still exist

@@ -8,7 +8,7 @@ every model and baseline, with missing or failed runs marked; learning curves, c
 (activity) and a bar chart of the headline metric; correct and failed test examples with their frames;
 and a verdict computed from the numbers. report.html is self-contained (opens offline); report.md links
 the figures in figures/. METEOR is scored here, for every captioning run in one Java process (--meteor, which
-dvc.yaml sets from params.yaml evaluate.compute_meteor); the evaluate stages leave it null.
+dvc.yaml sets from params.yaml report.compute_meteor); the evaluate stages leave it null.
 
 MLflow: the report files are logged on the comparison's parent run (--parent-run-id, else
 $SEQVISION_PARENT_RUN_ID, else every parent run named by the train summaries), with every run's headline
@@ -136,7 +136,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--meteor", default="auto", choices=("auto", "always", "never"),
                         help="METEOR for every captioning run, in one Java process: auto = when java is on PATH "
                              "(else the table says unavailable), always = fail without Java (params.yaml "
-                             "evaluate.compute_meteor; default: auto)")
+                             "report.compute_meteor; default: auto)")
     parser.add_argument("--repo-root", default=".", help="where mlflow.db lives unless MLFLOW_TRACKING_URI is set")
     parser.add_argument("--debug", action="store_true", help="print tracebacks with errors (also: SEQVISION_DEBUG=1)")
     args = parser.parse_args(argv)

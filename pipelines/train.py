@@ -1,34 +1,32 @@
-"""train stage: one model family on one task -> checkpoints, history and summary in ``--out``.
+"""train stage: one model family on one task, ``train.seeds`` seeds, each evaluated on the test split.
 
     python -m pipelines.train --task activity --model lstm --params params.yaml \\
         --features artifacts/features --tokens artifacts/tokens \\
-        --activity-dir data/annotations/ucf101 --activity-split 1 --out artifacts/train/activity/lstm
+        --activity-dir data/annotations/ucf101 --activity-split 1 --out artifacts/runs/activity/lstm
 
-Tasks: activity, image_captioning, video_captioning. Models: rnn, lstm, gru, transformer, meanpool.
-Reads the ``train`` section, ``models.<model>``, ``models.match_params.<task>`` and ``data.activity_dir`` /
-``activity_split`` of params.yaml (``pipelines.train_args.TrainParams``), once; the whole file is validated first.
-Inputs: ``--features`` (every task), ``--tokens`` (captioning: ``{tokens}/video`` or ``{tokens}/image``),
-``--activity-dir`` / ``--activity-split`` (activity; default: params.yaml ``data:``). With params.yaml
-``train.finetune_encoder: true`` the model trains end to end: the encoder from ``--encoder`` (the encoder stage's encoder.pt) sits in front of it and trains with it,
-on the uint8 frames of ``--frames`` instead of the cached features (meant for GPUs: every step runs the CNN).
+Tasks: activity, image_captioning, video_captioning. Models: rnn, lstm, gru, transformer, meanpool, mingru.
+Reads ``train``, ``models.<model>``, ``models.match_params.<task>``, and ``evaluate`` (captioning: one decoder picks
+each seed's best epoch and predicts the test split) or ``data.activity_dir`` / ``activity_split`` (activity) of
+params.yaml (``pipelines.train_args.TrainParams``), once; the whole file is validated first.
 
-Outputs in ``--out``: best.pt, last.pt, history.json, learning_curve.json (for ``dvc plots``), config.json,
-summary.json (see seqvision.experiment). With ``--resume`` (the default) a rerun continues from ``last.pt``
-when that was written for the same params and inputs, and starts afresh otherwise.
+Seeds ``train.seed`` .. ``train.seed + train.seeds - 1`` train as parallel worker processes
+(``pipelines.train_worker``): one per CUDA device, else one per CPU core (``--parallel`` to choose), each into
+``--out/train/seed{k}`` (checkpoints, history) and ``--out/test/seed{k}`` (test predictions and metrics). The stage then writes, over seeds, the
+mean and 95% interval of every test metric (``metrics.json``), every seed's summary (``summary.json``), the
+learning curves (``learning_curve.json``) and, for activity, the confusion rows (``plots/``): docs/design.md. With
+``--metadata`` (the synthetic benchmark's metadata.json) captioners also get the content metrics. With
+``train.finetune_encoder`` the encoder from ``--encoder`` trains with each model on the pixels of ``--frames``.
 
-MLflow: the training is a child run of the comparison's parent run: ``$SEQVISION_PARENT_RUN_ID`` if set, else
-the still-RUNNING run recorded in ``.seqvision/parent_run_id`` under the repository root (the current
-directory), else a new run "comparison" in experiment "seqvision" (recorded there). Runs go to
-``$MLFLOW_TRACKING_URI``, else ``sqlite:///<repo>/mlflow.db``. A failed training marks its run FAILED.
+MLflow: the training is one child run of the comparison's parent run (``$SEQVISION_PARENT_RUN_ID``, else the RUNNING
+run in ``.seqvision/parent_run_id`` under the repository root, else a new run "comparison"), holding every seed's
+learning curve (``seed{k}/...``), the test metrics per seed and their mean and interval (``test/...``), and the
+parameter count. Runs go to ``$MLFLOW_TRACKING_URI``, else ``sqlite:///<repo>/mlflow.db``; the store is checked
+before any work. A failed seed fails the stage and marks the run FAILED.
 
-DDP: with ``--nproc-per-node N`` (N > 1) the flow creates the child run once, then a Prefect task launches
-``torchrun --standalone --nproc-per-node N -m pipelines.train_ddp`` on this machine with ``$MLFLOW_RUN_ID`` set,
-streams its output and marks the run FINISHED or FAILED from its exit status. ``train.batch_size`` stays the
-global batch (it must divide by N); one process per GPU (NCCL) when ``train.device`` resolves to CUDA, else N
-CPU processes (gloo); they share ``--threads``, at least one each. Without randomness inside a step (dropout,
-scheduled sampling) the outputs equal one process's up to float summation order (docs/ddp.md).
+DDP: with ``--nproc-per-node N`` each seed trains on N local processes under torchrun (NCCL on GPUs, gloo on
+CPU), one seed after another; ``train.batch_size`` stays the global batch (docs/ddp.md).
 
-Exit status: 0 done; 1 training failed (e.g. a non-finite loss); 2 bad arguments, params or inputs (one line on
+Exit status: 0 done; 1 a seed failed (e.g. a non-finite loss); 2 bad arguments, params or inputs (one line on
 stderr; ``--debug`` adds the traceback).
 """
 
@@ -36,9 +34,10 @@ from __future__ import annotations
 
 import argparse
 import collections
-import dataclasses
+import io
 import json
 import os
+import queue
 import subprocess
 import sys
 import time
@@ -55,7 +54,10 @@ from pipelines.common import run_main
 from pipelines.train_args import TrainParams, add_arguments, check_inputs, read_train_params
 from seqvision import experiment, tracking
 from seqvision.config import ConfigError, TrainConfig, load_params
-from seqvision.runtime import resolve_device
+from seqvision.runtime import parallel_slots, resolve_device
+
+# The folder holding the `pipelines` package: worker processes import it from there whatever their PYTHONPATH.
+CODE_ROOT = Path(pipelines.__file__).resolve().parent.parent
 
 
 def check_nproc(nproc_per_node: int, train_config: TrainConfig) -> None:
@@ -71,55 +73,50 @@ def check_nproc(nproc_per_node: int, train_config: TrainConfig) -> None:
         raise ConfigError(f"--nproc-per-node {nproc_per_node} but only {torch.cuda.device_count()} GPU(s)")
 
 
-def tracked(task_name: str, model: str, params: TrainParams) -> dict[str, Any]:
-    return experiment.tracked_params(task_name, model, train_config=params.train, model_config=params.model_config,
-                                     budget=params.budget)
+def worker_args(task_name: str, model: str, *, seed_index: int, out: str, params_path: str, params: TrainParams,
+                features: str, tokens: str | None, frames: str | None, encoder: str | None, metadata: str | None,
+                resume: bool, progress: bool | None, threads: int) -> list[str]:
+    """The flags of ``pipelines.train_worker`` for one seed of this training."""
+    args = ["--task", task_name, "--model", model, "--seed-index", str(seed_index), "--out", out,
+            "--params", params_path, "--features", features, "--threads", str(threads),
+            "--resume" if resume else "--no-resume", "--no-tracking"]
+    if task_name == "activity":
+        args += ["--activity-dir", params.activity_dir, "--activity-split", str(params.activity_split)]
+    for flag, value in (("--tokens", tokens), ("--frames", frames), ("--encoder", encoder), ("--metadata", metadata)):
+        if value is not None:
+            args += [flag, str(value)]
+    if progress is not None:
+        args.append("--progress" if progress else "--no-progress")
+    return args
 
 
-@task(cache_policy=NO_CACHE)  # DVC decides what reruns, not a Prefect cache
-def load_data(task_name: str, params: TrainParams, features: str, tokens: str | None, frames: str | None,
-              encoder: Any) -> experiment.TaskData:
-    return experiment.load_for_training(task_name, seed=params.train.seed, activity_dir=params.activity_dir,
-                                        activity_split=params.activity_split, features_dir=features,
-                                        frames_dir=frames, tokens_dir=tokens, encoder=encoder)
-
-
-@task(cache_policy=NO_CACHE, task_run_name="fit-{task_name}-{model}")
-def train_model(task_name: str, model: str, data: experiment.TaskData, params: TrainParams, out: str, *,
-                repo_root: Path, tracking_on: bool, resume: bool, progress: bool | None,
-                encoder: Any = None) -> experiment.TrainSummary:
-    logger = get_run_logger()
-    tracker: Any = tracking.NullTracker()
-    parent = None
-    if tracking_on:
-        tracker, parent = tracking.open_training_run(task_name, model, repo_root=repo_root,
-                                                     params=tracked(task_name, model, params))
-        logger.info(f"MLflow run {tracker.run_id} under parent {parent}")
-    with tracker:  # an exception marks the child run FAILED (KILLED for Ctrl-C) and propagates
-        return experiment.run(task_name, model, data=data, train_config=params.train,
-                              model_config=params.model_config, budget=params.budget, out_dir=out, tracker=tracker,
-                              parent_run_id=parent, resume=resume, progress=progress, log=logger.info,
-                              encoder=encoder)
-
-
-def torchrun_command(nproc_per_node: int, worker_args: list[str]) -> list[str]:
-    """``python -m torch.distributed.run`` (torchrun, with this interpreter) for one node: ``--standalone`` picks
-    a free local rendezvous port, so concurrent trainings on one machine do not collide."""
+def worker_command(nproc_per_node: int, args: list[str]) -> list[str]:
+    """One worker process with this interpreter, or ``torchrun --standalone`` with ``nproc_per_node`` of them (a
+    free local rendezvous port, so concurrent trainings on one machine do not collide)."""
+    if nproc_per_node == 1:
+        return [sys.executable, "-m", "pipelines.train_worker", *args]
     return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc_per_node}",
-            "-m", "pipelines.train_ddp", *worker_args]
+            "-m", "pipelines.train_worker", *args]
 
 
-def stream(command: list[str], *, env: dict[str, str], log: Callable[[str], Any], keep: int = 40) -> tuple[int, str]:
-    """Run ``command``, passing each output line (stdout and stderr merged) to ``log`` as it comes; return
-    (exit status, its last ``keep`` lines). The child is stopped if this process is interrupted."""
+def stream(command: list[str], *, env: dict[str, str], log: Callable[[str], Any],
+           redraw: Callable[[str], Any] | None = None, keep: int = 40) -> tuple[int, str]:
+    """Run ``command``, passing each output line (stdout and stderr merged) to ``log`` as it comes, and each
+    progress-bar redraw (text ended by a carriage return) to ``redraw`` instead; return (exit status, its last
+    ``keep`` lines). The child is stopped if this process is interrupted."""
     tail: collections.deque[str] = collections.deque(maxlen=keep)
-    with subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                          bufsize=1) as proc:
+    with subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT) as proc:
         try:
             assert proc.stdout is not None
-            for line in proc.stdout:
-                tail.append(line.rstrip("\n"))
-                log(tail[-1])
+            # newline="": lines end at \n, \r\n or a lone \r, and say which
+            for chunk in io.TextIOWrapper(proc.stdout, encoding="utf-8", errors="replace", newline=""):
+                text = chunk.rstrip("\r\n")
+                if chunk.endswith("\r") and not chunk.endswith("\r\n"):
+                    if redraw is not None and text:
+                        redraw(text)
+                    continue
+                tail.append(text)
+                log(text)
             return proc.wait(), "\n".join(tail)
         finally:
             if proc.poll() is None:  # interrupted: torchrun forwards SIGTERM to its workers
@@ -130,53 +127,95 @@ def stream(command: list[str], *, env: dict[str, str], log: Callable[[str], Any]
                     proc.kill()
 
 
-@task(cache_policy=NO_CACHE, task_run_name="torchrun-{task_name}-{model}")
-def train_model_ddp(task_name: str, model: str, params: TrainParams, out: str, *, nproc_per_node: int,
-                    worker_args: list[str], repo_root: Path, tracking_on: bool) -> dict[str, Any]:
-    """One training on ``nproc_per_node`` local processes; returns ``summary.json``'s content.
+def redraw_on_stderr(prefix: str) -> Callable[[str], None]:
+    """A worker's progress bar on this process's stderr, prefixed with its seed (seeds training at once take
+    turns on the one line)."""
+    def redraw(text: str) -> None:
+        sys.stderr.write(f"\r{prefix}{text}")
+        sys.stderr.flush()
 
-    The MLflow run is created here, once, and handed to every rank through ``$MLFLOW_RUN_ID`` (rank 0 logs into
-    it); its status comes from torchrun's exit status, which covers ranks that were killed before they could
-    report anything.
-    """
-    logger = get_run_logger()
+    return redraw
+
+
+def worker_env(slot: str | None) -> dict[str, str]:
+    """A worker's environment: this process's, the checkout importable, unbuffered output, and its one device."""
     env = dict(os.environ)
-    # The workers import pipelines.train_ddp by module name, wherever the flow was started from.
-    source_root = str(Path(pipelines.__file__).resolve().parent.parent)
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (source_root, env.get("PYTHONPATH")) if p)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(CODE_ROOT), env.get("PYTHONPATH")) if p)
     env["PYTHONUNBUFFERED"] = "1"  # stream the workers' lines as they come, not when their buffers fill
-    tracker: Any = tracking.NullTracker()
-    if tracking_on:
-        tracker, parent = tracking.open_training_run(task_name, model, repo_root=repo_root,
-                                                     params=tracked(task_name, model, params))
-        env.update({tracking.RUN_ID_ENV: tracker.run_id, tracking.PARENT_RUN_ENV: parent,
-                    "MLFLOW_TRACKING_URI": tracking.tracking_uri(repo_root)})
-        logger.info(f"MLflow run {tracker.run_id} under parent {parent}, shared by {nproc_per_node} processes")
-    command = torchrun_command(nproc_per_node, worker_args)
-    logger.info(" ".join(command))
-    with tracker:  # FINISHED on exit status 0; FAILED otherwise (KILLED for Ctrl-C)
-        status, tail = stream(command, env=env, log=logger.info)
-        if status != 0:
-            raise RuntimeError(f"torchrun exited with status {status}; its last lines:\n{tail}")
-    return json.loads((Path(out) / "summary.json").read_text(encoding="utf-8"))
+    if slot is not None:
+        env["CUDA_VISIBLE_DEVICES"] = slot
+    return env
 
 
-def worker_args(task_name: str, model: str, *, nproc_per_node: int, out: str, params_path: str, params: TrainParams,
-                features: str, tokens: str | None, frames: str | None, encoder: str | None, resume: bool,
-                tracking_on: bool, progress: bool | None, repo_root: Path) -> list[str]:
-    """The flags of ``pipelines.train_ddp`` for one training. The workers share this process's torch threads
-    (at least one each): N processes with all of them each would oversubscribe the CPU N times."""
-    threads = max(1, torch.get_num_threads() // nproc_per_node)
-    args = ["--task", task_name, "--model", model, "--out", out, "--params", params_path, "--features", features,
-            "--repo-root", str(repo_root), "--threads", str(threads),
-            "--activity-dir", params.activity_dir, "--activity-split", str(params.activity_split),
-            "--resume" if resume else "--no-resume", "--tracking" if tracking_on else "--no-tracking"]
-    for flag, value in (("--tokens", tokens), ("--frames", frames), ("--encoder", encoder)):
-        if value is not None:
-            args += [flag, str(value)]
-    if progress is not None:
-        args.append("--progress" if progress else "--no-progress")
-    return args
+@task(cache_policy=NO_CACHE, task_run_name="seed-{seed_index}")  # DVC decides what reruns, not a Prefect cache
+def train_seed(seed_index: int, args: list[str], nproc_per_node: int, slots: queue.Queue) -> None:
+    """Seed ``seed_index`` in a worker process on a free slot; raises ``RuntimeError`` with its last lines when it
+    fails (the flow fails the stage after the other seeds have finished)."""
+    logger = get_run_logger()
+    slot = slots.get(timeout=600)  # the task runner runs at most len(slots) of these at once: one is free
+    try:
+        where = "cpu" if slot is None else f"CUDA_VISIBLE_DEVICES={slot}"
+        logger.info(f"seed {seed_index} on {where}")
+        status, tail = stream(worker_command(nproc_per_node, args), env=worker_env(slot),
+                              log=lambda line: logger.info(f"seed {seed_index}: {line}"),
+                              redraw=redraw_on_stderr(f"seed {seed_index}: "))
+    finally:
+        slots.put(slot)
+    if status != 0:
+        last = [line for line in tail.splitlines() if "error:" in line][-1:] or tail.splitlines()[-1:]
+        raise RuntimeError(f"seed {seed_index} exited with status {status}: {last[0] if last else ''}")
+
+
+@task(cache_policy=NO_CACHE, tags=["orchestration"])
+def open_run(task_name: str, model: str, params: TrainParams, repo_root: Path) -> tuple[Any, str]:
+    """This training's MLflow child run under the comparison's parent (created while the seeds train), holding the
+    params it depends on."""
+    flat = tracked(task_name, model, params)
+    tracker, parent = tracking.open_training_run(task_name, model, repo_root=repo_root, params=flat)
+    tracker.log_params(flat)
+    return tracker, parent
+
+
+@task(cache_policy=NO_CACHE)
+def aggregate(out: str, seeds: int, budget: int | None) -> dict[str, Any]:
+    return experiment.aggregate(out, seeds=seeds, budget=budget)
+
+
+@task(cache_policy=NO_CACHE, tags=["orchestration"])
+def log_run(tracker: Any, out: str, seeds: int, metrics: dict[str, Any]) -> None:
+    """Every seed's learning curve, the test metrics per seed and over seeds, what the seeds ran on, and the
+    stage's files."""
+    summary = json.loads((Path(out) / "summary.json").read_text(encoding="utf-8"))
+    resumed = {f"seqvision.seed{k}.resumed_from_epoch": s["resumed_from_epoch"] for k, s in enumerate(summary["seeds"])}
+    tracker.set_tags({"seqvision.seeds": seeds, **resumed, **tracking.runtime_tags(summary["seeds"][0]["device"])})
+    for k, (trained, _) in enumerate(experiment.seed_folders(out, seeds)):
+        for row in json.loads((trained / "history.json").read_text(encoding="utf-8")):
+            named = {(f"val_{summary['metric']}" if key == "val_metric" else key): value for key, value in row.items()}
+            tracker.log_epoch({f"seed{k}/{key}": value for key, value in named.items() if key != "epoch"},
+                              step=row["epoch"])
+    flat: dict[str, float] = {"num_parameters": metrics["num_parameters"], "converged_seeds": metrics["converged"]}
+    for name, summary in metrics.items():
+        if not isinstance(summary, dict) or summary.get("mean") is None:
+            continue
+        flat[f"test/{name}"] = summary["mean"]
+        if summary.get("ci95"):
+            flat[f"test/{name}/ci95_low"], flat[f"test/{name}/ci95_high"] = summary["ci95"]
+        for k, value in enumerate(summary["seeds"]):
+            flat[f"test/{name}/seed{k}"] = value
+    tracker.log_epoch(flat, step=0)
+    tracker.log_params({"num_parameters": metrics["num_parameters"]})
+    for name in ("summary.json", "metrics.json"):
+        tracker.log_artifact(Path(out) / name)
+
+
+def tracked(task_name: str, model: str, params: TrainParams) -> dict[str, Any]:
+    flat = experiment.tracked_params(task_name, model, train_config=params.train, model_config=params.model_config,
+                                     budget=params.budget)
+    if params.decoding is not None:
+        flat.update({f"evaluate.{k}": v for k, v in (("beam_size", params.decoding.beam_size),
+                                                      ("length_penalty", params.decoding.length_penalty),
+                                                      ("max_length", params.decoding.max_length))})
+    return flat
 
 
 @flow(name="train")
@@ -191,61 +230,95 @@ def train_flow(
     activity_split: int | None = None,
     features: str = "artifacts/features",
     tokens: str | None = None,
+    frames: str | None = "artifacts/frames",
+    encoder: str | None = "artifacts/encoder/encoder.pt",
+    metadata: str | None = None,
     resume: bool = True,
     tracking: bool = True,
     progress: bool | None = None,
     repo_root: str | None = None,
     nproc_per_node: int = 1,
-    frames: str | None = "artifacts/frames",
-    encoder: str | None = "artifacts/encoder/encoder.pt",
+    parallel: int | None = None,
 ) -> dict[str, Any]:
-    """Train ``model`` on ``task`` into ``out``; returns ``summary.json``'s content.
+    """Train ``model`` on ``task`` over ``train.seeds`` seeds into ``out``; returns ``metrics.json``'s content.
 
     ``params``: what the training reads (``main`` passes it, read once); None: read from the ``params_path`` file
-    (a deployment run; ``activity_dir`` / ``activity_split`` then override its ``data:`` values). The DDP workers
-    read ``params_path`` themselves (each torchrun process once).
-    ``repo_root`` (default: the current directory, where DVC runs stages) anchors the MLflow store and the
-    parent-run file ``.seqvision/parent_run_id``. ``nproc_per_node`` > 1: DDP over that many local processes under
-    torchrun (see the module docstring). ``frames`` / ``encoder``: read only when ``train.finetune_encoder`` is on.
+    (a deployment run; ``activity_dir`` / ``activity_split`` then override its ``data:`` values). The workers read
+    ``params_path`` themselves. ``repo_root`` (default: the current directory, where DVC runs stages) anchors the
+    MLflow store and the parent-run file. ``parallel``: seeds at once (default: one per GPU, else per CPU core).
     """
+    logger = get_run_logger()
     experiment.check_names(task, model)
     if params is None:
         loaded = load_params(params_path)
+        activity = task == "activity"
         params = TrainParams(
             train=loaded.train, model_config=loaded.models.family(model),
-            budget=loaded.models.match_params.budget(task),
-            activity_dir=loaded.data.activity_dir if activity_dir is None else activity_dir,
-            activity_split=loaded.data.activity_split if activity_split is None else activity_split,
+            budget=loaded.models.match_params.budget(task), decoding=None if activity else loaded.evaluate,
+            activity_dir=(loaded.data.activity_dir if activity_dir is None else activity_dir) if activity else "",
+            activity_split=(loaded.data.activity_split if activity_split is None else activity_split) if activity else 1,
         )
     check_nproc(nproc_per_node, params.train)
     root = Path(repo_root).resolve() if repo_root else Path.cwd().resolve()
-    # Loaded here in the DDP case too: bad inputs then fail (exit 2) before N processes start.
-    frame_encoder = experiment.finetune_encoder(params.train.finetune_encoder, encoder)
-    task_data = load_data(task, params, features, tokens, frames, frame_encoder)
-    if nproc_per_node == 1:
-        summary: Any = train_model(task, model, task_data, params, out, repo_root=root, tracking_on=tracking,
-                                   resume=resume, progress=progress, encoder=frame_encoder)
-        summary = dataclasses.asdict(summary)
-    else:
-        args = worker_args(task, model, nproc_per_node=nproc_per_node, out=out, params_path=params_path,
-                           params=params, features=features, tokens=tokens,
-                           frames=frames if frame_encoder is not None else None,
-                           encoder=encoder if frame_encoder is not None else None, resume=resume,
-                           tracking_on=tracking, progress=progress, repo_root=root)
-        summary = train_model_ddp(task, model, params, out, nproc_per_node=nproc_per_node, worker_args=args,
-                                  repo_root=root, tracking_on=tracking)
-    get_run_logger().info(describe(summary))
-    return summary
+    seeds = params.train.seeds
+    slots_list = [None] if nproc_per_node > 1 else parallel_slots(seeds, device=params.train.device, wanted=parallel)
+    # CPU: one torch thread per worker (fastest for these small models, docs/benchmarks.md), more when there are
+    # more cores than seeds; under torchrun the ranks share them.
+    threads = max(1, torch.get_num_threads() // max(len(slots_list), nproc_per_node)) if slots_list[0] is None else 1
+    slots: queue.Queue = queue.Queue()
+    for slot in slots_list:
+        slots.put(slot)
+    finetune = params.train.finetune_encoder
+    if progress is None:  # the workers' stderr is a pipe: decide here, for this process's terminal
+        progress = sys.stderr.isatty()
+    logger.info(f"{task}/{model}: {seeds} seed(s), {len(slots_list)} at once, {threads} thread(s) each")
+    # The flow's thread pool runs the tasks; the slots bound how many seeds train at once. The MLflow run opens
+    # while they train.
+    run = open_run.submit(task, model, params, root) if tracking else None
+    futures = [train_seed.submit(k, worker_args(
+        task, model, seed_index=k, out=out, params_path=params_path, params=params, features=features,
+        tokens=tokens, frames=frames if finetune else None, encoder=encoder if finetune else None,
+        metadata=metadata, resume=resume, progress=progress, threads=threads), nproc_per_node, slots)
+        for k in range(seeds)]
+    errors = []
+    for future in futures:
+        try:
+            future.result()
+        except Exception as err:  # noqa: BLE001 - every seed is waited for; then the stage fails
+            errors.append(err)
+    tracker, parent = run.result() if run is not None else (tracking_off(), None)
+    with tracker:  # an exception marks the child run FAILED (KILLED for Ctrl-C) and propagates
+        if errors:
+            raise RuntimeError("; ".join(str(e) for e in errors))
+        metrics = aggregate(out, seeds, params.budget)
+        if run is not None:
+            log_run(tracker, out, seeds, metrics)
+            stamp_run_ids(out, tracker.run_id, parent)
+    logger.info(describe(out))
+    return metrics
 
 
-def describe(summary: experiment.TrainSummary | dict[str, Any]) -> str:
-    s = summary if isinstance(summary, dict) else dataclasses.asdict(summary)
-    blind = "majority class" if s["task"] == "activity" else "most frequent caption"
-    return (
-        f"{s['task']}/{s['family']}: val {s['metric']} {s['best_val_metric']:.3f} at epoch {s['best_epoch']} of "
-        f"{s['epochs_run']} ({blind}: {s['input_blind_metric']:.3f}); {s['num_parameters']:,} parameters, "
-        f"{s['train_time_s']:.1f} s, {s['samples_per_s']:.0f} samples/s on {s['device']}"
-    )
+def tracking_off() -> Any:
+    return tracking.NullTracker()
+
+
+def stamp_run_ids(out: str, run_id: str | None, parent: str | None) -> None:
+    """Record the MLflow run ids in ``summary.json`` (the report logs on the parent they name)."""
+    path = Path(out) / "summary.json"
+    summary = json.loads(path.read_text(encoding="utf-8"))
+    summary.update({"mlflow_run_id": run_id, "mlflow_parent_run_id": parent})
+    from seqvision.io import write_json
+
+    write_json(path, summary)
+
+
+def describe(out: str) -> str:
+    s = json.loads((Path(out) / "summary.json").read_text(encoding="utf-8"))
+    vals = [x["best_val_metric"] for x in s["seeds"]]
+    spread = f"{min(vals):.3f}-{max(vals):.3f}" if len(vals) > 1 else f"{vals[0]:.3f}"
+    return (f"{s['task']}/{s['family']}: val {s['metric']} {spread} over {s['num_seeds']} seed(s), "
+            f"{s['converged_seeds']} converged; {s['num_parameters']:,} parameters, {s['train_time_s']:.1f} s of "
+            "training")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -255,9 +328,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     add_arguments(parser)
+    parser.add_argument("--parallel", type=int, default=None, metavar="N",
+                        help="seeds trained at once (default: one per CUDA device, else one per CPU core)")
     parser.add_argument("--nproc-per-node", type=int, default=1,
-                        help="DDP: train on this many local processes under torchrun, one per GPU on CUDA, gloo on "
-                             "CPU; train.batch_size stays the global batch (default 1: this process, no torchrun)")
+                        help="DDP: train each seed on this many local processes under torchrun, one per GPU on "
+                             "CUDA, gloo on CPU; train.batch_size stays the global batch (default 1: no torchrun)")
     return parser.parse_args(argv)
 
 
@@ -269,14 +344,20 @@ def main(argv: list[str] | None = None) -> int:
         params = read_train_params(args)  # the only read of params.yaml in this process
         check_inputs(args, params)  # the common mistakes get one clean line before Prefect starts
         check_nproc(args.nproc_per_node, params.train)
+        if args.parallel is not None and args.parallel < 1:
+            raise ConfigError(f"--parallel must be >= 1, got {args.parallel}")
+        root = Path.cwd().resolve()
+        if args.tracking:
+            tracking.check_tracking(tracking.tracking_uri(root))
         if args.threads:
             torch.set_num_threads(args.threads)
-        summary = train_flow(
+        train_flow(
             args.task, args.model, out=args.out, params=params, params_path=args.params, features=args.features,
-            tokens=args.tokens, resume=args.resume, tracking=args.tracking, progress=args.progress,
-            nproc_per_node=args.nproc_per_node, frames=args.frames, encoder=args.encoder,
+            tokens=args.tokens, frames=args.frames, encoder=args.encoder, metadata=args.metadata,
+            resume=args.resume, tracking=args.tracking, progress=args.progress, repo_root=str(root),
+            nproc_per_node=args.nproc_per_node, parallel=args.parallel,
         )
-        print(f"train: {describe(summary)} -> {args.out} ({time.perf_counter() - started:.1f} s in this process)")
+        print(f"train: {describe(args.out)} -> {args.out} ({time.perf_counter() - started:.1f} s in this process)")
         return 0
 
     return run_main("train", work, debug=args.debug)

@@ -1,16 +1,15 @@
 """The train stage's flags and input checks, shared by ``pipelines.train`` (the Prefect flow) and
-``pipelines.train_ddp`` (the torchrun worker). Prefect-free: the workers never import Prefect (seconds per process
-on a busy machine, for nothing they use)."""
+``pipelines.train_worker`` (one seed, alone or under torchrun). Prefect-free: the workers never import Prefect
+(seconds per process on a busy machine, for nothing they use)."""
 
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
-
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
-from seqvision.config import MODEL_FAMILIES, TASKS, ConfigError, TrainConfig, load_params
+from seqvision.config import MODEL_FAMILIES, TASKS, ConfigError, EvaluateConfig, TrainConfig, load_params
 from seqvision.datasets import task_spec
 
 from pipelines.common import add_data_arguments, add_params_argument, data_value
@@ -24,18 +23,21 @@ class TrainParams:
     train: TrainConfig
     model_config: Any  # the family's models: section
     budget: int | None  # models.match_params.<task>
-    activity_dir: str
+    decoding: EvaluateConfig | None  # captioning: the evaluate section (picks the best epoch, predicts test)
+    activity_dir: str  # activity: the label lists ("" for captioning, which reads none)
     activity_split: int
 
 
 def read_train_params(args: argparse.Namespace) -> TrainParams:
     """params.yaml (validated once, whole) -> what the training of ``args.task`` / ``args.model`` reads."""
     params = load_params(args.params)
+    activity = args.task == "activity"
     return TrainParams(
         train=params.train, model_config=params.models.family(args.model),
         budget=params.models.match_params.budget(args.task),
-        activity_dir=data_value(args, params, "activity_dir"),
-        activity_split=data_value(args, params, "activity_split"),
+        decoding=None if activity else params.evaluate,
+        activity_dir=data_value(args, params, "activity_dir") if activity else "",
+        activity_split=data_value(args, params, "activity_split") if activity else 1,
     )
 
 
@@ -43,8 +45,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The train stage's flags."""
     parser.add_argument("--task", required=True, choices=TASKS)
     parser.add_argument("--model", required=True, choices=MODEL_FAMILIES, help="model family")
-    add_params_argument(parser, sections="train, models.<model>, models.match_params.<task> and "
-                                         "data.activity_dir/activity_split")
+    add_params_argument(parser, sections="train, models.<model>, models.match_params.<task>, and evaluate "
+                                         "(captioning) or data.activity_dir/activity_split (activity)")
     parser.add_argument("--features", required=True, help="feature folder (artifacts/features)")
     parser.add_argument("--tokens", default=None, help="token folder (artifacts/tokens); captioning only")
     parser.add_argument("--encoder", default=None,
@@ -53,12 +55,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--frames", default=None,
                         help="frame folder (artifacts/frames); read only with train.finetune_encoder")
     add_data_arguments(parser, ("activity_dir", "activity_split"))
-    parser.add_argument("--out", required=True, help="output folder (artifacts/train/{task}/{model})")
+    parser.add_argument("--metadata", default=None,
+                        help="the synthetic benchmark's metadata.json: adds the content metrics to a captioner's test "
+                             "evaluation (a real dataset has none: leave it out)")
+    parser.add_argument("--out", required=True, help="output folder (artifacts/runs/{task}/{model}); seed k trains "
+                                                     "into --out/train/seed{k} and --out/test/seed{k}")
     parser.add_argument("--resume", action=argparse.BooleanOptionalAction, default=True,
-                        help="continue from --out/last.pt when it was written for the same params and inputs "
-                             "(default: on)")
+                        help="continue each seed from its last.pt when that was written for the same params and "
+                             "inputs (default: on)")
     parser.add_argument("--tracking", action=argparse.BooleanOptionalAction, default=True,
-                        help="log a child MLflow run (default: on)")
+                        help="log the training as a child MLflow run of the comparison (default: on)")
     parser.add_argument("--threads", type=int, default=1,
                         help="torch CPU threads (default 1: these small sequence models run fastest single-"
                              "threaded on a shared CPU, see docs/benchmarks.md; 0 keeps torch's default)")
@@ -81,6 +87,8 @@ def check_inputs(args: argparse.Namespace, params: TrainParams) -> None:
         features = Path(args.features)
         needed = [(features / "index.json", "features")]
         needed += [(features / f"{spec.kind}-{split}.npy", "features") for split in ("train", "val")]
+    if args.metadata and not Path(args.metadata).is_file():
+        raise FileNotFoundError(f"{args.metadata}: no such file (--metadata); leave it out for a real dataset")
     if spec.corpus is None:
         if not params.activity_dir:
             raise ConfigError("activity needs its label lists: pass --activity-dir or set data.activity_dir")

@@ -136,7 +136,7 @@ FLOAT_KNOBS = [key for section, cls in SECTIONS.items() for key in _float_knobs(
 
 def test_every_section_has_float_knobs_to_check():
     # The parametrisation below must not silently shrink to nothing (e.g. after a refactor of the hints).
-    assert {"train.lr", "extract.max_skipped_fraction", "evaluate.length_penalty", "models.gru.dropout"} <= set(
+    assert {"models.gru.lr", "extract.max_skipped_fraction", "evaluate.length_penalty", "models.gru.dropout"} <= set(
         FLOAT_KNOBS
     )
 
@@ -159,12 +159,12 @@ def test_nan_from_a_command_line_flag_is_rejected_too() -> None:
 
     parser = argparse.ArgumentParser()
     add_config_arguments(parser, TrainConfig)
-    overrides = overrides_from_args(parser.parse_args(["--lr", ".nan"]))
-    with pytest.raises(ConfigError, match=r"^train.lr: expected a finite number, got nan$"):
+    overrides = overrides_from_args(parser.parse_args(["--clip-grad-norm", ".nan"]))
+    with pytest.raises(ConfigError, match=r"^train.clip_grad_norm: expected a finite number, got nan$"):
         from_mapping(TrainConfig, merge({}, overrides), where="train")
 
 
 def test_huge_integer_for_a_float_knob_is_an_error_not_a_crash(tmp_path: Path) -> None:
-    path = _write(tmp_path, "train:\n  lr: " + "9" * 400 + "\n")
-    with pytest.raises(ConfigError, match="train.lr: expected a finite number"):
+    path = _write(tmp_path, "models:\n  lstm:\n    lr: " + "9" * 400 + "\n")
+    with pytest.raises(ConfigError, match="models.lstm.lr: expected a finite number"):
         load_params(path)

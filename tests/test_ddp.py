@@ -27,13 +27,14 @@ import yaml
 from torch.utils.data import DistributedSampler
 
 from seqvision import checkpoint, distributed, experiment, train
-from seqvision.config import ModelsConfig, TrainConfig, from_mapping
+from seqvision.config import EvaluateConfig, ModelsConfig, TrainConfig, from_mapping
 from seqvision.datasets import DistributedEpochSampler, EpochSampler
 from tests.test_experiment import RecordingTracker
 from tests.tiny import TINY_TRAIN, write_tiny_artifacts
 
 REPO = Path(__file__).resolve().parent.parent
-MODELS = {"gru": {"hidden_size": 16, "embed_size": 8, "dropout": 0.0}}  # no dropout: see the module docstring
+MODELS = {"gru": {"lr": 0.01, "hidden_size": 16, "embed_size": 8, "dropout": 0.0}}  # no dropout: see the docstring
+DECODING = EvaluateConfig(beam_size=2, max_length=10)
 
 
 def make_artifacts(root: Path) -> dict[str, Path]:
@@ -65,7 +66,8 @@ def load(task: str, artifacts: dict[str, Path]) -> experiment.TaskData:
 def run(task: str, artifacts: dict[str, Path], out: Path, **kwargs) -> experiment.TrainSummary:
     train_config, models_config = configs()
     return experiment.run(task, "gru", data=load(task, artifacts), train_config=train_config,
-                          models_config=models_config, out_dir=out, log=lambda _: None, **kwargs)
+                          model_config=models_config.gru, decoding=None if task == "activity" else DECODING,
+                          out_dir=out, log=lambda _: None, **kwargs)
 
 
 def free_port() -> int:
@@ -283,33 +285,39 @@ def test_cli_refuses_bad_process_counts_with_exit_2(cli_env, tmp_path, capsys):
     assert not (tmp_path / "o").exists()
 
 
-def test_worker_outside_torchrun_is_a_usage_error(capsys, monkeypatch):
-    from pipelines import train_ddp
+def test_worker_refuses_a_seed_index_outside_train_seeds(cli_env, tmp_path, capsys):
+    from pipelines import train_worker
 
-    for key in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
-        monkeypatch.delenv(key, raising=False)
-    assert train_ddp.main(["--task", "activity", "--model", "gru", "--features", "f", "--out", "o"]) == 2
-    assert "start this module with torchrun" in capsys.readouterr().err
+    args, _ = cli_env
+    out = ["--task", "activity", "--out", str(tmp_path / "o"), "--no-tracking"]
+    assert train_worker.main([*args, *out, "--seed-index", "1"]) == 2  # train.seeds is 1
+    assert "--seed-index 1: train.seeds is 1" in capsys.readouterr().err
+    assert train_worker.main([*args, *out, "--seed-index", "-1"]) == 2
+    assert "--seed-index must be >= 0" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
 
 
-def test_failed_torchrun_marks_the_run_failed_and_exits_1(cli_env, tmp_path, prefect_harness, monkeypatch, capsys):
+def test_failed_torchrun_fails_the_stage_marks_the_run_failed_and_exits_1(cli_env, tmp_path, prefect_harness,
+                                                                        monkeypatch, capsys):
     from pipelines import train as stage
 
     args, client = cli_env
     seen = tmp_path / "seen.json"
     # Stands in for torchrun: shows what a worker would get, then fails like a crashed rank.
     script = (f"import json, os, sys; json.dump({{k: os.environ.get(k) for k in ('MLFLOW_RUN_ID', "
-              f"'SEQVISION_PARENT_RUN_ID', 'MLFLOW_TRACKING_URI')}}, open({str(seen)!r}, 'w')); "
-              "print('rank 1 crashed'); sys.exit(3)")
-    monkeypatch.setattr(stage, "torchrun_command", lambda n, worker_args: [sys.executable, "-c", script])
+              f"'MLFLOW_TRACKING_URI')}}, open({str(seen)!r}, 'w')); "
+              "print('error: rank 1 crashed'); sys.exit(3)")
+    monkeypatch.setattr(stage, "worker_command", lambda n, worker_args: [sys.executable, "-c", script])
     code = stage.main([*args, "--task", "activity", "--out", str(tmp_path / "o"), "--nproc-per-node", "2"])
     assert code == 1
-    assert "torchrun exited with status 3" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "seed 0 exited with status 3: error: rank 1 crashed" in err
     env = json.loads(seen.read_text())
-    run = client.get_run(env["MLFLOW_RUN_ID"])
-    assert run.info.status == "FAILED" and run.info.run_name == "activity-gru"
-    assert run.data.tags["mlflow.parentRunId"] == env["SEQVISION_PARENT_RUN_ID"]
+    assert env["MLFLOW_RUN_ID"] is None  # workers write files only; the stage process tracks
     assert env["MLFLOW_TRACKING_URI"] == os.environ["MLFLOW_TRACKING_URI"]
+    runs = client.search_runs([client.get_experiment_by_name("seqvision").experiment_id],
+                              filter_string="attributes.run_name = 'activity-gru'")
+    assert [r.info.status for r in runs] == ["FAILED"]
 
 
 @pytest.mark.slow
@@ -329,19 +337,21 @@ def test_cli_with_two_processes_matches_one_process_and_logs_one_run(cli_env, tm
                           timeout=TIMEOUT_S, check=False)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
 
-    assert_same_training(tmp_path / "one", tmp_path / "two")
-    assert {p.name for p in (tmp_path / "two").iterdir()} == OUTPUTS
+    seed = Path("train") / "seed0"
+    assert_same_training(tmp_path / "one" / seed, tmp_path / "two" / seed)
+    assert {p.name for p in (tmp_path / "two" / seed).iterdir()} == OUTPUTS
+    assert (tmp_path / "two" / "test" / "seed0" / "metrics.json").is_file()  # rank 0 evaluated the seed
     one, two = (json.loads((tmp_path / d / "summary.json").read_text()) for d in ("one", "two"))
     assert two["mlflow_parent_run_id"] == one["mlflow_parent_run_id"]
 
     parent = client.get_run(two["mlflow_parent_run_id"])
     runs = client.search_runs([parent.info.experiment_id])
     assert sorted(r.info.run_name for r in runs) == ["comparison", "video_captioning-gru", "video_captioning-gru"]
-    run = client.get_run(two["mlflow_run_id"])  # the one the flow created and the workers' rank 0 filled
-    assert run.info.status == "FINISHED" and run.data.tags["seqvision.world_size"] == "2"
-    assert [m.step for m in client.get_metric_history(run.info.run_id, "val_loss")] == [1, 2]  # once, by rank 0
+    run = client.get_run(two["mlflow_run_id"])
+    assert run.info.status == "FINISHED"
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "seed0/val_loss")] == [1, 2]  # once
     assert run.data.params["train.batch_size"] == str(TINY_TRAIN["batch_size"])
-    assert {a.path for a in client.list_artifacts(run.info.run_id)} >= {"best.pt", "summary.json", "history.json"}
+    assert {a.path for a in client.list_artifacts(run.info.run_id)} >= {"summary.json", "metrics.json"}
 
 
 @pytest.mark.gpu
@@ -354,17 +364,18 @@ def test_nccl_worker_on_one_gpu_matches_one_process(tmp_path):
     train_config = from_mapping(TrainConfig, {**TINY_TRAIN, "device": "auto"}, where="train")
     models_config = from_mapping(ModelsConfig, MODELS, where="models")
     experiment.run("video_captioning", "gru", data=load("video_captioning", artifacts), train_config=train_config,
-                   models_config=models_config, out_dir=tmp_path / "one", log=lambda _: None)
+                   model_config=models_config.gru, decoding=DECODING, out_dir=tmp_path / "one", log=lambda _: None)
     params = tmp_path / "params.yaml"
     params.write_text(yaml.safe_dump({"train": {**TINY_TRAIN, "device": "auto"}, "models": MODELS}))
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     done = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=1", "-m",
-         "pipelines.train_ddp", "--task", "video_captioning", "--model", "gru", "--params", str(params),
+         "pipelines.train_worker", "--task", "video_captioning", "--model", "gru", "--params", str(params),
          "--features", str(artifacts["features"]), "--tokens", str(artifacts["tokens"]),
          "--out", str(tmp_path / "nccl"), "--no-tracking"],
         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=TIMEOUT_S, check=False,
     )
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    assert json.loads((tmp_path / "nccl" / "summary.json").read_text())["device"] == "cuda"
-    assert_same_training(tmp_path / "one", tmp_path / "nccl")
+    seed = Path("train") / "seed0"
+    assert json.loads((tmp_path / "nccl" / seed / "summary.json").read_text())["device"] == "cuda"
+    assert_same_training(tmp_path / "one", tmp_path / "nccl" / seed)

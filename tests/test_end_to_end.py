@@ -175,7 +175,7 @@ def _shrink_params(path: Path) -> None:
             section["num_heads"] = 2
     params["evaluate"]["beam_size"] = 1
     params["evaluate"]["max_length"] = 8
-    params["evaluate"]["compute_meteor"] = "never"  # METEOR starts a JVM per scoring call: ~10 s each
+    params["report"]["compute_meteor"] = "never"  # METEOR starts a JVM per scoring call: ~10 s each
     path.write_text(yaml.safe_dump(params, sort_keys=False))
 
 

@@ -25,7 +25,7 @@ torch.set_num_threads(1)
 
 CLASSES = list(TINY_CLASSES)
 VIDEO_IDS, IMAGE_IDS = TINY_VIDEO_IDS, TINY_IMAGE_IDS
-CONFIG = EvaluateConfig(beam_size=2, length_penalty=0.0, max_length=6, batch_size=3, compute_meteor="never")
+CONFIG = EvaluateConfig(beam_size=2, length_penalty=0.0, max_length=6, batch_size=3)
 label_of = tiny_label
 
 
@@ -288,7 +288,7 @@ def test_evaluate_and_baselines_flows_end_to_end(tmp_path, art, prefect_harness,
     from pipelines import evaluate as evaluate_cli
 
     params = tmp_path / "params.yaml"
-    params.write_text("evaluate:\n  beam_size: 2\n  max_length: 5\n  compute_meteor: never\n")
+    params.write_text("evaluate:\n  beam_size: 2\n  max_length: 5\nreport:\n  compute_meteor: never\n")
     ckpt = save_checkpoint(tmp_path / "train" / "best.pt", "activity", "transformer", art=art)
     out = tmp_path / "eval" / "activity" / "transformer"
     code = evaluate_cli.main(["--params", str(params), "--task", "activity", "--model", "transformer",

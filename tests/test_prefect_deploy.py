@@ -38,7 +38,7 @@ CALLER_SUPPLIES = {
     "evaluate": {"task_name", "model", "checkpoint", "out"},
 }
 # Flow parameter -> the stage CLI flag dvc.yaml passes it with, where the two names differ.
-CLI_FLAG = {"evals": "--eval"}
+CLI_FLAG = {"evals": "--eval", "params_path": "--params"}
 
 # Every wait in the integration test is bounded by one of these (seconds).
 SERVER_START_TIMEOUT = 90
@@ -53,8 +53,17 @@ def load_deployments() -> dict[str, dict]:
 
 
 def dvc_commands() -> dict[str, str]:
+    """Every stage's command with params.yaml's ``${data.*}`` values filled in; a foreach stage's template
+    (``${item.*}`` left in) stands for each of its items."""
     stages = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
-    return {name: " ".join(stage["cmd"].split()) for name, stage in stages.items()}
+    data = yaml.safe_load((REPO / "params.yaml").read_text())["data"]
+    commands = {}
+    for name, stage in stages.items():
+        command = " ".join(stage.get("do", stage)["cmd"].split())
+        for key, value in data.items():
+            command = command.replace(f'"${{data.{key}}}"', str(value)).replace(f"${{data.{key}}}", str(value))
+        commands[name] = command
+    return commands
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -352,4 +361,6 @@ def test_deployed_training_runs_on_a_process_worker_and_logs_to_mlflow(tmp_path)
     assert child.info.status == "FINISHED"
     assert child.data.tags["mlflow.parentRunId"] == parent
     assert child.data.tags["seqvision.stage"] == "train"
-    assert child.data.metrics["best_val_accuracy"] == pytest.approx(summary["best_val_metric"])
+    metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())
+    assert child.data.metrics["test/top_1"] == pytest.approx(metrics["top_1"]["mean"])
+    assert (tmp_path / "out" / "train" / "seed0" / "best.pt").is_file()

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from seqvision import tracking, train
-from tests.test_train import NaNAfter, config, fresh, loaders
+from tests.test_train import LR, NaNAfter, config, fit, fresh, loaders
 
 # MLflow's HTTP limits too: _client() sets them in os.environ, and monkeypatch restores the environment afterwards.
 HTTP_KEYS = ("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR",
@@ -86,7 +86,7 @@ def test_parent_with_two_children_records_params_epoch_metrics_and_artifacts(rep
         tr, va = loaders()
         with tracking.start_child(parent_run_id=parent, run_name=name, repo_root=repo,
                                   tags={"seqvision.model": name}) as tracker:
-            train.fit(fresh(), tr, va, config=config(epochs=2), out_dir=tmp_path / name, tracker=tracker,
+            fit(fresh(), tr, va, config=config(epochs=2), out_dir=tmp_path / name, tracker=tracker,
                       metric=train.ACCURACY)
         children[name] = tracker.run_id
     tracking.end_run(parent, repo_root=repo)
@@ -97,7 +97,7 @@ def test_parent_with_two_children_records_params_epoch_metrics_and_artifacts(rep
     for name, run_id in children.items():
         run = client.get_run(run_id)
         assert run.info.status == "FINISHED"
-        assert run.data.params["train.lr"] == "0.01" and run.data.params["train.epochs"] == "2"
+        assert run.data.params["lr"] == str(LR) and run.data.params["train.epochs"] == "2"
         assert run.data.tags["seqvision.model"] == name and run.data.tags["seqvision.device"] == "cpu"
         assert "seqvision.torch_version" in run.data.tags
         history = client.get_metric_history(run_id, "train_loss")
@@ -118,7 +118,7 @@ def test_failing_child_is_marked_failed(repo, client, tmp_path):
     train.seed_everything(0)
     with pytest.raises(train.NonFiniteLossError):
         with tracking.start_child(parent_run_id=parent, run_name="nan", repo_root=repo) as tracker:
-            train.fit(NaNAfter(bad_call=4), tr, va, config=config(epochs=2), out_dir=tmp_path, tracker=tracker)
+            fit(NaNAfter(bad_call=4), tr, va, config=config(epochs=2), out_dir=tmp_path, tracker=tracker)
     run = client.get_run(tracker.run_id)
     assert run.info.status == "FAILED"
     assert len(client.get_metric_history(tracker.run_id, "train_loss")) == 1  # epoch 1 was fine

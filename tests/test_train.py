@@ -206,10 +206,17 @@ def loaders(kind: str = "clips", *, seed: int = 0, order: str = "generator") -> 
     return tr, va
 
 
+LR = 0.01  # fit's peak learning rate (a knob of each model family in params.yaml, not of train:)
+
+
 def config(**overrides) -> TrainConfig:
-    base = dict(epochs=2, batch_size=8, lr=0.01, warmup_fraction=0.2, device="cpu", num_workers=0,
+    base = dict(epochs=2, batch_size=8, warmup_fraction=0.2, device="cpu", num_workers=0,
                 deterministic=True, patience=0, log_every=2, seed=0)
     return TrainConfig(**{**base, **overrides})
+
+
+def fit(*args, lr: float = LR, **kwargs) -> train.FitResult:
+    return train.fit(*args, lr=lr, **kwargs)
 
 
 def fresh(cls: type[nn.Module] = ToyActivity, seed: int = 0) -> nn.Module:
@@ -240,9 +247,9 @@ def test_warmup_cosine_values():
 
 
 def test_scheduler_drives_optimizer_lr_per_step():
-    cfg = config(lr=0.5, warmup_fraction=0.25, min_lr_ratio=0.0)
+    cfg = config(warmup_fraction=0.25, min_lr_ratio=0.0)
     model = nn.Linear(2, 1)
-    opt = train.make_optimizer(model, cfg, device=torch.device("cpu"))
+    opt = train.make_optimizer(model, cfg, lr=0.5, device=torch.device("cpu"))
     sched = train.make_scheduler(opt, cfg, total_steps=8)  # 2 warmup steps, 6 cosine steps
     seen = []
     for _ in range(8):
@@ -263,7 +270,7 @@ def test_resume_equals_uninterrupted_run(tmp_path, order):
 
     tr, va = loaders(order=order)
     straight = fresh()
-    result = train.fit(straight, tr, va, config=cfg, out_dir=tmp_path / "a", metric=train.ACCURACY)
+    result = fit(straight, tr, va, config=cfg, out_dir=tmp_path / "a", metric=train.ACCURACY)
 
     calls = []
 
@@ -276,13 +283,13 @@ def test_resume_equals_uninterrupted_run(tmp_path, order):
     tr, va = loaders(order=order)
     interrupted = fresh()
     with pytest.raises(KeyboardInterrupt):
-        train.fit(interrupted, tr, va, config=cfg, out_dir=tmp_path / "b",
+        fit(interrupted, tr, va, config=cfg, out_dir=tmp_path / "b",
                   metric=train.ValidationMetric("accuracy", crash_in_epoch_two, True))
     assert checkpoint.load(tmp_path / "b" / "last.pt")["epoch"] == 1
 
     tr, va = loaders(order=order)  # new process: new loaders, a differently initialised model
     resumed_model = fresh(seed=123)
-    resumed = train.fit(resumed_model, tr, va, config=cfg, out_dir=tmp_path / "b", metric=train.ACCURACY,
+    resumed = fit(resumed_model, tr, va, config=cfg, out_dir=tmp_path / "b", metric=train.ACCURACY,
                         resume=True)
 
     assert same_weights(straight.state_dict(), resumed_model.state_dict())
@@ -308,18 +315,20 @@ def test_resume_restores_data_order_not_a_fresh_shuffle(tmp_path):
 def test_resuming_a_finished_run_still_writes_its_history(tmp_path):
     # DVC deletes a stage's non-persistent outputs (history.json) before rerunning it; the checkpoints persist.
     tr, va = loaders()
-    done = train.fit(fresh(), tr, va, config=config(epochs=2), out_dir=tmp_path)
+    done = fit(fresh(), tr, va, config=config(epochs=2), out_dir=tmp_path)
     (tmp_path / "history.json").unlink()
-    again = train.fit(fresh(), tr, va, config=config(epochs=2), out_dir=tmp_path, resume=True)
+    again = fit(fresh(), tr, va, config=config(epochs=2), out_dir=tmp_path, resume=True)
     assert json.loads((tmp_path / "history.json").read_text()) == again.history
     assert len(again.history) == len(done.history) == 2
 
 
 def test_resume_refuses_changed_maths(tmp_path):
     tr, va = loaders()
-    train.fit(fresh(), tr, va, config=config(epochs=1), out_dir=tmp_path)
-    with pytest.raises(ConfigError, match=r"train\.lr"):
-        train.fit(fresh(), tr, va, config=config(epochs=1, lr=0.5), out_dir=tmp_path, resume=True)
+    fit(fresh(), tr, va, config=config(epochs=1), out_dir=tmp_path)
+    with pytest.raises(ConfigError, match=r"train\.weight_decay"):
+        fit(fresh(), tr, va, config=config(epochs=1, weight_decay=0.5), out_dir=tmp_path, resume=True)
+    with pytest.raises(ConfigError, match="learning rate was 0.01, now 0.5"):
+        fit(fresh(), tr, va, config=config(epochs=1), lr=0.5, out_dir=tmp_path, resume=True)
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -347,7 +356,7 @@ def test_nan_loss_names_the_step_and_keeps_last_good_checkpoint(tmp_path):
     runtime.seed_everything(0)
     model = NaNAfter(bad_call=5)
     with pytest.raises(train.NonFiniteLossError) as info:
-        train.fit(model, tr, va, config=config(epochs=3, log_every=100), out_dir=tmp_path)
+        fit(model, tr, va, config=config(epochs=3, log_every=100), out_dir=tmp_path)
     message = str(info.value)
     assert "epoch 2, step 2/3 (global step 5)" in message
     assert "last.pt" in message and "nan" in message.lower()
@@ -361,7 +370,7 @@ def test_nan_in_first_epoch_says_no_checkpoint(tmp_path):
     tr, va = loaders()
     runtime.seed_everything(0)
     with pytest.raises(train.NonFiniteLossError, match="epoch 1, step 1/3.*no checkpoint"):
-        train.fit(NaNAfter(bad_call=1), tr, va, config=config(), out_dir=tmp_path)
+        fit(NaNAfter(bad_call=1), tr, va, config=config(), out_dir=tmp_path)
     assert not (tmp_path / "last.pt").exists()
 
 
@@ -380,7 +389,7 @@ def test_clipping_bounds_the_gradient_norm(max_norm):
     cfg = config(clip_grad_norm=max_norm)
     model = fresh(Loud)
     tr, _ = loaders()
-    opt = train.make_optimizer(model, cfg, device=torch.device("cpu"))
+    opt = train.make_optimizer(model, cfg, lr=0.01, device=torch.device("cpu"))
     stats = train.train_one_epoch(model, tr, opt, None, device=torch.device("cpu"), config=cfg)
     # after the epoch, .grad holds the last step's gradients as the optimizer used them (after clipping)
     norm = float(torch.nn.utils.get_total_norm([p.grad for p in model.parameters()]))
@@ -427,7 +436,7 @@ def test_scheduled_sampling_ramps_linearly():
 
 def test_fit_trains_a_captioner_with_scheduled_sampling_and_label_smoothing(tmp_path):
     tr, va = loaders("captions")
-    result = train.fit(fresh(ToyCaptioner), tr, va, config=config(epochs=3, lr=0.05, scheduled_sampling=0.5,
+    result = fit(fresh(ToyCaptioner), tr, va, lr=0.05, config=config(epochs=3, scheduled_sampling=0.5,
                                                                    label_smoothing=0.1), out_dir=tmp_path)
     losses = [e["val_loss"] for e in result.history]
     assert losses[-1] < losses[0]
@@ -448,7 +457,7 @@ def test_early_stopping_and_best_checkpoint_follow_the_metric(tmp_path):
         return next(scripted)
 
     tr, va = loaders()
-    result = train.fit(fresh(), tr, va, config=config(epochs=6, patience=2), out_dir=tmp_path,
+    result = fit(fresh(), tr, va, config=config(epochs=6, patience=2), out_dir=tmp_path,
                        metric=train.ValidationMetric("score", metric, higher_is_better=True))
     assert result.stopped_early and [e["epoch"] for e in result.history] == [1, 2, 3, 4]
     assert (result.best_epoch, result.best_metric) == (2, 0.5)
@@ -459,7 +468,7 @@ def test_early_stopping_and_best_checkpoint_follow_the_metric(tmp_path):
     assert last["epoch"] == 4 and last["stopped_early"]
 
     # resuming a stopped run does not train further
-    again = train.fit(fresh(), tr, va, config=config(epochs=6, patience=2), out_dir=tmp_path, resume=True,
+    again = fit(fresh(), tr, va, config=config(epochs=6, patience=2), out_dir=tmp_path, resume=True,
                       metric=train.ValidationMetric("score", metric, higher_is_better=True))
     assert len(again.history) == 4 and next(scripted) == 0.9  # metric not called again
 
@@ -467,7 +476,7 @@ def test_early_stopping_and_best_checkpoint_follow_the_metric(tmp_path):
 def test_lower_is_better_metric_picks_the_minimum(tmp_path):
     scripted = iter([0.5, 0.2, 0.4])
     tr, va = loaders()
-    result = train.fit(fresh(), tr, va, config=config(epochs=3), out_dir=tmp_path,
+    result = fit(fresh(), tr, va, config=config(epochs=3), out_dir=tmp_path,
                        metric=train.ValidationMetric("wer", lambda *a: next(scripted), higher_is_better=False))
     assert (result.best_epoch, result.best_metric) == (2, 0.2)
     assert checkpoint.load(tmp_path / "best.pt")["epoch"] == 2
@@ -481,7 +490,7 @@ def test_checkpoint_rebuilds_model_and_history_has_every_column(tmp_path):
     tr, va = loaders()
     model = fresh()
     spec = {"task": "activity", "family": "toy", "config": dataclasses.asdict(model.config)}
-    train.fit(model, tr, va, config=config(epochs=1), out_dir=tmp_path, spec=spec, extra={"fingerprint": "f"})
+    fit(model, tr, va, config=config(epochs=1), out_dir=tmp_path, spec=spec, extra={"fingerprint": "f"})
     ckpt = checkpoint.load(tmp_path / "last.pt")  # verified; weights_only: plain data, no pickled classes
     assert ckpt["spec"] == spec and ckpt["fingerprint"] == "f"
     rebuilt = ToyActivity(ToyConfig(**ckpt["spec"]["config"]))
@@ -496,7 +505,7 @@ def test_checkpoint_rebuilds_model_and_history_has_every_column(tmp_path):
 
 def test_activity_model_learns(tmp_path):
     tr, va = loaders()
-    result = train.fit(fresh(), tr, va, config=config(epochs=8, lr=0.05), out_dir=tmp_path,
+    result = fit(fresh(), tr, va, lr=0.05, config=config(epochs=8), out_dir=tmp_path,
                        metric=train.ACCURACY)
     assert result.history[-1]["train_loss"] < result.history[0]["train_loss"]
     assert result.best_metric >= 0.6  # chance is 1/3
@@ -533,7 +542,7 @@ def test_fit_on_cuda_bf16_is_finite_repeatable_and_loads_on_cpu(tmp_path, compil
     for name in ("a", "b"):
         tr, va = loaders("captions")
         model = fresh(ToyCaptioner)
-        runs.append(train.fit(model, tr, va, config=cfg, out_dir=tmp_path / name))
+        runs.append(fit(model, tr, va, config=cfg, out_dir=tmp_path / name))
         assert next(model.parameters()).device.type == "cuda"
     assert all(math.isfinite(e["val_loss"]) and e["peak_memory_mb"] > 0 for e in runs[0].history)
     assert [e["val_loss"] for e in runs[0].history] == [e["val_loss"] for e in runs[1].history]

@@ -27,14 +27,15 @@ TINY_VIDEO_IDS = {"train": [f"v{i:02d}" for i in range(12)], "val": [f"v{i}" for
 TINY_IMAGE_IDS = {"train": [f"i{i:02d}" for i in range(8)], "val": ["i30", "i31"],
                   "test": [f"i{i}" for i in range(10, 14)]}
 TINY_MODELS = {
-    "rnn": {"hidden_size": 12, "num_layers": 1, "embed_size": 8, "dropout": 0.0, "attention": True},
-    "lstm": {"hidden_size": 12, "num_layers": 1, "embed_size": 8, "dropout": 0.0, "attention": True},
-    "gru": {"hidden_size": 12, "num_layers": 1, "embed_size": 8, "dropout": 0.0, "attention": True},
-    "transformer": {"hidden_size": 8, "num_layers": 1, "num_heads": 2, "ffn_mult": 2, "dropout": 0.0},
-    "meanpool": {"hidden_size": 12, "num_layers": 1, "embed_size": 8, "dropout": 0.0},
+    "rnn": {"lr": 0.01, "hidden_size": 12, "num_layers": 1, "embed_size": 8, "dropout": 0.0, "attention": True},
+    "lstm": {"lr": 0.01, "hidden_size": 12, "num_layers": 1, "embed_size": 8, "dropout": 0.0, "attention": True},
+    "gru": {"lr": 0.01, "hidden_size": 12, "num_layers": 1, "embed_size": 8, "dropout": 0.0, "attention": True},
+    "transformer": {"lr": 0.01, "hidden_size": 8, "num_layers": 1, "num_heads": 2, "ffn_mult": 2, "dropout": 0.0},
+    "meanpool": {"lr": 0.01, "hidden_size": 12, "num_layers": 1, "embed_size": 8, "dropout": 0.0},
+    "mingru": {"lr": 0.01, "hidden_size": 12, "num_layers": 1, "embed_size": 8, "dropout": 0.0, "attention": True},
 }
-TINY_TRAIN = {"epochs": 2, "batch_size": 4, "lr": 0.01, "num_workers": 0, "log_every": 1, "device": "cpu",
-              "patience": 0}
+TINY_TRAIN = {"epochs": 2, "batch_size": 4, "num_workers": 0, "log_every": 1, "device": "cpu", "patience": 0,
+              "seeds": 1}
 
 
 def tiny_label(item_id: str) -> int:
@@ -117,21 +118,22 @@ def tiny_params(**train_overrides: object):
 
 def train_tiny(artifacts: TinyArtifacts, task: str, family: str, out_dir: Path, **train_overrides: object) -> Path:
     """Train ``family`` on ``task`` of the tiny artifacts with the train stage's code; returns ``best.pt``."""
-    import dataclasses
-
     import torch
 
     from seqvision import experiment
+    from seqvision.config import EvaluateConfig
 
     params = tiny_params(**train_overrides)
-    params = dataclasses.replace(params, data=dataclasses.replace(params.data, activity_dir=str(artifacts.labels)))
-    data = experiment.load_for_training(task, params, features_dir=artifacts.features, frames_dir=None,
-                                        tokens_dir=artifacts.tokens, encoder=None)
+    data = experiment.load_for_training(task, seed=params.train.seed, activity_dir=artifacts.labels, activity_split=1,
+                                        features_dir=artifacts.features, frames_dir=None, tokens_dir=artifacts.tokens,
+                                        encoder=None)
+    decoding = None if task == "activity" else EvaluateConfig(beam_size=2, max_length=10)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        experiment.run(task, family, data=data, train_config=params.train, models_config=params.models,
-                       out_dir=out_dir, progress=False, log=lambda *_: None)
+        experiment.run(task, family, data=data, train_config=params.train, model_config=params.models.family(family),
+                       budget=params.models.match_params.budget(task), decoding=decoding, out_dir=out_dir,
+                       progress=False, log=lambda *_: None)
     finally:
         torch.set_num_threads(threads)
     return out_dir / "best.pt"

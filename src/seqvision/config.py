@@ -278,6 +278,11 @@ class DataConfig:
         "data/annotations/coco", "folder with COCO captions_*.json files ('' for none)"
     )
     karpathy_split: str = knob("", "optional Karpathy-split JSON (dataset_coco.json) that assigns image splits")
+    metadata: str = knob(
+        "data/annotations/metadata.json",
+        "the synthetic benchmark's per-item ground truth (the small_cnn encoder's targets, the content metrics); "
+        "'' for a real dataset",
+    )
 
 
 @dataclass(frozen=True)
@@ -302,9 +307,9 @@ class ExtractConfig:
 class TrainConfig:
     """One training loop for every model (``seqvision.train.fit``); shared by all train@ stages."""
 
-    epochs: int = knob(5, "passes over the training set", low=1, high=10_000)
+    epochs: int = knob(5, "at most this many passes over the training set (early stopping ends a run sooner)",
+                       low=1, high=10_000)
     batch_size: int = knob(64, "examples per optimizer step", low=1, high=65_536)
-    lr: float = knob(2e-3, "peak AdamW learning rate (reached after warmup)", low=0.0, high=1.0)
     weight_decay: float = knob(0.01, "AdamW decoupled weight decay (matrices only)", low=0.0, high=1.0)
     warmup_fraction: float = knob(0.05, "fraction of all steps spent in linear warmup", low=0.0, high=1.0)
     min_lr_ratio: float = knob(0.1, "cosine decay ends at lr * min_lr_ratio", low=0.0, high=1.0)
@@ -320,7 +325,9 @@ class TrainConfig:
     device: str = knob("auto", "auto picks CUDA when present", choices=("auto", "cpu", "cuda"))
     compile: bool = knob(False, "wrap the model in torch.compile")
     deterministic: bool = knob(True, "deterministic kernels (torch.use_deterministic_algorithms, cuDNN)")
-    seed: int = knob(0, "seeds python, numpy, torch and the data order", low=0)
+    seed: int = knob(0, "seed of the first run; run k uses seed + k (python, numpy, torch, data order)", low=0)
+    seeds: int = knob(3, "runs per (task, model), with seeds seed .. seed + seeds - 1; each stage trains them as "
+                         "parallel processes (one per CPU core or GPU)", low=1, high=100)
     num_workers: int = knob(0, "DataLoader worker processes", low=0, high=64)
     log_every: int = knob(25, "steps between progress updates and NaN checks (each one syncs the GPU)", low=1)
     finetune_encoder: bool = knob(
@@ -333,6 +340,8 @@ class TrainConfig:
 class RecurrentModelConfig:
     """One recurrent family (models.rnn, models.lstm, models.gru); the cell type is the family name."""
 
+    lr: float = knob(2e-3, "peak AdamW learning rate (reached after warmup); chosen per family by one "
+                     "validation sweep (docs/tuning.md)", low=0.0, high=1.0)
     hidden_size: int = knob(128, "hidden units per recurrent layer (encoder and decoder)", low=1, high=16_384)
     num_layers: int = knob(1, "stacked recurrent layers (encoder and decoder each)", low=1, high=16)
     embed_size: int = knob(128, "word embedding size (captioning)", low=1, high=16_384)
@@ -347,6 +356,8 @@ class RecurrentModelConfig:
 class TransformerModelConfig:
     """models.transformer: pre-norm encoder(-decoder) with scaled-dot-product attention."""
 
+    lr: float = knob(2e-3, "peak AdamW learning rate (reached after warmup); chosen per family by one "
+                     "validation sweep (docs/tuning.md)", low=0.0, high=1.0)
     hidden_size: int = knob(128, "model width d_model (divisible by num_heads, even)", low=2, high=16_384)
     num_layers: int = knob(1, "blocks in the encoder, and again in the decoder", low=1, high=48)
     num_heads: int = knob(4, "attention heads", low=1, high=128)
@@ -367,6 +378,8 @@ class TransformerModelConfig:
 class MeanPoolModelConfig:
     """models.meanpool: order-blind baselines (mean feature -> MLP classifier / LSTM decoder)."""
 
+    lr: float = knob(2e-3, "peak AdamW learning rate (reached after warmup); chosen per family by one "
+                     "validation sweep (docs/tuning.md)", low=0.0, high=1.0)
     hidden_size: int = knob(128, "classifier MLP width / decoder LSTM width", low=1, high=16_384)
     num_layers: int = knob(1, "classifier hidden layers / decoder LSTM layers", low=1, high=16)
     embed_size: int = knob(128, "word embedding size (captioning)", low=1, high=16_384)
@@ -397,6 +410,8 @@ class ParamBudgets:
 class MinGRUModelConfig:
     """models.mingru: minGRU (Feng et al. 2024), gates that depend on the input only, trained with a parallel scan."""
 
+    lr: float = knob(2e-3, "peak AdamW learning rate (reached after warmup); chosen per family by one "
+                     "validation sweep (docs/tuning.md)", low=0.0, high=1.0)
     hidden_size: int = knob(128, "hidden units per minGRU layer (encoder and decoder)", low=1, high=16_384)
     num_layers: int = knob(1, "stacked minGRU layers (encoder and decoder each)", low=1, high=16)
     embed_size: int = knob(128, "word embedding size (captioning)", low=1, high=16_384)
@@ -472,7 +487,8 @@ class TokenizeConfig:
 
 @dataclass(frozen=True)
 class EvaluateConfig:
-    """Decoding and scoring of every trained model (``seqvision.decode``, ``seqvision.metrics``)."""
+    """How every captioner decodes (``seqvision.decode``): on the val split to pick its best epoch, and on the test
+    split; one decoder for both."""
 
     beam_size: int = knob(3, "captioning: beams per item; 1 = greedy decoding", low=1, high=64)
     # alpha = 0 keeps beam search a pure maximum-likelihood search (the objective every family is trained
@@ -483,6 +499,12 @@ class EvaluateConfig:
     )
     max_length: int = knob(30, "captioning: most generated tokens per caption, <eos> included", low=1, high=1024)
     batch_size: int = knob(64, "items per evaluation batch", low=1, high=65_536)
+
+
+@dataclass(frozen=True)
+class ReportConfig:
+    """The report (``python -m pipelines.report``): it scores METEOR and writes the tables and verdicts."""
+
     compute_meteor: str = knob(
         "auto", "METEOR (scored by the report stage, one Java process for every run): auto = when java is on "
         "PATH, else reported as unavailable",
@@ -502,7 +524,8 @@ class Params:
     train: TrainConfig = knob(TrainConfig(), "the training loop")
     encoder: EncoderConfig = knob(EncoderConfig(), "the shared frame encoder")
     models: ModelsConfig = knob(ModelsConfig(), "the model families")
-    evaluate: EvaluateConfig = knob(EvaluateConfig(), "decoding and scoring")
+    evaluate: EvaluateConfig = knob(EvaluateConfig(), "decoding: picks each captioner's best epoch and its test captions")
+    report: ReportConfig = knob(ReportConfig(), "the report")
 
 
 SECTIONS: dict[str, type] = {f.name: f.type if isinstance(f.type, type) else typing.get_type_hints(Params)[f.name]

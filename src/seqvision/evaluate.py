@@ -97,6 +97,7 @@ def evaluate_checkpoint(
     frames_dir: str | Path | None = None,
     tokens_dir: str | Path | None = None,
     activity: ActivityLabels | None = None,
+    metadata: Mapping[str, Mapping[str, Any]] | None = None,
     out_dir: str | Path,
     config: EvaluateConfig,
     device: str | torch.device = "auto",
@@ -107,7 +108,9 @@ def evaluate_checkpoint(
     Visual input: ``features_dir`` (``artifacts/features``), or ``frames_dir`` for a checkpoint that carries
     its own encoder (``finetune_encoder``). Captioning needs ``tokens_dir`` (``artifacts/tokens``; the
     ``video``/``image`` sub-folder is picked from ``task``), activity the labels (:func:`load_activity_labels`).
-    ``family``, when given, must match the checkpoint's. Returns the metrics written to ``metrics.json``.
+    ``family``, when given, must match the checkpoint's. ``metadata`` (the synthetic benchmark's
+    ``content.load_metadata``): adds the content metrics to a captioner's evaluation. Returns the metrics written to
+    ``metrics.json``.
     """
     spec = task_spec(task)
     device = resolve_device(device)
@@ -161,6 +164,7 @@ def evaluate_checkpoint(
         # METEOR: null here; the report stage scores every run in one Java process (report.add_meteor).
         out_dir, records, meteor="never", seconds=seconds,
         details={**about, **settings, "dropped": dataset.dropped},
+        content=(spec.kind, metadata[spec.kind]) if metadata is not None else None,
     )
 
 

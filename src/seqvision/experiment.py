@@ -49,11 +49,12 @@ from torch.utils.data import DataLoader, Dataset
 
 from seqvision import annotations, checkpoint, distributed, models, tracking
 from seqvision.blocks import ModelDims
-from seqvision.config import MODEL_FAMILIES, TASKS, TrainConfig, flatten, to_dict
+from seqvision.config import MODEL_FAMILIES, TASKS, EvaluateConfig, TrainConfig, flatten, to_dict
 from seqvision.annotations import activity_labels
 from seqvision.datasets import VisualStore, make_loader, task_dataset, task_spec
-from seqvision.decode import greedy_decode
-from seqvision.io import atomic_path, write_json
+from seqvision.decode import decode
+from seqvision.io import atomic_path, write_json, write_text
+from seqvision.results import test_dir, train_dir
 from seqvision.metrics import caption_scores
 from seqvision.runtime import resolve_device, seed_everything
 from seqvision.train import _RESUMABLE_CHANGES, ACCURACY, ValidationMetric, fit
@@ -255,14 +256,17 @@ def _references(dataset: Any, ids: Sequence[str]) -> dict[str, list[str]]:
     return {i: dataset.references(i) for i in ids}
 
 
-def caption_cider(vocab: Vocab, *, max_length: int, max_items: int = CIDER_VAL_ITEMS) -> ValidationMetric:
-    """CIDEr-D (coco-caption, [0, 10]) of greedy decodes of the first ``max_items`` items of the val loader."""
+def caption_cider(vocab: Vocab, decoding: EvaluateConfig, *, max_items: int = CIDER_VAL_ITEMS) -> ValidationMetric:
+    """CIDEr-D (coco-caption, [0, 10]) of the first ``max_items`` items of the val loader, decoded exactly as the
+    test split is (``decoding``: the ``evaluate`` section's beam size, length penalty and maximum length), so the
+    checkpoint is chosen with the decoder it is tested with."""
 
     def cider_d(model: nn.Module, loader: DataLoader, device: torch.device) -> float:
         hypotheses: dict[str, str] = {}
         for batch in loader:
             batch = batch.to(device)
-            decoded = greedy_decode(model, batch.visual, batch.lengths, max_length=max_length)  # type: ignore[arg-type]
+            decoded = decode(model, batch.visual, batch.lengths, beam_size=decoding.beam_size,  # type: ignore[arg-type]
+                             max_length=decoding.max_length, length_penalty_alpha=decoding.length_penalty)
             for item_id, ids in zip(batch.ids, decoded.tokens.tolist()):
                 hypotheses[item_id] = vocab.decode(ids)
             if len(hypotheses) >= max_items:
@@ -274,12 +278,14 @@ def caption_cider(vocab: Vocab, *, max_length: int, max_items: int = CIDER_VAL_I
     return ValidationMetric("cider_d", cider_d, higher_is_better=True)
 
 
-def validation_metric(data: TaskData) -> ValidationMetric:
-    """Accuracy for activity, greedy-decode CIDEr-D for the captioners."""
+def validation_metric(data: TaskData, decoding: EvaluateConfig | None = None) -> ValidationMetric:
+    """Accuracy for activity; for the captioners CIDEr-D of the test decoder (``decoding``, required for them)."""
     if data.task == "activity":
         return ACCURACY
-    assert data.vocab is not None and data.max_caption_length is not None
-    return caption_cider(data.vocab, max_length=data.max_caption_length)
+    if decoding is None:
+        raise ValueError(f"{data.task}: the validation metric decodes like the test split: pass the evaluate section")
+    assert data.vocab is not None
+    return caption_cider(data.vocab, decoding)
 
 
 def input_blind_metric(data: TaskData) -> float:
@@ -384,6 +390,7 @@ class TrainSummary:
 
     task: str
     family: str
+    seed: int  # train.seed of this run
     num_parameters: int
     metric: str  # "accuracy" or "cider_d"
     best_val_metric: float | None
@@ -391,6 +398,7 @@ class TrainSummary:
     input_blind_metric: float  # the same metric for a model that ignores its input (see input_blind_metric)
     epochs_run: int
     stopped_early: bool
+    converged: bool  # stopped by patience, or its best epoch lies patience epochs before the end (see converged)
     resumed_from_epoch: int  # 0 for a fresh run
     train_time_s: float  # sum over epochs of training + validation time (across resumptions)
     samples_per_s: float  # training samples per second of training time
@@ -403,6 +411,16 @@ class TrainSummary:
     model_config: dict[str, Any]
     mlflow_run_id: str | None
     mlflow_parent_run_id: str | None
+
+
+def converged(stopped_early: bool, best_epoch: int | None, epochs_run: int, patience: int) -> bool:
+    """Whether a run converged on its validation metric: it stopped early (``patience`` epochs without
+    improvement), or its best epoch lies at least ``patience`` epochs before its last. A run that hit
+    ``train.epochs`` while still improving is not converged (with ``patience`` 0 nothing is ever called converged:
+    there is no criterion)."""
+    if patience <= 0 or best_epoch is None:
+        return False
+    return stopped_early or epochs_run - best_epoch >= patience
 
 
 def learning_curve(history: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
@@ -431,6 +449,7 @@ def run(
     train_config: TrainConfig,
     model_config: Any,
     budget: int | None = None,
+    decoding: EvaluateConfig | None = None,
     out_dir: str | Path,
     tracker: tracking.TrackerLike | None = None,
     parent_run_id: str | None = None,
@@ -439,8 +458,11 @@ def run(
     log: Any = print,
     encoder: nn.Module | None = None,
 ) -> TrainSummary:
-    """Train ``family`` on ``task`` and write every output into ``out_dir`` (see the module docstring).
+    """Train ``family`` on ``task`` with seed ``train_config.seed`` and write every output into ``out_dir`` (see the
+    module docstring).
 
+    ``decoding`` (captioning): the ``evaluate`` section, whose decoder picks the best epoch as it predicts the test
+    split.
     ``tracker`` (e.g. from :func:`seqvision.tracking.open_training_run`) receives fit's params and per-epoch metrics, the effective
     model config, parameter count, headline metrics, ``config.json``, ``summary.json`` and ``best.pt``.
     ``resume``: continue from ``out_dir/last.pt`` when its fingerprint matches (else start afresh).
@@ -486,7 +508,7 @@ def run(
                                seed=train_config.seed, workers=workers, device=device, shard=True)
     val_loader = make_loader(data.val, batch_size=train_config.batch_size, shuffle=False,  # type: ignore[arg-type]
                              workers=workers, device=device)
-    metric = validation_metric(data)
+    metric = validation_metric(data, decoding)
     blind = input_blind_metric(data)
 
     if rank0:
@@ -502,7 +524,8 @@ def run(
     tracker.log_artifact(out_dir / "config.json")
 
     result = fit(
-        model, train_loader, val_loader, config=train_config, out_dir=out_dir, tracker=tracker, metric=metric,
+        model, train_loader, val_loader, config=train_config, lr=config.lr, out_dir=out_dir, tracker=tracker,
+        metric=metric,
         spec=models.model_spec(model, task=task, family=family), extra={"fingerprint": key},
         resume=resumed_from is not None,
         progress=progress,
@@ -516,9 +539,11 @@ def run(
 
     stats = _summarize_history(result.history)
     summary = TrainSummary(
-        task=task, family=family, num_parameters=num_parameters, metric=result.metric,
+        task=task, family=family, seed=train_config.seed, num_parameters=num_parameters, metric=result.metric,
         best_val_metric=result.best_metric, best_epoch=result.best_epoch, input_blind_metric=round(blind, 6),
-        epochs_run=len(result.history), stopped_early=result.stopped_early, resumed_from_epoch=resumed_from,
+        epochs_run=len(result.history), stopped_early=result.stopped_early,
+        converged=converged(result.stopped_early, result.best_epoch, len(result.history), train_config.patience),
+        resumed_from_epoch=resumed_from,
         device=str(device), torch_version=str(torch.__version__), train_items=len(data.train),  # type: ignore[arg-type]
         val_items=len(data.val), dropped_items=data.dropped, model_config=to_dict(config),  # type: ignore[arg-type]
         mlflow_run_id=getattr(tracker, "run_id", None), mlflow_parent_run_id=parent_run_id, **stats,
@@ -537,8 +562,72 @@ def run(
     return summary
 
 
+# --------------------------------------------------------------------------------------------------------
+# Over seeds: the stage's own outputs
+
+# Per-seed numbers that describe the run, not its quality: not aggregated into metrics.json.
+_NOT_METRICS = frozenset({"num_items", "decode_time_s", "items_per_s"})
+
+
+def seed_folders(out_dir: str | Path, seeds: int) -> list[tuple[Path, Path]]:
+    """(train folder, test folder) of every seed k < ``seeds`` (``results.train_dir`` / ``results.test_dir``)."""
+    return [(train_dir(out_dir, k), test_dir(out_dir, k)) for k in range(seeds)]
+
+
+def aggregate(out_dir: str | Path, *, seeds: int, budget: int | None) -> dict[str, Any]:
+    """The stage's outputs from its seed folders (every seed must have trained and been evaluated). Seed folders of
+    an earlier run with more seeds are removed first, so the stage's outputs hold exactly these seeds.
+
+
+    ``metrics.json``        every numeric test metric as ``metrics.seed_summary`` (mean, std, 95% t-interval, the
+                            values), plus ``num_seeds``, ``num_parameters`` and ``converged`` (seeds that converged)
+    ``summary.json``        task, family, parameters and budget, model config, every seed's summary
+    ``learning_curve.json`` every seed's rows, with a ``seed`` column (``dvc plots``)
+    ``plots/confusion.csv`` activity: every seed's test predictions (``dvc plots`` confusion)
+
+    Returns metrics.json's content."""
+    from seqvision.metrics import seed_summary
+
+    out_dir = Path(out_dir)
+    for part in ("train", "test"):
+        for stale in (out_dir / part).glob("seed*"):
+            if stale.name.removeprefix("seed").isdigit() and int(stale.name.removeprefix("seed")) >= seeds:
+                shutil.rmtree(stale)
+    folders = seed_folders(out_dir, seeds)
+    for trained, tested in folders:
+        for path in (trained / "summary.json", trained / "learning_curve.json", tested / "metrics.json"):
+            if not path.is_file():
+                raise FileNotFoundError(f"{path}: missing; that seed did not finish")
+    summaries = [json.loads((t / "summary.json").read_text(encoding="utf-8")) for t, _ in folders]
+    tests = [json.loads((e / "metrics.json").read_text(encoding="utf-8")) for _, e in folders]
+    keys = [k for k, v in tests[0].items() if k not in _NOT_METRICS and (v is None or isinstance(v, (int, float)))]
+    metrics: dict[str, Any] = {k: seed_summary([t.get(k) for t in tests]) for k in keys}
+    first = summaries[0]
+    metrics.update({"num_seeds": seeds, "num_parameters": first["num_parameters"],
+                    "converged": sum(bool(s["converged"]) for s in summaries)})
+    summary = {
+        "task": first["task"], "family": first["family"], "num_parameters": first["num_parameters"],
+        "budget": budget, "model_config": first["model_config"], "metric": first["metric"],
+        "seeds": summaries, "converged_seeds": metrics["converged"], "num_seeds": seeds,
+        "train_time_s": round(sum(s["train_time_s"] for s in summaries), 3),
+    }
+    write_json(out_dir / "metrics.json", metrics)
+    write_json(out_dir / "summary.json", summary)
+    curve = [{"seed": s["seed"], **row} for (t, _), s in zip(folders, summaries)
+             for row in json.loads((t / "learning_curve.json").read_text(encoding="utf-8"))]
+    write_json(out_dir / "learning_curve.json", curve)
+    plots = out_dir / "plots"
+    plots.mkdir(exist_ok=True)
+    confusion = [(e / "plots" / "confusion.csv") for _, e in folders]
+    if all(p.is_file() for p in confusion):
+        rows = [line for p in confusion for line in p.read_text(encoding="utf-8").splitlines()[1:]]
+        write_text(plots / "confusion.csv", "actual,predicted\n" + "".join(f"{r}\n" for r in rows))
+    return metrics
+
+
 __all__ = [
-    "CIDER_VAL_ITEMS", "FAMILIES", "OUTPUT_FILES", "TASKS", "TaskData", "TrainSummary", "build", "caption_cider",
+    "CIDER_VAL_ITEMS", "FAMILIES", "OUTPUT_FILES", "TASKS", "TaskData", "TrainSummary", "aggregate", "build",
+    "caption_cider", "converged", "seed_folders",
     "check_names", "dims", "finetune_encoder", "fingerprint", "input_blind_metric", "learning_curve",
     "load_for_training", "load_task_data", "run", "sized_config", "tracked_params", "validation_metric",
 ]

@@ -84,13 +84,15 @@ def caption_scores(
     references: Mapping[Any, Sequence[str]],
     *,
     meteor: MeteorMode = "auto",
+    per_item: dict[str, dict[Any, float]] | None = None,
 ) -> dict[str, float | None]:
     """coco-caption metrics of one hypothesis per item against its references.
 
     ``hypotheses``: ``{id: caption}``; ``references``: ``{id: [caption, ...]}`` (raw text; both are tokenized
     with :func:`ptb_tokenize` first, as coco-caption does). The id sets must be equal.
     ``meteor``: ``"auto"`` computes METEOR when Java is present and returns ``None`` otherwise; ``"always"``
-    raises without Java; ``"never"`` returns ``None``.
+    raises without Java; ``"never"`` returns ``None``. ``per_item``: a dict that receives ``{"cider_d": {id: v},
+    "rouge_l": {id: v}}``, the item scores whose means are the corpus values (what a bootstrap resamples).
 
     Returns ``{"bleu_1".."bleu_4", "meteor", "rouge_l", "cider_d": float | None}``, raw toolkit values (not
     x100): BLEU/METEOR/ROUGE-L in [0, 1], CIDEr-D in [0, 10]. BLEU is corpus-level (clipped counts summed
@@ -117,8 +119,11 @@ def caption_scores(
     res = {key: [ptb_tokenize(hypotheses[key])] for key in keys}
 
     bleu, _ = Bleu(4).compute_score(gts, res, verbose=0)  # option="closest", coco-caption's choice
-    cider, _ = Cider().compute_score(gts, res)  # CIDEr-D: n=4, sigma=6, clipped, idf from these references
-    rouge, _ = Rouge().compute_score(gts, res)  # ROUGE-L, beta=1.2
+    cider, cider_items = Cider().compute_score(gts, res)  # CIDEr-D: n=4, sigma=6, clipped, idf from these refs
+    rouge, rouge_items = Rouge().compute_score(gts, res)  # ROUGE-L, beta=1.2
+    if per_item is not None:  # both scorers return item scores in gts' key order
+        per_item["cider_d"] = {key: float(v) for key, v in zip(keys, cider_items)}
+        per_item["rouge_l"] = {key: float(v) for key, v in zip(keys, rouge_items)}
 
     meteor_score: float | None = None
     if meteor == "always" and not java_available():
@@ -151,10 +156,11 @@ def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
     return records
 
 
-def score_predictions_jsonl(path: str | Path, *, meteor: MeteorMode = "auto") -> dict[str, Any]:
+def score_predictions_jsonl(path: str | Path, *, meteor: MeteorMode = "auto",
+                            per_item: dict[str, dict[Any, float]] | None = None) -> dict[str, Any]:
     """Caption metrics of a predictions file with lines ``{"id", "hypothesis", "references": [...], ...}``.
 
-    Returns :func:`caption_scores` plus ``"num_items"``.
+    Returns :func:`caption_scores` plus ``"num_items"``; ``per_item`` as there.
     """
     hypotheses: dict[str, str] = {}
     references: dict[str, list[str]] = {}
@@ -166,7 +172,7 @@ def score_predictions_jsonl(path: str | Path, *, meteor: MeteorMode = "auto") ->
         if key in hypotheses:
             raise ValueError(f"{path}: id {key!r} appears twice")
         hypotheses[key], references[key] = str(hyp), [str(r) for r in refs]
-    metrics: dict[str, Any] = dict(caption_scores(hypotheses, references, meteor=meteor))
+    metrics: dict[str, Any] = dict(caption_scores(hypotheses, references, meteor=meteor, per_item=per_item))
     metrics["num_items"] = len(hypotheses)
     return metrics
 
@@ -326,3 +332,28 @@ def score_activity_jsonl(
         reversal_pairs=reversal_pairs,
         topk=np.asarray(topk) if have_topk else None,
     )
+
+
+# --------------------------------------------------------------------------------------------------------
+# Over seeds
+
+# Two-sided 95% quantiles of Student's t, t_{0.975, df} for df = 1..30 (any statistics table); beyond 30 the
+# normal 1.96 is within 2% of the exact value (t_{0.975, 30} = 2.042).
+_T975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145, 2.131,
+         2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048, 2.045, 2.042)
+
+
+def seed_summary(values: Sequence[float | None]) -> dict[str, Any]:
+    """``{"mean", "std", "ci95": [low, high], "seeds": values}`` of one metric over seeds: the mean and its 95%
+    t-interval (sample std, n - 1 degrees of freedom). ``std`` and ``ci95`` are None for a single seed (no spread
+    to estimate), everything None when a seed has no value (a metric undefined for that run)."""
+    seeds = [None if v is None else float(v) for v in values]
+    if not seeds or any(v is None for v in seeds):
+        return {"mean": None, "std": None, "ci95": None, "seeds": seeds}
+    n = len(seeds)
+    mean = float(np.mean(seeds))
+    if n == 1:
+        return {"mean": mean, "std": None, "ci95": None, "seeds": seeds}
+    std = float(np.std(seeds, ddof=1))
+    half = (_T975[n - 2] if n - 1 <= len(_T975) else 1.96) * std / np.sqrt(n)
+    return {"mean": mean, "std": std, "ci95": [mean - half, mean + half], "seeds": seeds}

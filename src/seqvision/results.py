@@ -92,15 +92,31 @@ def write_caption_outputs(
     meteor: metrics.MeteorMode = "auto",
     seconds: float = 0.0,
     details: Mapping[str, Any] | None = None,
+    content: Any = None,
 ) -> dict[str, Any]:
-    """Write ``predictions.jsonl``, score it, write ``metrics.json`` / ``details.json`` and an empty
-    ``plots/``. Returns the metrics."""
+    """Write ``predictions.jsonl``, score it, write ``metrics.json`` / ``details.json`` and an empty ``plots/``.
+    Returns the metrics.
+
+    ``content`` (the synthetic benchmark only): ``(kind, metadata)`` with kind ``"images"`` or ``"videos"`` and
+    ``metadata`` the matching part of ``metadata.json`` by id: the content metrics (``seqvision.content``) are added
+    as ``content_<name>`` and their subsets and per-item records to details.json."""
     out_dir = Path(out_dir)
     write_jsonl(out_dir / PREDICTIONS, records)
-    scores = metrics.score_predictions_jsonl(out_dir / PREDICTIONS, meteor=meteor)
+    per_item: dict[str, Any] = {}
+    scores = metrics.score_predictions_jsonl(out_dir / PREDICTIONS, meteor=meteor, per_item=per_item)
+    extra: dict[str, Any] = {}
+    if content is not None:
+        from seqvision import content as content_metrics
+
+        kind, metadata = content
+        score = (content_metrics.image_content_scores if kind == "images" else content_metrics.video_content_scores)
+        found = score({str(r["id"]): str(r["hypothesis"]) for r in records}, metadata)
+        scores.update({f"content_{k}": v for k, v in found.mean.items()})
+        per_item["content"] = found.per_item
+        extra["content_subsets"] = found.subsets
     result = {**scores, **_timing(len(records), seconds)}
     metrics.write_metrics(out_dir / METRICS, result)
-    write_json(out_dir / DETAILS, {**dict(details or {}), "scale": CAPTION_SCALE})
+    write_json(out_dir / DETAILS, {**dict(details or {}), **extra, "scale": CAPTION_SCALE, "per_item": per_item})
     _reset_plots(out_dir)
     return result
 
@@ -134,6 +150,13 @@ def write_activity_outputs(
         "reversal_pairs": [list(p) for p in reversal_pairs],
         "confusion": report["confusion"],
         "per_class_accuracy": report["per_class_accuracy"],
+        # What a bootstrap resamples: 0/1 per clip, and whether the clip belongs to a reversal pair.
+        "per_item": {"correct": {str(r["id"]): int(r["predicted"] == r["label"]) for r in records},
+                     "in_reversal_pair": {str(r["id"]): int(any(r["label"] in p for p in reversal_pairs))
+                                          for r in records},
+                     "swapped": {str(r["id"]): int(any(r["label"] in p and r["predicted"] in p and
+                                                       r["predicted"] != r["label"] for p in reversal_pairs))
+                                 for r in records}},
     })
     _reset_plots(out_dir)
     buffer = io.StringIO()
@@ -150,6 +173,17 @@ def _reset_plots(out_dir: Path) -> None:
     stale = plots / CONFUSION_CSV
     stale.unlink(missing_ok=True)
 
+
+
+def train_dir(run_dir: str | Path, seed_index: int) -> Path:
+    """Where seed ``seed_index`` of a training (``artifacts/runs/{task}/{model}``) keeps its checkpoints, history
+    and summary: ``{run_dir}/train/seed{k}`` (DVC keeps them across reruns, so a killed seed resumes)."""
+    return Path(run_dir) / "train" / f"seed{seed_index}"
+
+
+def test_dir(run_dir: str | Path, seed_index: int) -> Path:
+    """Where seed ``seed_index``'s test evaluation goes: ``{run_dir}/test/seed{k}`` (this module's layout)."""
+    return Path(run_dir) / "test" / f"seed{seed_index}"
 
 
 # The non-learned reference systems of each task (``baselines.py``), evaluated into ``{task}/{PREFIX}{name}``.

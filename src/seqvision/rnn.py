@@ -90,10 +90,12 @@ def run_packed(
 class RecurrentEncoder(nn.Module):
     """A recurrent encoder over frame features, with optional truncated backpropagation through time.
 
-    With ``tbptt_steps = k > 0`` the frames are processed in chunks of k steps; the hidden state is carried
-    from chunk to chunk (the forward pass sees the whole clip) but detached at every chunk boundary, so
-    gradients flow only within a chunk (Williams & Peng 1990). Each chunk is packed with its own lengths
-    ``clamp(lengths - start, 0, k)``; rows that already ended keep their final state untouched.
+    With ``tbptt_steps = k > 0`` each clip is processed in chunks of k steps *aligned to its own end*: the last
+    chunk holds its last k real frames, the one before the k before them, and only the first chunk may be shorter.
+    The hidden state is carried from chunk to chunk (the forward pass sees the whole clip) but detached at every
+    chunk boundary, so gradients flow only within a chunk (Williams & Peng 1990). End alignment matters because the
+    readout (the classifier, the decoder's initial state) sits at the end: with chunks counted from the start, a
+    clip of k + 1 frames would backpropagate from its readout through one frame only.
     """
 
     def __init__(self, cell: str, input_size: int, hidden_size: int, num_layers: int, dropout: float,
@@ -105,38 +107,40 @@ class RecurrentEncoder(nn.Module):
 
     def forward(self, x: Tensor, lengths: Tensor) -> tuple[Tensor, State]:
         """x (B, T, I), lengths (B,) -> (outputs (B, T, H) zero past each length, final state batch-first)."""
-        B, T, _ = x.shape
+        B, T, I = x.shape
         check_lengths(lengths, T)
         k = self.tbptt_steps
-        if k <= 0 or T <= k:
+        if k <= 0 or int(lengths.max()) <= k:
             out, hidden = run_packed(self.rnn, x, lengths, None)
             return out, _to_batch_first(hidden)
 
-        finals: tuple[Tensor, ...] | None = None  # layer-first, keeps its graph for rows that have ended
-        outputs = []
-        for start in range(0, T, k):
-            width = min(k, T - start)
-            chunk_lengths = (lengths - start).clamp(0, width)  # (B,)
-            active = (chunk_lengths > 0).nonzero().squeeze(1)  # rows with real frames in this chunk
-            out = x.new_zeros(B, width, self.hidden_size)
-            if active.numel() > 0:
-                carried = None
-                if finals is not None:
-                    # The truncation: the carried state enters this chunk as a constant.
-                    hs = tuple(h.index_select(1, active).detach() for h in finals)
-                    carried = hs if len(hs) == 2 else hs[0]
-                chunk_out, hidden = run_packed(
-                    self.rnn, x[:, start : start + width].index_select(0, active), chunk_lengths[active], carried
-                )
-                hidden_t = hidden if isinstance(hidden, tuple) else (hidden,)
-                if finals is None:  # first chunk: every row is active (lengths >= 1)
-                    finals = hidden_t
-                else:
-                    finals = tuple(f.index_copy(1, active, h) for f, h in zip(finals, hidden_t))
-                out = out.index_copy(0, active, chunk_out)
-            outputs.append(out)
-        assert finals is not None
-        return torch.cat(outputs, dim=1), tuple(h.transpose(0, 1) for h in finals)  # (B, T, H), each (B, L, H)
+        chunks = -(-int(lengths.max()) // k)  # ceil: chunks of the longest clip
+        offset = chunks * k - lengths  # (B,): where each clip starts if every clip is right-aligned at chunks * k
+        steps = torch.arange(k, device=x.device)  # (k,)
+        parts = 2 if isinstance(self.rnn, nn.LSTM) else 1
+        finals = tuple(x.new_zeros(self.rnn.num_layers, B, self.hidden_size) for _ in range(parts))
+        padded = torch.cat([x, x.new_zeros(B, 1, I)], dim=1)  # (B, T + 1, I): position T feeds padded chunk slots
+        rows, cols, values = [], [], []
+        for c in range(chunks):
+            starts = (c * k - offset).clamp(min=0)  # (B,) first real frame of chunk c, per clip
+            ends = (c + 1) * k - offset  # (B,) one past its last
+            active = (ends > 0).nonzero().squeeze(1)  # clips that have begun by chunk c (and then go on to the end)
+            widths = (ends - starts)[active]  # (A,) k, except for a clip's first chunk
+            positions = starts[active, None] + steps[None, :]  # (A, k)
+            valid = steps[None, :] < widths[:, None]  # (A, k)
+            positions = torch.where(valid, positions, torch.full_like(positions, T))  # padded slots -> position T
+            gathered = padded[active[:, None], positions]  # (A, k, I)
+            # The truncation: the carried state enters the chunk as a constant (zeros for a clip's first chunk).
+            carried = tuple(h.index_select(1, active).detach() for h in finals)
+            chunk_out, hidden = run_packed(self.rnn, gathered, widths, carried if parts == 2 else carried[0])
+            hidden_t = hidden if isinstance(hidden, tuple) else (hidden,)
+            finals = tuple(f.index_copy(1, active, h) for f, h in zip(finals, hidden_t))
+            rows.append(active[:, None].expand_as(positions)[valid])
+            cols.append(positions[valid])
+            values.append(chunk_out[valid])  # (real frames of the chunk, H)
+        # Every real frame lies in exactly one chunk: one write per position, no duplicates.
+        out = x.new_zeros(B, T, self.hidden_size).index_put((torch.cat(rows), torch.cat(cols)), torch.cat(values))
+        return out, tuple(h.transpose(0, 1) for h in finals)  # (B, T, H), each (B, L, H)
 
 
 class AdditiveAttention(nn.Module):

@@ -59,3 +59,37 @@ def configure_backends(device: torch.device, *, deterministic: bool, compile_mod
         else:  # pragma: no cover - older torch
             torch.backends.cuda.matmul.allow_tf32 = True
             torch.backends.cudnn.allow_tf32 = True
+
+
+def visible_gpus() -> list[str]:
+    """The CUDA devices this process may use, as CUDA_VISIBLE_DEVICES entries (index or UUID)."""
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    inherited = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if inherited is not None:  # a child must name the *physical* device, not its index among the visible ones
+        return [d.strip() for d in inherited.split(",") if d.strip()][:count]
+    return [str(i) for i in range(count)]
+
+
+def usable_cores() -> int:
+    """CPU cores this process may run on (its affinity mask; a container's CPU set, not the host's)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+def parallel_slots(jobs: int, *, device: str, wanted: int | None = None) -> list[str | None]:
+    """One entry per job that may run at once: the CUDA_VISIBLE_DEVICES value it gets, ``None`` on CPU.
+
+    GPU (``device`` auto or cuda, and one visible): by default one job per device, so each has a device to itself;
+    a larger ``wanted`` shares them round-robin. CPU: by default one per usable core, each job single-threaded (one
+    thread was 5-14x faster than two for these small sequential models, docs/benchmarks.md). Never more slots
+    than jobs, never fewer than one.
+    """
+    if wanted is not None and wanted < 1:
+        raise ValueError(f"the number of jobs at once must be >= 1, got {wanted}")
+    gpus = visible_gpus() if device != "cpu" else []
+    if device.startswith("cuda") and not gpus:
+        raise ValueError(f"device {device!r}, but no CUDA device is visible")
+    count = max(1, min(wanted or (len(gpus) if gpus else usable_cores()), jobs))
+    return [gpus[i % len(gpus)] for i in range(count)] if gpus else [None] * count

@@ -556,6 +556,30 @@ RUN_ID_FILE = Path(".seqvision") / "parent_run_id"  # relative to the repository
 DATA_DVC = "data.dvc"
 
 
+def end_abandoned(parent_run_id: str, run_name: str, *, repo_root: str | Path) -> list[str]:
+    """Mark KILLED every child run ``run_name`` of ``parent_run_id`` still RUNNING, and return their ids.
+
+    Called as a training opens its run: the same training never runs twice at once (DVC locks the repository;
+    the comparison starts each training once), so a RUNNING namesake is the run of a process that was killed
+    (SIGKILL, power loss) before it could mark anything. Its curves stay; the tag says what ended it."""
+    if os.environ.get(RUN_ID_ENV):
+        return []  # a launcher owns the run and its siblings
+    uri = tracking_uri(repo_root)
+    client = _client(uri)
+    with _reaching(uri):
+        experiment = client.get_run(parent_run_id).info.experiment_id
+        stale = client.search_runs(
+            [experiment],
+            filter_string=f"tags.`{PARENT_TAG}` = '{parent_run_id}' and attributes.run_name = '{run_name}' "
+                          "and attributes.status = 'RUNNING'",
+        )
+        for run in stale:
+            client.set_tag(run.info.run_id, "seqvision.ended_by", "the next run of the same training found it "
+                                                                  "RUNNING: its process had died")
+            client.set_terminated(run.info.run_id, status="KILLED")
+    return [run.info.run_id for run in stale]
+
+
 def open_training_run(
     task: str, family: str, *, repo_root: str | Path, params: Mapping[str, Any] | None = None
 ) -> tuple[Tracker, str]:
@@ -572,6 +596,7 @@ def open_training_run(
         tags={k: v for k, v in lineage.items() if k != "seqvision.params_hash"},
     )
     tags = {**lineage, "seqvision.task": task, "seqvision.family": family, "seqvision.stage": "train"}
+    end_abandoned(parent, f"{task}-{family}", repo_root=root)
     child = start_child(parent_run_id=parent, run_name=f"{task}-{family}", repo_root=root, tags=tags)
     return child, parent
 

@@ -146,14 +146,15 @@ def _autocast(device: torch.device) -> contextlib.AbstractContextManager[Any]:
 # Optimizer and learning-rate schedule
 
 
-def make_optimizer(model: nn.Module, config: TrainConfig, *, device: torch.device) -> torch.optim.AdamW:
-    """AdamW; weight decay on matrices (dim >= 2) only, not on biases and norm gains (as in nanoGPT)."""
+def make_optimizer(model: nn.Module, config: TrainConfig, *, lr: float, device: torch.device) -> torch.optim.AdamW:
+    """AdamW at peak learning rate ``lr``; weight decay on matrices (dim >= 2) only, not on biases and norm gains
+    (as in nanoGPT)."""
     params = [p for p in model.parameters() if p.requires_grad]
     groups = [
         {"params": [p for p in params if p.dim() >= 2], "weight_decay": config.weight_decay},
         {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
     ]
-    return torch.optim.AdamW(groups, lr=config.lr, fused=device.type == "cuda")
+    return torch.optim.AdamW(groups, lr=lr, fused=device.type == "cuda")
 
 
 def warmup_cosine(step: int, *, warmup_steps: int, total_steps: int, min_lr_ratio: float) -> float:
@@ -544,6 +545,7 @@ def fit(
     val_loader: DataLoader,
     *,
     config: TrainConfig,
+    lr: float,
     out_dir: str | Path,
     tracker: TrackerLike | None = None,
     metric: ValidationMetric = VAL_LOSS,
@@ -552,7 +554,8 @@ def fit(
     resume: bool = False,
     progress: bool | None = None,
 ) -> FitResult:
-    """Train ``model`` for ``config.epochs`` epochs (fewer with early stopping) and checkpoint it.
+    """Train ``model`` for ``config.epochs`` epochs (fewer with early stopping) at peak learning rate ``lr`` and
+    checkpoint it.
 
     Seed with :func:`seed_everything` before building ``model`` so its initial weights are reproducible;
     ``fit`` seeds again for data order and dropout. ``metric`` picks ``best.pt`` and drives ``patience``.
@@ -587,7 +590,7 @@ def fit(
     # Rank 0 validates alone, so not through DDP: its forward may broadcast buffers, a collective the other
     # ranks would never join.
     eval_model = raw if sharded else forward_model
-    optimizer = make_optimizer(raw, config, device=device)
+    optimizer = make_optimizer(raw, config, lr=lr, device=device)
     total_steps = config.epochs * len(train_loader)
     scheduler = make_scheduler(optimizer, config, total_steps=total_steps)
     kwargs = training_kwargs(raw, config)
@@ -599,6 +602,9 @@ def fit(
     if resume and last_path.is_file():
         ckpt = checkpoint.load(last_path)  # verified; CPU; load_state_dict copies onto the model's device
         _check_resumable(ckpt["train_config"], config, last_path)
+        if ckpt.get("lr", lr) != lr:
+            raise ConfigError(f"cannot resume from {last_path}: the learning rate was {ckpt['lr']}, now {lr}; "
+                              "restore it or start a fresh run")
         if ckpt["metric"] != metric.name:
             raise ValueError(f"cannot resume from {last_path}: it tracked {ckpt['metric']!r}, not {metric.name!r}")
         raw.load_state_dict(ckpt["model"])
@@ -610,7 +616,7 @@ def fit(
         history = list(ckpt["history"])
 
     if rank0:
-        tracker.log_params(flatten({"train": to_dict(config)}))
+        tracker.log_params({**flatten({"train": to_dict(config)}), "lr": lr})
         tracker.set_tags({**runtime_tags(device), "seqvision.metric": metric.name,
                           "seqvision.resumed_from_epoch": epoch, "seqvision.world_size": distributed.world_size()})
 
@@ -657,7 +663,7 @@ def fit(
             "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
             "epoch": epoch, "step": step, "best_metric": best_metric, "best_epoch": best_epoch,
             "epochs_since_best": since_best, "stopped_early": stopped, "metric": metric.name,
-            "history": history, "train_config": to_dict(config), "rng": rng_state(train_loader),
+            "history": history, "train_config": to_dict(config), "lr": lr, "rng": rng_state(train_loader),
             "torch_version": str(torch.__version__),
         })
         if improved:
