@@ -338,24 +338,53 @@ def test_coco_captions(tiny: Path) -> None:
     )
 
 
-def test_video_captions_name_the_events_in_order(metadata: dict, tiny: Path) -> None:
-    from seqvision.synth.captions import VERB_PHRASES
+def test_video_references_name_every_event_in_order_under_five_openings(metadata: dict, tiny: Path) -> None:
+    """Every reference is ``opening the SIZE COLOUR SHAPE VERB, then ...`` with the size and colour at each
+    event's start, and the five differ only in their opening."""
+    from seqvision.synth.captions import VERB_PHRASES, VIDEO_OPENINGS
 
     data = json.loads((tiny / "annotations" / "msrvtt.json").read_text())
-    first: dict[str, str] = {}
+    refs: dict[str, list[str]] = {}
     for s in data["sentences"]:
-        first.setdefault(s["video_id"], s["caption"])  # reference 1: "the X <verb>, then the Y <verb>"
+        refs.setdefault(s["video_id"], []).append(s["caption"])
     for video in metadata["videos"]:
-        parts = first[video["id"]].split(", then ")
-        assert len(parts) == len(video["events"]), first[video["id"]]
-        for i, (part, e) in enumerate(zip(parts, video["events"])):
+        parts = []
+        for e in video["events"]:
             shape = video["objects"][e["object"]]["shape"]
-            if part.startswith("it "):
-                assert i > 0 and video["events"][i - 1]["object"] == e["object"]
-            else:
-                assert part.startswith("the ") and f"{e['color_before']} {shape}" in part, part
-            verbs = [v.format(old=e["color_before"], new=e["color_after"]) for v, _ in VERB_PHRASES[e["class"]]]
-            assert any(part.endswith(" " + v) for v in verbs), part
+            verb = VERB_PHRASES[e["class"]].format(new=e["color_after"])
+            parts.append(f"the {e['size_before']} {e['color_before']} {shape} {verb}")
+        assert refs[video["id"]] == [f"{o} {', then '.join(parts)}" for o in VIDEO_OPENINGS], video["id"]
+
+
+def test_event_sizes_follow_the_radius_at_each_event(metadata: dict) -> None:
+    """``size_before`` / ``size_after`` (what the captions name) match the object's drawn radius, also after a
+    grow or shrink changed it earlier in the clip."""
+    changed_earlier = 0
+    for video in metadata["videos"]:
+        scale = min(video["height"], video["width"])
+        resized: set[int] = set()
+        for e in video["events"]:
+            for when in ("before", "after"):
+                assert e[when]["radius"] == pytest.approx(RADIUS_FRACTION[e[f"size_{when}"]] * scale, abs=0.01), e
+            changed_earlier += e["object"] in resized
+            if e["class"] in ("grow", "shrink"):
+                resized.add(e["object"])
+    assert changed_earlier > 0  # the tiny preset has clips where a later event's size differs from the start
+
+
+def test_longest_video_caption_fits_the_token_budget() -> None:
+    """Three events with the longest noun and verb phrases stay within tokenize.max_length and within what the
+    decoder can emit (evaluate.max_length counts <eos>)."""
+    from seqvision.config import EvaluateConfig, TokenizeConfig
+    from seqvision.synth.captions import Mention, video_captions
+
+    longest = max(
+        len(caption.replace(",", " ").split())
+        for cls in EVENT_CLASSES
+        for caption in video_captions([Mention(0, "triangle", "magenta", "small", cls, "yellow")] * 3)
+    )
+    assert longest == 21
+    assert longest <= min(TokenizeConfig().max_length, EvaluateConfig().max_length - 1)
 
 
 # ---------------------------------------------------------------------------------------------------------

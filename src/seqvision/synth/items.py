@@ -3,7 +3,8 @@
 Every item owns its random streams, derived from ``(seed, kind, split, index, stream)`` with
 ``np.random.default_rng``; nothing depends on which process builds it or in what order, which is what
 makes the output byte-identical for any worker count. The three streams keep the scene, the captions and
-the pixel noise independent, so a resumed run can rebuild an item's captions without rendering it.
+the pixel noise independent, so a resumed run can rebuild an item's captions without rendering it. (Video
+captions draw nothing from theirs: they are a function of the clip's spec.)
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import numpy as np
 from ..config import SynthConfig
 from . import render
 from .captions import Mention, image_captions, video_captions
-from .events import EVENT_CLASSES, ClipSpec, GenerationError, clip_states, sample_clip
+from .events import EVENT_CLASSES, ClipSpec, GenerationError, clip_states, final_states, sample_clip
 from .scene import (
     COLORS,
     INVERSE_RELATION,
@@ -97,20 +98,26 @@ def video_spec(config: SynthConfig, key: ItemKey) -> ClipSpec:
     return sample_clip(item_rng(config.seed, "video", key.split, key.index, SPEC), config)
 
 
-def video_record(config: SynthConfig, key: ItemKey, spec: ClipSpec) -> ItemRecord:
-    # Every event, in order (a long-range clip's are: appear, the labelled event, disappear).
-    mentions = [
-        Mention(
-            obj=e.obj,
-            shape=spec.objects[e.obj].shape,
-            color=e.color_before,
-            size=spec.objects[e.obj].size,
-            cls=e.cls,
-            new_color=e.color_after,
-        )
-        for e in spec.events
+def event_sizes(spec: ClipSpec) -> list[tuple[str, str]]:
+    """(size before, size after) of each event's object, in temporal order: only grow and shrink change it."""
+    def size_after(count: int, obj: int) -> str:  # the object's size after the first ``count`` events
+        return final_states(spec._replace(events=spec.events[:count]))[1][obj].size
+
+    return [(size_after(i, e.obj), size_after(i + 1, e.obj)) for i, e in enumerate(spec.events)]
+
+
+def video_mentions(spec: ClipSpec) -> list[Mention]:
+    """Every event of ``spec`` in temporal order, named by its object's colour and size at the event's start
+    (a long-range clip's events are: appear, the labelled event, disappear)."""
+    return [
+        Mention(obj=e.obj, shape=spec.objects[e.obj].shape, color=e.color_before, size=before, cls=e.cls,
+                new_color=e.color_after)
+        for e, (before, _) in zip(spec.events, event_sizes(spec))
     ]
-    captions = video_captions(mentions, item_rng(config.seed, "video", key.split, key.index, CAPTIONS))
+
+
+def video_record(config: SynthConfig, key: ItemKey, spec: ClipSpec) -> ItemRecord:
+    captions = video_captions(video_mentions(spec))
     main = spec.events[spec.main]
     metadata = {
         "id": key.id,
@@ -139,11 +146,13 @@ def video_record(config: SynthConfig, key: ItemKey, spec: ClipSpec) -> ItemRecor
                 "end": e.end,
                 "color_before": e.color_before,
                 "color_after": e.color_after,
+                "size_before": size_before,
+                "size_after": size_after,
                 "before": _state_dict(e.before),
                 "after": _state_dict(e.after),
                 **({"hop": round(e.hop, 2)} if e.hop else {}),
             }
-            for e in spec.events
+            for e, (size_before, size_after) in zip(spec.events, event_sizes(spec))
         ],
         "distractor": _walk_metadata(spec),
     }
