@@ -17,6 +17,7 @@ from seqvision.vocab import tokenize_corpus, write_corpus
 
 CLASSES = ("red", "green", "blue")
 FRAMES, GRID, DIM = 4, 4, 8
+PIXEL_DIM = 40  # a small_cnn's features: 8 colour slots of 4 values and 8 colour-blind values
 SPLITS = {"train": 18, "val": 6}
 
 TINY_MODELS = {
@@ -385,11 +386,11 @@ def test_finetune_encoder_trains_the_encoder_with_the_model_from_pixels(artifact
     from seqvision.encoders import SmallCNN, SmallCNNConfig, encoder_state
 
     frames = make_frames(tmp_path, artifacts)
-    encoder = SmallCNN(SmallCNNConfig(feature_dim=DIM, grid=2, width=4))
+    encoder = SmallCNN(SmallCNNConfig(feature_dim=PIXEL_DIM, grid=2, width=4, slot_dim=4))
     torch.save(encoder_state(encoder), tmp_path / "encoder.pt")
     params = write_params(tmp_path / "params.yaml", epochs=1)
     raw = yaml.safe_load(params.read_text())
-    raw["encoder"] = {"finetune_encoder": True, "feature_dim": DIM}
+    raw["encoder"] = {"finetune_encoder": True, "feature_dim": PIXEL_DIM, "slot_dim": 4}
     params.write_text(yaml.safe_dump(raw))
 
     summary = stage.train_flow("activity", "gru", out=str(tmp_path / "out"), params=str(params),
@@ -417,7 +418,7 @@ def test_a_different_starting_encoder_is_a_different_training():
 
     train_config, models_config = configs()
     args = ("activity", "gru", models_config.gru, train_config, [])
-    first, second = (SmallCNN(SmallCNNConfig(feature_dim=DIM, grid=2, width=4)) for _ in range(2))
+    first, second = (SmallCNN(SmallCNNConfig(feature_dim=PIXEL_DIM, grid=2, width=4, slot_dim=4)) for _ in range(2))
     with torch.no_grad():
         second.project.weight.add_(1.0)
     assert experiment.fingerprint(*args) != experiment.fingerprint(*args, encoder=first)
