@@ -307,7 +307,7 @@ def test_a_tiny_training_learns_every_attribute(tiny):
     space = A.AttributeSpace()
     data = A.collect_attribute_data(tiny["frames"], A.load_metadata(tiny["metadata"]), split="train", space=space,
                                     grid=4, frames_per_clip=6, seed=0)
-    encoder = A.build_encoder(encoder_config(feature_dim=128, slot_dim=12, width=8), num_colors=len(space.colors))
+    encoder = A.build_encoder(encoder_config(feature_dim=128, slot_dim=8, width=8), num_colors=len(space.colors))
     heads = A.build_heads(space, encoder)
     losses = A.fit_attribute_encoder(encoder, heads, data, epochs=15, lr=1e-2, batch_size=16, weight_decay=1e-4,
                                      seed=0)

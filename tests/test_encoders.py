@@ -101,9 +101,11 @@ def test_colour_slots_hold_each_objects_place_and_size():
     assert torch.equal(cells[0, 1, 0], slots[0, 0]) and torch.equal(cells[0, 2, 1], slots[0, 1])
     assert cells[0, [0, 2, 3], 0].abs().sum() == 0 and cells[0, [0, 1, 3], 1].abs().sum() == 0
     assert torch.equal(cells[1, 3, 0], slots[1, 0])
-    # the colour-blind part is the same projection of the slots, summed over colours
-    free = seeing_cnn().project
-    torch.testing.assert_close(pooled[:, 12:], free(slots).sum(1))
+    # the colour-blind part: one MLP of each seen object's slot, summed; each cell's part sums its own objects'
+    per_object = seeing_cnn().project(slots) * torch.tensor([[1.0, 1.0], [1.0, 0.0]]).unsqueeze(-1)
+    torch.testing.assert_close(pooled[:, 12:], per_object.sum(1))
+    torch.testing.assert_close(grid[0, 1, 12:], per_object[0, 0]) and torch.testing.assert_close(grid[0, 0, 12:],
+                                                                                                  torch.zeros(4))
 
 
 def test_slot_values_follow_the_object_not_its_place():

@@ -420,7 +420,7 @@ def test_a_different_starting_encoder_is_a_different_training():
     args = ("activity", "gru", models_config.gru, train_config, [])
     first, second = (SmallCNN(SmallCNNConfig(feature_dim=PIXEL_DIM, grid=2, width=4, slot_dim=4)) for _ in range(2))
     with torch.no_grad():
-        second.project.weight.add_(1.0)
+        second.project[0].weight.add_(1.0)
     assert experiment.fingerprint(*args) != experiment.fingerprint(*args, encoder=first)
     assert experiment.fingerprint(*args, encoder=first) != experiment.fingerprint(*args, encoder=second)
     assert experiment.fingerprint(*args, encoder=first) == experiment.fingerprint(*args, encoder=first)

@@ -426,12 +426,12 @@ def attribute_loss(space: AttributeSpace, logits: Tensor, targets: Tensor) -> Te
 
 class AttributeHeads(nn.Module):
     """Attribute logits (the :class:`AttributeSpace` layout) from ``SmallCNN`` features, pooled (N, D) or per grid
-    cell (N, G, D): colour c's presence and its colour-bound groups from slot c, through one small MLP shared by
-    every colour (as the slots share their code); shape presence and the colour-free bins through another, from
-    the whole vector. One module serves frames and cells alike: a cell holds the slots of the objects centred in
-    it, copied from the frame's. A probe: used to train and score the encoder, not part of its checkpoint. (MLPs,
-    not linear maps: reading a 3x3 region off a centroid takes thresholds, and linear heads learned them too slowly;
-    docs/encoder.md.)"""
+    cell (N, G, D). Colour c's presence and its colour-bound groups come from slot c, through one small MLP shared
+    by every colour (as the slots share their code); an MLP, because reading a 3x3 region off a centroid takes
+    thresholds, which linear heads learned too slowly (docs/encoder.md). Shape presence and the colour-free bins
+    come linearly from the colour-blind part, so that it learns to hold them. One module serves frames and cells
+    alike: a cell holds the slots of the objects centred in it, copied from the frame's. A probe: used to train and
+    score the encoder, not part of its checkpoint."""
 
     def __init__(self, space: AttributeSpace, *, feature_dim: int, slot_dim: int, hidden: int = 64) -> None:
         super().__init__()
@@ -439,14 +439,15 @@ class AttributeHeads(nn.Module):
         per_slot = 1 + sum(len(g.labels) for g in space.groups)
         free = len(space.shapes) + sum(len(g.labels) for g in space.groups if g.binned)
         self.per_slot = nn.Sequential(nn.Linear(slot_dim, hidden), nn.ReLU(), nn.Linear(hidden, per_slot))
-        self.free = nn.Sequential(nn.Linear(feature_dim, hidden), nn.ReLU(), nn.Linear(hidden, free))
+        # linear, and from the colour-blind part only: that part must hold where objects are whatever their colour
+        self.free = nn.Linear(feature_dim - len(space.colors) * slot_dim, free)
 
     def forward(self, features: Tensor) -> Tensor:
         """features (..., D) -> logits (..., space.size)."""
         C, S = len(self.space.colors), self.slot_dim
         slots = features[..., : C * S].unflatten(-1, (C, S))  # (..., C, S)
         per_slot = self.per_slot(slots)  # (..., C, 1 + labels of every group)
-        free = self.free(features)  # (..., shapes + labels of the binned groups)
+        free = self.free(features[..., C * S :])  # (..., shapes + labels of the binned groups)
         parts = [free[..., : len(self.space.shapes)], per_slot[..., 0]]  # shape presence, colour presence
         bound_at, free_at = 1, len(self.space.shapes)
         for group in self.space.groups:

@@ -395,7 +395,7 @@ class EncoderConfig:
     feature_dim: int = knob(128, "small_cnn feature width (torchvision backbones keep their own)", low=8, high=4096)
     width: int = knob(16, "small_cnn: channels of the object CNN's first conv (then 2x, 4x)", low=4, high=1024)
     slot_dim: int = knob(
-        12, "small_cnn: values per colour slot (8 slots, one per colour; the rest of feature_dim is colour-blind)",
+        8, "small_cnn: values per colour slot (8 slots, one per colour; the rest of feature_dim is colour-blind)",
         low=4, high=512,
     )
     grid: int = knob(4, "image features are a grid x grid map of region vectors", low=1, high=16)

@@ -56,7 +56,7 @@ class SmallCNNConfig:
     grid: int = 4  # grid x grid region vectors
     width: int = 16  # channels of the object CNN's first conv (then 2x, 4x)
     num_colors: int = 8  # colour slots: one per colour of the synthetic palette
-    slot_dim: int = 12  # values per colour slot; num_colors * slot_dim < feature_dim
+    slot_dim: int = 8  # values per colour slot; num_colors * slot_dim < feature_dim
     crop: int = 32  # each object is seen as a crop x crop patch ...
     window: float = 0.5  # ... of a window this fraction of the frame side (32 px of 64), centred on the object
 
@@ -88,8 +88,8 @@ class SmallCNN(nn.Module):
     shapes in a fraction of the steps a CNN over the whole frame needs, where every shape must be recognised at
     every offset (docs/encoder.md), and it costs less; because its weights are shared, "circle" reads
     the same in the red slot as in the blue one, and a model reading slot c gets "red circle" bound for free.
-    The colour-blind part is a learned projection of the sum of the slots (the same for every colour). The grid
-    puts each object's slot in the cell holding its centroid (row-major cells), with that cell's colour-blind part.
+    The colour-blind part sums one small MLP of each object's slot (the same for every colour). The grid puts each
+    object's slot, and its share of the colour-blind part, in the cell holding its centroid (row-major cells).
     """
 
     def __init__(self, config: SmallCNNConfig) -> None:
@@ -115,9 +115,11 @@ class SmallCNN(nn.Module):
             *block(2, w), *block(w, 2 * w), *block(2 * w, 4 * w), nn.Flatten(),
             nn.Linear(4 * w * (config.crop // 8) ** 2, config.slot_dim - 3),
         )
-        # No ReLU after the projections: with one, 75 of the 128 pooled dimensions were never positive on the
-        # default data (dead for every sequence model downstream).
-        self.project = nn.Linear(config.slot_dim, free)
+        # The colour-blind part: a sum over the objects of one small MLP of each slot (Deep Sets, Zaheer et al.
+        # 2017), so it can hold what every object does whatever its colour, e.g. a histogram of where objects are.
+        # No ReLU at the end: with one, 75 of the 128 pooled dimensions of an earlier design were never positive
+        # on the default data (dead for every sequence model downstream).
+        self.project = nn.Sequential(nn.Linear(config.slot_dim, 64), nn.ReLU(inplace=True), nn.Linear(64, free))
 
     def encode(self, frames: Tensor, *, present: Tensor | None = None) -> SmallCNNOutput:
         """frames uint8 (N, H, W, 3) -> :class:`SmallCNNOutput`. ``present`` (N, C) bool: colours to crop even
@@ -153,14 +155,16 @@ class SmallCNN(nn.Module):
             crops = F.grid_sample(torch.stack([own, others], dim=1), sample_at, align_corners=False)  # (K, 2, c, c)
             values = values.index_put((frame_idx, color_idx), self.object_cnn(crops))
         slots = torch.cat([values, centre, torch.log1p(pixels).unsqueeze(-1)], dim=-1)  # (N, C, S)
-        pooled = torch.cat([slots.flatten(1), self.project(slots).sum(dim=1)], dim=1)  # (N, C*S + free)
+        per_object = self.project(slots) * crop.unsqueeze(-1)  # (N, C, free): the colours looked at only
+        pooled = torch.cat([slots.flatten(1), per_object.sum(dim=1)], dim=1)  # (N, C*S + free)
         # Each slot into the grid cell holding its centroid; the pixel count of an absent colour stays out.
         g = self.grid
         col = ((centre[..., 0] + 1) / 2 * g).long().clamp(0, g - 1)  # (N, C)
         row = ((centre[..., 1] + 1) / 2 * g).long().clamp(0, g - 1)
-        in_cell = F.one_hot(row * g + col, g * g).transpose(1, 2) * crop.unsqueeze(1)  # (N, G, C)
-        cell_slots = in_cell.unsqueeze(-1).to(slots.dtype) * slots.unsqueeze(1)  # (N, G, C, S)
-        grid = torch.cat([cell_slots.flatten(2), self.project(cell_slots).sum(dim=2)], dim=2)  # (N, G, D)
+        in_cell = (F.one_hot(row * g + col, g * g).transpose(1, 2) * crop.unsqueeze(1)).to(slots.dtype)  # (N, G, C)
+        cell_slots = in_cell.unsqueeze(-1) * slots.unsqueeze(1)  # (N, G, C, S)
+        cell_free = torch.einsum("ngc,ncf->ngf", in_cell, per_object)  # (N, G, free): the cell's objects
+        grid = torch.cat([cell_slots.flatten(2), cell_free], dim=2)  # (N, G, D)
         return SmallCNNOutput(pooled, grid, logits)
 
     def forward(self, frames: Tensor) -> tuple[Tensor, Tensor]:
