@@ -515,7 +515,8 @@ def fit_attribute_encoder(
         for start in range(0, num, batch_size):
             idx = order[start : start + batch_size]
             frame_target = targets[idx].to(device)
-            # every visible object is cropped and learned from, even while the colour stem still misses it
+            # every visible object gets a crop, even while the colour stem misses it (the crop is then centred on
+            # the few pixels found, or on the frame's centre): its targets still teach the slot
             out = encoder.encode(torch.from_numpy(data.frames[idx.numpy()]).to(device),
                                  present=frame_target[:, colors] >= 0.5)
             loss = pixel_loss(out.color_logits, pixels[idx].to(device))
@@ -604,14 +605,14 @@ def attribute_accuracy(
     """Accuracies of :func:`predict_attributes` output (logits (N, A), cell logits (N, G, A)) against targets
     ((N, A), (N, G, A)); each in [0, 1], NaN when nothing was there to score.
 
-    What the captions name, from the pooled vector's head (the only one the video models see):
+    What the captions name, read from the pooled vector (all that the video models see):
 
     - ``colors``: frames whose set of visible colours (logit >= 0, i.e. p >= 0.5) is exact;
     - ``shape``, ``size``, ``region``: per visible object (truly present colour), the most probable shape /
       size word / 3x3 region of that colour is the true one (chance 1/4, 1/2, 1/9);
     - ``objects``: visible objects whose colour is detected *and* whose shape, size and region are all right;
 
-    and from the grid cells' head (what image models attend over): ``grid_colors``, the frame's colour set from
+    and read from the grid cells (what image models attend over): ``grid_colors``, the frame's colour set from
     the max over cells; ``grid_shape``, ``grid_size``, ``grid_region``, read in the cell most confident that the
     object's colour is there. Also ``x``, ``y``, ``radius`` (per visible object, the most probable bin is the bin
     nearest the truth; chance 1/8, 1/8, 1/4) and ``shape_set`` (frames whose set of shapes is exact).

@@ -123,7 +123,8 @@ class SmallCNN(nn.Module):
 
     def encode(self, frames: Tensor, *, present: Tensor | None = None) -> SmallCNNOutput:
         """frames uint8 (N, H, W, 3) -> :class:`SmallCNNOutput`. ``present`` (N, C) bool: colours to crop even
-        when too few of their pixels are found (training passes the true ones, so every object is learned from)."""
+        when too few of their pixels are found (training passes the true ones; a colour with no pixel found is then
+        cropped at the frame's centre)."""
         x = (_to_float_chw(frames) - 0.5) / 0.25  # (N, 3, H, W)
         N, _, H, W = x.shape
         C, S = self.num_colors, self.slot_dim
