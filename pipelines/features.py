@@ -18,7 +18,8 @@ features: reads no params (the encoder comes from its checkpoint). Writes to ``-
   index.json          the frames' index (same row order) plus a "features" section
 
 Exit status: 0 done; 2 bad params or a missing or unusable input (one line on stderr). The work is in
-seqvision.features; these flows only orchestrate it (one Prefect task per feature array, retried on I/O errors).
+seqvision.attributes (training small_cnn) and seqvision.features; these flows only orchestrate it (one Prefect
+task per feature array, retried on I/O errors).
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ from prefect.cache_policies import NO_CACHE
 from tqdm.auto import tqdm
 
 from pipelines.common import IO_RETRIES, add_params_argument, read_params, require_files, run_main
-from seqvision import features
+from seqvision import attributes, features
 from seqvision.config import ConfigError, EncoderConfig, load_params
 from seqvision.encoders import RandomWeightsWarning
 from seqvision.runtime import resolve_device
@@ -59,8 +60,8 @@ def check_encoder_inputs(config: EncoderConfig, *, frames: str | Path, metadata:
 def train_small_cnn(config: EncoderConfig, frames: str, metadata: str, device: str) -> features.EncoderRun:
     """Attribute training of the small CNN on the train split (val scored every epoch)."""
     logger = get_run_logger()
-    return features.train_attribute_encoder(config, frames_dir=frames, metadata_path=metadata, device=device,
-                                            log=logger.info)
+    return attributes.train_attribute_encoder(config, frames_dir=frames, metadata_path=metadata, device=device,
+                                              log=logger.info)
 
 
 @task(cache_policy=NO_CACHE)

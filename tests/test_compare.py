@@ -28,7 +28,7 @@ ENV_KEYS = ("MLFLOW_TRACKING_URI", "MLFLOW_RUN_ID", "SEQVISION_PARENT_RUN_ID", "
 # Small enough that every stage takes a second or two on one core; valid for every section's checks.
 TINY_PARAMS = {
     "extract": {"num_frames": 6, "shard_size": 16, "workers": 1},
-    "encoder": {"feature_dim": 16, "epochs": 1, "frames_per_clip": 2, "batch_size": 16},
+    "encoder": {"feature_dim": 40, "slot_dim": 4, "width": 4, "epochs": 1, "frames_per_clip": 2, "batch_size": 16},
     "train": {"epochs": 1, "batch_size": 8, "device": "cpu", "log_every": 1, "patience": 0},
     "models": {name: {"hidden_size": 16, "embed_size": 8} for name in ("rnn", "lstm", "gru", "meanpool")}
     | {"transformer": {"hidden_size": 16, "num_heads": 2, "ffn_mult": 2}},

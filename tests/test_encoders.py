@@ -1,9 +1,11 @@
-"""Frame encoder tests: the small CNN trains, torchvision backbones load local weights only, features come out
-in the documented shapes and dtype, and fine-tuning keeps padded frames out of the encoder."""
+"""Frame encoder tests: the small CNN's colour slots hold where each colour's object is and land in its grid cell,
+torchvision backbones load local weights only, features come out in the documented shapes and dtype, and fine-tuning
+keeps padded frames out of the encoder. (The small CNN's training: tests/test_attributes.py.)"""
 
 from __future__ import annotations
 
 import io
+import math
 import socket
 import warnings
 
@@ -23,7 +25,6 @@ from seqvision.encoders import (
     encoder_from_checkpoint,
     encoder_state,
     extract_features,
-    train_encoder,
 )
 from seqvision import checkpoint
 from seqvision.blocks import ModelDims
@@ -53,8 +54,25 @@ def squares(n: int, *, seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarra
 
 
 def tiny_cnn(**over) -> SmallCNN:
+    """2 colour slots of 6 values (12 of D = 16), a 2x2 grid."""
     torch.manual_seed(0)
-    return SmallCNN(SmallCNNConfig(**{"feature_dim": 16, "grid": 2, "num_attributes": 2, "width": 8, **over}))
+    return SmallCNN(SmallCNNConfig(**{"feature_dim": 16, "grid": 2, "width": 8, "num_colors": 2, "slot_dim": 6,
+                                      **over}))
+
+
+def seeing_cnn() -> SmallCNN:
+    """A tiny CNN whose colour stem is set by hand: red and blue pixels (of ``squares``) are found, the dark
+    background is not. Its 3x3 conv passes each pixel's R and B through (centre tap), the 1x1 conv scores them."""
+    encoder = tiny_cnn().eval()
+    conv, score = encoder.color_stem[0], encoder.color_stem[2]
+    with torch.no_grad():
+        for module in (conv, score):
+            module.weight.zero_()
+            module.bias.zero_()
+        conv.weight[0, 0, 1, 1] = conv.weight[1, 2, 1, 1] = 1.0  # channel 0: R, channel 1: B (inputs in [-2, 2])
+        score.weight[1, 0] = score.weight[2, 1] = 10.0  # red, blue logits; background stays at 0
+        score.bias[1:] = -5.0
+    return encoder
 
 
 def test_small_cnn_shapes():
@@ -62,29 +80,47 @@ def test_small_cnn_shapes():
     assert pooled.shape == (3, 16) and grid.shape == (3, 4, 16)
     with pytest.raises(ValueError, match="uint8"):
         tiny_cnn()(torch.zeros(3, 64, 64, 3))
+    with pytest.raises(ValueError, match="feature_dim > num_colors \\* slot_dim"):
+        tiny_cnn(slot_dim=8)
 
 
-def test_train_encoder_loss_decreases():
-    frames, targets, cells = squares(16)
-    encoder = tiny_cnn()
-    epochs = []
-    history = train_encoder(encoder, frames, targets, cell_targets=cells, epochs=30, lr=1e-2, batch_size=8,
-                            log=lambda epoch, loss: epochs.append(epoch))
-    assert epochs == list(range(30)) and len(history) == 30
-    assert history[-1] < 0.5 * history[0], history
-    encoder.eval()
+def test_colour_slots_hold_each_objects_place_and_size():
+    """A red square in the top-right cell and a blue one in the bottom-left: slot c holds [object values, centroid
+    x, y in [-1, 1], log(1 + pixels)] of colour c, zeros for an absent colour; the grid puts each slot in its cell."""
+    frames = np.zeros((2, 64, 64, 3), dtype=np.uint8)
+    frames[0, 10:20, 40:50] = COLOURS["red"]  # 10 x 10 px, centre (45, 15)
+    frames[0, 44:52, 4:12] = COLOURS["blue"]  # 8 x 8 px, centre (8, 48)
+    frames[1, 40:48, 40:48] = COLOURS["red"]  # frame 1: red only
     with torch.no_grad():
-        pooled, grid = encoder(torch.from_numpy(frames))
-        predicted = encoder.attribute_head(pooled).argmax(1).numpy()
-    assert (predicted == targets.argmax(1)).mean() >= 0.9
+        pooled, grid = seeing_cnn()(torch.from_numpy(frames))
+    slots = pooled[:, :12].view(2, 2, 6)  # (N, C, S): red, blue
+    to_unit = lambda px: px / 32 - 1  # noqa: E731  (pixel coordinate -> [-1, 1], edges at -1 and 1)
+    torch.testing.assert_close(slots[0, 0, 3:], torch.tensor([to_unit(45.0), to_unit(15.0), math.log1p(100)]))
+    torch.testing.assert_close(slots[0, 1, 3:], torch.tensor([to_unit(8.0), to_unit(48.0), math.log1p(64)]))
+    assert slots[0, :, :3].abs().sum(-1).min() > 0  # the object CNN looked at both
+    assert torch.equal(slots[1, 1], torch.zeros(6))  # no blue in frame 1
+    cells = grid[:, :, :12].view(2, 4, 2, 6)  # (N, G, C, S), cells row-major in a 2x2 grid
+    assert torch.equal(cells[0, 1, 0], slots[0, 0]) and torch.equal(cells[0, 2, 1], slots[0, 1])
+    assert cells[0, [0, 2, 3], 0].abs().sum() == 0 and cells[0, [0, 1, 3], 1].abs().sum() == 0
+    assert torch.equal(cells[1, 3, 0], slots[1, 0])
+    # the colour-blind part: one MLP of each seen object's slot, summed; each cell's part sums its own objects'
+    per_object = seeing_cnn().project(slots) * torch.tensor([[1.0, 1.0], [1.0, 0.0]]).unsqueeze(-1)
+    torch.testing.assert_close(pooled[:, 12:], per_object.sum(1))
+    torch.testing.assert_close(grid[0, 1, 12:], per_object[0, 0]) and torch.testing.assert_close(grid[0, 0, 12:],
+                                                                                                  torch.zeros(4))
 
 
-def test_train_encoder_rejects_mismatched_targets():
-    frames, targets, _ = squares(4)
-    with pytest.raises(ValueError, match="targets"):
-        train_encoder(tiny_cnn(), frames, targets[:, :1], epochs=1)
-    with pytest.raises(ValueError, match="num_attributes"):
-        train_encoder(tiny_cnn(num_attributes=0), frames, targets, epochs=1)
+def test_slot_values_follow_the_object_not_its_place():
+    """The object CNN sees each object centred: the same square anywhere gives the same values."""
+    frames = np.zeros((3, 64, 64, 3), dtype=np.uint8)
+    frames[0, 10:20, 10:20] = COLOURS["red"]
+    frames[1, 36:46, 44:54] = COLOURS["red"]
+    frames[2, 36:42, 40:58] = COLOURS["red"]  # another shape, same place
+    with torch.no_grad():
+        pooled, _ = seeing_cnn()(torch.from_numpy(frames))
+    torch.testing.assert_close(pooled[0, :3], pooled[1, :3], atol=1e-4, rtol=1e-3)
+    assert (pooled[2, :3] - pooled[1, :3]).abs().max() > 1e-3  # 10x the tolerance above (untrained: small values)
+    assert not torch.allclose(pooled[0, 3:5], pooled[1, 3:5])
 
 
 @pytest.fixture
@@ -136,7 +172,7 @@ def test_torchvision_backbone_rejects_a_wrong_or_missing_file(tmp_path, no_netwo
 
 
 def test_extract_features_shapes_dtype_and_values():
-    encoder = tiny_cnn()
+    encoder = seeing_cnn()
     encoder.train()
     frames, _, _ = squares(6)
     videos = frames.reshape(2, 3, 64, 64, 3)
@@ -153,7 +189,7 @@ def test_extract_features_shapes_dtype_and_values():
 
 
 def test_encoder_checkpoint_round_trip():
-    encoder = tiny_cnn().eval()
+    encoder = seeing_cnn()
     buffer = io.BytesIO()
     torch.save(encoder_state(encoder), buffer)
     buffer.seek(0)
@@ -168,15 +204,15 @@ def test_finetuning_skips_padded_frames_and_round_trips(tmp_path):
     clips = torch.from_numpy(frames.reshape(2, 4, 64, 64, 3))
     lengths = torch.tensor([4, 2])
     torch.manual_seed(0)
-    model = PixelModel(tiny_cnn(), build_model("activity", "lstm", {"hidden_size": 8, "dropout": 0.0},
-                                               dims=ModelDims(16, num_classes=3)))
+    model = PixelModel(seeing_cnn().train(), build_model("activity", "lstm", {"hidden_size": 8, "dropout": 0.0},
+                                                         dims=ModelDims(16, num_classes=3)))
     other = clips.clone()
     other[1, 2:] = 255 - other[1, 2:]  # different padding in clip 1
     # Train mode (BatchNorm uses batch statistics): padded frames must not reach the encoder at all.
     logits, loss = model(clips, lengths, torch.tensor([0, 2]))
     torch.testing.assert_close(logits, model(other, lengths)[0])
     loss.backward()
-    assert model.pixels.encoder.trunk[0].weight.grad.abs().sum() > 0  # the encoder trains too
+    assert model.pixels.encoder.object_cnn[0].weight.grad.abs().sum() > 0  # the encoder trains too
     checkpoint.save(tmp_path / "best.pt", {"spec": model_spec(model.eval(), task="activity", family="lstm"),
                                            "model": model.state_dict()})
     rebuilt = build_from_checkpoint(checkpoint.load(tmp_path / "best.pt")).eval()
@@ -188,7 +224,7 @@ def test_finetuning_skips_padded_frames_and_round_trips(tmp_path):
 def test_pixel_model_images_use_the_grid():
     frames, _, _ = squares(2)
     torch.manual_seed(0)
-    model = PixelModel(tiny_cnn(), build_model("image_captioning", "transformer",
+    model = PixelModel(seeing_cnn(), build_model("image_captioning", "transformer",
                                                {"hidden_size": 8, "num_heads": 2, "num_layers": 1},
                                                dims=ModelDims(16, vocab_size=9))).eval()
     tokens = torch.tensor([[1, 5, 6, 2], [1, 7, 2, 0]])

@@ -163,7 +163,8 @@ def _shrink_params(path: Path) -> None:
     params = yaml.safe_load(path.read_text())
     params["extract"]["num_frames"] = 4
     params["encoder"]["epochs"] = 1
-    params["encoder"]["feature_dim"] = 16
+    params["encoder"]["feature_dim"] = 40  # small_cnn: 8 colour slots of 4 values, 8 colour-blind values
+    params["encoder"]["slot_dim"] = 4
     params["encoder"]["frames_per_clip"] = 1
     params["train"]["epochs"] = EPOCHS
     for family in FAMILIES:

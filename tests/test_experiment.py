@@ -27,6 +27,7 @@ from tests.tiny import (
 
 CLASSES = TINY_CLASSES
 DIM = TINY_DIM
+PIXEL_DIM = 40  # a small_cnn's features: 8 colour slots of 4 values and 8 colour-blind values
 VAL_ITEMS = {"videos": len(TINY_VIDEO_IDS["val"]), "images": len(TINY_IMAGE_IDS["val"])}
 TRAIN_ITEMS = {"videos": len(TINY_VIDEO_IDS["train"]), "images": len(TINY_IMAGE_IDS["train"])}
 
@@ -356,7 +357,7 @@ def test_finetune_encoder_trains_the_encoder_with_the_model_from_pixels(artifact
     from seqvision.encoders import SmallCNN, SmallCNNConfig, encoder_state
 
     frames = artifacts["frames"]
-    encoder = SmallCNN(SmallCNNConfig(feature_dim=DIM, grid=2, width=4))
+    encoder = SmallCNN(SmallCNNConfig(feature_dim=PIXEL_DIM, grid=2, width=4, slot_dim=4))
     torch.save(encoder_state(encoder), tmp_path / "encoder.pt")
     params = write_params(tmp_path / "params.yaml", epochs=1)
     raw = yaml.safe_load(params.read_text())
@@ -390,9 +391,9 @@ def test_a_different_starting_encoder_is_a_different_training():
 
     train_config, models_config = configs()
     args = ("activity", "gru", models_config.gru, train_config, [])  # type: ignore[var-annotated]
-    first, second = (SmallCNN(SmallCNNConfig(feature_dim=DIM, grid=2, width=4)) for _ in range(2))
+    first, second = (SmallCNN(SmallCNNConfig(feature_dim=PIXEL_DIM, grid=2, width=4, slot_dim=4)) for _ in range(2))
     with torch.no_grad():
-        second.project.weight.add_(1.0)
+        second.project[0].weight.add_(1.0)
     assert experiment.fingerprint(*args) != experiment.fingerprint(*args, encoder=first)
     assert experiment.fingerprint(*args, encoder=first) != experiment.fingerprint(*args, encoder=second)
     assert experiment.fingerprint(*args, encoder=first) == experiment.fingerprint(*args, encoder=first)

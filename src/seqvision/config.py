@@ -442,6 +442,9 @@ class ModelsConfig:
         return getattr(self, name)
 
 
+SMALL_CNN_SLOTS = 8  # colours of the synthetic palette (synth.scene.COLORS), one slot each
+
+
 @dataclass(frozen=True)
 class EncoderConfig:
     """The frame encoder shared by every model (``seqvision.encoders``) and the features it extracts."""
@@ -456,6 +459,11 @@ class EncoderConfig:
         "torchvision backbones: local file with a state dict ('' = random weights, with a warning); never downloaded",
     )
     feature_dim: int = knob(128, "small_cnn feature width (torchvision backbones keep their own)", low=8, high=4096)
+    width: int = knob(16, "small_cnn: channels of the object CNN's first conv (then 2x, 4x)", low=4, high=1024)
+    slot_dim: int = knob(
+        8, "small_cnn: values per colour slot (8 slots, one per colour; the rest of feature_dim is colour-blind)",
+        low=4, high=512,
+    )
     grid: int = knob(4, "image features are a grid x grid map of region vectors", low=1, high=16)
     image_size: int = knob(224, "torchvision backbones: frames are resized to this side first", low=32, high=1024)
     epochs: int = knob(4, "small_cnn: epochs of attribute training", low=0, high=1000)
@@ -467,6 +475,13 @@ class EncoderConfig:
     weight_decay: float = knob(1e-4, "small_cnn: AdamW weight decay", low=0.0, high=1.0)
     batch_size: int = knob(32, "small_cnn: training batch size (frames)", low=1, high=65_536)
     seed: int = knob(0, "small_cnn: initialisation and data-order seed", low=0)
+
+    def __post_init__(self) -> None:
+        if self.backbone == "small_cnn" and self.feature_dim <= SMALL_CNN_SLOTS * self.slot_dim:
+            raise ConfigError(
+                f"small_cnn puts {SMALL_CNN_SLOTS} colour slots of slot_dim values in feature_dim, with room to "
+                f"spare: feature_dim ({self.feature_dim}) must exceed {SMALL_CNN_SLOTS} * slot_dim ({self.slot_dim})"
+            )
 
 
 @dataclass(frozen=True)
