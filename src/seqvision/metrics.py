@@ -570,9 +570,9 @@ def paired_bootstrap(
     Two-level paired bootstrap: every resample draws the test items with replacement (the same draw for A and B:
     the pairing) and, for the percentile interval, each system's seeds with replacement (independently per system).
     With 2-5 seeds a percentile interval is too narrow when training variance dominates (its seed part is
-    estimated from n - 1 = 2 degrees of freedom but read off a normal-like spread: measured coverage 0.86-0.91 of
-    a nominal 0.95; docs/statistics.md) and too wide when item noise dominates (0.98-0.99: the seed x item noise is
-    counted more than once). The interval and p-value are therefore Student-t with the variance split into its
+    estimated from n - 1 = 2 degrees of freedom but read off a normal-like spread: measured coverage 0.79-0.91 of
+    a nominal 0.95 with 3 seeds) and too wide when item noise dominates (0.98-0.99: the seed x item noise is
+    counted more than once); tests/test_statistics.py measures both. The interval and p-value are therefore Student-t with the variance split into its
     parts: each system's between-seed variance of its corpus value / n (exact, unbiased), plus the item
     bootstrap's variance of the paired difference of seed means without the noise already in the seed part, and
     Welch-Satterthwaite degrees of freedom. ``Comparison.percentile_interval`` keeps the plain one.
