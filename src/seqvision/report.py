@@ -479,15 +479,9 @@ class Compared(NamedTuple):
 
 class TaskStats(NamedTuple):
     task: str
-    primary: str | None  # the first verdict metric every compared run has
+    primary: str | None  # the first verdict metric some model has (content metrics exist on synthetic data only)
     comparisons: list[Compared]
     notes: list[str]  # comparisons that could not be made, and why
-
-
-def _columns_statistic(metric: str) -> tuple[list[str], Callable[[np.ndarray], np.ndarray]] | None:
-    if metric in RATIO_COLUMNS:
-        return list(RATIO_COLUMNS[metric]), ratio_of_sums
-    return None
 
 
 def _content_statistic(metric: str, keys: Sequence[str]) -> Callable[[np.ndarray], np.ndarray]:
@@ -526,10 +520,9 @@ def item_tables(run: Run, metric: str, ids: Sequence[str] | None = None
                 table = table * np.array([[bool(s.items.content[i].get(flag))] for i in common], dtype=np.float64)
             tables.append(table)
         return list(common), tables, _content_statistic(metric, keys)
-    spec = _columns_statistic(metric)
-    if spec is None:
-        return None
-    columns, statistic = spec
+    if metric not in RATIO_COLUMNS:
+        return None  # e.g. BLEU and METEOR: corpus statistics that are not sums over items
+    columns, statistic = list(RATIO_COLUMNS[metric]), ratio_of_sums
     if not all(all(c in s.items.columns for c in columns) for s in run.seeds):
         return None
     common = ids if ids is not None else sorted(set.intersection(
@@ -555,8 +548,12 @@ def _compare(metric: str, pairs: Sequence[tuple[Run, Run]], *, resamples: int, s
     pairs = [(a, b) for a, b in pairs if a.name in usable and b.name in usable]
     if not pairs:
         return []
-    common = set.intersection(*(set(item_tables(r, metric)[0]) for r in usable.values()))  # type: ignore[index]
-    ids = sorted(common)
+    own = {name: set(item_tables(run, metric)[0]) for name, run in usable.items()}  # type: ignore[index]
+    ids = sorted(set.intersection(*own.values()))
+    larger = sorted(name for name, items in own.items() if len(items) > len(ids))
+    if larger and ids:
+        notes.append(f"{METRIC_LABELS.get(metric, metric)}: compared on the {len(ids)} test items every system has "
+                     f"({', '.join(larger)} scored more)")
     if len(ids) < 2:
         notes.append(f"{METRIC_LABELS.get(metric, metric)}: fewer than 2 test items shared by the systems")
         return []
