@@ -394,6 +394,9 @@ def test_convergence_and_parameter_budget_are_shown_and_flagged(tmp_path):
     assert any(line.startswith("Parameter counts more than 10% from the budget: lstm 1,250 (+25.0% of 1,000)")
                for line in lines)
     assert any(line.startswith("Not converged: gru, 2/3 seeds hit train.epochs while still improving") for line in lines)
+    training = report.summary_json(report.build_sections(runs, resamples=200))["tasks"]["activity"]["runs"]["gru"]
+    assert [(t["converged"], t["best_epoch"], t["epochs"]) for t in training["training"]] == [
+        (True, 3, 6), (False, 6, 6), (False, 6, 6)]  # the numbers the sentence states
     # Without a budget (match_params off) the spread of sizes is stated.
     write_model(tmp_path / "nb" / "runs", "activity", "gru", seeds, write_activity, params=500, budget=None)
     write_model(tmp_path / "nb" / "runs", "activity", "lstm", seeds, write_activity, params=2000, budget=None)

@@ -1322,6 +1322,9 @@ def summary_json(sections: Sequence[TaskSection], *, resamples: int = RESAMPLES,
                 "converged_seeds": sum(bool(f) for f in r.seed_info("converged")) if r.seeds else None,
                 "num_parameters": _number(r.info("parameters")), "budget": _number(r.info("budget")),
                 "budget_note": parameter_note(r)[0], "over_budget": parameter_note(r)[1],
+                "training": [{"seed": x.seed, **{key: find_key(x.summary, SUMMARY_KEYS[key]) for key in (
+                    "converged", "best_epoch", "epochs", "best_val_metric", "train_time_s")}} for x in r.seeds]
+                if r.kind == "model" else [],
                 "metrics": r.metrics,
             } for r in s.runs},
             "comparisons": [c.to_json() for c in s.stats.comparisons],
