@@ -33,6 +33,7 @@ from pipelines.common import (
 )
 from seqvision.baselines import BASELINES, PREFIX, run_baselines
 from seqvision.config import load_params
+from seqvision.content import load_metadata
 from seqvision.results import HEADLINE, load_activity_labels
 
 
@@ -51,9 +52,11 @@ def baselines_flow(
     params: str = "params.yaml",
     features: str = "artifacts/features",
     tokens: str = "artifacts/tokens",
+    metadata: str | None = None,
 ) -> dict[str, dict[str, dict[str, Any]]]:
     """Every baseline of ``tasks``; returns ``{task: {name: metrics}}``. ``activity_dir`` / ``activity_split``
-    (``main`` passes them, read once): the only params used; not given, they are read from the ``params`` file."""
+    (``main`` passes them, read once): the only params used; not given, they are read from the ``params`` file.
+    ``metadata``: the synthetic benchmark's metadata.json (content metrics for the captioning baselines)."""
     logger = get_run_logger()
     activity = None
     if "activity" in tasks:
@@ -62,10 +65,11 @@ def baselines_flow(
             activity_dir = loaded.activity_dir if activity_dir is None else activity_dir
             activity_split = loaded.activity_split if activity_split is None else activity_split
         activity = load_activity_labels(activity_dir, activity_split)
+    truth = load_metadata(metadata) if metadata else None
     results: dict[str, dict[str, dict[str, Any]]] = {}
     for task_name in tasks:
         done = task_baselines(task_name, features_dir=features, tokens_dir=tokens, activity=activity,
-                              out_root=out)
+                              out_root=out, metadata=truth)
         results[task_name] = dict(done)
         for line in summary_lines(task_name, results[task_name]):
             logger.info(line)
@@ -90,6 +94,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--features", default="artifacts/features", help="feature arrays (artifacts/features)")
     parser.add_argument("--tokens", default="artifacts/tokens", help="vocabularies and references (captioning)")
     add_data_arguments(parser, ("activity_dir", "activity_split"))
+    parser.add_argument("--metadata", default=None,
+                        help="the synthetic benchmark's metadata.json: adds the content metrics to the captioning "
+                             "baselines (a real dataset has none: leave it out)")
     parser.add_argument("--out", required=True, help="output root (artifacts/eval)")
     return parser.parse_args(argv)
 
@@ -103,6 +110,8 @@ def check_inputs(args: argparse.Namespace, activity_dir: str) -> None:
     for label, folder in folders:
         if not folder or not Path(folder).is_dir():
             raise FileNotFoundError(f"{folder or '(empty)'}: no such folder ({label})")
+    if args.metadata and not Path(args.metadata).is_file():
+        raise FileNotFoundError(f"{args.metadata}: no such file (--metadata); leave it out for a real dataset")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -113,7 +122,8 @@ def main(argv: list[str] | None = None) -> int:
         activity_dir, activity_split = (data_value(args, params, k) for k in ("activity_dir", "activity_split"))
         check_inputs(args, activity_dir)
         results = baselines_flow(out=args.out, tasks=tuple(args.tasks), activity_dir=activity_dir,
-                                 activity_split=activity_split, features=args.features, tokens=args.tokens)
+                                 activity_split=activity_split, features=args.features, tokens=args.tokens,
+                                 metadata=args.metadata or None)
         for task_name, by_name in results.items():
             for line in summary_lines(task_name, by_name):
                 print(f"baselines: {line}")

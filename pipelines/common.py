@@ -94,6 +94,11 @@ def resolve_params(params: Params | str | Path, data: DataConfig | None = None) 
 # Errors
 
 
+class StageFailed(Exception):
+    """The stage's work failed somewhere this process can only report (a worker process): the message says where
+    and why, and there is no traceback here to offer."""
+
+
 def run_main(stage: str, work: Callable[[], int], *, debug: bool = False) -> int:
     """Run a stage's ``work`` with the error policy of the module docstring; returns the exit status."""
     debug = debug or os.environ.get(DEBUG_ENV, "") not in ("", "0")
@@ -105,6 +110,9 @@ def run_main(stage: str, work: Callable[[], int], *, debug: bool = False) -> int
     except USAGE_ERRORS as err:
         status = 2
         message = str(err)
+    except StageFailed as err:
+        print(f"{stage}: error: {err}", file=sys.stderr)
+        return 1
     except Exception as err:  # noqa: BLE001 - the run failed; say what, in one line
         status = 1
         message = f"{type(err).__name__}: {err}"

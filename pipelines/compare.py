@@ -5,14 +5,15 @@
     python -m pipelines.compare --deployment train/train-gpu               # trainings on a GPU work pool
 
 In order: extract, tokenize, encoder, features (the stage flows, as subflows; --no-prepare reuses the
-existing artifacts), then one training per (task, model), run concurrently, then the evaluation of every
-training that succeeded, the baselines and the report. Paths default to dvc.yaml's; the raw-data flags fall
+existing artifacts), then one training per (task, model) (the train stage: ``train.seeds`` seeds, each tested),
+run concurrently, then the baselines and the report. Paths default to dvc.yaml's; the raw-data flags fall
 back to params.yaml's ``data:`` section, as in every stage.
 
 Trainings. Locally, each one is the train stage's own command (``python -m pipelines.train ...``, exactly
-what ``dvc repro`` runs) in its own process, at most --max-parallel at once: by default one per CUDA device
-(each process sees only its device through CUDA_VISIBLE_DEVICES), or on CPU one per usable core (each
-training runs single-threaded, the fastest setting for these models: docs/benchmarks.md). With
+what ``dvc repro`` runs) in its own process. --max-parallel bounds the worker processes at once: by default one
+per CUDA device (a training sees only its device through CUDA_VISIBLE_DEVICES and trains its seeds there one after
+another), or on CPU one per usable core (each seed's worker runs single-threaded, the fastest setting for these
+models: docs/benchmarks.md), shared as max_parallel // seeds trainings of min(seeds, max_parallel) seeds at once. With
 --deployment NAME, each one is a run of that Prefect deployment of the train flow (e.g. train/train-gpu),
 all submitted at once; the work pool decides how many run together. The artifacts must then be on storage
 the workers share.
@@ -21,8 +22,8 @@ MLflow: one parent run "comparison" ($SEQVISION_PARENT_RUN_ID when set, else a n
 child run under it; the report is logged on the parent.
 
 Failures. A training that fails (or a deployment run that does not end Completed) does not stop the others:
-its ``{train}/{task}/{model}/summary.json`` records ``"status": "failed"`` and the error, the report marks it
-failed, the rest is evaluated and reported. The flow then ends Failed (the parent MLflow run too), naming
+its ``{runs}/{task}/{model}/summary.json`` records ``"status": "failed"`` and the error, the report marks it
+failed, the rest is reported. The flow then ends Failed (the parent MLflow run too), naming
 what failed; ``{reports}/compare.json`` lists every training with its status, device, start and end time.
 
 Exit status: 0 everything succeeded; 1 something failed (the report is still written when it can be);
@@ -55,7 +56,6 @@ from prefect.states import Failed, State
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from pipelines import baselines as baselines_stage
-from pipelines import evaluate as evaluate_stage
 from pipelines import extract as extract_stage
 from pipelines import features as features_stage
 from pipelines import report as report_stage
@@ -103,7 +103,9 @@ class TrainSettings:
     tokens: str
     activity_dir: str
     activity_split: int
-    train: str  # {train}/{task}/{model} is a training's output folder
+    metadata: str  # the synthetic benchmark's metadata.json ("" for a real dataset)
+    runs: str  # {runs}/{task}/{model} is a training's output folder
+    parallel: int  # seeds of one training at once (its --parallel)
     resume: bool
     mlflow: bool
     parent_run_id: str | None
@@ -113,7 +115,7 @@ class TrainSettings:
     timeout_s: float
 
     def out(self, job: Training) -> str:
-        return str(Path(self.train) / job.task / job.model)
+        return str(Path(self.runs) / job.task / job.model)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -127,7 +129,6 @@ class TrainingResult:
     where: str  # "cpu", "CUDA_VISIBLE_DEVICES=1", "deployment train/train-gpu, flow run <name> (<id>)"
     started: float  # Unix time
     ended: float
-    evaluation: str = ""  # "ok", "failed: <why>", or "skipped" when the training failed
 
     @property
     def ok(self) -> bool:
@@ -157,17 +158,27 @@ def plan_trainings(tasks: Sequence[str] | None, models: Sequence[str] | None) ->
     return [Training(t, m) for t in TASKS if t in tasks for m in MODEL_FAMILIES if m in models]
 
 
-def training_slots(max_parallel: int | None, *, train_device: str, num_trainings: int) -> list[str | None]:
-    """One entry per training that may run at once (``runtime.parallel_slots``); ``ConfigError`` for bad values."""
+def training_slots(max_parallel: int | None, *, train_device: str, num_trainings: int,
+                   seeds: int) -> tuple[list[str | None], int]:
+    """(one entry per training that may run at once, seeds each of them trains at once). GPUs: one training per
+    device (``runtime.parallel_slots``), its seeds one after another there. CPU: ``max_parallel`` worker processes
+    (default one per usable core), as ``max_parallel // s`` trainings of ``s = min(seeds, max_parallel)`` seeds.
+    ``ConfigError`` for bad values."""
+    if max_parallel is not None and max_parallel < 1:
+        raise ConfigError(f"max_parallel must be >= 1, got {max_parallel}")
     try:
-        return parallel_slots(num_trainings, device=train_device, wanted=max_parallel)
+        workers = parallel_slots(num_trainings * seeds, device=train_device, wanted=max_parallel)
     except ValueError as err:
         raise ConfigError(str(err)) from None
+    if workers[0] is not None:  # GPUs
+        return workers[:num_trainings], 1
+    per_training = min(seeds, len(workers))
+    return [None] * max(1, min(num_trainings, len(workers) // per_training)), per_training
 
 
 def check_inputs(
     *, params: Params, tasks: Sequence[str] | None, models: Sequence[str] | None,
-    prepare: bool, metadata: str, features: str, tokens: str, deployment: str | None,
+    prepare: bool, features: str, tokens: str, deployment: str | None,
     max_parallel: int | None, train_timeout_s: float,
 ) -> list[Training]:
     """Everything that can be checked before any work starts; raises one of ``pipelines.common.USAGE_ERRORS``."""
@@ -182,7 +193,7 @@ def check_inputs(
     if prepare:
         extract_stage.check_inputs(data)
         if encoder.backbone == "small_cnn":
-            require_metadata(metadata)
+            require_metadata(data.metadata)
     else:  # the trainings read what the features and tokenize stages wrote
         needed = [Path(features) / "index.json"]
         needed += [Path(tokens) / "video" / "vocab.json"] if any(j.task == "video_captioning" for j in jobs) else []
@@ -202,13 +213,21 @@ def check_inputs(
 IO_TASK = {**IO_RETRIES, "cache_policy": NO_CACHE}
 
 
-@task(**IO_TASK, task_run_name="clear-eval-{job.task}-{job.model}")  # type: ignore[arg-type]
-def clear_evaluation(job: Training, evals: str) -> None:
-    """Remove an earlier evaluation of this (task, model) before it is retrained, as DVC removes a stage's
-    outputs before rerunning it: a training that now fails must not be reported with its old test metrics."""
-    folder = Path(evals) / job.task / job.model
-    if folder.is_dir():
-        shutil.rmtree(folder)
+# What DVC removes before it reruns a train stage (all of its outputs but the persisted checkpoints in train/).
+CLEARED = ("test", "plots", "metrics.json", "summary.json", "learning_curve.json")
+
+
+@task(**IO_TASK, task_run_name="clear-{job.task}-{job.model}")  # type: ignore[arg-type]
+def clear_results(job: Training, out: str) -> None:
+    """Remove an earlier training's results of this (task, model) before it is retrained, as DVC does before
+    rerunning its stage (the checkpoints stay, to resume from): a training that now fails must not be reported
+    with its old test metrics."""
+    for name in CLEARED:
+        path = Path(out) / name
+        if path.is_dir():
+            shutil.rmtree(path)
+        elif path.exists():
+            path.unlink()
 
 
 @task(**IO_TASK, task_run_name="mark-failed-{result.task}-{result.model}")  # type: ignore[arg-type]
@@ -247,9 +266,9 @@ def failure_reason(returncode: int, output: str) -> str:
 def train_command(job: Training, settings: TrainSettings) -> list[str]:
     """The train stage's command for ``job``, with dvc.yaml's arguments."""
     argv = [*TRAIN_COMMAND, "--params", settings.params, "--task", job.task, "--model", job.model,
-            "--features", settings.features, "--tokens", settings.tokens,
+            "--features", settings.features, "--tokens", settings.tokens, "--metadata", settings.metadata,
             "--activity-dir", settings.activity_dir, "--activity-split", str(settings.activity_split),
-            "--out", settings.out(job)]
+            "--parallel", str(settings.parallel), "--out", settings.out(job)]
     argv += [] if settings.resume else ["--no-resume"]
     argv += [] if settings.mlflow else ["--no-tracking"]
     return argv
@@ -313,8 +332,8 @@ def deployment_parameters(job: Training, settings: TrainSettings) -> dict[str, A
     return {
         "task": job.task, "model": job.model, "out": settings.out(job),
         "params_path": settings.params, "features": settings.features, "tokens": settings.tokens,
-        "activity_dir": settings.activity_dir, "activity_split": settings.activity_split,
-        "resume": settings.resume, "tracking": settings.mlflow,
+        "metadata": settings.metadata or None, "activity_dir": settings.activity_dir,
+        "activity_split": settings.activity_split, "resume": settings.resume, "tracking": settings.mlflow,
     }
 
 
@@ -412,10 +431,9 @@ def compare_flow(
     repo_root: str | None = None,
     frames: str = "artifacts/frames",
     tokens: str = "artifacts/tokens",
-    metadata: str = "data/annotations/metadata.json",
     encoder: str = "artifacts/encoder",
     features: str = "artifacts/features",
-    train: str = "artifacts/train",
+    runs: str = "artifacts/runs",
     evals: str = "artifacts/eval",
     reports: str = "reports",
 ) -> dict[str, Any] | State:
@@ -429,19 +447,21 @@ def compare_flow(
 
     Returns ``compare.json``'s content when everything succeeded. Otherwise ends Failed with a message that
     names what failed (calling the flow then raises ``prefect.exceptions.FailedRun``), after writing what
-    could be written: the other trainings, their evaluations, the baselines, the report and compare.json.
+    could be written: the other trainings, the baselines, the report and compare.json.
     """
     logger = get_run_logger()
     if not isinstance(params, Params):
         params_path = str(params)
     params = resolve_params(params, data)
     data = params.data
-    jobs = check_inputs(params=params, tasks=tasks, models=models, prepare=prepare, metadata=metadata,
+    jobs = check_inputs(params=params, tasks=tasks, models=models, prepare=prepare,
                         features=features, tokens=tokens, deployment=deployment, max_parallel=max_parallel,
                         train_timeout_s=train_timeout_s)
     root = Path(repo_root).resolve() if repo_root else Path.cwd().resolve()
+    per_training = 1
     if deployment is None:
-        slots = training_slots(max_parallel, train_device=params.train.device, num_trainings=len(jobs))
+        slots, per_training = training_slots(max_parallel, train_device=params.train.device,
+                                             num_trainings=len(jobs), seeds=params.train.seeds)
     else:
         with get_client(sync_client=True) as client:  # fail before any work when the name is wrong
             try:
@@ -454,7 +474,8 @@ def compare_flow(
     parent = open_parent_run(root, mode=mode) if mlflow else None
     with get_client(sync_client=True) as client:
         api_url = str(client.api_url)
-    logger.info(f"{len(jobs)} trainings ({mode}, at most {len(slots)} at once); MLflow parent run: {parent}")
+    logger.info(f"{len(jobs)} trainings of {params.train.seeds} seed(s) ({mode}, at most {len(slots)} at once, "
+                f"{per_training} seed(s) each at once); MLflow parent run: {parent}")
 
     status: dict[str, Any] = {"mode": mode, "max_parallel": len(slots), "parent_run_id": parent,
                               "trainings": [], "baselines": "not run", "report": "not run"}
@@ -463,47 +484,32 @@ def compare_flow(
             extract_stage.extract_flow(config=params.extract, data=data, out=frames, progress=False)
             if data.video_captions or data.image_captions_dir or data.karpathy_split:
                 tokenize_stage.tokenize_flow(config=params.tokenize, data=data, out=tokens)
-            features_stage.encoder_flow(config=params.encoder, frames=frames, metadata=metadata, out=encoder)
+            features_stage.encoder_flow(config=params.encoder, frames=frames, metadata=data.metadata, out=encoder)
             features_stage.features_flow(encoder=str(Path(encoder) / "encoder.pt"), frames=frames, out=features,
                                          progress=False)
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()  # the trainings need the memory the encoder cached
-        for job in jobs:
-            clear_evaluation(job, evals)
-
         settings = TrainSettings(
             params=params_path, features=features, tokens=tokens, activity_dir=data.activity_dir,
-            activity_split=data.activity_split, train=train, resume=resume, mlflow=mlflow, parent_run_id=parent,
+            activity_split=data.activity_split, metadata=data.metadata, runs=runs, parallel=per_training,
+            resume=resume, mlflow=mlflow, parent_run_id=parent,
             tracking_uri=tracking.tracking_uri(root) if mlflow else None, prefect_api_url=api_url,
             deployment=deployment, timeout_s=float(train_timeout_s),
         )
+        for job in jobs:
+            clear_results(job, settings.out(job))
         bounded = trainings_flow.with_options(task_runner=ThreadPoolTaskRunner(max_workers=len(slots)))
         results = bounded(jobs, settings, slots)
-
-        evaluated: list[TrainingResult] = []
         for result in results:
-            job = Training(result.task, result.model)
             if not result.ok:
-                record_failure(result, settings.out(job), parent)
-                evaluated.append(dataclasses.replace(result, evaluation="skipped"))
-                continue
-            try:
-                evaluate_stage.evaluate_flow(
-                    task_name=job.task, model=job.model, checkpoint=str(Path(settings.out(job)) / "best.pt"),
-                    out=str(Path(evals) / job.task / job.model), config=params.evaluate,
-                    activity_dir=data.activity_dir, activity_split=data.activity_split, features=features,
-                    frames=frames, tokens=tokens,
-                )
-                evaluated.append(dataclasses.replace(result, evaluation="ok"))
-            except Exception as err:  # noqa: BLE001 - the other evaluations and the report go on
-                logger.error(f"{job.name}: evaluation failed: {_one_line(err)}")
-                evaluated.append(dataclasses.replace(result, evaluation=f"failed: {_one_line(err)}"))
-        status["trainings"] = [dataclasses.asdict(r) for r in evaluated]
+                record_failure(result, settings.out(Training(result.task, result.model)), parent)
+        status["trainings"] = [dataclasses.asdict(r) for r in results]
 
         try:
             baselines_stage.baselines_flow(
                 out=evals, tasks=tuple(sorted({j.task for j in jobs}, key=TASKS.index)),
                 activity_dir=data.activity_dir, activity_split=data.activity_split, features=features, tokens=tokens,
+                metadata=data.metadata or None,
             )
             status["baselines"] = "ok"
         except Exception as err:  # noqa: BLE001
@@ -511,7 +517,7 @@ def compare_flow(
             status["baselines"] = f"failed: {_one_line(err)}"
         try:
             written = report_stage.report_flow(
-                out=reports, train=train, evals=evals, frames=frames,
+                out=reports, runs=runs, baselines=evals, frames=frames, metadata=data.metadata or None,
                 tasks=tuple(t for t in TASKS if any(j.task == t for j in jobs)),
                 models=tuple(m for m in MODEL_FAMILIES if any(j.model == m for j in jobs)),
                 parent_run_id=parent, mlflow=mlflow, repo_root=str(root),
@@ -526,7 +532,7 @@ def compare_flow(
             _end_parent(parent, root, "KILLED" if isinstance(err, KeyboardInterrupt) else "FAILED")
         raise
 
-    problems = summarize_problems(evaluated, status)
+    problems = summarize_problems(results, status)
     status["failed"] = problems
     write_status(str(Path(reports) / STATUS_FILE), status)
     if problems:
@@ -536,7 +542,7 @@ def compare_flow(
         message = f"{'; '.join(problems)}. Report: {report}"
         logger.error(message)
         return Failed(message=message)
-    logger.info(f"{len(jobs)} trainings evaluated; report: {status['report']['html']}")
+    logger.info(f"{len(jobs)} trainings done; report: {status['report']['html']}")
     return status
 
 
@@ -547,7 +553,6 @@ def summarize_problems(results: Sequence[TrainingResult], status: dict[str, Any]
     if failed:
         problems.append(f"{len(failed)} of {len(results)} trainings failed: "
                         + ", ".join(f"{r.name} ({r.error})" for r in failed))
-    problems += [f"evaluation of {r.name} {r.evaluation}" for r in results if r.evaluation.startswith("failed")]
     problems += [f"{part} {status[part]}" for part in ("baselines", "report")
                  if isinstance(status[part], str) and status[part].startswith("failed")]
     return problems
@@ -597,9 +602,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="where mlflow.db lives unless MLFLOW_TRACKING_URI is set (default: .)")
     for name, default, what in (
         ("frames", "artifacts/frames", "frame shards"), ("tokens", "artifacts/tokens", "vocabularies, caption ids"),
-        ("metadata", "data/annotations/metadata.json", "the synthetic benchmark's metadata (small_cnn encoder)"),
         ("encoder", "artifacts/encoder", "encoder checkpoint folder"), ("features", "artifacts/features", "features"),
-        ("train", "artifacts/train", "trainings: {train}/{task}/{model}"),
+        ("runs", "artifacts/runs", "trainings: {runs}/{task}/{model}"),
         ("eval", "artifacts/eval", "evaluations and baselines: {eval}/{task}/{name}"),
         ("reports", "reports", "report.html, report.md, compare.json"),
     ):
@@ -616,22 +620,22 @@ def main(argv: list[str] | None = None) -> int:
     def work() -> int:
         params = read_params(args)
         check_inputs(params=params, tasks=args.tasks, models=args.models, prepare=args.prepare,
-                     metadata=args.metadata, features=args.features, tokens=args.tokens, deployment=args.deployment,
+                     features=args.features, tokens=args.tokens, deployment=args.deployment,
                      max_parallel=args.max_parallel, train_timeout_s=args.train_timeout_s)
         try:
             status = compare_flow(
                 params=params, params_path=args.params, tasks=args.tasks, models=args.models,
                 max_parallel=args.max_parallel, deployment=args.deployment, train_timeout_s=args.train_timeout_s,
                 prepare=args.prepare, resume=args.resume, mlflow=args.mlflow, repo_root=args.repo_root,
-                frames=args.frames, tokens=args.tokens, metadata=args.metadata, encoder=args.encoder,
-                features=args.features, train=args.train, evals=args.evals, reports=args.reports,
+                frames=args.frames, tokens=args.tokens, encoder=args.encoder,
+                features=args.features, runs=args.runs, evals=args.evals, reports=args.reports,
             )
-        except FailedRun as err:  # some training (or evaluation, baselines, report) failed; the rest is written
+        except FailedRun as err:  # some training (or the baselines, the report) failed; the rest is written
             print(f"compare: error: {err}", file=sys.stderr)
             return 1
         for result in status["trainings"]:
-            print(f"compare: {result['task']}/{result['model']}: trained on {result['where']} in "
-                  f"{result['ended'] - result['started']:.1f} s, evaluation {result['evaluation']}")
+            print(f"compare: {result['task']}/{result['model']}: trained and tested on {result['where']} in "
+                  f"{result['ended'] - result['started']:.1f} s")
         print(f"compare: report {status['report']['html']}; every training in {Path(args.reports) / STATUS_FILE} "
               f"({time.perf_counter() - started:.1f} s)")
         return 0

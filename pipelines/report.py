@@ -1,22 +1,25 @@
-"""report stage: every evaluation and training summary -> ``reports/report.html`` + ``reports/report.md``.
+"""report stage: every training's seeds and every baseline -> ``reports/report.html``, ``report.md``, ``summary.json``.
 
-    python -m pipelines.report --train artifacts/train --eval artifacts/eval --frames artifacts/frames \\
-        --out reports
+    python -m pipelines.report --runs artifacts/runs --baselines artifacts/eval --frames artifacts/frames \\
+        --metadata data/annotations/metadata.json --out reports
 
-Per task: a comparison table (every metric, parameter count, training time, throughput, peak memory) for
-every model and baseline, with missing or failed runs marked; learning curves, confusion matrices
-(activity) and a bar chart of the headline metric; correct and failed test examples with their frames;
-and a verdict computed from the numbers. report.html is self-contained (opens offline); report.md links
-the figures in figures/. METEOR is scored here, for every captioning run in one Java process (--meteor, which
-dvc.yaml sets from params.yaml report.compute_meteor); the evaluate stages leave it null.
+Per task: the runs (seeds, convergence, parameter count against the budget, training cost), every metric as a mean
+over seeds with its 95% interval (content metrics first on the synthetic benchmark, then coco-caption), pairwise
+verdicts from a paired two-level bootstrap over seeds and test items with Holm's correction (ties print as "~"),
+learning curves per seed, confusion matrices (activity), the per-template CIDEr-D ceiling (image captioning, with
+--metadata) and correct and failed test examples with their frames. report.html is self-contained (opens offline);
+report.md links the figures in figures/; summary.json holds every number the summary states. METEOR is scored
+here, for every captioning seed in one Java process (--meteor, which dvc.yaml sets from params.yaml
+report.compute_meteor); the train and baselines stages leave it null.
 
 MLflow: the report files are logged on the comparison's parent run (--parent-run-id, else
-$SEQVISION_PARENT_RUN_ID, else every parent run named by the train summaries), with every run's headline
-metric on the parent (``activity.lstm.top1``, ``video_captioning.gru.cider_d``, ...) and each model's test
-metrics (``test_*``) on its child run; then the parent run is ended FINISHED. Without a parent run id,
-nothing is logged.
+$SEQVISION_PARENT_RUN_ID, else every parent run named by the train summaries), with every run's headline and verdict
+metrics (mean over seeds and interval: ``activity.lstm.top1``, ``...top1.ci95_low``) on the parent and each
+model's test metrics (``test_*`` mean, ``test_*_seed<k>``) on its child run; then the parent run is ended FINISHED.
+Without a parent run id, nothing is logged.
 
-Exit status: 0 done; 1 the report was written but MLflow logging failed; 2 a missing input folder.
+Exit status: 0 done; 1 the report was written but MLflow logging failed; 2 a missing input folder or a bad
+metadata.json.
 """
 
 from __future__ import annotations
@@ -40,8 +43,8 @@ class TrackingError(RuntimeError):
 
 
 @task(**IO_RETRIES, cache_policy=NO_CACHE)
-def collect(train: str, evals: str, tasks: tuple[str, ...], models: tuple[str, ...]) -> dict[str, list[Any]]:
-    return report.load_runs(train_dir=train, eval_dir=evals, tasks=tasks, models=models)
+def collect(runs: str, baselines: str | None, tasks: tuple[str, ...], models: tuple[str, ...]) -> dict[str, list[Any]]:
+    return report.load_runs(runs_dir=runs, baselines_dir=baselines, tasks=tasks, models=models)
 
 
 @task(cache_policy=NO_CACHE)
@@ -49,10 +52,16 @@ def score_meteor(runs: dict[str, list[Any]], mode: str) -> tuple[dict[str, list[
     return report.add_meteor(runs, mode=mode)
 
 
+@task(cache_policy=NO_CACHE)
+def analyse(runs: dict[str, list[Any]], frames: str | None, metadata: str | None, examples: int, resamples: int,
+            seed: int) -> list[Any]:
+    return report.build_sections(runs, frames_dir=frames, examples=examples, metadata=metadata, resamples=resamples,
+                                 seed=seed)
+
+
 @task(**IO_RETRIES, cache_policy=NO_CACHE)
-def render(runs: dict[str, list[Any]], frames: str | None, out: str, examples: int) -> dict[str, Path]:
-    sections = report.build_sections(runs, frames_dir=frames, examples=examples)
-    return report.write_report(sections, out)
+def render(sections: list[Any], out: str, resamples: int, seed: int) -> dict[str, Path]:
+    return report.write_report(sections, out, resamples=resamples, seed=seed)
 
 
 @task(cache_policy=NO_CACHE)
@@ -62,8 +71,8 @@ def publish(runs: dict[str, list[Any]], paths: dict[str, Path], parent_run_id: s
         tracking.publish_comparison(
             parent_run_id, repo_root=repo_root, metrics=metrics,
             child_metrics=report.child_metrics(runs, parent_run_id=parent_run_id),
-            files=[paths["html"], paths["md"]], folders={"report/figures": paths["figures"]} if paths.get("figures")
-            else None,
+            files=[paths["html"], paths["md"], paths["summary"]],
+            folders={"report/figures": paths["figures"]} if paths.get("figures") else None,
         )
         return len(metrics)
     except Exception as err:  # noqa: BLE001 - any store error: the report itself is done
@@ -75,9 +84,10 @@ def publish(runs: dict[str, list[Any]], paths: dict[str, Path], parent_run_id: s
 def report_flow(
     *,
     out: str,
-    train: str = "artifacts/train",
-    evals: str = "artifacts/eval",
+    runs: str = "artifacts/runs",
+    baselines: str | None = "artifacts/eval",
     frames: str | None = "artifacts/frames",
+    metadata: str | None = None,
     tasks: tuple[str, ...] = TASKS,
     models: tuple[str, ...] = MODEL_FAMILIES,
     examples: int = 3,
@@ -85,33 +95,38 @@ def report_flow(
     mlflow: bool = True,
     repo_root: str = ".",
     meteor: str = "auto",
+    resamples: int = report.RESAMPLES,
+    seed: int = 0,
 ) -> dict[str, Any]:
     """Write the report; log it on the MLflow parent run. Returns paths, parent run id and counts."""
     logger = get_run_logger()
-    runs = collect(train, evals, tasks, models)
-    runs, note = score_meteor(runs, meteor)
+    loaded = collect(runs, baselines, tasks, models)
+    loaded, note = score_meteor(loaded, meteor)
     logger.info(note)
-    for task_name, task_runs in runs.items():
+    for task_name, task_runs in loaded.items():
         absent = [f"{r.name} ({r.status})" for r in task_runs if not r.ok]
         if absent:
             logger.warning(f"{task_name}: not available: {', '.join(absent)}")
-    paths = render(runs, frames, out, examples)
+    sections = analyse(loaded, frames, metadata, examples, resamples, seed)
+    for section in sections:
+        logger.info(f"{section.task}: {section.verdict[0]}")
+    paths = render(sections, out, resamples, seed)
     result: dict[str, Any] = {"paths": paths, "parent_run_ids": [], "logged_metrics": 0,
-                              "runs": sum(len(v) for v in runs.values()),
-                              "ok": sum(r.ok for v in runs.values() for r in v)}
+                              "runs": sum(len(v) for v in loaded.values()),
+                              "ok": sum(r.ok for v in loaded.values() for r in v)}
     if not mlflow:
         return result
     # Usually one parent; a partial retrain after the parent was ended starts another one, and then every
     # parent named by a summary gets the whole report, so whichever comparison run one opens has it.
     explicit = parent_run_id or os.environ.get(tracking.PARENT_RUN_ENV)
-    parents = [explicit] if explicit else report.parent_run_ids(runs)
+    parents = [explicit] if explicit else report.parent_run_ids(loaded)
     if not parents:
         logger.warning("no MLflow parent run id (train summaries, $SEQVISION_PARENT_RUN_ID or --parent-run-id): "
                        "the report is not logged to MLflow")
         return result
     result["parent_run_ids"] = parents
     for parent in parents:
-        result["logged_metrics"] = publish(runs, paths, parent, str(Path(repo_root).resolve()))
+        result["logged_metrics"] = publish(loaded, paths, parent, str(Path(repo_root).resolve()))
     return result
 
 
@@ -121,9 +136,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         description=__doc__.split("\n\n", 1)[1],
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("--train", default="artifacts/train", help="train stage outputs: {task}/{model}/summary.json")
-    parser.add_argument("--eval", dest="evals", default="artifacts/eval", help="evaluate and baselines outputs")
+    parser.add_argument("--runs", default="artifacts/runs", help="train stage outputs: {task}/{model}/ (every seed)")
+    parser.add_argument("--baselines", default="artifacts/eval",
+                        help="baselines stage outputs: {task}/baseline_{name}/ ('' for none)")
     parser.add_argument("--frames", default="artifacts/frames", help="frame shards for the examples ('' for none)")
+    parser.add_argument("--metadata", default="",
+                        help="the synthetic benchmark's metadata.json, for the per-template CIDEr-D ceiling of image "
+                             "captioning ('' for none: real data; params.yaml data.metadata)")
     parser.add_argument("--out", required=True, help="output folder (reports)")
     parser.add_argument("--tasks", nargs="+", default=list(TASKS), choices=TASKS, metavar="TASK",
                         help=f"tasks in the report (default: {' '.join(TASKS)})")
@@ -131,10 +150,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help=f"model families expected per task; absent ones are marked (default: "
                              f"{' '.join(MODEL_FAMILIES)})")
     parser.add_argument("--examples", type=int, default=3, help="correct and failed examples per task (default: 3)")
+    parser.add_argument("--resamples", type=int, default=report.RESAMPLES,
+                        help=f"bootstrap resamples per comparison (default: {report.RESAMPLES})")
+    parser.add_argument("--seed", type=int, default=0, help="the bootstrap's seed (default: 0)")
     parser.add_argument("--parent-run-id", default=None, help="MLflow parent run (default: from the train summaries)")
     parser.add_argument("--no-mlflow", dest="mlflow", action="store_false", help="do not log to MLflow")
     parser.add_argument("--meteor", default="auto", choices=("auto", "always", "never"),
-                        help="METEOR for every captioning run, in one Java process: auto = when java is on PATH "
+                        help="METEOR for every captioning seed, in one Java process: auto = when java is on PATH "
                              "(else the table says unavailable), always = fail without Java (params.yaml "
                              "report.compute_meteor; default: auto)")
     parser.add_argument("--repo-root", default=".", help="where mlflow.db lives unless MLFLOW_TRACKING_URI is set")
@@ -142,6 +164,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.examples < 0:
         parser.error(f"--examples must be >= 0, got {args.examples}")
+    if args.resamples < 100:
+        parser.error(f"--resamples must be >= 100 (a 95% interval needs its tails), got {args.resamples}")
     return args
 
 
@@ -149,23 +173,26 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
 
     def work() -> int:
-        if not Path(args.evals).is_dir():
-            raise FileNotFoundError(f"{args.evals}: no such folder (--eval); run the evaluate stage first")
+        if not Path(args.runs).is_dir():
+            raise FileNotFoundError(f"{args.runs}: no such folder (--runs); run the train stages first")
+        if args.metadata and not Path(args.metadata).is_file():
+            raise FileNotFoundError(f"{args.metadata}: no such file (--metadata); pass --metadata '' for real data")
         try:
             result = report_flow(
-                out=args.out, train=args.train, evals=args.evals, frames=args.frames or None,
-                tasks=tuple(args.tasks), models=tuple(args.models), examples=args.examples,
-                parent_run_id=args.parent_run_id, mlflow=args.mlflow, repo_root=args.repo_root, meteor=args.meteor,
+                out=args.out, runs=args.runs, baselines=args.baselines or None, frames=args.frames or None,
+                metadata=args.metadata or None, tasks=tuple(args.tasks), models=tuple(args.models),
+                examples=args.examples, parent_run_id=args.parent_run_id, mlflow=args.mlflow,
+                repo_root=args.repo_root, meteor=args.meteor, resamples=args.resamples, seed=args.seed,
             )
         except TrackingError as err:
             print(f"report: error: {err}", file=sys.stderr)
             return 1
         paths = result["paths"]
         print(f"report: {result['ok']}/{result['runs']} runs available")
-        print(f"report: {paths['html']} (self-contained) and {paths['md']}")
+        print(f"report: {paths['html']} (self-contained), {paths['md']} and {paths['summary']}")
         if result["parent_run_ids"]:
             print(f"report: logged on MLflow parent run {', '.join(result['parent_run_ids'])} "
-                  f"({result['logged_metrics']} headline metrics, run ended FINISHED); browse with `make mlflow-ui`")
+                  f"({result['logged_metrics']} metrics, run ended FINISHED); browse with `make mlflow-ui`")
         else:
             print("report: not logged to MLflow (no parent run id); `make mlflow-ui` shows the training runs")
         return 0

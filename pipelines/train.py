@@ -26,8 +26,8 @@ before any work. A failed seed fails the stage and marks the run FAILED.
 DDP: with ``--nproc-per-node N`` each seed trains on N local processes under torchrun (NCCL on GPUs, gloo on
 CPU), one seed after another; ``train.batch_size`` stays the global batch (docs/ddp.md).
 
-Exit status: 0 done; 1 a seed failed (e.g. a non-finite loss); 2 bad arguments, params or inputs (one line on
-stderr; ``--debug`` adds the traceback).
+Exit status: 0 done; 1 a seed failed (e.g. a non-finite loss: one line naming the seed and its error; the worker's
+traceback is in the log above it with ``--debug``); 2 bad arguments, params or inputs (one line on stderr).
 """
 
 from __future__ import annotations
@@ -50,7 +50,7 @@ from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
 import pipelines
-from pipelines.common import run_main
+from pipelines.common import DEBUG_ENV, StageFailed, run_main
 from pipelines.train_args import TrainParams, add_arguments, check_inputs, read_train_params
 from seqvision import experiment, tracking
 from seqvision.config import ConfigError, TrainConfig, load_params
@@ -162,8 +162,9 @@ def train_seed(seed_index: int, args: list[str], nproc_per_node: int, slots: que
     finally:
         slots.put(slot)
     if status != 0:
-        last = [line for line in tail.splitlines() if "error:" in line][-1:] or tail.splitlines()[-1:]
-        raise RuntimeError(f"seed {seed_index} exited with status {status}: {last[0] if last else ''}")
+        errors = [line.split("error: ", 1)[1] for line in tail.splitlines() if "error: " in line]
+        last = errors[-1:] or tail.splitlines()[-1:]
+        raise StageFailed(f"seed {seed_index} exited with status {status}: {last[0] if last else '(no output)'}")
 
 
 @task(cache_policy=NO_CACHE, tags=["orchestration"])
@@ -289,7 +290,7 @@ def train_flow(
     tracker, parent = run.result() if run is not None else (tracking_off(), None)
     with tracker:  # an exception marks the child run FAILED (KILLED for Ctrl-C) and propagates
         if errors:
-            raise RuntimeError("; ".join(str(e) for e in errors))
+            raise StageFailed("; ".join(str(e) for e in errors))
         metrics = aggregate(out, seeds, params.budget)
         if run is not None:
             log_run(tracker, out, seeds, metrics)
@@ -339,6 +340,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     started = time.perf_counter()
+
+    if args.debug:  # the seed workers print their tracebacks too
+        os.environ[DEBUG_ENV] = "1"
 
     def work() -> int:
         params = read_train_params(args)  # the only read of params.yaml in this process

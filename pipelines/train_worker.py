@@ -29,7 +29,7 @@ from pathlib import Path
 
 import torch
 
-from pipelines.common import USAGE_ERRORS
+from pipelines.common import DEBUG_ENV, USAGE_ERRORS
 from pipelines.train_args import TrainParams, add_arguments, check_inputs, read_train_params
 from seqvision import distributed, experiment
 from seqvision.config import EvaluateConfig
@@ -107,7 +107,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"train_worker: error: seed {args.seed_index}, rank {rank}: {err}", file=sys.stderr)
         return 2
     except Exception as err:  # noqa: BLE001 - the training failed; under torchrun the other ranks are stopped
-        if args.debug:
+        if args.debug or os.environ.get(DEBUG_ENV, "") not in ("", "0"):
             traceback.print_exc()
         print(f"train_worker: error: {args.task}/{args.model} seed {args.seed_index}: {type(err).__name__}: {err}",
               file=sys.stderr)

@@ -29,7 +29,7 @@ ENV_KEYS = ("MLFLOW_TRACKING_URI", "MLFLOW_RUN_ID", "SEQVISION_PARENT_RUN_ID", "
 TINY_PARAMS = {
     "extract": {"num_frames": 6, "shard_size": 16, "workers": 1},
     "encoder": {"feature_dim": 40, "slot_dim": 4, "width": 4, "epochs": 1, "frames_per_clip": 2, "batch_size": 16},
-    "train": {"epochs": 1, "batch_size": 8, "device": "cpu", "log_every": 1, "patience": 0},
+    "train": {"epochs": 1, "batch_size": 8, "device": "cpu", "log_every": 1, "patience": 0, "seeds": 1},
     "models": {name: {"hidden_size": 16, "embed_size": 8} for name in ("rnn", "lstm", "gru", "meanpool")}
     | {"transformer": {"hidden_size": 16, "num_heads": 2, "ffn_mult": 2}},
     "evaluate": {"beam_size": 1, "max_length": 8},
@@ -53,19 +53,18 @@ def note(event):
                             "prefect": os.environ.get("PREFECT_API_URL")}) + "\n")
 '''
 
-# The train stage's own command line (pipelines.train.main); the model named by $COMPARE_TEST_CRASH crashes
-# inside its training.
+# The train stage's own command line (pipelines.train.main); the seed worker of the model named by
+# $COMPARE_TEST_CRASH crashes as a failing training does (its error line, exit status 1).
 TRAIN_SHIM = HOOKS + r'''
 note("start")
 code = 1
 try:
     from pipelines import train
-    from seqvision import experiment
 
     if model == os.environ.get("COMPARE_TEST_CRASH"):
-        def crash(*args, **kwargs):
-            raise RuntimeError("simulated crash")
-        experiment.run = crash
+        crash = ("import sys; print('train_worker: error: activity/' + sys.argv[1] + ' seed 0: RuntimeError: "
+                 "simulated crash', file=sys.stderr); sys.exit(1)")
+        train.worker_command = lambda n, args: [sys.executable, "-c", crash, model]
     code = train.main(argv)
 finally:
     note("end")
@@ -128,7 +127,7 @@ def tiny(tmp_path_factory) -> dict[str, Path]:
     params = {**TINY_PARAMS, "data": {
         "video_dir": str(data / "videos"), "image_dir": str(data / "images"),
         "video_captions": str(notes / "msrvtt.json"), "activity_dir": str(notes / "ucf101"),
-        "image_captions_dir": str(notes / "coco"),
+        "image_captions_dir": str(notes / "coco"), "metadata": str(notes / "metadata.json"),
     }}
     (root / "params.yaml").write_text(yaml.safe_dump(params))
     return {"root": root, "params": root / "params.yaml", "metadata": notes / "metadata.json"}
@@ -137,7 +136,7 @@ def tiny(tmp_path_factory) -> dict[str, Path]:
 def stage_paths(root: Path, run: str) -> dict[str, str]:
     """The flow's path arguments: data-stage outputs shared by every run, trainings and report per run."""
     return {"frames": str(root / "frames"), "tokens": str(root / "tokens"), "encoder": str(root / "encoder"),
-            "features": str(root / "features"), "train": str(root / run / "train"),
+            "features": str(root / "features"), "runs": str(root / run / "runs"),
             "evals": str(root / run / "eval"), "reports": str(root / run / "reports")}
 
 
@@ -158,7 +157,7 @@ def local_run(tiny, prefect_harness) -> dict:
         mp.setattr(compare, "TRAIN_COMMAND", (sys.executable, str(root / "train_shim.py")))
         state = compare.compare_flow(
             params=str(tiny["params"]), tasks=["activity"], models=["gru", "lstm"], max_parallel=2,
-            metadata=str(tiny["metadata"]), train_timeout_s=300, return_state=True, **stage_paths(root, "local"),
+            train_timeout_s=300, return_state=True, **stage_paths(root, "local"),
         )
     paths = {k: Path(v) for k, v in stage_paths(root, "local").items()}
     status = json.loads((paths["reports"] / compare.STATUS_FILE).read_text())
@@ -182,33 +181,36 @@ def test_local_comparison_runs_every_stage_and_reports_the_failed_training(local
     paths, status = local_run["paths"], local_run["status"]
     state = local_run["state"]
     assert state.is_failed()
-    assert "1 of 2 trainings failed: activity/lstm (RuntimeError: simulated crash)" in state.message
+    assert ("1 of 2 trainings failed: activity/lstm (seed 0 exited with status 1: activity/lstm seed 0: "
+            "RuntimeError: simulated crash)") in state.message
     assert str(paths["reports"] / "report.html") in state.message
 
     # every data stage ran
     for produced in ("frames/index.json", "tokens/video/vocab.json", "encoder/encoder.pt", "features/index.json"):
         assert (paths["frames"].parent / produced).is_file(), produced
-    # the good training was trained, evaluated, and the baselines scored
-    assert (paths["train"] / "activity/gru/best.pt").is_file()
-    gru_metrics = json.loads((paths["evals"] / "activity/gru/metrics.json").read_text())
+    # the good training was trained and tested, and the baselines scored
+    assert (paths["runs"] / "activity/gru/train/seed0/best.pt").is_file()
+    gru_metrics = json.loads((paths["runs"] / "activity/gru/test/seed0/metrics.json").read_text())
     assert gru_metrics["num_items"] == 8
+    assert json.loads((paths["runs"] / "activity/gru/metrics.json").read_text())["top_1"]["seeds"] == [
+        gru_metrics["top_1"]]
     assert (paths["evals"] / "activity/baseline_majority/metrics.json").is_file()
-    # the crashed one is recorded as failed where the report reads it, and was not evaluated
-    summary = json.loads((paths["train"] / "activity/lstm/summary.json").read_text())
+    # the crashed one is recorded as failed where the report reads it, with no test results
+    summary = json.loads((paths["runs"] / "activity/lstm/summary.json").read_text())
     assert summary["status"] == "failed" and "simulated crash" in summary["error"]
-    assert not (paths["evals"] / "activity/lstm").exists()
+    assert not (paths["runs"] / "activity/lstm/test").exists()
 
     rows = report_rows(paths["reports"])
     assert rows["task-activity", "gru"]["status"] == "ok"
     assert rows["task-activity", "lstm"]["status"] == "failed"
-    assert "train failed: RuntimeError: simulated crash" in rows["task-activity", "lstm"]["text"]
+    assert "train failed: seed 0 exited with status 1: activity/lstm seed 0: RuntimeError: simulated crash" in rows[
+        "task-activity", "lstm"]["text"]
     assert rows["task-activity", "baseline_majority"]["status"] == "ok"
     assert {section for section, _ in rows} == {"task-activity"}  # only the tasks asked for
     assert "| **lstm** | **failed: train failed" in (paths["reports"] / "report.md").read_text()
 
     by_model = {t["model"]: t for t in status["trainings"]}
-    assert by_model["gru"]["status"] == "ok" and by_model["gru"]["evaluation"] == "ok"
-    assert by_model["lstm"]["status"] == "failed" and by_model["lstm"]["evaluation"] == "skipped"
+    assert by_model["gru"]["status"] == "ok" and by_model["lstm"]["status"] == "failed"
     assert by_model["gru"]["where"] == "cpu" and status["mode"] == "local" and status["max_parallel"] == 2
     assert status["baselines"] == "ok" and status["failed"] == [state.message.split(". Report:")[0]]
 
@@ -238,7 +240,7 @@ def test_every_training_is_a_child_of_the_comparisons_parent_run(local_run):
     assert {r.info.run_name: r.info.status for r in children} == {"activity-gru": "FINISHED",
                                                                   "activity-lstm": "FAILED"}
     assert parent.data.metrics["activity.gru.top1"] == pytest.approx(
-        json.loads((local_run["paths"]["evals"] / "activity/gru/metrics.json").read_text())["top_1"])
+        json.loads((local_run["paths"]["runs"] / "activity/gru/metrics.json").read_text())["top_1"]["mean"])
     assert "activity.lstm.top1" not in parent.data.metrics
     assert {f.path for f in client.list_artifacts(parent.info.run_id, "report")} >= {"report/report.html"}
 
@@ -258,8 +260,8 @@ def test_trainings_never_exceed_the_bound_and_each_gets_its_own_device(tmp_path,
     monkeypatch.setattr(compare, "TRAIN_COMMAND", (sys.executable, str(tmp_path / "fake_train.py")))
     jobs = [compare.Training("activity", m) for m in ("rnn", "lstm", "gru", "transformer", "meanpool")]
     settings = compare.TrainSettings(
-        params="p.yaml", features="f", tokens="t", activity_dir="a", activity_split=1, train=str(tmp_path / "train"),
-        resume=True, mlflow=True, parent_run_id="parent-123", tracking_uri="sqlite:////x.db",
+        params="p.yaml", features="f", tokens="t", activity_dir="a", activity_split=1, metadata="m.json",
+        runs=str(tmp_path / "runs"), parallel=1, resume=True, mlflow=True, parent_run_id="parent-123", tracking_uri="sqlite:////x.db",
         prefect_api_url="http://127.0.0.1:1/api", deployment=None, timeout_s=60.0,
     )
     slots = ["3", "5"]  # two GPUs, as CUDA_VISIBLE_DEVICES names them
@@ -279,23 +281,30 @@ def test_trainings_never_exceed_the_bound_and_each_gets_its_own_device(tmp_path,
 
 
 def test_slots_follow_the_devices_and_cores(monkeypatch):
-    monkeypatch.setattr(compare.torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(compare.torch.cuda, "device_count", lambda: 2)
+    from seqvision import runtime
+
+    monkeypatch.setattr(runtime.torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(runtime.torch.cuda, "device_count", lambda: 2)
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "3,5")
-    assert compare.training_slots(None, train_device="auto", num_trainings=15) == ["3", "5"]
-    assert compare.training_slots(3, train_device="cuda", num_trainings=15) == ["3", "5", "3"]
-    assert compare.training_slots(None, train_device="auto", num_trainings=1) == ["3"]
+    # GPUs: one training per device, its seeds one after another there
+    assert compare.training_slots(None, train_device="auto", num_trainings=15, seeds=3) == (["3", "5"], 1)
+    assert compare.training_slots(3, train_device="cuda", num_trainings=15, seeds=3) == (["3", "5", "3"], 1)
+    assert compare.training_slots(None, train_device="auto", num_trainings=1, seeds=1) == (["3"], 1)
     monkeypatch.delenv("CUDA_VISIBLE_DEVICES")
-    assert compare.training_slots(None, train_device="auto", num_trainings=15) == ["0", "1"]
-    monkeypatch.setattr(compare, "usable_cores", lambda: 6)
-    assert compare.training_slots(None, train_device="cpu", num_trainings=15) == [None] * 6
-    assert compare.training_slots(None, train_device="cpu", num_trainings=4) == [None] * 4
-    monkeypatch.setattr(compare.torch.cuda, "is_available", lambda: False)
-    assert compare.training_slots(2, train_device="auto", num_trainings=15) == [None, None]
+    assert compare.training_slots(None, train_device="auto", num_trainings=15, seeds=3) == (["0", "1"], 1)
+    # CPU: one worker per core, shared as trainings x seeds at once
+    monkeypatch.setattr(runtime, "usable_cores", lambda: 6)
+    assert compare.training_slots(None, train_device="cpu", num_trainings=15, seeds=3) == ([None] * 2, 3)
+    assert compare.training_slots(None, train_device="cpu", num_trainings=15, seeds=1) == ([None] * 6, 1)
+    assert compare.training_slots(None, train_device="cpu", num_trainings=1, seeds=3) == ([None], 3)
+    assert compare.training_slots(None, train_device="cpu", num_trainings=4, seeds=4) == ([None], 4)
+    monkeypatch.setattr(runtime.torch.cuda, "is_available", lambda: False)
+    assert compare.training_slots(2, train_device="auto", num_trainings=15, seeds=3) == ([None], 2)
+    assert compare.training_slots(2, train_device="auto", num_trainings=15, seeds=1) == ([None, None], 1)
     with pytest.raises(ConfigError, match="no CUDA device"):
-        compare.training_slots(None, train_device="cuda", num_trainings=15)
+        compare.training_slots(None, train_device="cuda", num_trainings=15, seeds=3)
     with pytest.raises(ConfigError, match="max_parallel must be >= 1"):
-        compare.training_slots(0, train_device="cpu", num_trainings=15)
+        compare.training_slots(0, train_device="cpu", num_trainings=15, seeds=3)
 
 
 def test_failure_reasons_are_one_line():
@@ -355,12 +364,12 @@ def test_deployment_runs_are_submitted_waited_for_and_their_failures_recorded(lo
     for call in calls:
         assert call["name"] == "train/train-gpu" and call["timeout"] == 120
         signature.bind(**call["parameters"])  # exactly what the deployment's flow accepts
-        assert call["parameters"]["out"] == str(Path(paths["train"]) / "activity" / call["parameters"]["model"])
+        assert call["parameters"]["out"] == str(Path(paths["runs"]) / "activity" / call["parameters"]["model"])
         assert call["env"] == {"SEQVISION_PARENT_RUN_ID": parent, "MLFLOW_TRACKING_URI": local_run["uri"]}
     assert len({c["key"] for c in calls}) == 3
 
     by_model = {t["model"]: t for t in status["trainings"]}
-    assert by_model["gru"]["status"] == "ok" and by_model["gru"]["evaluation"] == "ok"
+    assert by_model["gru"]["status"] == "ok"
     assert by_model["gru"]["where"] == "deployment train/train-gpu, flow run run-gru (id-gru)"
     assert by_model["meanpool"]["error"] == "flow run ended Failed: pod OOMKilled"
     assert by_model["lstm"]["error"].startswith("flow run still Running after 120 s")
@@ -371,7 +380,7 @@ def test_deployment_runs_are_submitted_waited_for_and_their_failures_recorded(lo
     assert rows["task-activity", "meanpool"]["status"] == "failed" and "pod OOMKilled" in rows[
         "task-activity", "meanpool"]["text"]
     assert rows["task-activity", "lstm"]["status"] == "failed"
-    assert json.loads((Path(paths["evals"]) / "activity/gru/metrics.json").read_text())["num_items"] == 8
+    assert json.loads((Path(paths["runs"]) / "activity/gru/test/seed0/metrics.json").read_text())["num_items"] == 8
 
     client = mlflow_client(local_run["uri"])
     children = client.search_runs([client.get_run(parent).info.experiment_id],
@@ -384,8 +393,8 @@ def test_an_unknown_deployment_stops_the_flow_before_any_work(tiny, prefect_harn
     monkeypatch.chdir(tmp_path)
     paths = stage_paths(tmp_path, "none")
     with pytest.raises(ConfigError, match="deployment 'train/nowhere' not found"):
-        compare.compare_flow(params=str(tiny["params"]), tasks=["activity"], models=["gru"], metadata=str(tiny[
-            "metadata"]), deployment="train/nowhere", mlflow=False, **paths)
+        compare.compare_flow(params=str(tiny["params"]), tasks=["activity"], models=["gru"],
+                             deployment="train/nowhere", mlflow=False, **paths)
     assert not any(Path(p).exists() for p in paths.values())
 
 
@@ -421,7 +430,7 @@ def test_plan_keeps_dvc_order_and_refuses_repeats():
     jobs = compare.plan_trainings(["video_captioning", "activity"], ["meanpool", "gru"])
     assert [j.name for j in jobs] == ["activity/gru", "activity/meanpool", "video_captioning/gru",
                                       "video_captioning/meanpool"]
-    assert len(compare.plan_trainings(None, None)) == 15
+    assert len(compare.plan_trainings(None, None)) == 18  # 3 tasks x 6 families
     with pytest.raises(ConfigError, match="repeat"):
         compare.plan_trainings(["activity", "activity"], None)
     with pytest.raises(ConfigError, match="no model"):

@@ -204,8 +204,11 @@ def run_baselines(
     tokens_dir: str | Path | None,
     activity: ActivityLabels | None,
     out_root: str | Path,
+    metadata: Mapping[str, Mapping[str, Any]] | None = None,
 ) -> list[BaselineResult]:
-    """Fit every baseline of ``tasks`` on train, score it on test, write ``{out_root}/{task}/baseline_{name}``."""
+    """Fit every baseline of ``tasks`` on train, score it on test, write ``{out_root}/{task}/baseline_{name}``.
+    ``metadata`` (the synthetic benchmark's ``content.load_metadata``) adds the content metrics to the captioning
+    baselines, as the train stage adds them to the models."""
     results = []
     for task in tasks:
         if task not in BASELINES:
@@ -223,8 +226,9 @@ def run_baselines(
             else:
                 if tokens_dir is None:
                     raise ValueError("captioning baselines need the tokens folder")
+                content = (kind, metadata[kind]) if metadata is not None else None
                 metrics = _caption_baseline(name, task, train_store, test_store, Path(tokens_dir), out_dir,
-                                            started)
+                                            started, content=content)
             results.append(BaselineResult(task, name, out_dir, metrics))
     return results
 
@@ -252,7 +256,7 @@ def _activity_baseline(name: str, train_store: VisualStore, test_store: VisualSt
 
 
 def _caption_baseline(name: str, task: str, train_store: VisualStore, test_store: VisualStore, tokens_dir: Path,
-                      out_dir: Path, started: float) -> dict[str, Any]:
+                      out_dir: Path, started: float, *, content: Any = None) -> dict[str, Any]:
     tokens = tokens_dir / str(task_spec(task).corpus)
     test: Any = task_dataset(task, test_store, tokens_dir=tokens_dir)  # the items the models are scored on
     if not len(test):
@@ -272,4 +276,5 @@ def _caption_baseline(name: str, task: str, train_store: VisualStore, test_store
     return write_caption_outputs(
         out_dir, records, meteor="never",  # the report stage scores METEOR for every run at once
         seconds=time.perf_counter() - started, details={"baseline": name, "train_items": len(train_ids)},
+        content=content,
     )

@@ -1,21 +1,31 @@
-"""The comparison report: per-task tables, figures, examples and a verdict -> ``report.html`` + ``report.md``.
+"""The comparison report: per task, every metric as a mean and 95% interval over seeds, parameter counts against
+the budget, the convergence of every run, pairwise verdicts from a paired two-level bootstrap, figures and examples
+-> ``report.html``, ``report.md`` and ``summary.json``.
 
-Inputs (paths supplied by the caller):
+Inputs (paths supplied by the caller; layout in docs/design.md):
 
-- ``{train_dir}/{task}/{model}/summary.json`` and ``learning_curve.json`` (``history.json`` as a fallback)
-  from the train stage;
-- ``{eval_dir}/{task}/{model}/`` and ``{eval_dir}/{task}/baseline_{name}/`` from the evaluate and baselines
-  stages (layout in ``evaluate.py``);
-- ``{frames_dir}`` (``artifacts/frames``) for the example frames; optional.
+- ``{runs_dir}/{task}/{model}/``: the train stage's ``metrics.json`` (per metric ``{"mean", "std", "ci95",
+  "seeds"}``, ``num_seeds``, ``num_parameters``, ``converged``), ``summary.json`` (``num_parameters``, ``budget``,
+  ``seeds``: every seed's summary with ``seed``, ``converged``, ``best_epoch``, ``epochs_run``, ...; the MLflow run
+  ids), ``learning_curve.json`` (rows with ``seed``) and per seed ``test/seed{k}/`` (or ``seed{k}/``) with
+  ``predictions.jsonl``, ``metrics.json`` and ``details.json`` (``"per_item"``: ``cider_d`` / ``rouge_l``
+  ``{id: value}`` and ``content`` ``{id: record}`` of ``seqvision.content``);
+- ``{baselines_dir}/{task}/baseline_{name}/``: the baselines in ``results.py``'s layout, one "seed" each;
+- optionally ``{frames_dir}`` (example frames) and the synthetic benchmark's ``metadata.json`` (the per-template
+  oracle ceiling of CIDEr-D beside the image captioning table).
 
-A run whose files are absent or unreadable is shown as *missing* or *failed* with the reason; it never stops
-the report. A training whose ``summary.json`` has a ``"status"`` other than ok (the compare flow writes
-``{"status": "failed", "error": ...}`` for a training that failed) is *failed*, whatever evaluation files
-an earlier run left. ``report.html`` is self-contained (CSS inline, figures and frames as base64 PNG ``data:`` URIs)
-and opens offline; ``report.md`` has the same tables and verdicts and links the figures in ``figures/``.
+A run whose files are absent or unreadable is shown as *missing* or *failed* with the reason; it never stops the
+report. A training whose ``summary.json`` has a ``"status"`` other than ok (the compare flow writes ``{"status":
+"failed", "error": ...}``) is *failed*, whatever files an earlier run left.
 
-Scale: caption metrics are coco-caption's raw values (BLEU-n, METEOR, ROUGE-L in [0, 1]; CIDEr-D not x100,
-it can exceed 1); accuracies are fractions in [0, 1].
+Verdicts (``metrics.paired_bootstrap``): for every verdict metric of a task, each pair of model families, and the
+best model against the best baseline, is compared by a paired two-level bootstrap (test items resampled alike
+for both, seeds per system), which gives the difference's 95% interval and p-value. Holm's correction runs over
+the comparisons of one task and metric. "A > B" only when the Holm-adjusted p < 0.05 (so the interval excludes
+0); otherwise "~", no significant difference. ``summary.json`` holds every number the summary states.
+
+Scale: caption metrics are coco-caption's raw values (BLEU-n, METEOR, ROUGE-L in [0, 1]; CIDEr-D not x100, it
+can exceed 1); accuracies and content metrics are fractions in [0, 1].
 """
 
 from __future__ import annotations
@@ -26,23 +36,36 @@ import io
 import json
 import math
 from collections import Counter
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
 
 import numpy as np
 
+from seqvision import content
 from seqvision.config import MODEL_FAMILIES, TASKS
-from seqvision.io import write_bytes, write_text
-from seqvision.metrics import meteor_scores, read_jsonl, tokenized_corpus
+from seqvision.io import write_bytes, write_json, write_text
+from seqvision.metrics import (
+    compare_resampled,
+    holm,
+    item_weights,
+    meteor_scores,
+    ratio_of_sums,
+    read_jsonl,
+    resampled_values,
+    seed_summary,
+    tokenized_corpus,
+    verdict_symbol,
+)
 from seqvision.ptb import ptb_tokenize
 from seqvision.results import BASELINES, CAPTION_SCALE, DETAILS, HEADLINE, METRICS, PREDICTIONS, PREFIX
 
 ORDER_BLIND = "meanpool"
-# Reversal-pair accuracy "separates" an order-aware family from mean-pool when it is higher by at least this
-# much (absolute). Mean pooling maps a clip and its time reversal to the same input, so within a balanced
-# pair it cannot beat ~0.5; an order-aware model that uses time should be far above.
-SEPARATION_MARGIN = 0.05
+# Tasks where time order matters: only there is mean-pool "order-blind" (on image captioning it pools grid cells).
+ORDERED_TASKS = ("activity", "video_captioning")
+ALPHA = 0.05
+RESAMPLES = 2000
+BUDGET_TOLERANCE = 0.10  # a family more than 10% from the task's parameter budget is flagged (issue #11)
 
 TITLES = {"activity": "Activity recognition", "image_captioning": "Image captioning",
           "video_captioning": "Video captioning"}
@@ -51,56 +74,115 @@ METRIC_LABELS = {
     "reversal_pair_accuracy": "Reversal-pair acc.", "reversal_swap_rate": "Reversal swap rate",
     "bleu_1": "BLEU-1", "bleu_2": "BLEU-2", "bleu_3": "BLEU-3", "bleu_4": "BLEU-4", "meteor": "METEOR",
     "rouge_l": "ROUGE-L", "cider_d": "CIDEr-D",
+    "content_object_f1": "Object F1", "content_size_accuracy": "Size acc.", "content_relation_f1": "Relation F1",
+    "content_object_f1/compositional": "Object F1 (compositional)",
+    "content_relation_f1/compositional": "Relation F1 (compositional)",
+    "content_event_f1": "Event F1", "content_order_accuracy": "Order acc. (multi-event)",
+    "content_main_event_recall": "Main-event recall",
 }
+# The tables' columns. Content metrics (synthetic benchmark only) are the headline there; coco-caption stays for
+# comparability and real data.
+CONTENT_METRICS = {
+    "image_captioning": ("content_object_f1", "content_size_accuracy", "content_relation_f1",
+                         "content_object_f1/compositional", "content_relation_f1/compositional"),
+    "video_captioning": ("content_event_f1", "content_order_accuracy", "content_main_event_recall"),
+}
+COCO_METRICS = ("bleu_1", "bleu_2", "bleu_3", "bleu_4", "meteor", "rouge_l", "cider_d")
 TASK_METRICS = {
     "activity": ("top_1", "top_5", "mean_class_accuracy", "reversal_pair_accuracy", "reversal_swap_rate"),
-    "image_captioning": ("bleu_1", "bleu_2", "bleu_3", "bleu_4", "meteor", "rouge_l", "cider_d"),
-    "video_captioning": ("bleu_1", "bleu_2", "bleu_3", "bleu_4", "meteor", "rouge_l", "cider_d"),
+    "image_captioning": (*CONTENT_METRICS["image_captioning"], *COCO_METRICS),
+    "video_captioning": (*CONTENT_METRICS["video_captioning"], *COCO_METRICS),
 }
-# Short names of the headline metric on the MLflow parent run: "{task}.{model}.{name}".
-PARENT_METRIC = {"top_1": "top1", "cider_d": "cider_d"}
+# Metrics with a verdict between every pair of families; the first one available is the task's primary metric
+# (content metrics are absent on real data, so CIDEr-D is primary there).
+VERDICT_METRICS = {
+    "activity": ("top_1",),
+    "image_captioning": ("content_object_f1", "content_relation_f1", "cider_d"),
+    "video_captioning": ("content_event_f1", "cider_d"),
+}
+# The metric that needs time order: each order-aware family against the order-blind one.
+ORDER_METRICS = {"activity": "reversal_pair_accuracy", "video_captioning": "content_order_accuracy"}
+# Metrics that are a ratio of two per-item sums (a mean: the denominator is 1 per item).
+RATIO_COLUMNS = {
+    "top_1": ("correct", "items"), "reversal_pair_accuracy": ("correct_in_pair", "in_pair"),
+    "reversal_swap_rate": ("swapped", "in_pair"), "cider_d": ("cider_d", "items"), "rouge_l": ("rouge_l", "items"),
+}
+# The content subsets a record flags: (task, subset) -> record key.
+SUBSETS = {"compositional": "compositional", "multi_event": "multi_event"}
+# Short names of metrics on the MLflow parent run: "{task}.{model}.{name}".
+PARENT_METRIC = {"top_1": "top1", "cider_d": "cider_d", "reversal_pair_accuracy": "reversal_pair_acc"}
 
-# Keys read from the train stage's summary.json, with the spellings accepted for each.
+# Keys read from the train stage's summaries, with the spellings accepted for each.
 SUMMARY_KEYS = {
     "parameters": ("num_parameters", "parameters", "parameter_count", "param_count", "num_params", "n_params"),
+    "budget": ("budget", "parameter_budget", "param_budget"),
     "train_time_s": ("train_time_s", "train_wall_time_s", "wall_time_s", "train_seconds", "training_time_s"),
     "samples_per_s": ("samples_per_s", "train_samples_per_s", "throughput_samples_per_s", "throughput"),
-    "peak_memory_mb": ("peak_memory_mb", "peak_mem_mb", "peak_memory_mib", "max_memory_mb"),
-    "epochs": ("epochs", "epochs_run", "num_epochs", "epochs_trained"),
+    "epochs": ("epochs_run", "epochs", "num_epochs", "epochs_trained"),
+    "best_epoch": ("best_epoch",),
+    "converged": ("converged",),
     "best_val_metric": ("best_val_metric", "best_metric", "best_val"),
     "val_metric_name": ("metric", "val_metric_name", "metric_name"),
     "device": ("device",),
-    "run_id": ("run_id", "mlflow_run_id", "child_run_id"),
-    "parent_run_id": ("parent_run_id", "mlflow_parent_run_id"),
+    "run_id": ("mlflow_run_id", "run_id", "child_run_id"),
+    "parent_run_id": ("mlflow_parent_run_id", "parent_run_id"),
     "status": ("status",),
     "error": ("error", "message", "reason"),
 }
 _OK_STATUSES = {"ok", "finished", "success", "succeeded", "completed", "done"}
 
 
+class ItemData(NamedTuple):
+    """One seed's per-item test scores, what the bootstrap resamples."""
+
+    columns: dict[str, dict[str, float]]  # RATIO_COLUMNS' columns: {"correct": {id: 0/1}, "items": {id: 1}, ...}
+    content: dict[str, dict[str, Any]]  # seqvision.content's per-item records by id ({} without)
+
+
+class SeedResult(NamedTuple):
+    """One seed of a trained model (or a baseline, one "seed"): its test outputs."""
+
+    index: int  # k of seed{k}
+    seed: int | None  # the seed value (train.seed + k), when the summary says
+    folder: Path  # predictions.jsonl, metrics.json, details.json
+    metrics: dict[str, Any]  # the seed's test metrics (numbers)
+    details: dict[str, Any]
+    summary: dict[str, Any]  # the seed's training summary ({} for a baseline)
+    items: ItemData
+
+
 class Run(NamedTuple):
-    """One row of a task's table: a trained model or a baseline."""
+    """One row of a task's tables: a trained model family (every seed) or a baseline."""
 
     task: str
     name: str  # model family, or "baseline_{name}"
     kind: str  # "model" | "baseline"
     status: str  # "ok" | "missing" | "failed"
     note: str  # why it is missing or failed ("" when ok)
-    metrics: dict[str, Any]
-    details: dict[str, Any]
-    summary: dict[str, Any]  # the train summary, {} for baselines
-    curve: list[dict[str, Any]]
-    eval_dir: Path
+    metrics: dict[str, dict[str, Any]]  # metric -> metrics.seed_summary ({"mean", "std", "ci95", "seeds"})
+    summary: dict[str, Any]  # the stage's summary.json ({} for baselines)
+    curve: list[dict[str, Any]]  # learning-curve rows, with "seed"
+    seeds: tuple[SeedResult, ...]
+    folder: Path
 
     @property
     def ok(self) -> bool:
         return self.status == "ok"
 
     def value(self, key: str) -> float | None:
-        return _number(self.metrics.get(key))
+        """The mean over seeds of a metric (None when absent)."""
+        return _number((self.metrics.get(key) or {}).get("mean"))
+
+    def interval(self, key: str) -> tuple[float, float] | None:
+        ci = (self.metrics.get(key) or {}).get("ci95")
+        return (float(ci[0]), float(ci[1])) if isinstance(ci, (list, tuple)) and len(ci) == 2 else None
 
     def info(self, key: str) -> Any:
         return find_key(self.summary, SUMMARY_KEYS[key])
+
+    def seed_info(self, key: str) -> list[Any]:
+        """``key`` of every seed's training summary (missing ones as None)."""
+        return [find_key(s.summary, SUMMARY_KEYS[key]) for s in self.seeds]
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -137,74 +219,201 @@ def _read_json(path: Path) -> tuple[Any, str]:
 
 
 def _curve(folder: Path) -> list[dict[str, Any]]:
-    for name in ("learning_curve.json", "history.json"):
-        data, _ = _read_json(folder / name)
-        if isinstance(data, Mapping):  # e.g. {"epochs": [...]}
-            data = next((v for v in data.values() if isinstance(v, list)), None)
-        if isinstance(data, list) and all(isinstance(e, Mapping) for e in data) and data:
-            return [dict(e) for e in data]
+    data, _ = _read_json(folder / "learning_curve.json")
+    if isinstance(data, Mapping):  # e.g. {"epochs": [...]}
+        data = next((v for v in data.values() if isinstance(v, list)), None)
+    if isinstance(data, list) and data and all(isinstance(e, Mapping) for e in data):
+        return [dict(e) for e in data]
     return []
 
 
-def load_run(task: str, name: str, *, train_dir: Path | None, eval_dir: Path) -> Run:
-    """Everything known about one (task, model or baseline), with its status."""
-    kind = "baseline" if name.startswith(PREFIX) else "model"
-    folder = eval_dir / task / name
-    summary: dict[str, Any] = {}
-    curve: list[dict[str, Any]] = []
-    status, note = "ok", ""
-    train_folder = train_dir / task / name if (train_dir is not None and kind == "model") else None
-    if train_folder is not None:
-        data, reason = _read_json(train_folder / "summary.json")
-        if isinstance(data, Mapping):
-            summary = dict(data)
-        elif data is not None or reason.startswith("unreadable"):
-            status, note = "failed", f"train: {reason or 'summary.json is not an object'}"
-        curve = _curve(train_folder)
-        train_status = find_key(summary, SUMMARY_KEYS["status"])
-        if isinstance(train_status, str) and train_status.lower() not in _OK_STATUSES:
-            error = find_key(summary, SUMMARY_KEYS["error"])
-            status, note = "failed", f"train {train_status}" + (f": {error}" if error else "")
+def _read_predictions(folder: Path) -> dict[str, dict[str, Any]]:
+    try:
+        return {str(r["id"]): r for r in read_jsonl(folder / PREDICTIONS)}
+    except (OSError, ValueError, KeyError, TypeError):
+        return {}
 
+
+def item_cider(records: Mapping[str, Mapping[str, Any]]) -> dict[str, float]:
+    """Per-item CIDEr-D of caption records (coco-caption's scorer; idf from these items' references)."""
+    from pycocoevalcap.cider.cider import Cider
+
+    keys = [k for k, r in records.items() if r.get("references")]
+    if not keys:
+        return {}
+    gts = {k: [ptb_tokenize(str(c)) for c in records[k]["references"]] for k in keys}
+    res = {k: [ptb_tokenize(str(records[k].get("hypothesis", "")))] for k in keys}
+    _, scores = Cider().compute_score(gts, res)
+    return {k: float(s) for k, s in zip(keys, scores)}
+
+
+def item_data(task: str, folder: Path, details: Mapping[str, Any]) -> ItemData:
+    """The per-item scores of one seed's test outputs in ``folder``.
+
+    Activity: from predictions.jsonl (``correct``, and for the time-reversed class pairs of details.json
+    ``in_pair``, ``correct_in_pair``, ``swapped``: predicted as the partner class). Captioning: details.json's
+    ``per_item`` ``cider_d`` / ``rouge_l`` and ``content`` records; without them CIDEr-D is scored per item
+    from predictions.jsonl."""
+    predictions = _read_predictions(folder)
+    per_item = details.get("per_item") if isinstance(details.get("per_item"), Mapping) else {}
+    columns: dict[str, dict[str, float]] = {}
+    if not predictions:
+        return ItemData(columns, {})
+    columns["items"] = {i: 1.0 for i in predictions}
+    if task == "activity":
+        partner: dict[str, str] = {}
+        for pair in details.get("reversal_pairs") or ():
+            if isinstance(pair, (list, tuple)) and len(pair) == 2:
+                partner[str(pair[0])], partner[str(pair[1])] = str(pair[1]), str(pair[0])
+        columns["correct"] = {i: float(r.get("predicted") == r.get("label")) for i, r in predictions.items()}
+        if partner:
+            columns["in_pair"] = {i: float(str(r.get("label")) in partner) for i, r in predictions.items()}
+            columns["correct_in_pair"] = {i: columns["correct"][i] * columns["in_pair"][i] for i in predictions}
+            columns["swapped"] = {i: float(partner.get(str(r.get("label"))) == str(r.get("predicted")))
+                                  for i, r in predictions.items()}
+        return ItemData(columns, {})
+    for key in ("cider_d", "rouge_l"):
+        scores = per_item.get(key)
+        if isinstance(scores, Mapping) and set(map(str, scores)) >= set(predictions):
+            columns[key] = {str(i): float(v) for i, v in scores.items() if str(i) in predictions}
+    if "cider_d" not in columns:
+        columns["cider_d"] = item_cider(predictions)
+    records = per_item.get("content")
+    found = {str(i): dict(r) for i, r in records.items() if isinstance(r, Mapping)} if isinstance(records, Mapping) else {}
+    return ItemData(columns, found)
+
+
+def _test_folders(folder: Path) -> dict[int, Path]:
+    """``{k: folder}`` of every seed's test outputs: ``test/seed{k}`` (else ``seed{k}``) under a run's folder."""
+    found: dict[int, Path] = {}
+    for pattern in ("seed*", "test/seed*"):  # test/seed{k} wins where both exist
+        for path in folder.glob(pattern):
+            k = path.name.removeprefix("seed")
+            if path.is_dir() and k.isdigit() and (path / METRICS).is_file():
+                found[int(k)] = path
+    return dict(sorted(found.items()))
+
+
+def _seed_result(task: str, index: int, folder: Path, summary: Mapping[str, Any]) -> SeedResult:
+    metrics, _ = _read_json(folder / METRICS)
+    details, _ = _read_json(folder / DETAILS)
+    details = dict(details) if isinstance(details, Mapping) else {}
+    seed = _number(summary.get("seed"))
+    return SeedResult(index=index, seed=None if seed is None else int(seed), folder=folder,
+                      metrics=dict(metrics) if isinstance(metrics, Mapping) else {}, details=details,
+                      summary=dict(summary), items=item_data(task, folder, details))
+
+
+def _content_metrics(task: str, seeds: Sequence[SeedResult]) -> dict[str, dict[str, Any]]:
+    """Content metrics (and their subsets) over seeds, from the per-item records (every seed must have them)."""
+    if task not in CONTENT_METRICS or not seeds or not all(s.items.content for s in seeds):
+        return {}
+    out: dict[str, dict[str, Any]] = {}
+    for key in CONTENT_METRICS[task]:
+        name, _, subset = key.removeprefix("content_").partition("/")
+        values = []
+        for s in seeds:
+            records = [r for r in s.items.content.values() if not subset or r.get(SUBSETS.get(subset, subset))]
+            values.append(content.summarize(records).get(name) if records else None)
+        out[key] = seed_summary(values)
+    return out
+
+
+def _metric_summaries(task: str, metrics: Mapping[str, Any], seeds: Sequence[SeedResult]) -> dict[str, dict[str, Any]]:
+    """Every metric as a seed summary: the stage's own (``{"mean", ...}`` entries of its metrics.json), else one
+    built from the seeds' metrics.json (a baseline: one seed), plus content metrics from per-item records."""
+    out: dict[str, dict[str, Any]] = {}
+    for key, value in metrics.items():
+        if isinstance(value, Mapping) and "mean" in value:
+            out[key] = {"mean": value.get("mean"), "std": value.get("std"), "ci95": value.get("ci95"),
+                        "seeds": list(value.get("seeds") or [])}
+    keys = {k for s in seeds for k, v in s.metrics.items() if v is None or isinstance(v, (int, float))}
+    for key in sorted(keys - set(out) - {"num_items", "decode_time_s", "items_per_s"}):
+        out[key] = seed_summary([_number(s.metrics.get(key)) for s in seeds])
+    for key, value in _content_metrics(task, seeds).items():
+        out.setdefault(key, value)
+    return out
+
+
+def load_model_run(task: str, name: str, *, runs_dir: Path) -> Run:
+    """A trained model family (every seed) from ``{runs_dir}/{task}/{name}/``, with its status."""
+    folder = runs_dir / task / name
+    summary: dict[str, Any] = {}
+    status, note = "ok", ""
+    data, reason = _read_json(folder / "summary.json")
+    if isinstance(data, Mapping):
+        summary = dict(data)
+    elif data is not None or reason.startswith("unreadable"):
+        status, note = "failed", f"train: {reason or 'summary.json is not an object'}"
+    train_status = find_key(summary, SUMMARY_KEYS["status"])
+    if isinstance(train_status, str) and train_status.lower() not in _OK_STATUSES:
+        error = find_key(summary, SUMMARY_KEYS["error"])
+        status, note = "failed", f"train {train_status}" + (f": {error}" if error else "")
     metrics, reason = _read_json(folder / METRICS)
     if status == "ok" and not isinstance(metrics, Mapping):
         if metrics is not None or reason.startswith("unreadable"):
-            status, note = "failed", f"evaluate: {reason or 'metrics.json is not an object'}"
-        elif train_folder is not None and not (train_folder / "best.pt").is_file() and not summary:
-            status, note = "missing", "not trained (no best.pt or summary.json)"
+            status, note = "failed", f"train: {reason or 'metrics.json is not an object'}"
+        elif not folder.is_dir() or not any(folder.iterdir()):
+            status, note = "missing", "not trained (no run folder)"
         else:
-            status, note = "missing", "not evaluated (no metrics.json)"
-    details, _ = _read_json(folder / DETAILS)
+            status, note = "missing", "not finished (no metrics.json over seeds)"
+    seed_summaries = summary.get("seeds") if isinstance(summary.get("seeds"), list) else []
+    seeds: list[SeedResult] = []
+    if status == "ok":
+        for k, path in _test_folders(folder).items():
+            own = seed_summaries[k] if k < len(seed_summaries) and isinstance(seed_summaries[k], Mapping) else {}
+            if not own:
+                own_data, _ = _read_json(folder / "train" / f"seed{k}" / "summary.json")
+                own = own_data if isinstance(own_data, Mapping) else {}
+            seeds.append(_seed_result(task, k, path, own))
+        expected = _number(metrics.get("num_seeds")) if isinstance(metrics, Mapping) else None
+        if expected is not None and len(seeds) < expected:
+            note = f"test outputs of {len(seeds)} of {int(expected)} seeds (comparisons use those)"
     return Run(
-        task=task, name=name, kind=kind, status=status, note=note,
-        metrics=dict(metrics) if isinstance(metrics, Mapping) and status == "ok" else {},
-        details=dict(details) if isinstance(details, Mapping) else {},
-        summary=summary, curve=curve, eval_dir=folder,
+        task=task, name=name, kind="model", status=status, note=note,
+        metrics=_metric_summaries(task, metrics, seeds) if status == "ok" else {},
+        summary=summary, curve=_curve(folder) if status == "ok" else [], seeds=tuple(seeds), folder=folder,
     )
 
 
+def load_baseline_run(task: str, name: str, *, baselines_dir: Path) -> Run:
+    """A baseline from ``{baselines_dir}/{task}/{name}/`` (results.py's layout) as a run of one seed."""
+    folder = baselines_dir / task / name
+    metrics, reason = _read_json(folder / METRICS)
+    if not isinstance(metrics, Mapping):
+        failed = metrics is not None or reason.startswith("unreadable")
+        status, note = ("failed", f"baselines: {reason or 'metrics.json is not an object'}") if failed else (
+            "missing", "not evaluated (no metrics.json)")
+        return Run(task, name, "baseline", status, note, {}, {}, [], (), folder)
+    seed = _seed_result(task, 0, folder, {})
+    return Run(task, name, "baseline", "ok", "", _metric_summaries(task, {}, [seed]), {}, [], (seed,), folder)
+
+
 def load_runs(
-    *, train_dir: str | Path | None, eval_dir: str | Path, tasks: Sequence[str] = TASKS,
+    *, runs_dir: str | Path, baselines_dir: str | Path | None, tasks: Sequence[str] = TASKS,
     models: Sequence[str] = MODEL_FAMILIES,
 ) -> dict[str, list[Run]]:
-    """``{task: [runs]}``: every expected model, then every expected or present baseline."""
-    eval_dir = Path(eval_dir)
-    train = Path(train_dir) if train_dir is not None else None
+    """``{task: [runs]}``: every expected model family, then every expected or present baseline (none when
+    ``baselines_dir`` is None)."""
+    runs_path = Path(runs_dir)
     out: dict[str, list[Run]] = {}
     for task in tasks:
-        names = [m for m in models]
-        expected = [f"{PREFIX}{b}" for b in BASELINES.get(task, ())]
-        present = sorted(p.name for p in (eval_dir / task).glob(f"{PREFIX}*") if p.is_dir())
-        names += expected + [p for p in present if p not in expected]
-        out[task] = [load_run(task, name, train_dir=train, eval_dir=eval_dir) for name in names]
+        task_runs = [load_model_run(task, m, runs_dir=runs_path) for m in models]
+        if baselines_dir is not None:
+            base = Path(baselines_dir)
+            expected = [f"{PREFIX}{b}" for b in BASELINES.get(task, ())]
+            present = sorted(p.name for p in (base / task).glob(f"{PREFIX}*") if p.is_dir())
+            task_runs += [load_baseline_run(task, name, baselines_dir=base)
+                          for name in expected + [p for p in present if p not in expected]]
+        out[task] = task_runs
     return out
 
 
 def add_meteor(runs: Mapping[str, list[Run]], *, mode: str = "auto") -> tuple[dict[str, list[Run]], str]:
-    """Every captioning run's METEOR, scored with one Java process for all of them: (runs, note).
+    """Every captioning seed's METEOR, scored with one Java process for all of them, then over seeds: (runs, note).
 
-    The evaluate and baselines stages leave METEOR out (``null``): each would start the JVM and load METEOR's
-    paraphrase table again (10-25 s each here), while one process scores every run in about a second each.
+    The train and baselines stages leave METEOR out (``null``): each would start the JVM and load METEOR's
+    paraphrase table again (10-25 s each here), while one process scores every corpus in about a second each.
     ``mode``: ``auto`` scores when Java is on PATH (the table says "unavailable" otherwise), ``always`` raises
     without Java, ``never`` skips. The note says which happened, for the log.
     """
@@ -224,183 +433,449 @@ def add_meteor(runs: Mapping[str, list[Run]], *, mode: str = "auto") -> tuple[di
         if task == "activity":
             continue
         for i, run in enumerate(task_runs):
-            records = list(read_predictions(run).values()) if run.ok else []
-            if records and all(r.get("references") for r in records):
-                corpora[f"{task}/{i}"] = tokenized_corpus(records)
+            for s in run.seeds if run.ok else ():
+                records = list(_read_predictions(s.folder).values())
+                if records and all(r.get("references") for r in records):
+                    corpora[f"{task}/{i}/{s.index}"] = tokenized_corpus(records)
     if not corpora:
         return out, "METEOR: no captioning predictions to score"
-    for key, score in meteor_scores(corpora).items():
-        task, i = key.rsplit("/", 1)
-        run = out[task][int(i)]
-        out[task][int(i)] = run._replace(metrics={**run.metrics, "meteor": score})
-    return out, f"METEOR scored for {len(corpora)} captioning runs in one Java process"
+    scores = meteor_scores(corpora)
+    for task, task_runs in out.items():
+        for i, run in enumerate(task_runs):
+            values = [scores.get(f"{task}/{i}/{s.index}") for s in run.seeds]
+            if run.seeds and all(v is not None for v in values):
+                seeds = tuple(s._replace(metrics={**s.metrics, "meteor": v}) for s, v in zip(run.seeds, values))
+                task_runs[i] = run._replace(seeds=seeds, metrics={**run.metrics, "meteor": seed_summary(values)})
+    return out, f"METEOR scored for {len(corpora)} captioning test sets (every seed) in one Java process"
 
 
 def read_predictions(run: Run) -> dict[str, dict[str, Any]]:
-    """``{id: record}`` of a run's predictions.jsonl ({} when absent or unreadable)."""
-    try:
-        return {str(r["id"]): r for r in read_jsonl(run.eval_dir / PREDICTIONS)}
-    except (OSError, ValueError, KeyError, TypeError):
-        return {}
-
-
-def item_cider(records: Mapping[str, Mapping[str, Any]]) -> dict[str, float]:
-    """Per-item CIDEr-D of caption records (coco-caption's scorer; idf from these items' references)."""
-    from pycocoevalcap.cider.cider import Cider
-
-    keys = [k for k, r in records.items() if r.get("references")]
-    if not keys:
-        return {}
-    gts = {k: [ptb_tokenize(str(c)) for c in records[k]["references"]] for k in keys}
-    res = {k: [ptb_tokenize(str(records[k].get("hypothesis", "")))] for k in keys}
-    _, scores = Cider().compute_score(gts, res)
-    return {k: float(s) for k, s in zip(keys, scores)}
+    """``{id: record}`` of a run's first seed's predictions.jsonl ({} when absent or unreadable)."""
+    return _read_predictions(run.seeds[0].folder) if run.seeds else {}
 
 
 # --------------------------------------------------------------------------------------------------------
-# Verdicts computed from the numbers
+# Statistics: pairwise comparisons and their verdicts
+
+
+class Compared(NamedTuple):
+    """One comparison ``a`` - ``b`` on ``metric`` and its verdict after Holm's correction over its family."""
+
+    metric: str
+    a: str
+    b: str
+    family: str  # "pairs" (every pair of families, and the best model vs the best baseline) | "order"
+    comparison: Any  # metrics.Comparison
+    p_holm: float
+    symbol: str  # ">" | "<" | "~"
+
+    def to_json(self) -> dict[str, Any]:
+        return {"metric": self.metric, "a": self.a, "b": self.b, "family": self.family, "symbol": self.symbol,
+                "verdict": self.sentence(), "p_holm": self.p_holm, **self.comparison.to_json()}
+
+    def sentence(self) -> str:
+        return f"{self.a} {self.symbol} {self.b}" if self.symbol != "~" else f"{self.a} ~ {self.b}"
+
+
+class TaskStats(NamedTuple):
+    task: str
+    primary: str | None  # the first verdict metric some model has (content metrics exist on synthetic data only)
+    comparisons: list[Compared]
+    notes: list[str]  # comparisons that could not be made, and why
+
+
+def _content_statistic(metric: str, keys: Sequence[str]) -> Callable[[np.ndarray], np.ndarray]:
+    """Summed content counts (M, K) -> the rate ``metric`` names, through ``content.summarize`` (micro averages)."""
+    name = metric.removeprefix("content_").partition("/")[0]
+
+    def statistic(totals: np.ndarray) -> np.ndarray:
+        rows = np.atleast_2d(totals)
+        values = [content.summarize([dict(zip(keys, row))]).get(name) for row in rows]
+        return np.array([np.nan if v is None else v for v in values], dtype=np.float64)
+
+    return statistic
+
+
+def item_tables(run: Run, metric: str, ids: Sequence[str] | None = None
+                ) -> tuple[list[str], list[np.ndarray], Callable[[np.ndarray], np.ndarray]] | None:
+    """(item ids, per-seed (N, K) tables, statistic) of ``metric`` for ``run``, or None without per-item data.
+    ``ids``: the items to use, in this order (default: those every seed has)."""
+    if not run.seeds:
+        return None
+    if metric.startswith("content_"):
+        if not all(s.items.content for s in run.seeds):
+            return None
+        subset = metric.partition("/")[2]
+        first = next(iter(run.seeds[0].items.content.values()))
+        keys = sorted(k for k, v in first.items() if isinstance(v, int) and not isinstance(v, bool))
+        common = ids if ids is not None else sorted(set.intersection(*(set(s.items.content) for s in run.seeds)))
+        tables = []
+        for s in run.seeds:
+            if not set(common) <= set(s.items.content):
+                return None
+            rows = [[float(s.items.content[i].get(k, 0)) for k in keys] for i in common]
+            table = np.asarray(rows, dtype=np.float64).reshape(len(common), len(keys))  # (N, K)
+            if subset:
+                flag = SUBSETS.get(subset, subset)
+                table = table * np.array([[bool(s.items.content[i].get(flag))] for i in common], dtype=np.float64)
+            tables.append(table)
+        return list(common), tables, _content_statistic(metric, keys)
+    if metric not in RATIO_COLUMNS:
+        return None  # e.g. BLEU and METEOR: corpus statistics that are not sums over items
+    columns, statistic = list(RATIO_COLUMNS[metric]), ratio_of_sums
+    if not all(all(c in s.items.columns for c in columns) for s in run.seeds):
+        return None
+    common = ids if ids is not None else sorted(set.intersection(
+        *(set(s.items.columns[c]) for s in run.seeds for c in columns)))
+    tables = []
+    for s in run.seeds:
+        if not all(set(common) <= set(s.items.columns[c]) for c in columns):
+            return None
+        tables.append(np.array([[s.items.columns[c][i] for c in columns] for i in common], dtype=np.float64))
+    return list(common), tables, statistic
+
+
+def _compare(metric: str, pairs: Sequence[tuple[Run, Run]], *, resamples: int, seed: int,
+             notes: list[str]) -> list[tuple[str, str, str, Any]]:
+    """Raw comparisons (metric, a, b, Comparison) of ``pairs`` on the items every system involved has."""
+    systems = {r.name: r for pair in pairs for r in pair}
+    usable = {}
+    for name, run in systems.items():
+        if item_tables(run, metric) is None:
+            notes.append(f"{METRIC_LABELS.get(metric, metric)}: {name} has no per-item scores, so it is not compared")
+        else:
+            usable[name] = run
+    pairs = [(a, b) for a, b in pairs if a.name in usable and b.name in usable]
+    if not pairs:
+        return []
+    own = {name: set(item_tables(run, metric)[0]) for name, run in usable.items()}  # type: ignore[index]
+    ids = sorted(set.intersection(*own.values()))
+    larger = sorted(name for name, items in own.items() if len(items) > len(ids))
+    if larger and ids:
+        notes.append(f"{METRIC_LABELS.get(metric, metric)}: compared on the {len(ids)} test items every system has "
+                     f"({', '.join(larger)} scored more)")
+    if len(ids) < 2:
+        notes.append(f"{METRIC_LABELS.get(metric, metric)}: fewer than 2 test items shared by the systems")
+        return []
+    weights = item_weights(len(ids), resamples=resamples, seed=seed)  # one draw for every system: the pairing
+    values = {}
+    for name, run in usable.items():
+        _, tables, statistic = item_tables(run, metric, ids)  # type: ignore[misc]
+        values[name] = resampled_values(tables, weights, statistic=statistic)
+    out = []
+    for a, b in pairs:
+        try:
+            out.append((metric, a.name, b.name, compare_resampled(values[a.name], values[b.name], num_items=len(ids),
+                                                                  confidence=1 - ALPHA, seed=seed)))
+        except ValueError as err:
+            notes.append(f"{METRIC_LABELS.get(metric, metric)}: {a.name} vs {b.name} not compared: {err}")
+    return out
 
 
 def _ranked(runs: Sequence[Run], key: str) -> list[Run]:
     return sorted((r for r in runs if r.ok and r.value(key) is not None), key=lambda r: (-r.value(key), r.name))
 
 
-def verdict(task: str, runs: Sequence[Run]) -> list[str]:
-    """Short sentences: who won the headline metric and by how much, against the runner-up, the best
-    baseline and the order-blind mean-pool model; for activity whether reversal-pair accuracy separates
-    order-aware families from mean-pool."""
-    key = HEADLINE[task]
-    label = METRIC_LABELS[key]
-    models = _ranked([r for r in runs if r.kind == "model"], key)
-    baselines = _ranked([r for r in runs if r.kind == "baseline"], key)
-    lines: list[str] = []
+def task_statistics(task: str, runs: Sequence[Run], *, resamples: int = RESAMPLES, seed: int = 0) -> TaskStats:
+    """Every comparison of a task: on each verdict metric every pair of model families (the higher mean as ``a``)
+    and the best model against the best baseline (on the primary metric); on the order metric each order-aware
+    family against the order-blind one. Holm's correction over each metric's comparisons."""
+    models = [r for r in runs if r.kind == "model" and r.ok]
+    baselines = [r for r in runs if r.kind == "baseline" and r.ok]
+    notes: list[str] = []
+    comparisons: list[Compared] = []
+    available = [m for m in VERDICT_METRICS.get(task, ()) if any(r.value(m) is not None for r in models)]
+    primary = available[0] if available else None
+    families: list[tuple[str, str, list[tuple[Run, Run]]]] = []
+    for metric in available:
+        ranked = _ranked(models, metric)
+        undefined = [r.name for r in models if r.value(metric) is None]
+        if undefined:
+            notes.append(f"{METRIC_LABELS.get(metric, metric)}: undefined for {', '.join(undefined)} (e.g. a rate "
+                         "whose denominator is 0 on some seed: nothing of that kind named)")
+        pairs = [(ranked[i], ranked[j]) for i in range(len(ranked)) for j in range(i + 1, len(ranked))]
+        best_baseline = _ranked(baselines, metric)
+        if metric == primary and ranked and best_baseline:
+            top, base = ranked[0], best_baseline[0]
+            pairs.append((top, base) if top.value(metric) >= base.value(metric) else (base, top))  # type: ignore[operator]
+        families.append((metric, "pairs", pairs))
+    order = ORDER_METRICS.get(task)
+    blind = next((r for r in models if r.name == ORDER_BLIND), None)
+    if order and blind is not None and blind.value(order) is not None:
+        aware = [r for r in _ranked(models, order) if r.name != ORDER_BLIND]
+        families.append((order, "order", [(r, blind) for r in aware]))
+    for metric, family, pairs in families:
+        raw = _compare(metric, pairs, resamples=resamples, seed=seed, notes=notes)
+        adjusted = holm([c.p_value for *_, c in raw])
+        for (m, a, b, comparison), p in zip(raw, adjusted):
+            comparisons.append(Compared(m, a, b, family, comparison, p,
+                                        verdict_symbol(comparison, adjusted_p=p, alpha=ALPHA)))
+    return TaskStats(task, primary, comparisons, list(dict.fromkeys(notes)))
+
+
+def _find(stats: TaskStats, metric: str, a: str, b: str, family: str | None = None) -> Compared | None:
+    """The comparison of ``a`` and ``b`` on ``metric``, oriented as ``a`` - ``b``."""
+    for c in stats.comparisons:
+        if c.metric != metric or (family and c.family != family):
+            continue
+        if (c.a, c.b) == (a, b):
+            return c
+        if (c.b, c.a) == (a, b):
+            flipped = c.comparison._replace(difference=-c.comparison.difference,
+                                            interval=(-c.comparison.interval[1], -c.comparison.interval[0]),
+                                            percentile_interval=(-c.comparison.percentile_interval[1],
+                                                                 -c.comparison.percentile_interval[0]),
+                                            seed_variance=c.comparison.seed_variance[::-1],
+                                            seeds=c.comparison.seeds[::-1])
+            return c._replace(a=a, b=b, comparison=flipped, symbol={">": "<", "<": ">"}.get(c.symbol, "~"))
+    return None
+
+
+# --------------------------------------------------------------------------------------------------------
+# Runs: convergence and size
+
+
+def convergence(run: Run) -> str:
+    """"3/3 converged", "not converged: 1/3 seeds hit train.epochs while still improving (best epoch 5 of 5)", or
+    what is known; "—" for a baseline."""
+    if run.kind == "baseline" or not run.ok:
+        return "—"
+    flags = run.seed_info("converged") if run.seeds else []
+    if not flags or any(not isinstance(f, bool) for f in flags):
+        listed = run.summary.get("seeds") if isinstance(run.summary.get("seeds"), list) else []
+        flags = [s.get("converged") if isinstance(s, Mapping) else None for s in listed]
+    if not flags or any(not isinstance(f, bool) for f in flags):
+        return "convergence unknown"
+    n, done = len(flags), sum(flags)
+    if done == n:
+        return f"{done}/{n} converged"
+    idle = [(s, b, e) for s, f, b, e in zip(run.seeds, flags, run.seed_info("best_epoch"), run.seed_info("epochs"))
+            if not f]
+    at_cap = [f"{int(b)} of {int(e)}" for _, b, e in idle if _number(b) is not None and _number(e) is not None]
+    still = all(_number(b) is not None and b == e for _, b, e in idle) and idle
+    why = "hit train.epochs while still improving" if still else (
+        "hit train.epochs without train.patience epochs of no improvement")
+    return f"not converged: {n - done}/{n} seeds {why}" + (f" (best epoch {', '.join(at_cap)})" if at_cap else "")
+
+
+def parameter_note(run: Run) -> tuple[str, bool]:
+    """(how the parameter count compares with the task's budget, whether it is more than 10% off)."""
+    params, budget = _number(run.info("parameters")), _number(run.info("budget"))
+    if run.kind == "baseline" or params is None:
+        return "—", False
+    if budget is None or budget <= 0:
+        return "no budget", False
+    deviation = params / budget - 1
+    flagged = abs(deviation) > BUDGET_TOLERANCE
+    return f"{'⚠ ' if flagged else ''}{deviation:+.1%} of {int(budget):,}", flagged
+
+
+def size_note(task: str, runs: Sequence[Run]) -> str | None:
+    """A sentence about parameter counts: families off budget, or the spread when no budget is set."""
+    models = [r for r in runs if r.kind == "model" and r.ok and _number(r.info("parameters")) is not None]
     if not models:
-        lines.append(f"No model finished evaluation, so there is no winner on {label}.")
+        return None
+    flagged = [(r, parameter_note(r)[0]) for r in models if parameter_note(r)[1]]
+    if flagged:
+        return ("Parameter counts more than 10% from the budget: " + "; ".join(
+            f"{r.name} {int(r.info('parameters')):,} ({note.removeprefix('⚠ ')})" for r, note in flagged)
+            + ". Its comparisons are not size-matched.")
+    if all(parameter_note(r)[0] == "no budget" for r in models):
+        sizes = sorted(int(r.info("parameters")) for r in models)
+        return (f"No parameter budget (models.match_params off): sizes range {sizes[0]:,}-{sizes[-1]:,} "
+                f"({sizes[-1] / max(sizes[0], 1):.1f}x), so the comparisons are not size-matched.")
+    return None
+
+
+# --------------------------------------------------------------------------------------------------------
+# Verdicts: sentences that follow from the comparisons
+
+
+def _ci(interval: Any, digits: int = 3) -> str:
+    if not interval:
+        return "no interval (1 seed)"
+    return f"[{interval[0]:.{digits}f}, {interval[1]:.{digits}f}]"
+
+
+def _signed_ci(interval: Sequence[float]) -> str:
+    return f"[{interval[0]:+.3f}, {interval[1]:+.3f}]"
+
+
+def _p(p: float) -> str:
+    return "< 0.001" if p < 0.001 else f"= {p:.3f}"
+
+
+def _describe(run: Run, metric: str) -> str:
+    ci = run.interval(metric)
+    seeds = len((run.metrics.get(metric) or {}).get("seeds") or [])
+    return f"{run.name} {run.value(metric):.3f} " + (_ci(ci) if ci else f"({seeds} seed{'s' if seeds != 1 else ''}, no interval)")
+
+
+def _difference(c: Compared) -> str:
+    return (f"{c.a} - {c.b} = {c.comparison.difference:+.3f} {_signed_ci(c.comparison.interval)}, "
+            f"Holm p {_p(c.p_holm)}")
+
+
+def headline_verdict(task: str, runs: Sequence[Run], stats: TaskStats) -> str:
+    """The task's verdict on its primary metric, with its uncertainty; never a winner without significance."""
+    metric = stats.primary
+    if metric is None:
+        return "No model finished evaluation, so there is no verdict."
+    label = METRIC_LABELS.get(metric, metric)
+    models = _ranked([r for r in runs if r.kind == "model"], metric)
+    best = models[0]
+    if len(models) == 1:
+        return f"{best.name} is the only model evaluated on {label}: {_describe(best, metric)}; nothing to compare."
+    versus = [(r, _find(stats, metric, best.name, r.name, "pairs")) for r in models[1:]]
+    tested = [(r, c) for r, c in versus if c is not None]
+    if not tested:
+        return (f"No verdict on {label}: the comparisons could not be made ({'; '.join(stats.notes) or 'no data'}). "
+                f"Means: " + ", ".join(_describe(r, metric) for r in models) + ".")
+    runner, closest = tested[0]
+    tied = [r.name for r, c in tested if c.symbol != ">"]
+    if not tied and len(tested) == len(models) - 1:
+        return (f"{best.name} is best on {label}: {_describe(best, metric)}, significantly ahead of every other family; "
+                f"closest {_difference(closest)}.")
+    beaten = [r.name for r, c in tested if c.symbol == ">"]
+    line = (f"No significant winner on {label}: {_describe(best, metric)} ~ "
+            + ", ".join(_describe(r, metric) for r in models[1:] if r.name in tied)
+            + f"; {_difference(closest)}")
+    if beaten:
+        line += f"; significantly below {best.name}: {', '.join(beaten)}"
+    return line + "."
+
+
+def ranking(metric: str, runs: Sequence[Run], stats: TaskStats) -> str | None:
+    """"a 0.512 > b 0.498 ~ c 0.480": models by mean, each symbol the verdict of that adjacent pair."""
+    models = _ranked([r for r in runs if r.kind == "model"], metric)
+    if len(models) < 2:
+        return None
+    text = f"{models[0].name} {models[0].value(metric):.3f}"
+    for prev, run in zip(models, models[1:]):
+        c = _find(stats, metric, prev.name, run.name, "pairs")
+        text += f" {c.symbol if c else '?'} {run.name} {run.value(metric):.3f}"
+    return f"Ranking on {METRIC_LABELS.get(metric, metric)} (adjacent pairs): {text}."
+
+
+def baseline_verdict(runs: Sequence[Run], stats: TaskStats) -> str | None:
+    metric = stats.primary
+    if metric is None:
+        return None
+    models = _ranked([r for r in runs if r.kind == "model"], metric)
+    baselines = _ranked([r for r in runs if r.kind == "baseline"], metric)
+    if not models or not baselines:
+        return None
+    best, base = models[0], baselines[0]
+    label = METRIC_LABELS.get(metric, metric)
+    c = _find(stats, metric, best.name, base.name, "pairs")
+    if c is None:
+        return f"Best baseline on {label}: {base.name} {base.value(metric):.3f} (not compared: no per-item scores)."
+    if c.symbol == "<":
+        return f"The best baseline, {base.name} ({base.value(metric):.3f}), beats the best model on {label}: {_difference(c)}."
+    word = "above" if c.symbol == ">" else "not significantly different from"
+    return f"The best model is {word} the best baseline on {label}: {base.name} {base.value(metric):.3f}; {_difference(c)}."
+
+
+def order_blind_verdict(task: str, runs: Sequence[Run], stats: TaskStats) -> str | None:
+    """Only for tasks with time order: how the order-aware families fare against the order-blind mean-pool."""
+    if task not in ORDERED_TASKS or stats.primary is None:
+        return None
+    models = [r for r in runs if r.kind == "model" and r.ok]
+    blind = next((r for r in models if r.name == ORDER_BLIND), None)
+    if blind is None:
+        return None
+    # Video captioning: order accuracy of the events told, where the content metrics exist (the synthetic
+    # benchmark); else (and for activity, whose order test is the reversal verdict) the primary metric.
+    metric, family = ORDER_METRICS["video_captioning"], "order"
+    if task != "video_captioning" or blind.value(metric) is None:
+        metric, family = stats.primary, "pairs"
+    if blind.value(metric) is None:
+        return None
+    aware = [r for r in _ranked(models, metric) if r.name != ORDER_BLIND]
+    found = [(r, _find(stats, metric, r.name, ORDER_BLIND, family)) for r in aware]
+    found = [(r, c) for r, c in found if c is not None]
+    if not found:
+        return None
+    above = [r.name for r, c in found if c.symbol == ">"]
+    below = [r.name for r, c in found if c.symbol == "<"]
+    tied = [r.name for r, c in found if c.symbol == "~"]
+    label = METRIC_LABELS.get(metric, metric)
+    parts = [f"significantly above it: {', '.join(above) if above else 'none'}"]
+    if tied:
+        parts.append(f"~: {', '.join(tied)}")
+    if below:
+        parts.append(f"significantly below it: {', '.join(below)}")
+    return (f"Order-blind {ORDER_BLIND} ({_describe(blind, metric)}) against the order-aware families on {label} "
+            f"({len(found)} compared): " + "; ".join(parts) + ".")
+
+
+def reversal_verdict(runs: Sequence[Run], stats: TaskStats) -> str:
+    """Activity: within-pair accuracy on time-reversed class pairs, each order-aware family against mean-pool
+    (which sees a clip and its reversal alike, so it cannot beat ~0.5 within a pair), with swap rates."""
+    metric = ORDER_METRICS["activity"]
+    models = [r for r in runs if r.kind == "model" and r.ok]
+    if not models:
+        return "Reversal pairs: no model finished evaluation."
+    if all(r.value(metric) is None for r in models):
+        return "Reversal pairs: not available (no time-reversed class pairs among these classes)."
+    blind = next((r for r in models if r.name == ORDER_BLIND), None)
+    if blind is None or blind.value(metric) is None:
+        return f"Reversal pairs: the order-blind {ORDER_BLIND} model is not available, so there is nothing to compare."
+    found = [(r, _find(stats, metric, r.name, ORDER_BLIND, "order"))
+             for r in _ranked(models, metric) if r.name != ORDER_BLIND]
+    found = [(r, c) for r, c in found if c is not None]
+    if not found:
+        return "Reversal pairs: no order-aware family could be compared with mean-pool."
+    swap = blind.value("reversal_swap_rate")
+    where = _describe(blind, metric) + (
+        f", swap rate {swap:.3f} {_ci(blind.interval('reversal_swap_rate'))}" if swap is not None else "")
+    above = [r.name for r, c in found if c.symbol == ">"]
+    detail = "; ".join(f"{r.name} {c.comparison.difference:+.3f} {_signed_ci(c.comparison.interval)}"
+                       + (f" (swap rate {r.value('reversal_swap_rate'):.3f})" if r.value("reversal_swap_rate") is not None
+                          else "") for r, c in found)
+    if len(above) == len(found):
+        head = "Reversal pairs separate every order-aware family from mean-pool"
+    elif above:
+        head = f"Reversal pairs separate {len(above)} of {len(found)} order-aware families ({', '.join(above)}) from mean-pool"
     else:
-        best = models[0]
-        value = best.value(key)
-        if len(models) == 1:
-            lines.append(f"{best.name} is the only model evaluated: {label} {value:.3f}.")
-        else:
-            second = models[1]
-            runner = second.value(key)
-            gap = value - runner
-            if gap <= 1e-12:
-                line = f"{best.name} and {second.name} tie on {label} at {value:.3f}"
-            else:
-                line = f"{best.name} wins on {label} with {value:.3f}, {gap:.3f} ahead of {second.name} ({runner:.3f}"
-                if runner > 0:
-                    ratio = value / runner
-                    line += f", {ratio:.1f}x" if ratio >= 2 else f", {gap / runner:+.1%} relative"
-                if task == "activity" and best.metrics.get("num_items"):
-                    line += f"; {round(gap * best.metrics['num_items'])} of {best.metrics['num_items']} test clips"
-                line += ")"
-            lines.append(line + ".")
-            test = paired_comparison(task, best, second)
-            if test:
-                lines.append(f"Paired test, {best.name} vs {second.name}: {test}.")
-        if baselines:
-            top = baselines[0]
-            if top.value(key) > value:
-                lines.append(f"The best baseline, {top.name} at {top.value(key):.3f}, beats every model "
-                             f"({top.value(key) - value:+.3f} over {best.name}).")
-            else:
-                lines.append(f"Best baseline: {top.name} at {top.value(key):.3f} "
-                             f"({value - top.value(key):+.3f} for {best.name}).")
-        blind = next((r for r in models if r.name == ORDER_BLIND), None)
-        if blind is not None and blind is not best:
-            aware = [r for r in models if r.name != ORDER_BLIND]
-            lines.append(f"Order-blind {ORDER_BLIND}: {blind.value(key):.3f}, "
-                         f"{value - blind.value(key):+.3f} for {best.name}; ranked {models.index(blind) + 1} of "
-                         f"{len(models)} (order-aware families above it: "
-                         f"{sum(r.value(key) > blind.value(key) for r in aware)} of {len(aware)}).")
-        ranking = f"{models[0].name} ({models[0].value(key):.3f})"
-        for prev, run in zip(models, models[1:]):
-            ranking += f" {'=' if run.value(key) == prev.value(key) else '>'} {run.name} ({run.value(key):.3f})"
-        lines.append(f"Ranking: {ranking}.")
-    if task == "activity":
-        lines.append(reversal_verdict(runs))
+        head = "Reversal pairs do not separate any order-aware family from mean-pool"
+    holm_over = f"{len(found)} comparison{'s' if len(found) != 1 else ''}"
+    return f"{head} (within-pair accuracy, Holm over {holm_over}): {where}; differences: {detail}."
+
+
+def convergence_verdict(runs: Sequence[Run]) -> str | None:
+    unconverged = [f"{r.name}, {convergence(r).removeprefix('not converged: ')}" for r in runs
+                   if r.kind == "model" and r.ok and convergence(r).startswith("not converged")]
+    unknown = [r.name for r in runs if r.kind == "model" and r.ok and convergence(r) == "convergence unknown"]
+    parts = []
+    if unconverged:
+        parts.append("Not converged: " + "; ".join(unconverged) + "; their numbers may still move with more epochs")
+    if unknown:
+        parts.append(f"convergence not recorded for {', '.join(unknown)}")
+    return (". ".join(parts) + ".") if parts else None
+
+
+def verdict(task: str, runs: Sequence[Run], stats: TaskStats) -> list[str]:
+    """Every sentence of a task's verdict, first the headline (the summary repeats it)."""
+    lines = [headline_verdict(task, runs, stats)]
+    for metric in VERDICT_METRICS.get(task, ()):
+        line = ranking(metric, runs, stats)
+        if line:
+            lines.append(line)
+    for line in (baseline_verdict(runs, stats), order_blind_verdict(task, runs, stats),
+                 reversal_verdict(runs, stats) if task == "activity" else None,
+                 size_note(task, runs), convergence_verdict(runs)):
+        if line:
+            lines.append(line)
+    single = [r.name for r in runs if r.kind == "model" and r.ok and len(r.seeds) == 1]
+    if single:
+        lines.append(f"One seed only: {', '.join(single)}; their intervals cover test-item sampling, not training "
+                     "variance.")
+    lines += [f"Not compared: {n}." for n in stats.notes]
     absent = [r for r in runs if not r.ok]
     if absent:
         lines.append("Not available: " + "; ".join(f"{r.name} ({r.status}: {r.note})" for r in absent) + ".")
     return lines
-
-
-def mcnemar_p(a_correct: Sequence[bool], b_correct: Sequence[bool]) -> tuple[float, int]:
-    """Exact two-sided McNemar test of two classifiers on the same items (McNemar 1947; the binomial form
-    recommended by Dietterich 1998 for small counts). Returns (p-value, number of discordant items)."""
-    a_only = sum(bool(a) and not bool(b) for a, b in zip(a_correct, b_correct))
-    b_only = sum(bool(b) and not bool(a) for a, b in zip(a_correct, b_correct))
-    n = a_only + b_only
-    if n == 0:
-        return 1.0, 0
-    tail = sum(math.comb(n, i) for i in range(min(a_only, b_only) + 1)) / 2**n
-    return min(1.0, 2 * tail), n
-
-
-def bootstrap_interval(differences: Sequence[float], *, resamples: int = 2000, seed: int = 0) -> tuple[float, float]:
-    """95% percentile interval of the mean of paired per-item differences, resampling items (Efron 1979;
-    Koehn 2004 uses the same paired bootstrap for MT metrics)."""
-    diffs = np.asarray(differences, dtype=np.float64)
-    rng = np.random.default_rng(seed)
-    means = diffs[rng.integers(0, len(diffs), size=(resamples, len(diffs)))].mean(axis=1)
-    low, high = np.percentile(means, [2.5, 97.5])
-    return float(low), float(high)
-
-
-def paired_comparison(task: str, a: Run, b: Run) -> str | None:
-    """How sure the ranking of ``a`` over ``b`` is, from their per-item test predictions: exact McNemar for
-    activity; for captioning a paired bootstrap interval of the CIDEr-D difference (CIDEr-D is the mean of
-    its per-item scores). ``None`` when the predictions cannot be paired."""
-    pa, pb = read_predictions(a), read_predictions(b)
-    common = sorted(set(pa) & set(pb))
-    if not common:
-        return None
-    if task == "activity":
-        p, discordant = mcnemar_p([pa[i].get("predicted") == pa[i].get("label") for i in common],
-                                  [pb[i].get("predicted") == pb[i].get("label") for i in common])
-        verdict_text = "significant" if p < 0.05 else "not significant"
-        return f"McNemar exact p = {p:.3g} ({verdict_text} at the 5% level; {discordant} discordant clips)"
-    ca, cb = item_cider({i: pa[i] for i in common}), item_cider({i: pb[i] for i in common})
-    keys = [i for i in common if i in ca and i in cb]
-    if not keys:
-        return None
-    low, high = bootstrap_interval([ca[i] - cb[i] for i in keys])
-    inside = "includes" if low <= 0 <= high else "excludes"
-    return (f"95% paired-bootstrap interval of the CIDEr-D difference [{low:+.3f}, {high:+.3f}] over "
-            f"{len(keys)} items ({inside} 0)")
-
-
-def reversal_verdict(runs: Sequence[Run]) -> str:
-    models = [r for r in runs if r.kind == "model" and r.ok]
-    if not models:
-        return "Reversal-pair accuracy: no model finished evaluation."
-    if all(r.value("reversal_pair_accuracy") is None for r in models):
-        return "Reversal-pair accuracy is not available: no time-reversed class pairs among these classes."
-    blind = next((r for r in models if r.name == ORDER_BLIND), None)
-    aware = [r for r in models if r.name != ORDER_BLIND and r.value("reversal_pair_accuracy") is not None]
-    if blind is None or blind.value("reversal_pair_accuracy") is None:
-        return f"The order-blind {ORDER_BLIND} model is not available, so reversal-pair accuracy cannot be compared."
-    if not aware:
-        return "No order-aware model finished evaluation, so reversal-pair accuracy cannot be compared."
-    base = blind.value("reversal_pair_accuracy")
-    swap = blind.value("reversal_swap_rate")
-    gaps = {r.name: r.value("reversal_pair_accuracy") - base for r in aware}
-    ahead = [n for n, g in gaps.items() if g >= SEPARATION_MARGIN]
-    lo, hi = min(gaps, key=gaps.get), max(gaps, key=gaps.get)  # type: ignore[arg-type]
-    spread = f"{gaps[lo]:+.3f} ({lo})" if lo == hi else f"from {gaps[lo]:+.3f} ({lo}) to {gaps[hi]:+.3f} ({hi})"
-    where = f"{ORDER_BLIND} {base:.3f}" + (f", swap rate {swap:.3f}" if swap is not None else "")
-    if len(ahead) == len(aware):
-        verdict_text = (f"separates order-aware models from mean-pool: every order-aware family beats {where} "
-                        f"by at least {SEPARATION_MARGIN}: {spread}")
-    elif ahead:
-        verdict_text = (f"partly separates them: {len(ahead)} of {len(aware)} order-aware families "
-                        f"({', '.join(sorted(ahead))}) beat {where} by at least {SEPARATION_MARGIN}; "
-                        f"the weakest is {lo} at {gaps[lo]:+.3f}")
-    else:
-        verdict_text = (f"does not separate them: the best order-aware family ({hi}) is only {gaps[hi]:+.3f} "
-                        f"from {where}")
-    return f"Reversal-pair accuracy {verdict_text}."
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -424,18 +899,25 @@ def _png(fig: Any) -> bytes:
 
 
 def learning_curves_figure(task: str, runs: Sequence[Run]) -> bytes | None:
-    """Train loss, validation loss and validation metric per epoch, one line per model."""
+    """Train loss, validation loss and validation metric per epoch: one colour per family, one line per seed."""
     with_curves = [r for r in runs if r.kind == "model" and r.curve]
     if not with_curves:
         return None
     plt = _pyplot()
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
-    for run in with_curves:
-        epochs = [e.get("epoch", i + 1) for i, e in enumerate(run.curve)]
-        for ax, key in zip(axes, ("train_loss", "val_loss", "val_metric")):
-            values = [_number(e.get(key)) for e in run.curve]
-            if any(v is not None for v in values):
-                ax.plot(epochs, [np.nan if v is None else v for v in values], marker=".", label=run.name)
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for n, run in enumerate(with_curves):
+        by_seed: dict[Any, list[Mapping[str, Any]]] = {}
+        for row in run.curve:
+            by_seed.setdefault(row.get("seed"), []).append(row)
+        for m, rows in enumerate(by_seed.values()):
+            epochs = [e.get("epoch", i + 1) for i, e in enumerate(rows)]
+            for ax, key in zip(axes, ("train_loss", "val_loss", "val_metric")):
+                values = [_number(e.get(key)) for e in rows]
+                if any(v is not None for v in values):
+                    ax.plot(epochs, [np.nan if v is None else v for v in values], marker=".", alpha=0.75,
+                            color=colors[n % len(colors)],
+                            label=f"{run.name} ({len(by_seed)} seed{'s' if len(by_seed) != 1 else ''})" if m == 0 else None)
     metric_name = next((str(r.info("val_metric_name")) for r in with_curves if r.info("val_metric_name")), "metric")
     from matplotlib.ticker import MaxNLocator
 
@@ -445,14 +927,15 @@ def learning_curves_figure(task: str, runs: Sequence[Run]) -> bytes | None:
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=8)
-    fig.suptitle(f"{TITLES.get(task, task)}: learning curves")
+    fig.suptitle(f"{TITLES.get(task, task)}: learning curves, one line per seed")
     fig.tight_layout()
     return _png(fig)
 
 
-def headline_figure(task: str, runs: Sequence[Run]) -> bytes | None:
-    """Horizontal bars of the headline metric (activity: and reversal-pair accuracy) for every run."""
-    key = HEADLINE[task]
+def headline_figure(task: str, runs: Sequence[Run], metric: str | None = None) -> bytes | None:
+    """Horizontal bars of the primary metric's mean over seeds with its 95% interval, each seed as a dot (activity:
+    also reversal-pair accuracy)."""
+    key = metric or HEADLINE[task]
     shown = [r for r in runs if r.ok and r.value(key) is not None]
     if not shown:
         return None
@@ -465,21 +948,27 @@ def headline_figure(task: str, runs: Sequence[Run]) -> bytes | None:
     for j, k in enumerate(keys):
         values = [r.value(k) or 0.0 for r in shown]
         colors = [("#9e9e9e", "#cfcfcf")[j] if r.kind == "baseline" else ("#4c72b0", "#dd8452")[j] for r in shown]
-        bars = ax.barh(y + j * height, values, height=height, color=colors, label=METRIC_LABELS[k])
-        ax.bar_label(bars, labels=[f"{v:.3f}" for v in values], fontsize=8, padding=2)
+        errors = np.array([[v - (r.interval(k) or (v, v))[0], (r.interval(k) or (v, v))[1] - v]
+                           for r, v in zip(shown, values)]).T  # (2, runs)
+        bars = ax.barh(y + j * height, values, height=height, color=colors, label=METRIC_LABELS.get(k, k),
+                       xerr=errors, error_kw={"elinewidth": 1, "capsize": 2})
+        for i, r in enumerate(shown):
+            seeds = [v for v in (r.metrics.get(k) or {}).get("seeds") or [] if _number(v) is not None]
+            ax.plot(seeds, [y[i] + j * height] * len(seeds), "k.", markersize=3)
+        ax.bar_label(bars, labels=[f"{v:.3f}" for v in values], fontsize=8, padding=4)
     ax.set_yticks(y + height * (len(keys) - 1) / 2, [r.name for r in shown])
     ax.invert_yaxis()
-    ax.set_xlabel("fraction of test items" if task == "activity" else f"{METRIC_LABELS[key]} (raw coco-caption value)")
+    ax.set_xlabel(f"{METRIC_LABELS.get(key, key)}: mean over seeds, 95% interval, dots = seeds")
     if len(keys) > 1:
         ax.legend(fontsize=8, loc="lower right")
-    ax.set_title(f"{TITLES.get(task, task)}: {' and '.join(METRIC_LABELS[k] for k in keys)} (grey: baselines)")
+    ax.set_title(f"{TITLES.get(task, task)}: {' and '.join(METRIC_LABELS.get(k, k) for k in keys)} (grey: baselines)")
     ax.margins(x=0.15)
     return _png(fig)
 
 
 def confusion_figure(runs: Sequence[Run]) -> bytes | None:
-    """Row-normalised confusion matrices (rows = true class) of the activity models."""
-    shown = [r for r in runs if r.ok and r.kind == "model" and r.details.get("confusion")]
+    """Row-normalised confusion matrices (rows = true class) of the activity models, summed over seeds."""
+    shown = [r for r in runs if r.ok and r.kind == "model" and any(s.details.get("confusion") for s in r.seeds)]
     if not shown:
         return None
     plt = _pyplot()
@@ -489,16 +978,17 @@ def confusion_figure(runs: Sequence[Run]) -> bytes | None:
     for ax in axes.flat[len(shown):]:
         ax.axis("off")
     for ax, run in zip(axes.flat, shown):
-        matrix = np.asarray(run.details["confusion"], dtype=np.float64)
+        matrices = [np.asarray(s.details["confusion"], dtype=np.float64) for s in run.seeds if s.details.get("confusion")]
+        matrix = np.sum([m for m in matrices if m.shape == matrices[0].shape], axis=0)  # (C, C)
         normalised = matrix / np.maximum(matrix.sum(axis=1, keepdims=True), 1)
-        names = run.details.get("class_names") or [str(i) for i in range(len(matrix))]
+        names = run.seeds[0].details.get("class_names") or [str(i) for i in range(len(matrix))]
         ax.imshow(normalised, cmap="Blues", vmin=0, vmax=1)
         ax.set_xticks(range(len(names)), names, rotation=90, fontsize=7)
         ax.set_yticks(range(len(names)), names, fontsize=7)
         ax.set_xlabel("predicted", fontsize=8)
         ax.set_ylabel("actual", fontsize=8)
-        ax.set_title(f"{run.name} (top-1 {run.value('top_1') or 0:.3f})", fontsize=9)
-    fig.suptitle("Activity: confusion matrices, rows normalised")
+        ax.set_title(f"{run.name} (top-1 {run.value('top_1') or 0:.3f}, {len(matrices)} seeds)", fontsize=9)
+    fig.suptitle("Activity: confusion matrices over every seed, rows normalised")
     fig.tight_layout()
     return _png(fig)
 
@@ -535,24 +1025,28 @@ class Example(NamedTuple):
     image: bytes | None
 
 
-def pick_examples(task: str, runs: Sequence[Run], *, store: Any, count: int) -> tuple[str | None, list[Example]]:
-    """(best model, examples): ``count`` correct and ``count`` failed test items of the best model by the
-    headline metric, with every available system's output. Activity: correct clips the order-blind model
-    got wrong come first; failures are the most confident ones. Captioning: per-item CIDEr-D, best and worst."""
-    key = HEADLINE[task]
-    models = _ranked([r for r in runs if r.kind == "model"], key)
+def pick_examples(task: str, runs: Sequence[Run], *, store: Any, count: int,
+                  metric: str | None = None) -> tuple[str | None, list[Example]]:
+    """(best model, examples): ``count`` correct and ``count`` failed test items of the best model by ``metric``
+    (default: the task's headline), as its first seed predicted them, with every available system's first seed.
+    Activity: correct clips the order-blind model got wrong come first; failures are the most confident ones.
+    Captioning: per-item CIDEr-D, best and worst."""
+    key = metric or HEADLINE[task]
+    models = _ranked([r for r in runs if r.kind == "model"], key) or _ranked(
+        [r for r in runs if r.kind == "model"], HEADLINE[task])
     if not models or count <= 0:
         return None, []
     best = models[0]
-    systems = [r for r in runs if r.ok]
+    systems = [r for r in runs if r.ok and r.seeds]
     predictions = {r.name: read_predictions(r) for r in systems}
-    main = predictions[best.name]
+    main = predictions.get(best.name, {})
     if not main:
         return best.name, []
     if task == "activity":
         blind = predictions.get(ORDER_BLIND, {})
         right = [i for i, r in main.items() if r.get("predicted") == r.get("label")]
         wrong = [i for i, r in main.items() if r.get("predicted") != r.get("label")]
+
         def confidence(i: str) -> float:
             return _number(main[i].get("score")) or 0.0
 
@@ -571,7 +1065,10 @@ def pick_examples(task: str, runs: Sequence[Run], *, store: Any, count: int) -> 
 
         truth = {i: [str(main[i].get("label"))] for i in main}
     else:
-        scores = {name: item_cider(preds) for name, preds in predictions.items() if preds}
+        scores = {}
+        for run in systems:
+            own = run.seeds[0].items.columns.get("cider_d")
+            scores[run.name] = dict(own) if own else item_cider(predictions[run.name])
         own = scores.get(best.name, {})
         ordered = sorted(own, key=lambda i: (-own[i], i))
         right = ordered[:count]
@@ -613,61 +1110,97 @@ def _duration(seconds: Any) -> str:
     return f"{s / 60:.1f} min" if s < 7200 else f"{s / 3600:.2f} h"
 
 
-def table(task: str, runs: Sequence[Run]) -> tuple[list[str], list[tuple[Run, list[str]]]]:
-    """(header, [(run, cells)]) of a task's comparison table; cells are plain text."""
-    keys = TASK_METRICS[task]
-    header = ["Model", "Status", *(METRIC_LABELS[k] for k in keys), "Params", "Train time", "Samples/s",
-              "Peak mem (MB)", "Epochs", "Best val", "Device", "Test items", "Eval time"]
+def mean_ci(run: Run, key: str) -> str:
+    """"0.512 ± 0.031" (mean and half-width of the 95% t-interval over seeds), "0.512 (1 seed)", or "—"."""
+    summary = run.metrics.get(key)
+    if not run.ok or summary is None:
+        return "—"
+    mean = _number(summary.get("mean"))
+    if mean is None:
+        if key == "meteor" and summary.get("seeds") and all(v is None for v in summary["seeds"]):
+            return "unavailable"
+        return "—"
+    ci = run.interval(key)
+    if ci is None:
+        n = len(summary.get("seeds") or [])
+        return f"{mean:.3f}" + (" (1 seed)" if n == 1 and run.kind == "model" else "")
+    return f"{mean:.3f} ± {(ci[1] - ci[0]) / 2:.3f}"
+
+
+def _mean_of(values: Sequence[Any]) -> float | None:
+    numbers = [v for v in map(_number, values) if v is not None]
+    return float(np.mean(numbers)) if numbers else None
+
+
+def runs_table(task: str, runs: Sequence[Run]) -> tuple[list[str], list[tuple[Run, list[str]]]]:
+    """(header, [(run, cells)]) of a task's runs: status, seeds, convergence, size, training cost."""
+    header = ["Model", "Status", "Seeds", "Convergence", "Params", "vs budget", "Train time (all seeds)", "Epochs",
+              "Best val", "Device"]
     rows = []
     for run in runs:
-        status = "ok" if run.ok else f"{run.status}: {run.note}"
+        status = ("ok" + (f" ({run.note})" if run.note else "")) if run.ok else f"{run.status}: {run.note}"
         params = run.info("parameters")
+        seeds = [s.seed for s in run.seeds if s.seed is not None]
         cells = [
             run.name + (" (baseline)" if run.kind == "baseline" else ""),
             status,
-            *("unavailable" if k == "meteor" and run.ok and run.metrics.get(k) is None else _fmt(run.metrics.get(k))
-              for k in keys),
+            "—" if not run.ok or run.kind == "baseline" else (
+                f"{len(run.seeds)}" + (f" ({', '.join(map(str, seeds))})" if seeds else "")),
+            convergence(run),
             f"{int(params):,}" if _number(params) is not None else "—",
+            parameter_note(run)[0],
             _duration(run.info("train_time_s")),
-            _fmt(run.info("samples_per_s"), 0),
-            _fmt(run.info("peak_memory_mb"), 0),
-            _fmt(run.info("epochs"), 0),
-            _fmt(run.info("best_val_metric")),
-            str(run.info("device") or "—"),
-            _fmt(run.metrics.get("num_items"), 0),
-            _duration(run.metrics.get("decode_time_s")),
+            _fmt(_mean_of(run.seed_info("epochs")), 1),
+            _fmt(_mean_of(run.seed_info("best_val_metric"))),
+            str(next((d for d in run.seed_info("device") if d), None) or "—"),
         ]
         rows.append((run, cells))
     return header, rows
 
 
+def metric_table(task: str, runs: Sequence[Run], keys: Sequence[str]) -> tuple[list[str], list[tuple[Run, list[str]]]]:
+    """(header, [(run, cells)]): ``keys`` as mean ± half-width of the 95% interval over seeds, for the runs that
+    are ok."""
+    header = ["Model", *(METRIC_LABELS.get(k, k) for k in keys)]
+    rows = [(run, [run.name + (" (baseline)" if run.kind == "baseline" else ""), *(mean_ci(run, k) for k in keys)])
+            for run in runs if run.ok]
+    return header, rows
+
+
+def metric_tables(task: str, runs: Sequence[Run]) -> list[tuple[str, list[str], list[tuple[Run, list[str]]]]]:
+    """(title, header, rows) of every metric table of a task: content metrics (when any run has them) and
+    coco-caption for captioning, one table for activity."""
+    if task == "activity":
+        return [("Test metrics", *metric_table(task, runs, TASK_METRICS[task]))]
+    out = []
+    shown = [k for k in CONTENT_METRICS.get(task, ()) if any(r.value(k) is not None for r in runs)]
+    if shown:
+        out.append(("Content metrics (the headline on the synthetic benchmark)", *metric_table(task, runs, shown)))
+    out.append(("coco-caption metrics", *metric_table(task, runs, COCO_METRICS)))
+    return out
+
+
+def comparison_rows(stats: TaskStats) -> tuple[list[str], list[list[str]]]:
+    header = ["Metric", "A", "B", "A - B", "95% interval", "p", "p (Holm)", "Verdict"]
+    rows = [[METRIC_LABELS.get(c.metric, c.metric), c.a, c.b, f"{c.comparison.difference:+.3f}",
+             _signed_ci(c.comparison.interval), f"{c.comparison.p_value:.3f}", f"{c.p_holm:.3f}", c.sentence()]
+            for c in stats.comparisons]
+    return header, rows
+
+
 # --------------------------------------------------------------------------------------------------------
-# Rendering
+# The sections and their rendering
 
-CSS = """
-body{font:14px/1.45 system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:0 auto;max-width:1200px;padding:1em 2em;color:#222}
-h1{font-size:1.6em}h2{border-bottom:2px solid #ddd;padding-bottom:.2em;margin-top:2em}
-nav ul{columns:2}table{border-collapse:collapse;margin:.5em 0 1em;font-size:12.5px}
-th,td{border:1px solid #ccc;padding:3px 7px;text-align:right;vertical-align:top}th{background:#f3f3f3}
-td:first-child,td:nth-child(2),th:first-child{text-align:left}
-tr.missing td{background:#fff6d6;color:#6b5800}tr.failed td{background:#fde2e1;color:#8a1c13}
-tr.baseline td:first-child{font-style:italic}.winner td:first-child{font-weight:bold}
-figure{margin:1em 0}figure img{max-width:100%}figcaption{color:#555;font-size:12px}
-.verdict{background:#eef4fb;border-left:4px solid #4c72b0;padding:.5em 1em}.verdict li{margin:.2em 0}
-.examples{display:grid;grid-template-columns:repeat(auto-fill,minmax(360px,1fr));gap:12px}
-.example{border:1px solid #ddd;border-radius:6px;padding:8px}.example.failed{border-color:#e5a5a0}
-.example.correct{border-color:#9fd0a0}.example img{image-rendering:pixelated;height:96px;display:block;margin-bottom:6px}
-.example table{width:100%;font-size:12px}.example td{text-align:left}.ok{color:#1b7a1f}.bad{color:#b3261e}
-.scale{color:#555;font-size:12px}
-"""
-
-
-def _data_uri(png: bytes) -> str:
-    return "data:image/png;base64," + base64.b64encode(png).decode("ascii")
-
-
-def _esc(text: Any) -> str:
-    return html.escape(str(text), quote=True)
+METHOD = (
+    "Numbers are means over training seeds ± the half-width of their 95% t-interval (n - 1 degrees of freedom; one "
+    "seed: no interval). Verdicts: a paired two-level bootstrap of the difference of two systems ({resamples:,} "
+    "resamples of the test items, the same for both systems; seeds per system), with a Student-t interval whose "
+    "variance adds each system's between-seed variance and the item variance of the paired difference "
+    "(Welch-Satterthwaite degrees of freedom; seqvision.metrics.paired_bootstrap). Multiple comparisons: Holm's "
+    "correction over the comparisons of each task and metric (every pair of families, plus the best model against "
+    "the best baseline; the order metric: each order-aware family against mean-pool). \"A > B\" only when the "
+    "Holm-adjusted p < {alpha}; otherwise \"~\", no significant difference."
+)
 
 
 class Figure(NamedTuple):
@@ -679,31 +1212,56 @@ class Figure(NamedTuple):
 class TaskSection(NamedTuple):
     task: str
     runs: list[Run]
+    stats: TaskStats
     verdict: list[str]
     figures: list[Figure]
     best: str | None
     examples: list[Example]
+    ceilings: dict[str, float] | None  # image captioning: CIDEr-D of perfect content per template
+
+
+def template_ceilings(runs: Sequence[Run], metadata_path: str | Path | None) -> dict[str, float] | None:
+    """CIDEr-D of captions with perfect content in each sentence template (``content.template_ceilings``) on the
+    image test set, whose references come from any evaluated system's predictions; None without metadata."""
+    if not metadata_path:
+        return None
+    records = next((p for p in (read_predictions(r) for r in runs if r.ok) if p), {})
+    references = {i: list(r["references"]) for i, r in records.items() if r.get("references")}
+    if not references:
+        return None
+    metadata = content.load_metadata(metadata_path)["images"]
+    missing = sorted(set(references) - set(metadata))
+    if missing:
+        raise ValueError(f"{metadata_path}: no metadata for test image {missing[0]!r} ({len(missing)} missing); pass "
+                         "the metadata.json generated with this data")
+    return content.template_ceilings(metadata, references)
 
 
 def build_sections(
-    runs: Mapping[str, list[Run]], *, frames_dir: str | Path | None = None, examples: int = 3
+    runs: Mapping[str, list[Run]], *, frames_dir: str | Path | None = None, examples: int = 3,
+    metadata: str | Path | None = None, resamples: int = RESAMPLES, seed: int = 0,
 ) -> list[TaskSection]:
-    """Verdicts, figures and examples for every task."""
+    """Statistics, verdicts, figures and examples for every task."""
     sections = []
     for task, task_runs in runs.items():
+        stats = task_statistics(task, task_runs, resamples=resamples, seed=seed)
         figures = []
+        primary = stats.primary or HEADLINE[task]
         for name, caption, png in (
-            (f"{task}_headline.png", f"{METRIC_LABELS[HEADLINE[task]]} on the test split", headline_figure(task, task_runs)),
-            (f"{task}_learning_curves.png", "Learning curves (validation metric as chosen by the train stage)",
-             learning_curves_figure(task, task_runs)),
-            (f"{task}_confusion.png", "Confusion matrices of the activity models (rows = true class)",
+            (f"{task}_headline.png", f"{METRIC_LABELS.get(primary, primary)} on the test split: mean over seeds and "
+             "its 95% interval", headline_figure(task, task_runs, primary)),
+            (f"{task}_learning_curves.png", "Learning curves, one line per seed (validation metric as chosen by the "
+             "train stage)", learning_curves_figure(task, task_runs)),
+            (f"{task}_confusion.png", "Confusion matrices of the activity models, every seed (rows = true class)",
              confusion_figure(task_runs) if task == "activity" else None),
         ):
             if png is not None:
                 figures.append(Figure(name, caption, png))
         store = _frame_store(frames_dir, "images" if task == "image_captioning" else "videos")
-        best, picked = pick_examples(task, task_runs, store=store, count=examples)
-        sections.append(TaskSection(task, list(task_runs), verdict(task, task_runs), figures, best, picked))
+        best, picked = pick_examples(task, task_runs, store=store, count=examples, metric=stats.primary)
+        ceilings = template_ceilings(task_runs, metadata) if task == "image_captioning" else None
+        sections.append(TaskSection(task, list(task_runs), stats, verdict(task, task_runs, stats), figures, best,
+                                    picked, ceilings))
     return sections
 
 
@@ -718,19 +1276,76 @@ def _frame_store(frames_dir: str | Path | None, kind: str) -> Any:
         return None  # examples then show text only
 
 
-def render_html(sections: Sequence[TaskSection], *, title: str = "seqvision: RNN or Transformer?") -> str:
+def summary_lines(sections: Sequence[TaskSection]) -> list[tuple[str, str]]:
+    """(task, sentence) of the report's summary: each task's headline verdict, then its caveats."""
+    out = []
+    for s in sections:
+        out.append((s.task, s.verdict[0]))
+        for line in (size_note(s.task, s.runs), convergence_verdict(s.runs)):
+            if line:
+                out.append((s.task, line))
+        if s.task == "activity" and s.stats.primary:
+            out.append((s.task, reversal_verdict(s.runs, s.stats)))
+        absent = [r.name for r in s.runs if not r.ok and r.kind == "model"]
+        if absent:
+            out.append((s.task, f"Missing or failed models: {', '.join(absent)}."))
+    return out
+
+
+def summary_json(sections: Sequence[TaskSection], *, resamples: int = RESAMPLES, seed: int = 0) -> dict[str, Any]:
+    """Every number the summary and the verdicts state, machine-readable (``reports/summary.json``)."""
+    tasks = {}
+    for s in sections:
+        tasks[s.task] = {
+            "title": TITLES.get(s.task, s.task),
+            "primary_metric": s.stats.primary,
+            "verdict_metrics": [m for m in VERDICT_METRICS.get(s.task, ()) if any(r.value(m) is not None for r in s.runs)],
+            "order_metric": ORDER_METRICS.get(s.task),
+            "order_matters": s.task in ORDERED_TASKS,
+            "headline": s.verdict[0],
+            "verdict": s.verdict,
+            "runs": {r.name: {
+                "kind": r.kind, "status": r.status, "note": r.note,
+                "num_seeds": len(r.seeds), "seeds": [x.seed for x in r.seeds],
+                "convergence": convergence(r),
+                "converged_seeds": sum(bool(f) for f in r.seed_info("converged")) if r.seeds else None,
+                "num_parameters": _number(r.info("parameters")), "budget": _number(r.info("budget")),
+                "budget_note": parameter_note(r)[0], "over_budget": parameter_note(r)[1],
+                "training": [{"seed": x.seed, **{key: find_key(x.summary, SUMMARY_KEYS[key]) for key in (
+                    "converged", "best_epoch", "epochs", "best_val_metric", "train_time_s")}} for x in r.seeds]
+                if r.kind == "model" else [],
+                "metrics": r.metrics,
+            } for r in s.runs},
+            "comparisons": [c.to_json() for c in s.stats.comparisons],
+            "not_compared": s.stats.notes,
+            "template_ceilings": s.ceilings,
+        }
+    return {
+        "schema": 1,
+        "summary": [{"task": task, "text": text} for task, text in summary_lines(sections)],
+        "method": {"interval": "t-interval over seeds (95%)", "comparison": "paired two-level bootstrap, Student-t "
+                   "interval with Welch-Satterthwaite df (seqvision.metrics.paired_bootstrap)",
+                   "correction": "holm (per task and metric)", "alpha": ALPHA, "resamples": resamples,
+                   "bootstrap_seed": seed},
+        "tasks": tasks,
+    }
+
+
+def render_html(sections: Sequence[TaskSection], *, title: str = "seqvision: RNN or Transformer?",
+                resamples: int = RESAMPLES) -> str:
     out = [f"<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\"><title>{_esc(title)}</title>",
            f"<style>{CSS}</style></head><body>", f"<h1>{_esc(title)}</h1>"]
     out.append('<nav><ul><li><a href="#summary">Summary</a></li>')
     for s in sections:
         out.append(f'<li><a href="#task-{s.task}">{_esc(TITLES.get(s.task, s.task))}</a> — '
-                   f'<a href="#{s.task}-table">table</a>, <a href="#{s.task}-figures">figures</a>, '
-                   f'<a href="#{s.task}-examples">examples</a></li>')
+                   f'<a href="#{s.task}-table">tables</a>, <a href="#{s.task}-comparisons">comparisons</a>, '
+                   f'<a href="#{s.task}-figures">figures</a>, <a href="#{s.task}-examples">examples</a></li>')
     out.append("</ul></nav>")
     out.append('<section id="summary"><h2>Summary</h2><ul>')
-    for s in sections:
-        out.append(f'<li><a href="#task-{s.task}">{_esc(TITLES.get(s.task, s.task))}</a>: {_esc(s.verdict[0])}</li>')
-    out.append(f'</ul><p class="scale">Scale: accuracies are fractions in [0, 1]; caption metrics are '
+    for task, line in summary_lines(sections):
+        out.append(f'<li><a href="#task-{task}">{_esc(TITLES.get(task, task))}</a>: {_esc(line)}</li>')
+    out.append(f'</ul><p class="scale">{_esc(METHOD.format(resamples=resamples, alpha=ALPHA))}</p>'
+               f'<p class="scale">Scale: accuracies and content metrics are fractions in [0, 1]; caption metrics are '
                f'{_esc(CAPTION_SCALE)}. All numbers are on the test split.</p></section>')
     for s in sections:
         out += _html_task(s)
@@ -738,23 +1353,43 @@ def render_html(sections: Sequence[TaskSection], *, title: str = "seqvision: RNN
     return "\n".join(out)
 
 
+def _html_table(header: Sequence[str], rows: Sequence[Sequence[str]], *, row_attrs: Sequence[str] | None = None) -> list[str]:
+    out = ["<table><thead><tr>", *(f"<th>{_esc(h)}</th>" for h in header), "</tr></thead><tbody>"]
+    for n, cells in enumerate(rows):
+        attrs = row_attrs[n] if row_attrs else ""
+        out.append(f"<tr{attrs}>" + "".join(f"<td>{_esc(c)}</td>" for c in cells) + "</tr>")
+    out.append("</tbody></table>")
+    return out
+
+
 def _html_task(s: TaskSection) -> list[str]:
     out = [f'<section id="task-{s.task}"><h2>{_esc(TITLES.get(s.task, s.task))}</h2>', '<ul class="verdict">']
     out += [f"<li>{_esc(line)}</li>" for line in s.verdict]
     out.append("</ul>")
-    header, rows = table(s.task, s.runs)
-    best = _ranked([r for r in s.runs if r.kind == "model"], HEADLINE[s.task])
-    winner = best[0].name if best else None
-    out.append(f'<h3 id="{s.task}-table">Comparison</h3><table><thead><tr>')
-    out += [f"<th>{_esc(h)}</th>" for h in header]
-    out.append("</tr></thead><tbody>")
-    for run, cells in rows:
+    header, rows = runs_table(s.task, s.runs)
+    out.append(f'<h3 id="{s.task}-table">Runs</h3>')
+    attrs = []
+    for run, _ in rows:
         classes = [run.status if not run.ok else "", "baseline" if run.kind == "baseline" else "",
-                   "winner" if run.name == winner else ""]
-        cls = " ".join(c for c in classes if c)
-        out.append(f'<tr class="{cls}" data-run="{_esc(run.name)}" data-status="{_esc(run.status)}">'
-                   + "".join(f"<td>{_esc(c)}</td>" for c in cells) + "</tr>")
-    out.append("</tbody></table>")
+                   "flagged" if parameter_note(run)[1] or convergence(run).startswith("not") else ""]
+        attrs.append(f' class="{" ".join(c for c in classes if c)}" data-run="{_esc(run.name)}" '
+                     f'data-status="{_esc(run.status)}"')
+    out += _html_table(header, [cells for _, cells in rows], row_attrs=attrs)
+    for title, header, rows in metric_tables(s.task, s.runs):
+        out.append(f"<h3>{_esc(title)}</h3>")
+        out += _html_table(header, [cells for _, cells in rows],
+                           row_attrs=[' class="baseline"' if r.kind == "baseline" else "" for r, _ in rows])
+    if s.ceilings:
+        out.append("<h3>Per-template oracle ceiling of CIDEr-D</h3><p>CIDEr-D of captions with perfect content, "
+                   "written in one sentence template each: the part of a CIDEr-D difference that the template alone "
+                   "can make.</p>")
+        out += _html_table(["Template", "CIDEr-D"], [[k, f"{v:.3f}"] for k, v in s.ceilings.items()])
+    out.append(f'<h3 id="{s.task}-comparisons">Comparisons</h3>')
+    header, rows = comparison_rows(s.stats)
+    if rows:
+        out += _html_table(header, rows, row_attrs=[f' data-verdict="{_esc(r[-1])}"' for r in rows])
+    else:
+        out.append("<p>No comparisons: fewer than two systems with per-item test scores.</p>")
     out.append(f'<h3 id="{s.task}-figures">Figures</h3>')
     if not s.figures:
         out.append("<p>No figures: no run has the data they need.</p>")
@@ -765,8 +1400,9 @@ def _html_task(s: TaskSection) -> list[str]:
     if not s.examples:
         out.append("<p>No examples: no model has test predictions.</p>")
     else:
-        out.append(f"<p>Test items the best model (<b>{_esc(s.best)}</b>) got right and wrong"
-                   + (" (by per-item CIDEr-D)" if s.task != "activity" else "") + ", with every system's output.</p>")
+        out.append(f"<p>Test items the best model (<b>{_esc(s.best)}</b>, first seed) got right and wrong"
+                   + (" (by per-item CIDEr-D)" if s.task != "activity" else "")
+                   + ", with every system's output (first seed).</p>")
         out.append('<div class="examples">')
         for ex in s.examples:
             out.append(f'<div class="example {ex.verdict}"><b>{_esc(ex.item_id)}</b> — {ex.verdict}')
@@ -793,26 +1429,43 @@ def _md_cell(text: Any) -> str:
     return str(text).replace("|", "\\|").replace("\n", " ")
 
 
-def render_markdown(sections: Sequence[TaskSection], *, title: str = "seqvision: RNN or Transformer?") -> str:
+def _md_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
+    return ["| " + " | ".join(_md_cell(h) for h in header) + " |", "|" + "---|" * len(header),
+            *("| " + " | ".join(_md_cell(c) if not c.startswith("**") else c for c in cells) + " |" for cells in rows)]
+
+
+def render_markdown(sections: Sequence[TaskSection], *, title: str = "seqvision: RNN or Transformer?",
+                    resamples: int = RESAMPLES) -> str:
     out = [f"# {title}", "", "## Summary", ""]
-    for s in sections:
-        out.append(f"- **{TITLES.get(s.task, s.task)}**: {s.verdict[0]}")
-    out += ["", f"Scale: accuracies are fractions in [0, 1]; caption metrics are {CAPTION_SCALE}. "
-            "All numbers are on the test split. Frames and examples with images: `report.html`.", ""]
+    for task, line in summary_lines(sections):
+        out.append(f"- **{TITLES.get(task, task)}**: {line}")
+    out += ["", METHOD.format(resamples=resamples, alpha=ALPHA), "",
+            f"Scale: accuracies and content metrics are fractions in [0, 1]; caption metrics are {CAPTION_SCALE}. "
+            "All numbers are on the test split. Frames and examples with images: `report.html`; every number: "
+            "`summary.json`.", ""]
     for s in sections:
         out += [f"## {TITLES.get(s.task, s.task)}", ""]
         out += [f"- {line}" for line in s.verdict]
-        header, rows = table(s.task, s.runs)
-        out += ["", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-        for run, cells in rows:
-            if not run.ok:
-                cells = [f"**{cells[0]}**", f"**{cells[1]}**", *cells[2:]]
-            out.append("| " + " | ".join(_md_cell(c) for c in cells) + " |")
+        header, rows = runs_table(s.task, s.runs)
+        out += ["", "### Runs", ""]
+        out += _md_table(header, [[f"**{_md_cell(c[0])}**", f"**{_md_cell(c[1])}**", *c[2:]] if not r.ok else c
+                                  for r, c in rows])
+        for title_text, header, rows in metric_tables(s.task, s.runs):
+            out += ["", f"### {title_text}", ""]
+            out += _md_table(header, [cells for _, cells in rows])
+        if s.ceilings:
+            out += ["", "### Per-template oracle ceiling of CIDEr-D", "",
+                    "CIDEr-D of captions with perfect content, written in one sentence template each.", ""]
+            out += _md_table(["Template", "CIDEr-D"], [[k, f"{v:.3f}"] for k, v in s.ceilings.items()])
+        header, rows = comparison_rows(s.stats)
+        if rows:
+            out += ["", "### Comparisons", ""]
+            out += _md_table(header, rows)
         out.append("")
         for fig in s.figures:
             out += [f"![{fig.caption}](figures/{fig.name})", ""]
         if s.examples:
-            out += [f"### Examples (best model: {s.best})", ""]
+            out += [f"### Examples (best model: {s.best}, first seed)", ""]
             for ex in s.examples:
                 truth = ex.truth[0] if s.task == "activity" else " / ".join(ex.truth[:3])
                 out.append(f"- `{ex.item_id}` ({ex.verdict}) — {'true class' if s.task == 'activity' else 'references'}: "
@@ -825,10 +1478,39 @@ def render_markdown(sections: Sequence[TaskSection], *, title: str = "seqvision:
     return "\n".join(out) + "\n"
 
 
-def write_report(sections: Sequence[TaskSection], out_dir: str | Path) -> dict[str, Path]:
-    """Write ``report.html``, ``report.md`` and ``figures/*.png`` (atomically). Returns their paths."""
+CSS = """
+body{font:14px/1.45 system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:0 auto;max-width:1200px;padding:1em 2em;color:#222}
+h1{font-size:1.6em}h2{border-bottom:2px solid #ddd;padding-bottom:.2em;margin-top:2em}
+nav ul{columns:2}table{border-collapse:collapse;margin:.5em 0 1em;font-size:12.5px}
+th,td{border:1px solid #ccc;padding:3px 7px;text-align:right;vertical-align:top}th{background:#f3f3f3}
+td:first-child,td:nth-child(2),th:first-child{text-align:left}
+tr.missing td{background:#fff6d6;color:#6b5800}tr.failed td{background:#fde2e1;color:#8a1c13}
+tr.flagged td{background:#fff3e0}tr.baseline td:first-child{font-style:italic}
+figure{margin:1em 0}figure img{max-width:100%}figcaption{color:#555;font-size:12px}
+.verdict{background:#eef4fb;border-left:4px solid #4c72b0;padding:.5em 1em}.verdict li{margin:.2em 0}
+.examples{display:grid;grid-template-columns:repeat(auto-fill,minmax(360px,1fr));gap:12px}
+.example{border:1px solid #ddd;border-radius:6px;padding:8px}.example.failed{border-color:#e5a5a0}
+.example.correct{border-color:#9fd0a0}.example img{image-rendering:pixelated;height:96px;display:block;margin-bottom:6px}
+.example table{width:100%;font-size:12px}.example td{text-align:left}.ok{color:#1b7a1f}.bad{color:#b3261e}
+.scale{color:#555;font-size:12px}
+"""
+
+
+def _data_uri(png: bytes) -> str:
+    return "data:image/png;base64," + base64.b64encode(png).decode("ascii")
+
+
+def _esc(text: Any) -> str:
+    return html.escape(str(text), quote=True)
+
+
+def write_report(sections: Sequence[TaskSection], out_dir: str | Path, *, resamples: int = RESAMPLES,
+                 seed: int = 0) -> dict[str, Path]:
+    """Write ``report.html``, ``report.md``, ``summary.json`` and ``figures/*.png`` (atomically). Returns their
+    paths."""
     out_dir = Path(out_dir)
-    paths = {"html": out_dir / "report.html", "md": out_dir / "report.md", "figures": out_dir / "figures"}
+    paths = {"html": out_dir / "report.html", "md": out_dir / "report.md", "summary": out_dir / "summary.json",
+             "figures": out_dir / "figures"}
     paths["figures"].mkdir(parents=True, exist_ok=True)
     wanted = {fig.name for s in sections for fig in s.figures}
     for stale in paths["figures"].glob("*.png"):
@@ -837,8 +1519,9 @@ def write_report(sections: Sequence[TaskSection], out_dir: str | Path) -> dict[s
     for s in sections:
         for fig in s.figures:
             write_bytes(paths["figures"] / fig.name, fig.png)
-    write_text(paths["md"], render_markdown(sections))
-    write_text(paths["html"], render_html(sections))
+    write_json(paths["summary"], summary_json(sections, resamples=resamples, seed=seed))
+    write_text(paths["md"], render_markdown(sections, resamples=resamples))
+    write_text(paths["html"], render_html(sections, resamples=resamples))
     return paths
 
 
@@ -847,16 +1530,23 @@ def write_report(sections: Sequence[TaskSection], out_dir: str | Path) -> dict[s
 
 
 def parent_metrics(runs: Mapping[str, Sequence[Run]]) -> dict[str, float]:
-    """``{"{task}.{model}.{headline}": value}`` for every evaluated run (e.g. ``activity.lstm.top1``),
-    plus ``{task}.{model}.reversal_pair_acc`` for activity, so MLflow's compare view lines them up."""
+    """``{"{task}.{model}.{metric}": mean over seeds}`` of the headline metric (``activity.lstm.top1``), the verdict
+    metrics and, for activity, reversal-pair accuracy; with ``.ci95_low`` / ``.ci95_high`` where there is an
+    interval, so MLflow's compare view lines them up."""
     out: dict[str, float] = {}
     for task, task_runs in runs.items():
-        key = HEADLINE[task]
+        keys = dict.fromkeys([HEADLINE[task], *VERDICT_METRICS.get(task, ()), *(
+            ["reversal_pair_accuracy"] if task == "activity" else [])])
         for run in task_runs:
-            if run.ok and run.value(key) is not None:
-                out[f"{task}.{run.name}.{PARENT_METRIC.get(key, key)}"] = run.value(key)  # type: ignore[assignment]
-            if task == "activity" and run.ok and run.value("reversal_pair_accuracy") is not None:
-                out[f"{task}.{run.name}.reversal_pair_acc"] = run.value("reversal_pair_accuracy")  # type: ignore[assignment]
+            for key in keys:
+                value = run.value(key) if run.ok else None
+                if value is None:
+                    continue
+                name = f"{task}.{run.name}.{PARENT_METRIC.get(key, key)}"
+                out[name] = value
+                ci = run.interval(key)
+                if ci is not None:
+                    out[f"{name}.ci95_low"], out[f"{name}.ci95_high"] = ci
     return out
 
 
@@ -868,13 +1558,29 @@ def parent_run_ids(runs: Mapping[str, Sequence[Run]]) -> list[str]:
     return [pid for pid, _ in counts.most_common()]
 
 
+# The test metrics scored by this stage rather than by the train stage (which logs the others on each child run).
+SCORED_HERE = ("meteor",)
+
+
 def child_metrics(runs: Mapping[str, Sequence[Run]], *, parent_run_id: str) -> dict[str, dict[str, float]]:
-    """``{child run id: {"test_<metric>": value}}``: each model's test metrics, for its own MLflow child run (when
-    its train summary names one)."""
+    """``{child run id: {"test/meteor": mean, "test/meteor/ci95_low": ..., "test/meteor/seed<k>": value}}``: the
+    test metrics scored here (:data:`SCORED_HERE`), named as the train stage names the others on its child run."""
     out: dict[str, dict[str, float]] = {}
     for task_runs in runs.values():
         for run in task_runs:
             child = run.info("run_id")
-            if run.ok and child and str(child) != parent_run_id:
-                out[str(child)] = {f"test_{k}": float(v) for k, v in run.metrics.items() if _number(v) is not None}
+            if not run.ok or not child or str(child) == parent_run_id:
+                continue
+            values: dict[str, float] = {}
+            for name in SCORED_HERE:
+                summary = run.metrics.get(name) or {}
+                if _number(summary.get("mean")) is not None:
+                    values[f"test/{name}"] = float(summary["mean"])
+                if summary.get("ci95"):
+                    values[f"test/{name}/ci95_low"], values[f"test/{name}/ci95_high"] = map(float, summary["ci95"])
+                for k, v in enumerate(summary.get("seeds") or []):
+                    if _number(v) is not None:
+                        values[f"test/{name}/seed{k}"] = float(v)
+            if values:
+                out[str(child)] = values
     return out
