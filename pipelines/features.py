@@ -35,7 +35,7 @@ from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 from tqdm.auto import tqdm
 
-from pipelines.common import IO_RETRIES, add_params_argument, read_params, require_files, run_main
+from pipelines.common import IO_RETRIES, add_params_argument, require_files, run_main
 from seqvision import attributes, features
 from seqvision.config import ConfigError, EncoderConfig, load_params
 from seqvision.encoders import RandomWeightsWarning
@@ -197,7 +197,7 @@ def main(argv: list[str] | None = None) -> int:
     def work() -> int:
         resolve_device(args.device)  # the common mistakes get one clean line before Prefect starts
         if args.stage == "encoder":
-            params = read_params(args)
+            params = load_params(args.params)  # the encoder section; the metadata comes as a flag
             check_encoder_inputs(params.encoder, frames=args.frames, metadata=args.metadata)
             stats = encoder_flow(config=params.encoder, frames=args.frames, metadata=args.metadata, out=args.out,
                                  device=args.device)

@@ -19,22 +19,14 @@ import yaml
 from pipelines import compare
 from seqvision.config import SYNTH_PRESETS, ConfigError, SynthConfig, from_mapping
 from tests.test_report import Page
+from tests.tiny import TINY_PIPELINE_PARAMS
 
 # One xdist worker runs the whole module, so the comparison below runs once and its artifacts are shared.
 pytestmark = pytest.mark.xdist_group("compare")
 
 ENV_KEYS = ("MLFLOW_TRACKING_URI", "MLFLOW_RUN_ID", "SEQVISION_PARENT_RUN_ID", "CUDA_VISIBLE_DEVICES")
 
-# Small enough that every stage takes a second or two on one core; valid for every section's checks.
-TINY_PARAMS = {
-    "extract": {"num_frames": 6, "shard_size": 16, "workers": 1},
-    "encoder": {"feature_dim": 40, "slot_dim": 4, "width": 4, "epochs": 1, "frames_per_clip": 2, "batch_size": 16},
-    "train": {"epochs": 1, "batch_size": 8, "device": "cpu", "log_every": 1, "patience": 0, "seeds": 1},
-    "models": {name: {"hidden_size": 16, "embed_size": 8} for name in ("rnn", "lstm", "gru", "meanpool")}
-    | {"transformer": {"hidden_size": 16, "num_heads": 2, "ffn_mult": 2}},
-    "evaluate": {"beam_size": 1, "max_length": 8},
-    "report": {"compute_meteor": "never"},
-}
+TINY_PARAMS = TINY_PIPELINE_PARAMS  # train.seeds 1
 
 # Test hooks shared by the two stand-ins for the train command below: each process appends when it starts and
 # ends (with the device and hand-over variables it was given) to $COMPARE_TEST_EVENTS.

@@ -25,6 +25,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from tests.tiny import TINY_PIPELINE_PARAMS
+
 REPO = Path(__file__).resolve().parents[1]
 FIRST_PARTY = ("seqvision", "pipelines")
 SOURCE_ROOTS = {"seqvision": REPO / "src", "pipelines": REPO}
@@ -301,15 +303,7 @@ def test_recorder_sees_reads_by_project_code_only(tmp_path: Path) -> None:
                      "models.match_params.video_captioning"}
 
 
-TINY_PARAMS = {
-    "extract": {"num_frames": 6, "shard_size": 16, "workers": 1},
-    "encoder": {"feature_dim": 16, "epochs": 1, "frames_per_clip": 2, "batch_size": 16},
-    "train": {"epochs": 1, "batch_size": 8, "device": "cpu", "log_every": 1, "patience": 0, "seeds": 2},
-    "models": {name: {"hidden_size": 16, "embed_size": 8} for name in ("rnn", "lstm", "gru", "meanpool")}
-    | {"transformer": {"hidden_size": 16, "num_heads": 2, "ffn_mult": 2}},
-    "evaluate": {"beam_size": 1, "max_length": 8},
-    "report": {"compute_meteor": "never"},
-}
+TINY_PARAMS = {**TINY_PIPELINE_PARAMS, "train": {**TINY_PIPELINE_PARAMS["train"], "seeds": 2}}
 
 
 def run_stage(stage: Stage) -> None:

@@ -37,6 +37,18 @@ TINY_MODELS = {
 TINY_TRAIN = {"epochs": 2, "batch_size": 4, "num_workers": 0, "log_every": 1, "device": "cpu", "patience": 0,
               "seeds": 1}
 
+# Every section small enough that each stage takes a second or two on one core (the tiny synthetic preset's
+# pipeline: tests/test_compare.py, tests/test_dvc_deps.py); valid for every section's checks.
+TINY_PIPELINE_PARAMS = {
+    "extract": {"num_frames": 6, "shard_size": 16, "workers": 1},
+    "encoder": {"feature_dim": 40, "slot_dim": 4, "width": 4, "epochs": 1, "frames_per_clip": 2, "batch_size": 16},
+    "train": {"epochs": 1, "batch_size": 8, "device": "cpu", "log_every": 1, "patience": 0, "seeds": 1},
+    "models": {name: {"hidden_size": 16, "embed_size": 8} for name in ("rnn", "lstm", "gru", "meanpool", "mingru")}
+    | {"transformer": {"hidden_size": 16, "num_heads": 2, "ffn_mult": 2}},
+    "evaluate": {"beam_size": 1, "max_length": 8},
+    "report": {"compute_meteor": "never"},
+}
+
 
 def tiny_label(item_id: str) -> int:
     """The class index of a tiny item: its number modulo the class count."""
