@@ -94,7 +94,7 @@ def resolve_params(params: Params | str | Path, data: DataConfig | None = None) 
 # Errors
 
 
-class StageFailed(Exception):
+class StageFailed(RuntimeError):
     """The stage's work failed somewhere this process can only report (a worker process): the message says where
     and why, and there is no traceback here to offer."""
 

@@ -311,7 +311,7 @@ def test_failed_torchrun_fails_the_stage_marks_the_run_failed_and_exits_1(cli_en
     code = stage.main([*args, "--task", "activity", "--out", str(tmp_path / "o"), "--nproc-per-node", "2"])
     assert code == 1
     err = capsys.readouterr().err
-    assert "seed 0 exited with status 3: error: rank 1 crashed" in err
+    assert "train: error: seed 0 exited with status 3: rank 1 crashed" in err
     env = json.loads(seen.read_text())
     assert env["MLFLOW_RUN_ID"] is None  # workers write files only; the stage process tracks
     assert env["MLFLOW_TRACKING_URI"] == os.environ["MLFLOW_TRACKING_URI"]

@@ -380,6 +380,7 @@ def scratch_repo(root: Path, inputs: Inputs) -> Path:
     params = yaml.safe_load((repo / "params.yaml").read_text())
     params["train"].update(TRAIN)
     params["models"][FAMILY].update(GRU)
+    params["models"]["match_params"] = dict.fromkeys(params["models"]["match_params"], "off")  # GRU's size as set
     params["data"]["metadata"] = ""  # fake features: no synthetic ground truth, no content metrics
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     shutil.copytree(inputs.features, repo / "artifacts" / "features")
