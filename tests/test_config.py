@@ -103,7 +103,7 @@ def test_params_rewritten_by_dvc_exp_run_keep_their_strings(tmp_path):
 def test_match_params_is_a_budget_per_task(tmp_path):
     loaded = load_params(_write(tmp_path, {"models": {"match_params": {"activity": 5000}}}))
     assert loaded.models.match_params.budget("activity") == 5000
-    assert loaded.models.match_params.budget("image_captioning") is None
+    assert loaded.models.match_params.budget("image_captioning") == 200000  # the default budget
     for bad, expected in (("lstm", "expected an integer or one of 'off'"), (0, "expected an integer or one of")):
         with pytest.raises(ConfigError, match=expected):
             load_params(_write(tmp_path, {"models": {"match_params": {"activity": bad}}}))

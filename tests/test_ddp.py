@@ -30,7 +30,7 @@ from seqvision import checkpoint, distributed, experiment, train
 from seqvision.config import EvaluateConfig, ModelsConfig, TrainConfig, from_mapping
 from seqvision.datasets import DistributedEpochSampler, EpochSampler
 from tests.test_experiment import RecordingTracker
-from tests.tiny import TINY_TRAIN, write_tiny_artifacts
+from tests.tiny import TINY_TRAIN, TINY_UNMATCHED, write_tiny_artifacts
 
 REPO = Path(__file__).resolve().parent.parent
 MODELS = {"gru": {"lr": 0.01, "hidden_size": 16, "embed_size": 8, "dropout": 0.0}}  # no dropout: see the docstring
@@ -252,7 +252,7 @@ def test_only_rank_0_writes_files_and_tracks(ddp_runs):
 
 
 def write_params(path: Path) -> Path:
-    path.write_text(yaml.safe_dump({"train": TINY_TRAIN, "models": MODELS}))
+    path.write_text(yaml.safe_dump({"train": TINY_TRAIN, "models": MODELS | TINY_UNMATCHED}))
     return path
 
 

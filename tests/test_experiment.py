@@ -20,6 +20,7 @@ from tests.tiny import (
     TINY_DIM,
     TINY_IMAGE_IDS,
     TINY_MODELS,
+    TINY_UNMATCHED,
     TINY_TRAIN,
     TINY_VIDEO_IDS,
     tiny_params,
@@ -94,7 +95,7 @@ class RecordingTracker:
 
 
 def write_params(path: Path, **train_overrides) -> Path:
-    path.write_text(yaml.safe_dump({"train": {**TINY_TRAIN, **train_overrides}, "models": TINY_MODELS}))
+    path.write_text(yaml.safe_dump({"train": {**TINY_TRAIN, **train_overrides}, "models": TINY_MODELS | TINY_UNMATCHED}))
     return path
 
 

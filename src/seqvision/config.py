@@ -396,9 +396,9 @@ class ParamBudgets:
     captioner's vocabulary layers, so one number cannot serve all three tasks). A number, not a family name, so a
     training depends only on its own family's section and its task's budget, which is what DVC tracks."""
 
-    activity: int | Literal["off"] = knob("off", "activity models: parameter budget, or off", low=1)
-    image_captioning: int | Literal["off"] = knob("off", "image captioners: parameter budget, or off", low=1)
-    video_captioning: int | Literal["off"] = knob("off", "video captioners: parameter budget, or off", low=1)
+    activity: int | Literal["off"] = knob(100000, "activity models: parameter budget, or off", low=1)
+    image_captioning: int | Literal["off"] = knob(200000, "image captioners: parameter budget, or off", low=1)
+    video_captioning: int | Literal["off"] = knob(200000, "video captioners: parameter budget, or off", low=1)
 
     def budget(self, task: str) -> int | None:
         """The budget of ``task``; None when off."""
