@@ -398,3 +398,15 @@ def test_a_different_starting_encoder_is_a_different_training():
     assert experiment.fingerprint(*args) != experiment.fingerprint(*args, encoder=first)
     assert experiment.fingerprint(*args, encoder=first) != experiment.fingerprint(*args, encoder=second)
     assert experiment.fingerprint(*args, encoder=first) == experiment.fingerprint(*args, encoder=first)
+
+
+def test_the_same_seed_twice_is_identical_and_two_seeds_differ(artifacts, tmp_path):
+    data = load("activity", artifacts)
+    weights = {}
+    for name, seed in (("first", 0), ("again", 0), ("other", 1)):
+        train_config, models_config = configs(epochs=1, seed=seed)
+        train_one("activity", "gru", data=data, train_config=train_config, models_config=models_config,
+                  out_dir=tmp_path / name, log=lambda _: None)
+        weights[name] = checkpoint.load(tmp_path / name / "last.pt")["model"]
+    assert all(torch.equal(weights["first"][k], weights["again"][k]) for k in weights["first"])
+    assert not all(torch.equal(weights["first"][k], weights["other"][k]) for k in weights["first"])

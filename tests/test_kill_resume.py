@@ -39,6 +39,7 @@ import yaml
 from seqvision import checkpoint
 from seqvision.config import TokenizeConfig
 from seqvision.vocab import tokenize_corpus, write_corpus
+from tests.tiny import TINY_UNMATCHED
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -318,7 +319,7 @@ def inputs(tmp_path_factory: pytest.TempPathFactory, prefect_harness) -> Inputs:
     root = tmp_path_factory.mktemp("kill")
     features, tokens = make_inputs(root)
     params = root / "params.yaml"
-    params.write_text(yaml.safe_dump({"train": TRAIN, "models": {FAMILY: GRU}}))
+    params.write_text(yaml.safe_dump({"train": TRAIN, "models": {FAMILY: GRU, **TINY_UNMATCHED}}))
     api_url = PREFECT_API_URL.value()
     assert api_url, "prefect_harness should have set PREFECT_API_URL"
     # The reference needs no MLflow run: its numbers are in its files, and it keeps the comparison's MLflow
@@ -380,7 +381,7 @@ def scratch_repo(root: Path, inputs: Inputs) -> Path:
     params = yaml.safe_load((repo / "params.yaml").read_text())
     params["train"].update(TRAIN)
     params["models"][FAMILY].update(GRU)
-    params["models"]["match_params"] = dict.fromkeys(params["models"]["match_params"], "off")  # GRU's size as set
+    params["models"]["match_params"] = TINY_UNMATCHED["match_params"]  # GRU's size as set
     params["data"]["metadata"] = ""  # fake features: no synthetic ground truth, no content metrics
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     shutil.copytree(inputs.features, repo / "artifacts" / "features")

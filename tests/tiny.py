@@ -128,7 +128,7 @@ def tiny_params(**train_overrides: object):
     from seqvision.config import ModelsConfig, Params, TrainConfig, from_mapping
 
     return Params(train=from_mapping(TrainConfig, {**TINY_TRAIN, **train_overrides}, where="train"),
-                  models=from_mapping(ModelsConfig, TINY_MODELS, where="models"))
+                  models=from_mapping(ModelsConfig, TINY_MODELS | TINY_UNMATCHED, where="models"))
 
 
 def train_tiny(artifacts: TinyArtifacts, task: str, family: str, out_dir: Path, **train_overrides: object) -> Path:

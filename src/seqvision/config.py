@@ -307,7 +307,7 @@ class ExtractConfig:
 class TrainConfig:
     """One training loop for every model (``seqvision.train.fit``); shared by all train@ stages."""
 
-    epochs: int = knob(5, "at most this many passes over the training set (early stopping ends a run sooner)",
+    epochs: int = knob(15, "at most this many passes over the training set (early stopping ends a run sooner)",
                        low=1, high=10_000)
     batch_size: int = knob(64, "examples per optimizer step", low=1, high=65_536)
     weight_decay: float = knob(0.01, "AdamW decoupled weight decay (matrices only)", low=0.0, high=1.0)
@@ -321,7 +321,7 @@ class TrainConfig:
         0.0, "captioning: final probability of feeding the model's own token (ramps up linearly from 0)",
         low=0.0, high=1.0,
     )
-    patience: int = knob(5, "stop after this many epochs without a better validation metric; 0 = never", low=0)
+    patience: int = knob(3, "stop after this many epochs without a better validation metric; 0 = never", low=0)
     device: str = knob("auto", "auto picks CUDA when present", choices=("auto", "cpu", "cuda"))
     compile: bool = knob(False, "wrap the model in torch.compile")
     deterministic: bool = knob(True, "deterministic kernels (torch.use_deterministic_algorithms, cuDNN)")
