@@ -315,6 +315,19 @@ def test_fit_to_budget_brings_every_family_within_tolerance(task):
                 assert fitted.hidden_size % fitted.num_heads == 0
 
 
+@pytest.mark.parametrize("task", TASKS)
+def test_fit_to_budget_counts_exactly_at_two_layers_and_leaves_the_random_stream_alone(task):
+    dims = ModelDims(feature_dim=32, vocab_size=50, num_classes=12)
+    for family in FAMILIES:
+        config = dataclasses.replace(ModelsConfig().family(family), num_layers=2)
+        torch.manual_seed(0)
+        fitted, fitted_count = fit_to_budget(task, family, config, 250_000, dims=dims)
+        after = torch.rand(3)
+        torch.manual_seed(0)
+        assert torch.equal(after, torch.rand(3)), family  # sizing does not change what a seed trains
+        assert fitted_count == count_parameters(build_model(task, family, fitted, dims=dims)), family
+
+
 def test_fit_to_budget_reports_an_unreachable_budget_by_its_count():
     dims = ModelDims(feature_dim=8, vocab_size=1000)
     fitted, count = fit_to_budget("image_captioning", "lstm", TINY["lstm"], 10, dims=dims)

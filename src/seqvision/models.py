@@ -14,7 +14,8 @@ checkpoint alone.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from fractions import Fraction
 from typing import Any
 
 import torch
@@ -181,9 +182,37 @@ def build_from_checkpoint(checkpoint: Mapping[str, Any], *, load_weights: bool =
 
 
 def _count(task: str, family: str, config: Any, dims: ModelDims) -> int:
-    # Built on the meta device: no memory is allocated, so even very wide candidates cost microseconds.
+    # Built on the meta device: no memory is allocated, so even very wide candidates cost microseconds (but the
+    # first build imports torch._dynamo through the meta initialisers: ~4 s per process; see _quadratic_count).
     with torch.device("meta"):
         return count_parameters(build_model(task, family, config, dims=dims))
+
+
+def _quadratic_count(task: str, family: str, config: Any, dims: ModelDims, step: int) -> Callable[[int], int] | None:
+    """The parameter count as an exact function of ``hidden_size``, or None.
+
+    Every family's count is a quadratic in ``hidden_size`` (recurrent and attention weights h x h, projections
+    h x fixed, biases and norms h), so three tiny models built on the CPU (milliseconds, and no torch._dynamo
+    import as on the meta device) give its coefficients. Two more sizes check it; a family whose count is not
+    quadratic gets None (the caller then searches with :func:`_count`)."""
+    def real(hidden: int) -> int:
+        with torch.random.fork_rng(devices=[]):  # the initialisers must not move the caller's random stream
+            return count_parameters(build_model(task, family, dataclasses.replace(config, hidden_size=hidden),
+                                                dims=dims))
+
+    h1, h2, h3 = step, 2 * step, 3 * step
+    c1, c2, c3 = real(h1), real(h2), real(h3)
+    a = Fraction(c1 - 2 * c2 + c3, 2 * step * step)
+    b = Fraction(c2 - c1, step) - a * (h1 + h2)
+    c = c1 - a * h1 * h1 - b * h1
+
+    def count(hidden: int) -> int:
+        value = a * hidden * hidden + b * hidden + c
+        return int(value)
+
+    if any(count(h) != real(h) for h in (4 * step, 7 * step)):
+        return None
+    return count
 
 
 def fit_to_budget(task: str, family: str, config: Any, budget: int, *, dims: ModelDims,
@@ -197,15 +226,21 @@ def fit_to_budget(task: str, family: str, config: Any, budget: int, *, dims: Mod
     if family == "transformer":
         heads = config.num_heads
         step = heads if heads % 2 == 0 else 2 * heads  # even and divisible by num_heads
+    exact = _quadratic_count(task, family, config, dims, step)
+
+    def count(hidden: int) -> int:
+        if exact is not None:
+            return exact(hidden)
+        return _count(task, family, dataclasses.replace(config, hidden_size=hidden), dims)
+
     # The count grows monotonically with hidden_size: binary search over multiples of ``step``.
     lo, hi = 1, max(1, max_hidden // step)
     while lo < hi:
         mid = (lo + hi) // 2
-        if _count(task, family, dataclasses.replace(config, hidden_size=mid * step), dims) < budget:
+        if count(mid * step) < budget:
             lo = mid + 1
         else:
             hi = mid
-    counts = {m: _count(task, family, dataclasses.replace(config, hidden_size=m * step), dims)
-              for m in (lo - 1, lo) if m >= 1}
+    counts = {m: count(m * step) for m in (lo - 1, lo) if m >= 1}
     best = min(counts, key=lambda m: abs(counts[m] - budget))  # the closer of the two sizes around the budget
     return dataclasses.replace(config, hidden_size=best * step), counts[best]
