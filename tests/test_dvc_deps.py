@@ -28,6 +28,7 @@ import yaml
 from tests.tiny import TINY_PIPELINE_PARAMS
 
 REPO = Path(__file__).resolve().parents[1]
+WHOLE_FILE = "*"  # a params entry that tracks the whole file
 FIRST_PARTY = ("seqvision", "pipelines")
 SOURCE_ROOTS = {"seqvision": REPO / "src", "pipelines": REPO}
 
@@ -68,7 +69,7 @@ def dvc_stages(root: Path = REPO) -> list[Stage]:
             deps, params = [], []
             for dep in stage.deps:
                 if hasattr(dep, "params"):
-                    params += list(dep.params)
+                    params += list(dep.params) or [WHOLE_FILE]  # `- params.yaml:` with no keys: every key
                 else:
                     deps.append(str(dep.def_path))
             stages.append(Stage(stage.addressing, stage.cmd, tuple(deps), tuple(params)))
@@ -172,6 +173,9 @@ def param_problems(stage: Stage, reads: set[str]) -> list[str]:
     """What dvc.yaml gets wrong about ``stage``'s params: keys it ``reads`` that no listed entry covers, and listed
     entries it never reads."""
     listed = set(stage.params)
+
+    if WHOLE_FILE in listed:
+        return []  # check_params: tracks (and validates) every key, whether or not it reads it as a field
 
     def covers(entry: str, key: str) -> bool:
         return key == entry or key.startswith(entry + ".")

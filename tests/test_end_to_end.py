@@ -293,7 +293,7 @@ def _children(runs: list[Any], parent_id: str) -> list[Any]:
 def test_full_repro_runs_every_stage_and_mlflow_holds_the_comparison(scratch: Scratch, first_repro: str) -> None:
     root = scratch.root
     stages = set(_run([DVC, "stage", "list", "--name-only"], root, scratch.env).stdout.split())
-    assert len(stages) == 4 + len(TASKS) * len(FAMILIES) + 2, sorted(stages)
+    assert len(stages) == 5 + len(TASKS) * len(FAMILIES) + 2, sorted(stages)
     assert _ran(first_repro) == stages
     for name in ("report.html", "report.md"):
         assert (root / "reports" / name).stat().st_size > 0
@@ -360,7 +360,7 @@ def test_second_repro_is_a_noop_and_one_model_param_reruns_only_that_model(
     params_path.write_text(yaml.safe_dump(params, sort_keys=False))
     started_ms = int(time.time() * 1000)
     ran = _ran(_repro(scratch))
-    expected = {f"train@{task}-gru" for task in TASKS} | {"report"}
+    expected = {f"train@{task}-gru" for task in TASKS} | {"check_params", "report"}
     assert ran == expected
     assert json.loads(_run([DVC, "status", "--json"], root, env).stdout) == {}
 
@@ -443,7 +443,7 @@ def test_exp_run_and_queued_experiments_reach_mlflow(scratch: Scratch, first_rep
     proc = _run([DVC, "exp", "run", "-n", "e2e-workspace", "-S", f"train.epochs={EPOCHS + 1}", target],
                 root, env, check=False)
     assert proc.returncode == 0, f"dvc exp run failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
-    assert _ran(proc.stdout) == {target}
+    assert _ran(proc.stdout) == {"check_params", target}
     [run] = _child_runs_with_epochs(scratch, EPOCHS + 1, since)
     assert run.info.run_name == "activity-gru" and run.info.status == "FINISHED"
     assert sorted(m.step for m in _client(scratch).get_metric_history(run.info.run_id, "seed0/val_loss")) == list(

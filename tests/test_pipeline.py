@@ -91,7 +91,35 @@ def test_repro_runs_data_stages_then_is_a_noop_then_reruns_only_what_changed(scr
     params["tokenize"]["min_count"] = params["tokenize"]["min_count"] + 1
     (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     log = _repro(root, env, "extract", "tokenize")
-    assert _ran(log) == {"tokenize"}, log
+    assert _ran(log) == {"check_params", "tokenize"}, log  # the gate reruns on any change; its output is the same
+
+
+@pytest.mark.parametrize(("section", "key", "value", "named"), [
+    ("extract", "num_frames", "four", "extract.num_frames"),  # a typo in a value the stage reads
+    ("trian", None, {"epochs": 3}, "trian: unknown section"),  # a section no stage reads
+])
+def test_a_params_typo_stops_repro_before_any_output_is_deleted(scratch_repo, section, key, value, named) -> None:
+    root, env = scratch_repo
+    _repro(root, env, "extract", "tokenize")
+    index = (root / "artifacts/frames/index.json").read_bytes()
+    path = root / "params.yaml"
+    original = path.read_text()
+    params = yaml.safe_load(original)
+    if key is None:
+        params[section] = value
+    else:
+        params[section][key] = value
+    path.write_text(yaml.safe_dump(params, sort_keys=False))
+    try:
+        proc = subprocess.run(["scripts/with-prefect-server", str(BIN / "dvc"), "repro", "extract", "tokenize"],
+                              cwd=root, env=env, capture_output=True, text=True, timeout=600)
+        assert proc.returncode != 0
+        assert named in proc.stdout + proc.stderr
+        assert _ran(proc.stdout) == {"check_params"}
+        assert (root / "artifacts/frames/index.json").read_bytes() == index  # the last good outputs are kept
+    finally:
+        path.write_text(original)
+    assert _ran(_repro(root, env, "extract", "tokenize")) == set()  # the lock never saw the typo: nothing to rerun
 
 
 def test_bad_params_stop_the_stage_with_one_clear_line(scratch_repo, tmp_path: Path) -> None:
