@@ -125,17 +125,22 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default="artifacts/sweep", help="where the cells train (kept: a rerun resumes)")
     parser.add_argument("--docs", default=None, help="replace the '## Learning rate' section of this file")
     parser.add_argument("--apply", action="store_true", help="write the chosen lrs into --params")
+    parser.add_argument("--from-cells", action="store_true",
+                        help="train nothing: choose from the cells.json a finished sweep left in --out")
     args = parser.parse_args(argv)
     for folder in ("artifacts/features", "artifacts/tokens"):
-        if not (REPO / folder).is_dir():
+        if not (REPO / folder).is_dir() and not args.from_cells:
             raise SystemExit(f"lr_sweep: error: {folder} is missing; run `dvc repro features tokenize` first")
     params = yaml.safe_load((REPO / args.params).read_text(encoding="utf-8"))
     out = (REPO / args.out).resolve()
     cells: list[dict] = []
+    if args.from_cells:
+        cells = json.loads((out / "cells.json").read_text(encoding="utf-8"))
+        args.tasks = [t for t in args.tasks if any(c["task"] == t for c in cells)]
     with tempfile.TemporaryDirectory() as tmp, concurrent.futures.ThreadPoolExecutor(args.parallel) as pool:
         files = {(f, lr): cell_params(params, f, lr, Path(tmp)) for f in args.models for lr in args.lrs}
-        jobs = [pool.submit(run_cell, t, f, lr, files[f, lr], out, params["data"])
-                for t in args.tasks for f in args.models for lr in args.lrs]
+        jobs = [] if args.from_cells else [pool.submit(run_cell, t, f, lr, files[f, lr], out, params["data"])
+                                           for t in args.tasks for f in args.models for lr in args.lrs]
         for k, job in enumerate(concurrent.futures.as_completed(jobs), 1):
             cell = job.result()
             cells.append(cell)

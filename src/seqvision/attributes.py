@@ -32,6 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from seqvision import io
 from seqvision.encoders import SmallCNN, build_encoder
 from seqvision.features import EncoderRun, MetadataError, ordered_entries, read_index, require_metadata, shard_file
 from seqvision.synth.render import coverage
@@ -354,7 +355,7 @@ def collect_attribute_data(
     def shard(kind: str, entry: Mapping[str, Any]) -> np.ndarray:
         path = frames_dir / shard_file(kind, split, entry["shard"])
         if path not in shards:
-            shards[path] = np.load(path, mmap_mode="r")
+            shards[path] = io.load_array(path, stage="extract")
         return shards[path]
 
     def meta_of(kind: str, item_id: str) -> Mapping[str, Any]:

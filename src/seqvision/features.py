@@ -184,7 +184,7 @@ def write_feature_array(
     runs = list(_row_runs(job))
     if not runs:
         raise ValueError(f"no {job.kind} in split {job.split!r}")
-    first = np.load(frames_dir / runs[0][0], mmap_mode="r")
+    first = io.load_array(frames_dir / runs[0][0], stage="extract")
     per_item = first.shape[1] if job.kind == "videos" else 1
     probe = extract_features(encoder, np.array(first[:1]), batch_size=batch_size, device=device)
     shape = (len(job.entries), *probe.shape[1:])
@@ -193,7 +193,7 @@ def write_feature_array(
         out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float16, shape=shape)
         at = 0
         for shard_name, rows in runs:
-            shard = np.load(frames_dir / shard_name, mmap_mode="r")
+            shard = io.load_array(frames_dir / shard_name, stage="extract")
             if shard.shape[1:] != first.shape[1:]:
                 raise ValueError(f"{frames_dir / shard_name}: frames {shard.shape[1:]}, expected {first.shape[1:]}")
             contiguous = rows == list(range(rows[0], rows[0] + len(rows)))
