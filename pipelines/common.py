@@ -16,7 +16,11 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
+import signal
+import subprocess
 import sys
+import threading
+import time
 import traceback
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -99,12 +103,59 @@ class StageFailed(RuntimeError):
     and why, and there is no traceback here to offer."""
 
 
-def run_main(stage: str, work: Callable[[], int], *, debug: bool = False) -> int:
-    """Run a stage's ``work`` with the error policy of the module docstring; returns the exit status."""
+# Processes a stage started (the train stage's seed workers): stopped when the stage is interrupted.
+CHILDREN: set[subprocess.Popen] = set()
+PARENT_POLL_S = 1.0
+_FOLLOWING = False
+
+
+def stop_children(timeout: float = 30.0) -> None:
+    """Terminate every live process in :data:`CHILDREN` (SIGTERM, then SIGKILL after ``timeout`` seconds)."""
+    live = [proc for proc in list(CHILDREN) if proc.poll() is None]
+    for proc in live:
+        proc.terminate()
+    deadline = time.monotonic() + timeout
+    for proc in live:
+        try:
+            proc.wait(timeout=max(0.1, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
+def _interrupt(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+def follow_parent(poll_s: float = PARENT_POLL_S) -> None:
+    """Stop this process (as if interrupted: SIGINT) when the process that started it dies, so that a killed
+    ``dvc repro`` leaves no stage writing into its outputs, nor a killed stage its workers. A daemon thread
+    watches the parent's pid (the kernel hands an orphan to another process); SIGTERM is made an interrupt too,
+    so both paths stop the workers and say so. Only from the main thread (signal handlers live there)."""
+    global _FOLLOWING
+    if _FOLLOWING or threading.current_thread() is not threading.main_thread():
+        return
+    _FOLLOWING = True
+    signal.signal(signal.SIGTERM, _interrupt)
+    parent = os.getppid()
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(poll_s)
+        os.kill(os.getpid(), signal.SIGINT)
+
+    threading.Thread(target=watch, name="follow-parent", daemon=True).start()
+
+
+def run_main(stage: str, work: Callable[[], int], *, debug: bool = False, lifeline: bool = True) -> int:
+    """Run a stage's ``work`` with the error policy of the module docstring; returns the exit status. With
+    ``lifeline`` the stage stops when its parent dies (:func:`follow_parent`)."""
     debug = debug or os.environ.get(DEBUG_ENV, "") not in ("", "0")
+    if lifeline:
+        follow_parent()
     try:
         return work()
     except KeyboardInterrupt:
+        stop_children()
         print(f"{stage}: interrupted", file=sys.stderr)
         return 130
     except USAGE_ERRORS as err:

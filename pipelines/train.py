@@ -50,7 +50,7 @@ from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
 import pipelines
-from pipelines.common import DEBUG_ENV, StageFailed, run_main
+from pipelines.common import CHILDREN, DEBUG_ENV, StageFailed, run_main
 from pipelines.train_args import TrainParams, add_arguments, check_inputs, read_train_params
 from seqvision import experiment, tracking
 from seqvision.config import ConfigError, TrainConfig, load_params
@@ -106,6 +106,7 @@ def stream(command: list[str], *, env: dict[str, str], log: Callable[[str], Any]
     ``keep`` lines). The child is stopped if this process is interrupted."""
     tail: collections.deque[str] = collections.deque(maxlen=keep)
     with subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT) as proc:
+        CHILDREN.add(proc)  # stopped by run_main if the stage is interrupted while this thread waits
         try:
             assert proc.stdout is not None
             # newline="": lines end at \n, \r\n or a lone \r, and say which
@@ -119,6 +120,7 @@ def stream(command: list[str], *, env: dict[str, str], log: Callable[[str], Any]
                 log(text)
             return proc.wait(), "\n".join(tail)
         finally:
+            CHILDREN.discard(proc)
             if proc.poll() is None:  # interrupted: torchrun forwards SIGTERM to its workers
                 proc.terminate()
                 try:

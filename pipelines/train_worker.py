@@ -29,7 +29,7 @@ from pathlib import Path
 
 import torch
 
-from pipelines.common import DEBUG_ENV, USAGE_ERRORS
+from pipelines.common import DEBUG_ENV, USAGE_ERRORS, follow_parent
 from pipelines.train_args import TrainParams, add_arguments, check_inputs, read_train_params
 from seqvision import distributed, experiment
 from seqvision.config import EvaluateConfig
@@ -83,6 +83,7 @@ def train_seed(args: argparse.Namespace, params: TrainParams) -> experiment.Trai
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    follow_parent()  # the stage (or torchrun's agent) died: stop, rather than write into its outputs
     torchrun = all(key in os.environ for key in TORCHRUN_ENV)
     rank = os.environ.get("RANK", "0")
     try:

@@ -387,6 +387,8 @@ def scratch_repo(root: Path, inputs: Inputs) -> Path:
     shutil.copytree(inputs.features, repo / "artifacts" / "features")
     shutil.copytree(inputs.tokens, repo / "artifacts" / "tokens")
     # A dependency of every train stage, read only with train.finetune_encoder (off here): any bytes do.
+    (repo / "artifacts" / "params").mkdir(parents=True)  # check_params' marker, a dependency of every stage
+    (repo / "artifacts" / "params" / "valid.txt").write_text("params.yaml is valid\n")
     (repo / "artifacts" / "encoder").mkdir(parents=True)
     (repo / "artifacts" / "encoder" / "encoder.pt").write_bytes(b"unused unless train.finetune_encoder")
     activity_dir = repo / params["data"]["activity_dir"]  # a dependency of every train stage; unread by captioning
