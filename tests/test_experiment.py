@@ -410,3 +410,33 @@ def test_the_same_seed_twice_is_identical_and_two_seeds_differ(artifacts, tmp_pa
         weights[name] = checkpoint.load(tmp_path / name / "last.pt")["model"]
     assert all(torch.equal(weights["first"][k], weights["again"][k]) for k in weights["first"])
     assert not all(torch.equal(weights["first"][k], weights["other"][k]) for k in weights["first"])
+
+
+def test_a_corrupt_checkpoint_is_never_resumed_from_nor_kept(artifacts, tmp_path):
+    data = load("activity", artifacts)
+    notes: list[str] = []
+    kwargs = {"data": data, "log": notes.append, "out_dir": tmp_path}
+    train_config, models_config = configs(epochs=2)
+    train_one("activity", "gru", train_config=train_config, models_config=models_config, **kwargs)
+    more = train_config  # the same params: a verified last.pt is resumable
+
+    # best.pt damaged while the last epoch was the best one: restored from last.pt, training continues.
+    best = checkpoint.load(tmp_path / "best.pt")
+    last = checkpoint.load(tmp_path / "last.pt")
+    if best["epoch"] == last["epoch"]:
+        (tmp_path / "best.pt").write_bytes((tmp_path / "best.pt").read_bytes()[:1000])
+        summary = train_one("activity", "gru", train_config=more, models_config=models_config, **kwargs)
+        assert summary.resumed_from_epoch == 2 and any("restored from" in n for n in notes), notes
+        checkpoint.load(tmp_path / "best.pt")  # verifies
+
+    # last.pt damaged: named, not resumed from; the run starts afresh and leaves verified checkpoints only.
+    notes.clear()
+    raw = bytearray((tmp_path / "last.pt").read_bytes())
+    weights = next(t for t in checkpoint.load(tmp_path / "last.pt")["model"].values() if t.numel() >= 16)
+    at = bytes(raw).index(weights.numpy().tobytes())  # a bit flip inside the stored weights
+    raw[at + 5] ^= 0x01
+    (tmp_path / "last.pt").write_bytes(bytes(raw))
+    summary = train_one("activity", "gru", train_config=more, models_config=models_config, **kwargs)
+    assert not summary.resumed_from_epoch
+    assert any(str(tmp_path / "last.pt") in n and "starting afresh" in n for n in notes), notes
+    checkpoint.load(tmp_path / "last.pt"), checkpoint.load(tmp_path / "best.pt")
