@@ -448,8 +448,21 @@ def test_fit_trains_a_captioner_with_scheduled_sampling_and_label_smoothing(tmp_
 # Best checkpoint and early stopping
 
 
-def test_early_stopping_and_best_checkpoint_follow_the_metric(tmp_path):
+def scripted_validation(monkeypatch, losses):
+    """Make fit's validation loss follow ``losses`` (the metric still comes from the ValidationMetric)."""
+    losses = iter(losses)
+    original = train._validate
+
+    def validate(*args, **kwargs):
+        _, value = original(*args, **kwargs)
+        return next(losses), value
+
+    monkeypatch.setattr(train, "_validate", validate)
+
+
+def test_early_stopping_and_best_checkpoint_follow_the_metric(tmp_path, monkeypatch):
     scripted = iter([0.2, 0.5, 0.4, 0.3, 0.9, 0.9])
+    scripted_validation(monkeypatch, [1.0, 0.9, 0.95, 0.97] * 3)  # the loss stops improving after epoch 2 too
     snapshots = {}
 
     def metric(model, loader, device):
@@ -471,6 +484,16 @@ def test_early_stopping_and_best_checkpoint_follow_the_metric(tmp_path):
     again = fit(fresh(), tr, va, config=config(epochs=6, patience=2), out_dir=tmp_path, resume=True,
                       metric=train.ValidationMetric("score", metric, higher_is_better=True))
     assert len(again.history) == 4 and next(scripted) == 0.9  # metric not called again
+
+
+def test_a_falling_validation_loss_keeps_a_plateaued_metric_training(tmp_path, monkeypatch):
+    # CIDEr-D can stall for epochs while the loss still falls (docs/tuning.md): patience waits for both.
+    scripted_validation(monkeypatch, [1.0, 0.9, 0.8, 0.7, 0.6, 0.6, 0.6])
+    tr, va = loaders()
+    result = fit(fresh(), tr, va, config=config(epochs=7, patience=2), out_dir=tmp_path,
+                 metric=train.ValidationMetric("score", lambda *a: 0.5, higher_is_better=True))
+    assert [e["epoch"] for e in result.history] == [1, 2, 3, 4, 5, 6, 7] and not result.stopped_early
+    assert result.best_epoch == 1 and result.epochs_since_best == 2  # converged just as the cap came
 
 
 def test_lower_is_better_metric_picks_the_minimum(tmp_path):

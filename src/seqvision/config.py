@@ -321,7 +321,8 @@ class TrainConfig:
         0.0, "captioning: final probability of feeding the model's own token (ramps up linearly from 0)",
         low=0.0, high=1.0,
     )
-    patience: int = knob(3, "stop after this many epochs without a better validation metric; 0 = never", low=0)
+    patience: int = knob(3, "stop after this many epochs in which neither the validation metric nor the "
+                            "validation loss improved; 0 = never", low=0)
     device: str = knob("auto", "auto picks CUDA when present", choices=("auto", "cpu", "cuda"))
     compile: bool = knob(False, "wrap the model in torch.compile")
     deterministic: bool = knob(True, "deterministic kernels (torch.use_deterministic_algorithms, cuDNN)")
@@ -423,13 +424,14 @@ class MinGRUModelConfig:
 
 @dataclass(frozen=True)
 class ModelsConfig:
-    """One sub-mapping per family, so DVC retrains only the family whose knobs changed."""
+    """One sub-mapping per family, so DVC retrains only the family whose knobs changed. The lr of each family is
+    the one scripts/lr_sweep.py chose on validation (docs/tuning.md)."""
 
-    rnn: RecurrentModelConfig = knob(RecurrentModelConfig(), "vanilla (tanh) RNN family")
-    lstm: RecurrentModelConfig = knob(RecurrentModelConfig(), "LSTM family")
+    rnn: RecurrentModelConfig = knob(RecurrentModelConfig(lr=4e-3), "vanilla (tanh) RNN family")
+    lstm: RecurrentModelConfig = knob(RecurrentModelConfig(lr=4e-3), "LSTM family")
     gru: RecurrentModelConfig = knob(RecurrentModelConfig(), "GRU family")
-    transformer: TransformerModelConfig = knob(TransformerModelConfig(), "Transformer family")
-    meanpool: MeanPoolModelConfig = knob(MeanPoolModelConfig(), "order-blind mean-pool family")
+    transformer: TransformerModelConfig = knob(TransformerModelConfig(lr=4e-3), "Transformer family")
+    meanpool: MeanPoolModelConfig = knob(MeanPoolModelConfig(lr=4e-3), "order-blind mean-pool family")
     mingru: MinGRUModelConfig = knob(MinGRUModelConfig(), "minGRU family (parallel-scan RNN)")
     match_params: ParamBudgets = knob(
         ParamBudgets(), "per task: resize every family's hidden_size to this many parameters, or off"

@@ -413,14 +413,14 @@ class TrainSummary:
     mlflow_parent_run_id: str | None
 
 
-def converged(stopped_early: bool, best_epoch: int | None, epochs_run: int, patience: int) -> bool:
-    """Whether a run converged on its validation metric: it stopped early (``patience`` epochs without
-    improvement), or its best epoch lies at least ``patience`` epochs before its last. A run that hit
-    ``train.epochs`` while still improving is not converged (with ``patience`` 0 nothing is ever called converged:
-    there is no criterion)."""
-    if patience <= 0 or best_epoch is None:
+def converged(stopped_early: bool, epochs_since_best: int, patience: int) -> bool:
+    """Whether a run converged: it stopped early, or its last ``patience`` epochs improved neither the validation
+    metric nor the validation loss (the stopping rule of ``train.fit``, met just as ``train.epochs`` ran out). A
+    run that hit ``train.epochs`` while either was still improving is not converged (with ``patience`` 0 nothing
+    is ever called converged: there is no criterion)."""
+    if patience <= 0:
         return False
-    return stopped_early or epochs_run - best_epoch >= patience
+    return stopped_early or epochs_since_best >= patience
 
 
 def learning_curve(history: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
@@ -542,7 +542,7 @@ def run(
         task=task, family=family, seed=train_config.seed, num_parameters=num_parameters, metric=result.metric,
         best_val_metric=result.best_metric, best_epoch=result.best_epoch, input_blind_metric=round(blind, 6),
         epochs_run=len(result.history), stopped_early=result.stopped_early,
-        converged=converged(result.stopped_early, result.best_epoch, len(result.history), train_config.patience),
+        converged=converged(result.stopped_early, result.epochs_since_best, train_config.patience),
         resumed_from_epoch=resumed_from,
         device=str(device), torch_version=str(torch.__version__), train_items=len(data.train),  # type: ignore[arg-type]
         val_items=len(data.val), dropped_items=data.dropped, model_config=to_dict(config),  # type: ignore[arg-type]

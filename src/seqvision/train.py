@@ -501,6 +501,7 @@ class FitResult:
     stopped_early: bool
     last_checkpoint: Path
     best_checkpoint: Path | None
+    epochs_since_best: int = 0  # trailing epochs in which neither the val metric nor the val loss improved
 
 
 def _peak_memory_mb(device: torch.device) -> float:
@@ -614,6 +615,7 @@ def fit(
         epoch, step, since_best = ckpt["epoch"], ckpt["step"], ckpt["epochs_since_best"]
         best_metric, best_epoch, stopped = ckpt["best_metric"], ckpt["best_epoch"], ckpt["stopped_early"]
         history = list(ckpt["history"])
+    best_loss = min((h["val_loss"] for h in history), default=None)
 
     if rank0:
         tracker.log_params({**flatten({"train": to_dict(config)}), "lr": lr})
@@ -641,9 +643,14 @@ def fit(
             raise
         improved = best_metric is None or (value > best_metric if metric.higher_is_better else value < best_metric)
         if improved:
-            best_metric, best_epoch, since_best = value, epoch, 0
-        else:
-            since_best += 1
+            best_metric, best_epoch = value, epoch
+        # Patience counts epochs in which neither the metric nor the validation loss improved: a decoded metric
+        # (CIDEr-D) can plateau for epochs while the loss still falls and the captions are about to improve
+        # (measured in the learning-rate sweep, docs/tuning.md), so the metric alone stopped runs too early.
+        loss_improved = best_loss is None or val_loss < best_loss
+        if loss_improved:
+            best_loss = val_loss
+        since_best = 0 if improved or loss_improved else since_best + 1
         stopped = config.patience > 0 and since_best >= config.patience and epoch < config.epochs
         entry = {
             "epoch": epoch, "step": step, "train_loss": stats.loss, "val_loss": val_loss, "val_metric": value,
@@ -684,6 +691,6 @@ def fit(
     return FitResult(
         history=history, metric=metric.name, best_metric=best_metric, best_epoch=best_epoch,
         stopped_early=stopped, last_checkpoint=last_path,
-        best_checkpoint=best_path if best_path.is_file() else None,
+        best_checkpoint=best_path if best_path.is_file() else None, epochs_since_best=since_best,
     )
 
