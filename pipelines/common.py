@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import logging
 import os
 import signal
 import subprocess
@@ -146,12 +147,32 @@ def follow_parent(poll_s: float = PARENT_POLL_S) -> None:
     threading.Thread(target=watch, name="follow-parent", daemon=True).start()
 
 
+class _NoUsageTracebacks(logging.Filter):
+    """Drop the traceback from a log record about a usage error (bad params or inputs): Prefect logs one for every
+    failed task and flow, and the stage's own one-line error already says what to fix."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.exc_info and isinstance(record.exc_info[1], USAGE_ERRORS):
+            record.exc_info, record.exc_text = None, None
+        return True
+
+
+def quiet_usage_tracebacks() -> None:
+    """Install :class:`_NoUsageTracebacks` on the handlers of Prefect's and the root logger (once)."""
+    for logger in (logging.getLogger("prefect"), logging.getLogger()):
+        for handler in logger.handlers:
+            if not any(isinstance(f, _NoUsageTracebacks) for f in handler.filters):
+                handler.addFilter(_NoUsageTracebacks())
+
+
 def run_main(stage: str, work: Callable[[], int], *, debug: bool = False, lifeline: bool = True) -> int:
     """Run a stage's ``work`` with the error policy of the module docstring; returns the exit status. With
     ``lifeline`` the stage stops when its parent dies (:func:`follow_parent`)."""
     debug = debug or os.environ.get(DEBUG_ENV, "") not in ("", "0")
     if lifeline:
         follow_parent()
+    if not debug:
+        quiet_usage_tracebacks()
     try:
         return work()
     except KeyboardInterrupt:

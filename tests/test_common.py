@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 from prefect import flow, task
 
@@ -35,3 +40,21 @@ def test_io_tasks_retry_on_os_errors_only(prefect_harness):
     with pytest.raises(ValueError):
         run_bug()
     assert calls["bug"] == 1  # no retry for a non-I/O error
+
+
+def test_a_bad_annotation_file_is_one_line_without_tracebacks(tmp_path: Path) -> None:
+    """#13: the annotation error used to come with ~75 lines of Prefect tracebacks before the clean line."""
+    bad = tmp_path / "msrvtt.json"
+    bad.write_text('{"videos": [{"video_id": "v1"}], "sentences": 5}')
+    repo = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(repo / "src"), str(repo)]),
+           "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
+    proc = subprocess.run([sys.executable, "-m", "pipelines.tokenize", "--params", str(repo / "params.yaml"),
+                           "--video-captions", str(bad), "--video-captions-format", "msrvtt", "--activity-dir", "",
+                           "--image-captions-dir", "",
+                           "--out", str(tmp_path / "tokens")], cwd=tmp_path, env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 2
+    output = proc.stdout + proc.stderr
+    assert f"tokenize: error: {bad}: top level.sentences: expected list, got 5" in output
+    assert "Traceback" not in output, output
