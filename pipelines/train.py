@@ -91,11 +91,12 @@ def worker_args(task_name: str, model: str, *, seed_index: int, out: str, params
 
 
 def worker_command(nproc_per_node: int, args: list[str]) -> list[str]:
-    """One worker process with this interpreter, or ``torchrun --standalone`` with ``nproc_per_node`` of them (a
-    free local rendezvous port, so concurrent trainings on one machine do not collide)."""
+    """One worker process with this interpreter, or torchrun with ``nproc_per_node`` of them through
+    ``pipelines.ddp_launch``: a free port on 127.0.0.1 only (concurrent trainings on one machine do not collide,
+    and nothing listens on the machine's other interfaces)."""
     if nproc_per_node == 1:
         return [sys.executable, "-m", "pipelines.train_worker", *args]
-    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc_per_node}",
+    return [sys.executable, "-m", "pipelines.ddp_launch", f"--nproc-per-node={nproc_per_node}",
             "-m", "pipelines.train_worker", *args]
 
 

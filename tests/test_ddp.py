@@ -17,6 +17,7 @@ import os
 import socket
 import subprocess
 import sys
+import textwrap
 import time
 from pathlib import Path
 
@@ -366,10 +367,10 @@ def test_nccl_worker_on_one_gpu_matches_one_process(tmp_path):
     experiment.run("video_captioning", "gru", data=load("video_captioning", artifacts), train_config=train_config,
                    model_config=models_config.gru, decoding=DECODING, out_dir=tmp_path / "one", log=lambda _: None)
     params = tmp_path / "params.yaml"
-    params.write_text(yaml.safe_dump({"train": {**TINY_TRAIN, "device": "auto"}, "models": MODELS}))
+    params.write_text(yaml.safe_dump({"train": {**TINY_TRAIN, "device": "auto"}, "models": MODELS | TINY_UNMATCHED}))
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     done = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=1", "-m",
+        [sys.executable, "-m", "pipelines.ddp_launch", "--nproc-per-node=1", "-m",
          "pipelines.train_worker", "--task", "video_captioning", "--model", "gru", "--params", str(params),
          "--features", str(artifacts["features"]), "--tokens", str(artifacts["tokens"]),
          "--out", str(tmp_path / "nccl"), "--no-tracking"],
@@ -379,3 +380,50 @@ def test_nccl_worker_on_one_gpu_matches_one_process(tmp_path):
     seed = Path("train") / "seed0"
     assert json.loads((tmp_path / "nccl" / seed / "summary.json").read_text())["device"] == "cuda"
     assert_same_training(tmp_path / "one", tmp_path / "nccl" / seed)
+
+
+# A rank that lists every listening TCP socket of the launcher and its ranks (/proc), after gloo is up.
+LISTENERS = textwrap.dedent("""
+    import json, os, sys
+    import torch, torch.distributed as dist
+    dist.init_process_group("gloo")
+    value = torch.ones(1)
+    dist.all_reduce(value)
+    if dist.get_rank() == 0:
+        agent = os.getppid()
+        pids = [agent] + [int(p) for p in open(f"/proc/{agent}/task/{agent}/children").read().split()]
+        inodes = set()
+        for pid in pids:
+            for fd in os.listdir(f"/proc/{pid}/fd"):
+                try:
+                    link = os.readlink(f"/proc/{pid}/fd/{fd}")
+                except OSError:
+                    continue
+                if link.startswith("socket:["):
+                    inodes.add(link[8:-1])
+        found = [line.split()[1] for name in ("tcp", "tcp6") for line in open(f"/proc/net/{name}").read().splitlines()[1:]
+                 if line.split()[3] == "0A" and line.split()[9] in inodes]
+        json.dump(found, open(sys.argv[1], "w"))
+    dist.barrier()
+    dist.destroy_process_group()
+""")
+LOOPBACK = ("0100007F:", "00000000000000000000000001000000:")  # 127.0.0.1 and ::1 in /proc/net/tcp{,6}
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="reads /proc")
+@pytest.mark.parametrize("launcher", [["pipelines.ddp_launch"], ["torch.distributed.run", "--standalone"]])
+def test_the_ddp_launcher_listens_on_loopback_only(tmp_path, launcher):
+    script, out = tmp_path / "rank.py", tmp_path / "listening.json"
+    script.write_text(LISTENERS)
+    env = {k: v for k, v in os.environ.items() if k not in ("GLOO_SOCKET_IFNAME", "NCCL_SOCKET_IFNAME")}
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO / "src"), str(REPO)])
+    done = subprocess.run([sys.executable, "-m", *launcher, "--nproc-per-node=2", str(script), str(out)],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=TIMEOUT_S, check=False)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    listening = json.loads(out.read_text())
+    assert listening, "no listening socket seen: the check would prove nothing"
+    exposed = [address for address in listening if not address.startswith(LOOPBACK)]
+    if launcher[0] == "pipelines.ddp_launch":
+        assert exposed == [], f"listening beyond loopback: {exposed}"
+    else:  # the control: plain torchrun's store listens on every interface (why ddp_launch exists)
+        assert exposed, listening
