@@ -30,6 +30,9 @@ HOST = "127.0.0.1"
 class LoopbackRendezvous(StaticTCPRendezvous):
     """torchrun's static rendezvous, with the store listening on 127.0.0.1 only (one node)."""
 
+    def get_backend(self) -> str:
+        return BACKEND
+
     def next_rendezvous(self) -> RendezvousInfo:
         if self._store is None:
             self._socket = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
