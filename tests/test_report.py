@@ -561,16 +561,19 @@ def test_without_java_meteor_is_unavailable_in_the_table(tmp_path, monkeypatch):
 
 @pytest.mark.slow
 @pytest.mark.skipif(not metrics.java_available(), reason="METEOR needs a Java runtime; none on this machine")
-def test_meteor_from_one_java_process_equals_scoring_each_seed_alone(tmp_path):
+def test_meteor_from_one_java_process_equals_scoring_the_first_and_last_set_alone(tmp_path):
     runs, note = report.add_meteor(_meteor_runs(tmp_path), mode="always")
     scored = [r for r in runs["video_captioning"] if r.ok]
     assert "5 captioning test sets" in note and len(scored) == 3
-    for run in scored:
-        for seed in run.seeds:
-            records = metrics.read_jsonl(seed.folder / "predictions.jsonl")
-            alone = metrics.caption_scores({r["id"]: r["hypothesis"] for r in records},
-                                           {r["id"]: r["references"] for r in records}, meteor="always")["meteor"]
-            assert seed.metrics["meteor"] == pytest.approx(alone, abs=1e-9)
+    seeds = [seed for run in scored for seed in run.seeds]
+    assert len(seeds) == 5
+    # The first and the last test set of the one Java process, each scored alone in its own (a JVM start is ~10 s
+    # here): a segment boundary off by one item, or sets scored out of order, changes both ends.
+    for seed in (seeds[0], seeds[-1]):
+        records = metrics.read_jsonl(seed.folder / "predictions.jsonl")
+        alone = metrics.caption_scores({r["id"]: r["hypothesis"] for r in records},
+                                       {r["id"]: r["references"] for r in records}, meteor="always")["meteor"]
+        assert seed.metrics["meteor"] == pytest.approx(alone, abs=1e-9)
     best = {r.name: r.value("meteor") for r in scored}
     assert best["gru"] > best["meanpool"]  # gru repeats a reference word for word
 
