@@ -359,5 +359,16 @@ def test_every_param_a_stage_reads_is_exactly_its_params_list(tmp_path: Path, mo
         with recorded_param_reads() as reads:
             run_stage(stage)
         problems += param_problems(stage, reads)
+    # Every other train@ stage must list what the checked one of its task lists, with its own family's section.
+    checked = {s.name.split("@")[1].split("-")[0]: s for s in stages if s.name in COVERING_TRAINS}
+    for stage in stages:
+        if not stage.name.startswith("train@") or stage.name in COVERING_TRAINS:
+            continue
+        task, family = stage.name.split("@")[1].split("-")
+        model = checked[task].name.split("-")[1]
+        expected = {p.replace(f"models.{model}", f"models.{family}") for p in checked[task].params}
+        if set(stage.params) != expected:
+            problems.append(f"{stage.name}: lists params {sorted(stage.params)}, unlike {checked[task].name} "
+                            f"(expected {sorted(expected)})")
     assert not problems, "dvc.yaml params drifted from what the stages read:\n" + "\n".join(problems)
 
