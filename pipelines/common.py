@@ -128,7 +128,7 @@ def _interrupt(signum: int, frame: Any) -> None:
 
 
 def follow_parent(poll_s: float = PARENT_POLL_S) -> None:
-    """Stop this process (as if interrupted: SIGINT) when the process that started it dies, so that a killed
+    """Stop this process (as if interrupted: SIGTERM, raised as KeyboardInterrupt) when the process that started it dies, so that a killed
     ``dvc repro`` leaves no stage writing into its outputs, nor a killed stage its workers. A daemon thread
     watches the parent's pid (the kernel hands an orphan to another process); SIGTERM is made an interrupt too,
     so both paths stop the workers and say so. Only from the main thread (signal handlers live there)."""
@@ -142,7 +142,9 @@ def follow_parent(poll_s: float = PARENT_POLL_S) -> None:
     def watch() -> None:
         while os.getppid() == parent:
             time.sleep(poll_s)
-        os.kill(os.getpid(), signal.SIGINT)
+        # SIGTERM, whose handler is installed above: SIGINT may be ignored (a stage started from a background
+        # job of a non-interactive shell inherits SIG_IGN for it, and Python then installs no handler).
+        os.kill(os.getpid(), signal.SIGTERM)
 
     threading.Thread(target=watch, name="follow-parent", daemon=True).start()
 

@@ -58,12 +58,20 @@ def _wait_gone(pid: int, timeout: float) -> bool:
     return False
 
 
+def _ignore_sigint() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 @pytest.mark.skipif(sys.platform != "linux", reason="reads /proc")
-def test_a_stage_whose_parent_is_killed_stops_and_stops_its_workers(tmp_path: Path) -> None:
+# SIGINT ignored: what a stage inherits from a background job of a non-interactive shell (`make test &` in a
+# script); the lifeline must not depend on it.
+@pytest.mark.parametrize("sigint", ["default", "ignored"])
+def test_a_stage_whose_parent_is_killed_stops_and_stops_its_workers(tmp_path: Path, sigint: str) -> None:
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO / "src"), str(REPO)])}
     pid_file, log = tmp_path / "worker.pid", tmp_path / "stage.log"
     parent = subprocess.Popen([sys.executable, "-c", PARENT, STAGE, str(pid_file), str(log)], env=env, cwd=REPO,
-                              stdout=subprocess.PIPE, text=True)
+                              stdout=subprocess.PIPE, text=True,
+                              preexec_fn=_ignore_sigint if sigint == "ignored" else None)
     assert parent.stdout is not None
     stage = int(parent.stdout.readline())
     deadline = time.monotonic() + 60
