@@ -128,10 +128,10 @@ def _interrupt(signum: int, frame: Any) -> None:
 
 
 def follow_parent(poll_s: float = PARENT_POLL_S) -> None:
-    """Stop this process (as if interrupted: SIGTERM, raised as KeyboardInterrupt) when the process that started it dies, so that a killed
-    ``dvc repro`` leaves no stage writing into its outputs, nor a killed stage its workers. A daemon thread
-    watches the parent's pid (the kernel hands an orphan to another process); SIGTERM is made an interrupt too,
-    so both paths stop the workers and say so. Only from the main thread (signal handlers live there)."""
+    """Stop this process (as if interrupted) when the process that started it dies, so that a killed ``dvc repro``
+    leaves no stage writing into its outputs, nor a killed stage its workers. SIGTERM is made an interrupt, and a
+    daemon thread watching the parent's pid (the kernel hands an orphan to another process) sends it, so both paths
+    stop the workers and say so. Only from the main thread (signal handlers live there)."""
     global _FOLLOWING
     if _FOLLOWING or threading.current_thread() is not threading.main_thread():
         return
