@@ -299,6 +299,18 @@ def test_slots_follow_the_devices_and_cores(monkeypatch):
         compare.training_slots(0, train_device="cpu", num_trainings=15, seeds=3)
 
 
+def test_cpu_seeds_share_the_cores_up_to_two_per_core(monkeypatch):
+    """The train stage's seeds (per_core=2): 3 seeds on 2 cores run at once instead of as 2 then 1."""
+    from seqvision import runtime
+
+    monkeypatch.setattr(runtime.torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(runtime, "usable_cores", lambda: 2)
+    assert runtime.parallel_slots(3, device="auto", per_core=2) == [None] * 3
+    assert runtime.parallel_slots(6, device="auto", per_core=2) == [None] * 4
+    assert runtime.parallel_slots(3, device="auto") == [None] * 2  # the comparison flow's default: one per core
+    assert runtime.parallel_slots(3, device="cpu", wanted=1, per_core=2) == [None]
+
+
 def test_failure_reasons_are_one_line():
     assert compare.failure_reason(1, "noise\ntrain: error: activity/gru: RuntimeError: nan loss\n") == (
         "activity/gru: RuntimeError: nan loss")

@@ -78,18 +78,20 @@ def usable_cores() -> int:
         return os.cpu_count() or 1
 
 
-def parallel_slots(jobs: int, *, device: str, wanted: int | None = None) -> list[str | None]:
+def parallel_slots(jobs: int, *, device: str, wanted: int | None = None, per_core: int = 1) -> list[str | None]:
     """One entry per job that may run at once: the CUDA_VISIBLE_DEVICES value it gets, ``None`` on CPU.
 
     GPU (``device`` auto or cuda, and one visible): by default one job per device, so each has a device to itself;
-    a larger ``wanted`` shares them round-robin. CPU: by default one per usable core, each job single-threaded (one
-    thread was 5-14x faster than two for these small sequential models, docs/benchmarks.md). Never more slots
-    than jobs, never fewer than one.
+    a larger ``wanted`` shares them round-robin. CPU: by default ``per_core`` per usable core, each job
+    single-threaded (one thread was 5-14x faster than two for these small sequential models,
+    docs/benchmarks.md). ``per_core`` 2 lets a few equal jobs share the cores instead of running in rounds: 3 seeds
+    on 2 cores all finish after ~1.5 times one seed's time, not 2 (measured: 20.9 s against 29.1 s,
+    docs/benchmarks.md). Never more slots than jobs, never fewer than one.
     """
     if wanted is not None and wanted < 1:
         raise ValueError(f"the number of jobs at once must be >= 1, got {wanted}")
     gpus = visible_gpus() if device != "cpu" else []
     if device.startswith("cuda") and not gpus:
         raise ValueError(f"device {device!r}, but no CUDA device is visible")
-    count = max(1, min(wanted or (len(gpus) if gpus else usable_cores()), jobs))
+    count = max(1, min(wanted or (len(gpus) if gpus else per_core * usable_cores()), jobs))
     return [gpus[i % len(gpus)] for i in range(count)] if gpus else [None] * count
