@@ -56,7 +56,8 @@ def check_inputs(data: DataConfig) -> None:
 
 @task(cache_policy=NO_CACHE)  # DVC decides what reruns, not a Prefect cache
 def load_records(data: DataConfig) -> tuple[list[Any], list[Any]]:
-    """(video records, image records) for the sources that are configured."""
+    """(video records, image records) for the sources that are configured; an annotation source that leaves a
+    split empty is an error naming it (here, not after features are computed)."""
     videos: list[Any] = []
     images: list[Any] = []
     if data.video_captions or data.activity_dir:
@@ -67,10 +68,17 @@ def load_records(data: DataConfig) -> tuple[list[Any], list[Any]]:
             activity_dir=data.activity_dir,
             activity_split=data.activity_split,
         )
+        annotations.check_video_splits(
+            videos, video_captions=data.video_captions, video_captions_format=data.video_captions_format,
+            activity_dir=data.activity_dir, activity_split=data.activity_split,
+        )
     if data.image_captions_dir or data.karpathy_split:
         images = annotations.load_image_records(
             image_dir=data.image_dir, image_captions_dir=data.image_captions_dir,
             karpathy_split=data.karpathy_split,
+        )
+        annotations.check_image_splits(
+            images, image_captions_dir=data.image_captions_dir, karpathy_split=data.karpathy_split
         )
     return videos, images
 

@@ -26,7 +26,8 @@ from pipelines.common import IO_RETRIES, add_data_arguments, add_params_argument
 
 @task(**IO_RETRIES, cache_policy=NO_CACHE)  # DVC decides what reruns, not a Prefect cache
 def load_corpora(data: DataConfig) -> dict[str, list[Any]]:
-    """{"video": captioned video records, "image": image records}, for the sources that are configured."""
+    """{"video": captioned video records, "image": image records}, for the sources that are configured; an
+    annotation source that leaves a split empty is an error naming it."""
     corpora: dict[str, list[Any]] = {}
     if data.video_captions:
         records = annotations.load_video_records(
@@ -36,11 +37,18 @@ def load_corpora(data: DataConfig) -> dict[str, list[Any]]:
             activity_dir=data.activity_dir,  # read too, so a split conflict with the labels is caught here
             activity_split=data.activity_split,
         )
+        annotations.check_video_splits(
+            records, video_captions=data.video_captions, video_captions_format=data.video_captions_format,
+            activity_dir=data.activity_dir, activity_split=data.activity_split,
+        )
         corpora["video"] = [r for r in records if r.captions]
     if data.image_captions_dir or data.karpathy_split:
         corpora["image"] = annotations.load_image_records(
             image_dir=data.image_dir, image_captions_dir=data.image_captions_dir,
             karpathy_split=data.karpathy_split,
+        )
+        annotations.check_image_splits(
+            corpora["image"], image_captions_dir=data.image_captions_dir, karpathy_split=data.karpathy_split
         )
     if not corpora:
         raise ConfigError("nothing to tokenize: data.video_captions, data.image_captions_dir and "

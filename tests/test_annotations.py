@@ -11,7 +11,9 @@ from seqvision.annotations import (
     AnnotationError,
     ImageRecord,
     VideoRecord,
+    check_image_splits,
     check_sources,
+    check_video_splits,
     load_class_names,
     load_image_records,
     load_video_records,
@@ -373,6 +375,101 @@ def test_check_sources_names_the_missing_path(tmp_path):
     (tmp_path / "coco").mkdir()
     with pytest.raises(FileNotFoundError, match="no captions_"):
         check_sources(image_captions_dir=tmp_path / "coco")
+
+
+# ------------------------------------------------------------------------------------------ every split present
+
+
+def _videos_without_val(root: Path, case: str) -> tuple[dict, str, str]:
+    """(check_video_splits arguments, the source named, the advice) for one way a user ends up without val."""
+    if case == "msrvtt-no-validate":
+        path = write(root / "msrvtt.json", msrvtt([("video0", "train"), ("video1", "train"), ("video2", "test")],
+                                                  [("video0", "a"), ("video1", "b"), ("video2", "c")]))
+        return ({"video_captions": path},
+                f"{path} (data.video_captions): no captioned video in the val split (2 train, 0 val, 1 test); ",
+                f'give some videos "split": "validate" in {path}')
+    if case == "msvd-under-1201-clips":
+        path = write(root / "AllVideoDescriptions.txt", MSVD_TXT)
+        return ({"video_captions": path, "video_captions_format": "msvd"},
+                f"{path} (data.video_captions): no captioned video in the val split (3 train, 0 val, 0 test)",
+                "MSVD's standard split puts vid1201-vid1300 in val: number the clips so in youtube_mapping.txt "
+                "beside AllVideoDescriptions.txt ('{clip} vid{N}' per line); without that file, clips are numbered "
+                "in order of first appearance, and AllVideoDescriptions.txt has 3")
+    ucf = root / "ucf"
+    write(ucf / "classInd.txt", "1 Archery\n2 YoYo\n")
+    write(ucf / "testlist01.txt", "Archery/v_Archery_g01_c01.avi\nYoYo/v_YoYo_g01_c01.avi\n")
+    # One source video (group) per class in train: the carve-out cannot move a whole group without emptying train.
+    write(ucf / "trainlist01.txt", "".join(f"{c}/v_{c}_g02_c0{k}.avi {i}\n" for i, c in ((1, "Archery"), (2, "YoYo"))
+                                           for k in (1, 2, 3)))
+    source = (f"{ucf} (data.activity_dir, activity_split 1): no labelled clip in the val split "
+              "(6 train, 0 val, 2 test); ")
+    if case == "ucf-carve-out-finds-no-group":
+        return ({"activity_dir": ucf}, source,
+                "there is no vallist01.txt, and carving val out of trainlist01.txt by group (whole v_{Class}_gNN "
+                "source videos, about a tenth of each class's groups) finds no class with clips from two or more "
+                "groups: add a vallist01.txt ('{path} {label}' lines), or list clips of two or more groups per class "
+                "in trainlist01.txt")
+    write(ucf / "vallist01.txt", "\n")
+    return ({"activity_dir": ucf}, source,
+            f"{ucf / 'vallist01.txt'} lists no clips: add '{{path}} {{label}}' lines to it")
+
+
+@pytest.mark.parametrize("case", ["msrvtt-no-validate", "msvd-under-1201-clips", "ucf-carve-out-finds-no-group",
+                                  "ucf-empty-vallist"])
+def test_an_empty_video_split_names_its_source_and_what_to_do(tmp_path, case):
+    """#13 item 9: an empty val split used to pass extract, tokenize, encoder and features, and stop train with
+    "no such file; run the features stage first" (later "the data has no videos in its val split")."""
+    sources, named, advice = _videos_without_val(tmp_path, case)
+    records = load_video_records(video_dir=tmp_path / "videos", **sources)
+    with pytest.raises(AnnotationError) as err:
+        check_video_splits(records, **sources)
+    message = str(err.value)
+    assert "\n" not in message and message.startswith(named) and message.endswith(advice), message
+    assert "every task trains on train, picks each model's best epoch on val and reports on test" in message
+
+
+def test_an_empty_test_split_of_one_msrvtt_file_points_at_the_two_file_release(tmp_path):
+    path = write(tmp_path / "train_val.json", msrvtt([("video0", "train"), ("video1", "validate")],
+                                                     [("video0", "a"), ("video1", "b")]))
+    records = load_video_records(video_dir=tmp_path, video_captions=path)
+    with pytest.raises(AnnotationError, match=r'no captioned video in the test split \(1 train, 1 val, 0 test\).*'
+                                              r'"split": "test" .*point data.video_captions at a folder'):
+        check_video_splits(records, video_captions=path)
+
+
+def test_an_empty_image_split_names_its_source_and_what_to_do(tmp_path):
+    ann = coco_dir(tmp_path / "ann")
+    (ann / "captions_val2014.json").unlink()
+    records = load_image_records(image_dir=tmp_path / "images", image_captions_dir=ann)
+    with pytest.raises(AnnotationError) as err:
+        check_image_splits(records, image_captions_dir=ann)
+    assert str(err.value) == (
+        f"{ann} (data.image_captions_dir): no image in the val split (2 train, 0 val, 1 test); every task trains on "
+        "train, picks each model's best epoch on val and reports on test: there is no captions_val*.json: add one, or "
+        "set data.karpathy_split to a Karpathy split file (dataset_coco.json), which assigns train, val and test "
+        "(COCO's own test images have no public captions)"
+    )
+    write(ann / "captions_val2014.json", coco([], []))
+    with pytest.raises(AnnotationError, match=r"in the val split .*: captions_val2014.json lists no images, or"):
+        check_image_splits(load_image_records(image_dir=tmp_path, image_captions_dir=ann), image_captions_dir=ann)
+
+    karpathy = write(tmp_path / "dataset_coco.json", {"images": [
+        {"filepath": "train2014", "filename": "COCO_train2014_000000000009.jpg", "split": "train", "sentences": []},
+        {"filepath": "val2014", "filename": "COCO_val2014_000000000042.jpg", "split": "test", "sentences": []},
+    ]})
+    records = load_image_records(image_dir=tmp_path, image_captions_dir=ann, karpathy_split=karpathy)
+    with pytest.raises(AnnotationError, match=rf'^{karpathy} \(data.karpathy_split\): no image in the val split '
+                                              r'\(1 train, 0 val, 1 test\);.*give some images "split": "val"'):
+        check_image_splits(records, image_captions_dir=ann, karpathy_split=karpathy)
+
+
+def test_every_split_present_passes(tmp_path):
+    ann = coco_dir(tmp_path / "ann")
+    check_image_splits(load_image_records(image_dir=tmp_path, image_captions_dir=ann), image_captions_dir=ann)
+    ucf = ucf_real(tmp_path / "ucf")  # no val list: carved out by group
+    records = load_video_records(video_dir=tmp_path, activity_dir=ucf)
+    check_video_splits(records, activity_dir=ucf)
+    check_video_splits(records)  # no source configured, nothing required
 
 
 # ------------------------------------------------------------------------------------------ media paths stay inside

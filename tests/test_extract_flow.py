@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -10,8 +11,9 @@ import pytest
 import yaml
 from PIL import Image
 
-from pipelines import extract
+from pipelines import extract, tokenize
 from seqvision import frames
+from seqvision.annotations import AnnotationError
 from seqvision.config import DataConfig
 from tests.test_video import STEP, brightness, write_video
 
@@ -151,3 +153,26 @@ def test_shard_tasks_retry_io_errors_only(tmp_path, prefect_harness, monkeypatch
     with pytest.raises(ValueError, match="disk hiccup"):
         extract.extract_flow(params=str(params), out=str(tmp_path / "b"), progress=False, data=DataConfig(**data))
     assert list(calls.values()) == [1], "a non-I/O error must not be retried"
+
+
+@pytest.mark.parametrize("empty", ["video_captions", "image_captions_dir"])
+def test_an_empty_val_split_stops_extract_and_tokenize_naming_its_source(tmp_path, empty):
+    """#13 item 9: MSR-VTT without "validate" videos, or COCO without a val captions file, used to pass extract,
+    tokenize, encoder and features, and stop only train ("the data has no videos in its val split"). Now the first
+    stages refuse it, naming the file and its data key. The tasks' functions run here without Prefect (fast); the
+    one-line output of a usage error raised in a task is test_common.py's
+    test_a_bad_annotation_file_is_one_line_without_tracebacks."""
+    data = tiny_dataset(tmp_path / "data")
+    notes = tmp_path / "data" / "annotations"
+    if empty == "video_captions":
+        msrvtt = json.loads((notes / "msrvtt.json").read_text())
+        for video in msrvtt["videos"]:
+            video["split"] = video["split"].replace("validate", "train")
+        (notes / "msrvtt.json").write_text(json.dumps(msrvtt))
+        named = f"{notes / 'msrvtt.json'} (data.video_captions): no captioned video in the val split (3 train, 0 val"
+    else:
+        (notes / "coco" / "captions_val.json").unlink()
+        named = f"{notes / 'coco'} (data.image_captions_dir): no image in the val split (1 train, 0 val, 1 test)"
+    for load in (extract.load_records, tokenize.load_corpora):
+        with pytest.raises(AnnotationError, match="^" + re.escape(named)):
+            load.fn(DataConfig(**data))

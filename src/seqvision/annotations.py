@@ -668,6 +668,123 @@ def check_sources(
         raise FileNotFoundError(f"{image_captions_dir}: no captions_*.json files")
 
 
+# --------------------------------------------------------------------------------------------------------
+# Public API: every split present
+
+# How each format spells a split, for the advice in an empty-split error.
+_MSRVTT_SPELLING = {"train": "train", "val": "validate", "test": "test"}
+_WHY = "every task trains on train, picks each model's best epoch on val and reports on test"
+
+
+def _counts(splits: Iterable[str]) -> dict[str, int]:
+    counts = dict.fromkeys(SPLITS, 0)
+    for split in splits:
+        counts[split] += 1
+    return counts
+
+
+def _empty_split(counts: Mapping[str, int]) -> str | None:
+    return next((split for split in SPLITS if counts[split] == 0), None)
+
+
+def _summary(counts: Mapping[str, int]) -> str:
+    return ", ".join(f"{counts[split]} {split}" for split in SPLITS)
+
+
+def check_video_splits(
+    records: Iterable[VideoRecord],
+    *,
+    video_captions: str | Path = "",
+    video_captions_format: str = "msrvtt",
+    activity_dir: str | Path = "",
+    activity_split: int = 1,
+) -> None:
+    """:class:`AnnotationError` naming the annotation source (and its ``data.`` key) that leaves a split empty,
+    and what to do; ``records`` from :func:`load_video_records` with the same sources.
+
+    Every task trains on train, picks each model's best epoch on val and reports on test, so the captioned videos
+    (when ``video_captions`` is set) and the labelled clips (when ``activity_dir`` is set) each need all three.
+    Checked by the first stages (``extract``, ``tokenize``) so an empty split is not found by ``train`` only.
+    """
+    records = list(records)
+    if str(video_captions):
+        counts = _counts(r.split for r in records if r.captions)
+        split = _empty_split(counts)
+        if split is not None:
+            advice = _caption_split_advice(Path(video_captions), video_captions_format, split, counts)
+            raise AnnotationError(
+                f"{video_captions} (data.video_captions): no captioned video in the {split} split "
+                f"({_summary(counts)}); {_WHY}: {advice}"
+            )
+    if str(activity_dir):
+        counts = _counts(r.split for r in records if r.label is not None)
+        split = _empty_split(counts)
+        if split is not None:
+            advice = _activity_split_advice(Path(activity_dir), activity_split, split)
+            raise AnnotationError(
+                f"{activity_dir} (data.activity_dir, activity_split {activity_split}): no labelled clip in the "
+                f"{split} split ({_summary(counts)}); {_WHY}: {advice}"
+            )
+
+
+def _caption_split_advice(path: Path, fmt: str, split: str, counts: Mapping[str, int]) -> str:
+    if fmt == "msvd" and path.suffix.lower() != ".json":
+        first, last = {"train": (1, MSVD_TRAIN), "val": (MSVD_TRAIN + 1, MSVD_TRAIN + MSVD_VAL),
+                       "test": (MSVD_TRAIN + MSVD_VAL + 1, None)}[split]
+        numbers = f"vid{first}-vid{last}" if last else f"vid{first} and above"
+        return (
+            f"MSVD's standard split puts {numbers} in {split}: number the clips so in youtube_mapping.txt beside "
+            f"{path.name} ('{{clip}} vid{{N}}' per line); without that file, clips are numbered in order of first "
+            f"appearance, and {path.name} has {sum(counts.values())}"
+        )
+    advice = f'give some videos "split": "{_MSRVTT_SPELLING[split]}" in {path}'
+    if split == "test" and not path.is_dir():
+        advice += (" (the official MSR-VTT release ships train/val and test in two files: point "
+                   "data.video_captions at a folder holding both)")
+    return advice
+
+
+def _activity_split_advice(activity_dir: Path, activity_split: int, split: str) -> str:
+    lists = {s: activity_dir / f"{s}list0{activity_split}.txt" for s in SPLITS}
+    if split != "val" or lists["val"].is_file():
+        return f"{lists[split]} lists no clips: add '{{path}} {{label}}' lines to it"
+    return (
+        f"there is no {lists['val'].name}, and carving val out of {lists['train'].name} by group (whole "
+        "v_{Class}_gNN source videos, about a tenth of each class's groups) finds no class with clips from two or "
+        f"more groups: add a {lists['val'].name} ('{{path}} {{label}}' lines), or list clips of two or more groups "
+        f"per class in {lists['train'].name}"
+    )
+
+
+def check_image_splits(
+    records: Iterable[ImageRecord],
+    *,
+    image_captions_dir: str | Path = "",
+    karpathy_split: str | Path = "",
+) -> None:
+    """:class:`AnnotationError` naming the annotation source (and its ``data.`` key) that leaves a split empty,
+    and what to do; ``records`` from :func:`load_image_records` with the same sources (see
+    :func:`check_video_splits`)."""
+    counts = _counts(r.split for r in records)
+    split = _empty_split(counts)
+    if split is None:
+        return
+    if str(karpathy_split):
+        raise AnnotationError(
+            f"{karpathy_split} (data.karpathy_split): no image in the {split} split ({_summary(counts)}); {_WHY}: "
+            f'give some images "split": "{split}" (the usual dataset_coco.json has 5000 val and 5000 test images)'
+        )
+    folder = Path(image_captions_dir)
+    files = [p.name for p in sorted(folder.glob("captions_*.json"))
+             if (m := _COCO_FILE.match(p.name)) and _SPLIT_NAMES.get(m["split"]) == split]
+    fix = f"{', '.join(files)} lists no images" if files else f"there is no captions_{split}*.json: add one"
+    raise AnnotationError(
+        f"{folder} (data.image_captions_dir): no image in the {split} split ({_summary(counts)}); {_WHY}: {fix}, "
+        f"or set data.karpathy_split to a Karpathy split file (dataset_coco.json), which assigns train, val and "
+        f"test (COCO's own test images have no public captions)"
+    )
+
+
 def activity_labels(records: Iterable[VideoRecord], split: str) -> dict[str, int]:
     """``{id: label}`` (0-based) of the labelled video records of one split."""
     return {r.id: r.label for r in records if r.split == split and r.label is not None}
