@@ -36,7 +36,7 @@ import time
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from types import TracebackType
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, NamedTuple, Protocol
 from urllib.parse import urlparse
 
 import yaml
@@ -415,6 +415,29 @@ class Tracker:
             else:
                 self.client.log_artifact(self.run_id, str(path), artifact_path)
 
+    def log_datasets(self, folders: Mapping[str, str | Path], *, repo_root: str | Path) -> dict[str, DvcHash]:
+        """Record the artifact folders the run reads (``{"features": "artifacts/features", ...}``) as MLflow dataset
+        inputs, in one request: each folder three times, ``{name}/train``, ``{name}/val`` and ``{name}/test`` with the
+        contexts training, validation and test (MLflow keeps one input per name and digest, so one name per split),
+        each with the folder's DVC hash as digest (:func:`dvc_hash`). Returns those hashes by name."""
+        from mlflow.entities import Dataset, DatasetInput, InputTag
+        from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
+
+        hashes = {name: dvc_hash(folder, repo_root=repo_root) for name, folder in folders.items()}
+        inputs = [
+            DatasetInput(
+                Dataset(name=f"{name}/{split}", digest=hashes[name].value, source_type="local",
+                        source=json.dumps({"uri": str(Path(folder).resolve())})),
+                tags=[InputTag(MLFLOW_DATASET_CONTEXT, context), InputTag("seqvision.split", split),
+                      InputTag("seqvision.digest_source", hashes[name].source)],
+            )
+            for name, folder in folders.items()
+            for split, context in SPLIT_CONTEXTS
+        ]
+        with _reaching(self._uri):
+            self.client.log_inputs(self.run_id, datasets=inputs)
+        return hashes
+
     def finish(self, status: str = "FINISHED") -> None:
         """End the run with ``status``; later calls are ignored (the first verdict stands)."""
         if self.status is not None:
@@ -494,6 +517,79 @@ def data_md5(dvc_file: str | Path) -> str:
     if not any(hashes):
         raise ValueError(f"{dvc_file}: no outs[].md5 entry; was `dvc add` run?")
     return "+".join(hashes)
+
+
+# --------------------------------------------------------------------------------------------------------
+# Dataset lineage: the artifact folders a run reads, identified by their DVC hash.
+
+SPLIT_CONTEXTS = (("train", "training"), ("val", "validation"), ("test", "test"))  # split -> MLflow's context
+DVC_LOCK = "dvc.lock"
+
+
+class DvcHash(NamedTuple):
+    """The md5 DVC 3 records for an output: ``"<md5>.dir"`` for a folder, ``"<md5>"`` for a file."""
+
+    value: str
+    source: str  # "dvc.lock": read from the lock file; "computed": computed here, as DVC computes it
+
+
+def dvc_hash(path: str | Path, *, repo_root: str | Path) -> DvcHash:
+    """The DVC hash of a stage output (a file or a folder).
+
+    From ``{repo_root}/dvc.lock`` when a stage there lists ``path`` among its ``outs`` and the output on disk still
+    looks like what was recorded (same size and, for a folder, file count; no file modified after dvc.lock was
+    written). Otherwise computed here exactly as DVC 3 does (:func:`compute_dvc_md5`), which reads every file once:
+    an output rewritten outside ``dvc repro`` then still gets the hash ``dvc commit`` would record.
+    """
+    path = Path(path)
+    recorded = _locked_out(path, Path(repo_root))
+    if recorded is not None:
+        lock_time = (Path(repo_root) / DVC_LOCK).stat().st_mtime
+        files = [p for p in path.rglob("*") if p.is_file()] if path.is_dir() else [path] if path.is_file() else []
+        size = sum(p.stat().st_size for p in files)
+        fresh = all(p.stat().st_mtime <= lock_time for p in files)
+        count_ok = not path.is_dir() or recorded.get("nfiles") == len(files)
+        if files and fresh and count_ok and recorded.get("size") == size:
+            return DvcHash(str(recorded["md5"]), DVC_LOCK)
+    return DvcHash(compute_dvc_md5(path), "computed")
+
+
+def _locked_out(path: Path, repo_root: Path) -> dict[str, Any] | None:
+    """The ``outs`` entry of dvc.lock for ``path`` (md5, size, nfiles), or None."""
+    lock = repo_root / DVC_LOCK
+    if not lock.is_file():
+        return None
+    try:
+        relative = path.resolve().relative_to(repo_root.resolve()).as_posix()
+    except ValueError:  # outside the repository: not a DVC output
+        return None
+    stages = (yaml.safe_load(lock.read_text(encoding="utf-8")) or {}).get("stages") or {}
+    for stage in stages.values():
+        for out in stage.get("outs") or []:
+            if out.get("path") == relative and out.get("hash", "md5") == "md5" and out.get("md5"):
+                return out
+    return None
+
+
+def _md5_file(path: Path) -> str:
+    digest = hashlib.md5()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def compute_dvc_md5(path: str | Path) -> str:
+    """DVC 3's md5 of a file (of its bytes), or of a folder: the md5 of the JSON list of ``{"md5", "relpath"}`` of
+    every file under it, sorted by relpath (``dvc_data.hashfile.tree.Tree.digest``), then ``.dir``."""
+    path = Path(path)
+    if path.is_file():
+        return _md5_file(path)
+    if not path.is_dir():
+        raise FileNotFoundError(f"{path}: no such file or folder")
+    entries = sorted(({"md5": _md5_file(p), "relpath": p.relative_to(path).as_posix()}
+                      for p in path.rglob("*") if p.is_file()), key=lambda e: e["relpath"])
+    return hashlib.md5(json.dumps(entries, sort_keys=True).encode("utf-8")).hexdigest() + ".dir"
 
 
 def git_commit(repo_root: str | Path) -> tuple[str, bool]:
