@@ -249,6 +249,49 @@ def test_a_training_run_carries_its_test_metrics_parameter_count_and_dataset_inp
                       for split, context in (("train", "training"), ("val", "validation"), ("test", "test"))}
 
 
+def test_the_best_model_is_registered_under_its_alias_and_loads_with_one_call(repo, client, tmp_path, monkeypatch):
+    """A training checkpoint -> a pyfunc model on its child run, registered as seqvision-activity@best; loading it
+    gives the same network (and no pickled code: MLFLOW_ALLOW_PICKLE_DESERIALIZATION stays unset)."""
+    import mlflow
+    import torch
+
+    from seqvision import checkpoint, models
+    from seqvision.blocks import ModelDims
+
+    monkeypatch.delenv("MLFLOW_ALLOW_PICKLE_DESERIALIZATION", raising=False)
+    parent = tracking.start_parent("comparison", "cmp-registry", repo_root=repo)
+    versions = []
+    for k in range(2):  # a later comparison's best takes the alias over
+        torch.manual_seed(k)
+        model = models.build_model("activity", "gru", None, dims=ModelDims(feature_dim=6, num_classes=4))
+        checkpoint.save(tmp_path / f"best{k}.pt", {"spec": models.model_spec(model, task="activity", family="gru"),
+                                                   "model": model.state_dict(), "optimizer": {"step": 3}})
+        with tracking.start_child(parent_run_id=parent, run_name="activity-gru", repo_root=repo) as child:
+            pass
+        versions.append(tracking.log_model(tmp_path / f"best{k}.pt", run_id=child.run_id, repo_root=repo,
+                                           register_as="seqvision-activity", tags={"seqvision.seed": k}))
+    assert versions == ["1", "2"]
+    assert client.get_run(child.run_id).info.status == "FINISHED"
+    assert {a.path for a in client.list_artifacts(child.run_id, "model")} >= {"model/MLmodel", "model/artifacts"}
+    registered = client.get_model_version_by_alias("seqvision-activity", "best")
+    assert str(registered.version) == "2" and registered.run_id == child.run_id
+    assert registered.tags["seqvision.seed"] == "1"
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", tracking.tracking_uri(repo))
+    loaded = mlflow.pyfunc.load_model("models:/seqvision-activity@best")  # the README's call
+    module = loaded.unwrap_python_model().module
+    assert isinstance(module, torch.nn.Module) and not module.training
+    features = torch.randn(3, 5, 6)
+    with torch.no_grad():
+        expected, _ = model.eval()(features, torch.full((3,), 5))
+        got, _ = module(features, torch.full((3,), 5))
+    assert torch.equal(got, expected)
+    assert loaded.predict(features.numpy()).tolist() == expected.argmax(-1).tolist()
+    stored = client.download_artifacts(child.run_id, "model/artifacts/checkpoint.pt", str(tmp_path))
+    assert set(checkpoint.load(stored)) == {"spec", "model", "format", "sha256"}  # state dict + config, no optimizer
+    tracking.end_run(parent, repo_root=repo)
+
+
 def test_null_tracker_is_a_silent_context_manager(tmp_path):
     with tracking.NullTracker() as tracker:
         tracker.log_params({"a": 1})

@@ -32,6 +32,7 @@ import logging
 import os
 import sqlite3
 import subprocess
+import tempfile
 import time
 from collections.abc import Iterator, Mapping
 from pathlib import Path
@@ -718,3 +719,109 @@ def publish_comparison(
         log_to_run(child, repo_root=repo_root, metrics=values)
     if end_parent:
         end_run(parent_run_id, repo_root=repo_root, status="FINISHED")
+
+
+# --------------------------------------------------------------------------------------------------------
+# The model registry: the best model of each task, loadable with one call.
+
+BEST_ALIAS = "best"
+MODEL_ARTIFACT = "model"  # the model's folder among its run's artifacts
+
+# The pyfunc model's code, saved beside its checkpoint ("models from code": MLflow loads it without unpickling
+# anything, so loading needs no MLFLOW_ALLOW_PICKLE_DESERIALIZATION; the checkpoint holds plain data only).
+MODEL_CODE = '''"""A seqvision model as an MLflow pyfunc model, written by seqvision.tracking.log_model.
+
+``load_context`` rebuilds the network from ``checkpoint.pt`` (its spec and state dict, seqvision.checkpoint's layout)
+with seqvision.models.build_from_checkpoint, on the CPU and in eval mode, as ``self.module``. ``predict`` takes a
+batch of what the model was trained on: float features (B, T, D) of clips or (B, G, D) image grids (uint8 pixels for
+a model with its encoder) and returns activity class indices (B,) int64 or greedy caption token ids (B, L) int64
+(params ``max_length``, default 20; decode them with the tokens folder's vocab.json).
+"""
+
+import mlflow
+import numpy as np
+import torch
+
+from seqvision import checkpoint, decode, models
+
+
+class SeqvisionModel(mlflow.pyfunc.PythonModel):
+    def load_context(self, context):
+        state = checkpoint.load(context.artifacts["checkpoint"])
+        self.spec = state["spec"]
+        self.module = models.build_from_checkpoint(state).eval()
+
+    def predict(self, context, model_input, params=None):
+        visual = torch.as_tensor(np.asarray(model_input))
+        if visual.is_floating_point():
+            visual = visual.float()
+        pixels_of_images = "encoder" in self.spec and self.spec["task"] == "image_captioning"
+        lengths = torch.full((visual.size(0),), 1 if pixels_of_images else visual.size(1), dtype=torch.long)
+        with torch.no_grad():
+            if self.spec["task"] == "activity":
+                logits, _ = self.module(visual, lengths)  # (B, C)
+                return logits.argmax(-1).numpy()
+            max_length = int((params or {}).get("max_length", 20))
+            return decode.greedy_decode(self.module, visual, lengths, max_length=max_length).tokens.numpy()
+
+
+mlflow.models.set_model(SeqvisionModel())
+'''
+
+
+def registered_model_name(task: str) -> str:
+    """``seqvision-{task}``: one registered model per task, its versions the best models of successive comparisons."""
+    return f"seqvision-{task}"
+
+
+def log_model(
+    checkpoint_path: str | Path,
+    *,
+    run_id: str,
+    repo_root: str | Path,
+    register_as: str | None = None,
+    alias: str = BEST_ALIAS,
+    tags: Mapping[str, Any] | None = None,
+) -> str | None:
+    """Log the model of a training checkpoint on run ``run_id`` (artifact folder ``model/``) as an MLflow pyfunc model
+    holding only its spec and weights; with ``register_as``, register it as a new version of that model, tagged
+    ``tags``, and point ``alias`` at it. Returns the version (None when not registered).
+
+    Loading (``mlflow.pyfunc.load_model("models:/seqvision-activity@best")``) imports seqvision and torch and needs
+    nothing else: no network, no pickled code."""
+    import mlflow.pyfunc
+    import numpy
+    import torch
+
+    from seqvision import checkpoint
+
+    state = checkpoint.load(checkpoint_path)
+    uri = tracking_uri(repo_root)
+    client = _client(uri)
+    with tempfile.TemporaryDirectory() as tmp:
+        slim, code, local = Path(tmp) / "checkpoint.pt", Path(tmp) / "seqvision_model.py", Path(tmp) / "model"
+        checkpoint.save(slim, {"spec": state["spec"], "model": state["model"]})  # no optimizer, rng, history
+        code.write_text(MODEL_CODE, encoding="utf-8")
+        # Explicit requirements: MLflow would otherwise infer them by loading the model in a subprocess.
+        requirements = [f"torch=={torch.__version__.split('+')[0]}", f"numpy=={numpy.__version__}"]
+        mlflow.pyfunc.save_model(str(local), python_model=str(code), artifacts={"checkpoint": str(slim)},
+                                 pip_requirements=requirements)
+        with _reaching(uri):
+            client.log_artifacts(run_id, str(local), MODEL_ARTIFACT)
+    if register_as is None:
+        return None
+    from mlflow.exceptions import MlflowException
+    from mlflow.protos.databricks_pb2 import RESOURCE_ALREADY_EXISTS, ErrorCode
+
+    with _reaching(uri):
+        try:
+            client.create_registered_model(register_as, description=(
+                "The best model family of the comparison on its task's primary test metric (alias "
+                f"'{alias}'); load with mlflow.pyfunc.load_model('models:/{register_as}@{alias}')"))
+        except MlflowException as err:
+            if err.error_code != ErrorCode.Name(RESOURCE_ALREADY_EXISTS):
+                raise
+        version = client.create_model_version(register_as, f"runs:/{run_id}/{MODEL_ARTIFACT}", run_id=run_id,
+                                              tags=_stringify(tags or {}))
+        client.set_registered_model_alias(register_as, alias, version.version)
+    return str(version.version)
