@@ -734,8 +734,8 @@ MODEL_CODE = '''"""A seqvision model as an MLflow pyfunc model, written by seqvi
 ``load_context`` rebuilds the network from ``checkpoint.pt`` (its spec and state dict, seqvision.checkpoint's layout)
 with seqvision.models.build_from_checkpoint, on the CPU and in eval mode, as ``self.module``. ``predict`` takes a
 batch of what the model was trained on: float features (B, T, D) of clips or (B, G, D) image grids (uint8 pixels for
-a model with its encoder) and returns activity class indices (B,) int64 or greedy caption token ids (B, L) int64
-(params ``max_length``, default 20; decode them with the tokens folder's vocab.json).
+a model with its encoder) and returns activity class indices (B,) int64 or greedy caption token ids (B, L) int64,
+L <= 20 (decode them with the tokens folder's vocab.json).
 """
 
 import mlflow
@@ -761,8 +761,7 @@ class SeqvisionModel(mlflow.pyfunc.PythonModel):
             if self.spec["task"] == "activity":
                 logits, _ = self.module(visual, lengths)  # (B, C)
                 return logits.argmax(-1).numpy()
-            max_length = int((params or {}).get("max_length", 20))
-            return decode.greedy_decode(self.module, visual, lengths, max_length=max_length).tokens.numpy()
+            return decode.greedy_decode(self.module, visual, lengths, max_length=20).tokens.numpy()
 
 
 mlflow.models.set_model(SeqvisionModel())
