@@ -15,8 +15,10 @@ report.compute_meteor); the train and baselines stages leave it null.
 MLflow: the report files are logged on the comparison's parent run (--parent-run-id, else
 $SEQVISION_PARENT_RUN_ID, else every parent run named by the train summaries), with every run's headline and verdict
 metrics (mean over seeds and interval: ``activity.lstm.top1``, ``...top1.ci95_low``) on the parent and each
-model's test metrics (``test_*`` mean, ``test_*_seed<k>``) on its child run; then the parent run is ended FINISHED.
-Without a parent run id, nothing is logged.
+model's test metrics scored here (METEOR: ``test/meteor`` mean, ``test/meteor/seed<k>``) on its child run; then the
+parent run is ended FINISHED. Then each task's best model (the family ranked first on the primary metric, its seed
+with the best validation metric) is logged on its child run and registered as ``seqvision-{task}`` with alias
+``best`` (README, "Loading the best model from MLflow"). Without a parent run id, nothing is logged.
 
 Exit status: 0 done; 1 the report was written but MLflow logging failed; 2 a missing input folder or a bad
 metadata.json.
@@ -80,6 +82,33 @@ def publish(runs: dict[str, list[Any]], paths: dict[str, Path], parent_run_id: s
                             f"{str(err).splitlines()[0] if str(err) else type(err).__name__}") from err
 
 
+@task(cache_policy=NO_CACHE)
+def register_best(sections: list[Any], repo_root: str) -> list[str]:
+    """Each task's best model (``report.best_models``) logged on its child run and registered as
+    ``seqvision-{task}`` with alias ``best``; returns one line per task."""
+    logger = get_run_logger()
+    lines = []
+    for best in report.best_models(sections):
+        what = f"{best.task}: {best.family} seed {best.seed} ({best.metric} {best.mean:.3f} on test, mean over seeds)"
+        if best.run_id is None or not best.checkpoint.is_file():
+            missing = "MLflow child run" if best.run_id is None else str(best.checkpoint)
+            logger.warning(f"{what}: not registered (no {missing})")
+            continue
+        try:
+            version = tracking.log_model(
+                best.checkpoint, run_id=best.run_id, repo_root=repo_root,
+                register_as=tracking.registered_model_name(best.task),
+                tags={"seqvision.task": best.task, "seqvision.family": best.family, "seqvision.seed": best.seed,
+                      "seqvision.metric": best.metric, f"test/{best.metric}": best.mean},
+            )
+        except Exception as err:  # noqa: BLE001 - any store error: the report itself is done
+            raise TrackingError(f"report written, but registering the best {best.task} model failed: "
+                                f"{str(err).splitlines()[0] if str(err) else type(err).__name__}") from err
+        lines.append(f"{tracking.registered_model_name(best.task)}@{tracking.BEST_ALIAS} = version {version}: {what}")
+        logger.info(lines[-1])
+    return lines
+
+
 @flow(name="report")
 def report_flow(
     *,
@@ -111,7 +140,7 @@ def report_flow(
     for section in sections:
         logger.info(f"{section.task}: {section.verdict[0]}")
     paths = render(sections, out, resamples, seed)
-    result: dict[str, Any] = {"paths": paths, "parent_run_ids": [], "logged_metrics": 0,
+    result: dict[str, Any] = {"paths": paths, "parent_run_ids": [], "logged_metrics": 0, "registered": [],
                               "runs": sum(len(v) for v in loaded.values()),
                               "ok": sum(r.ok for v in loaded.values() for r in v)}
     if not mlflow:
@@ -127,6 +156,7 @@ def report_flow(
     result["parent_run_ids"] = parents
     for parent in parents:
         result["logged_metrics"] = publish(loaded, paths, parent, str(Path(repo_root).resolve()))
+    result["registered"] = register_best(sections, str(Path(repo_root).resolve()))
     return result
 
 
@@ -193,6 +223,8 @@ def main(argv: list[str] | None = None) -> int:
         if result["parent_run_ids"]:
             print(f"report: logged on MLflow parent run {', '.join(result['parent_run_ids'])} "
                   f"({result['logged_metrics']} metrics, run ended FINISHED); browse with `make mlflow-ui`")
+            for line in result["registered"]:
+                print(f"report: registered {line}")
         else:
             print("report: not logged to MLflow (no parent run id); `make mlflow-ui` shows the training runs")
         return 0

@@ -19,9 +19,11 @@ learning curves (``learning_curve.json``) and, for activity, the confusion rows 
 
 MLflow: the training is one child run of the comparison's parent run (``$SEQVISION_PARENT_RUN_ID``, else the RUNNING
 run in ``.seqvision/parent_run_id`` under the repository root, else a new run "comparison"), holding every seed's
-learning curve (``seed{k}/...``), the test metrics per seed and their mean and interval (``test/...``), and the
-parameter count. Runs go to ``$MLFLOW_TRACKING_URI``, else ``sqlite:///<repo>/mlflow.db``; the store is checked
-before any work. A failed seed fails the stage and marks the run FAILED.
+learning curve (``seed{k}/...``), the test metrics per seed and their mean and interval (``test/...``), the
+parameter count, and the folders it reads as MLflow dataset inputs (features or frames, tokens or the activity class
+lists; one input per split, its digest the folder's DVC hash). Runs go to ``$MLFLOW_TRACKING_URI``, else
+``sqlite:///<repo>/mlflow.db``; the store is checked before any work. A failed seed fails the stage and marks the run
+FAILED.
 
 DDP: with ``--nproc-per-node N`` each seed trains on N local processes under torchrun (NCCL on GPUs, gloo on
 CPU), one seed after another; ``train.batch_size`` stays the global batch (docs/ddp.md).
@@ -171,13 +173,28 @@ def train_seed(seed_index: int, args: list[str], nproc_per_node: int, slots: que
 
 
 @task(cache_policy=NO_CACHE, tags=["orchestration"])
-def open_run(task_name: str, model: str, params: TrainParams, repo_root: Path) -> tuple[Any, str]:
+def open_run(task_name: str, model: str, params: TrainParams, repo_root: Path,
+             inputs: dict[str, str] | None = None) -> tuple[Any, str]:
     """This training's MLflow child run under the comparison's parent (created while the seeds train), holding the
-    params it depends on."""
+    params it depends on and the folders it reads (``inputs``, :func:`read_folders`) as dataset inputs."""
     flat = tracked(task_name, model, params)
     tracker, parent = tracking.open_training_run(task_name, model, repo_root=repo_root, params=flat)
     tracker.log_params(flat)
+    if inputs:
+        tracker.log_datasets(inputs, repo_root=repo_root)
     return tracker, parent
+
+
+def read_folders(task_name: str, params: TrainParams, *, features: str, tokens: str | None,
+                 frames: str | None) -> dict[str, str]:
+    """The input folders a training reads, by name: the features (the frames instead when the encoder is fine-tuned
+    on pixels), the tokens for captioners, the class lists for activity."""
+    folders = {"frames": frames} if params.train.finetune_encoder and frames else {"features": features}
+    if task_name == "activity":
+        folders["activity_labels"] = params.activity_dir
+    elif tokens is not None:
+        folders["tokens"] = tokens
+    return {name: str(folder) for name, folder in folders.items() if folder}
 
 
 @task(cache_policy=NO_CACHE)
@@ -281,7 +298,8 @@ def train_flow(
     logger.info(f"{task}/{model}: {seeds} seed(s), {len(slots_list)} at once, {threads} thread(s) each")
     # The flow's thread pool runs the tasks; the slots bound how many seeds train at once. The MLflow run opens
     # while they train.
-    run = open_run.submit(task, model, params, root) if tracking else None
+    inputs = read_folders(task, params, features=features, tokens=tokens, frames=frames)
+    run = open_run.submit(task, model, params, root, inputs) if tracking else None
     futures = [train_seed.submit(k, worker_args(
         task, model, seed_index=k, out=out, params_path=params_path, params=params, features=features,
         tokens=tokens, frames=frames if finetune else None, encoder=encoder if finetune else None,

@@ -597,6 +597,21 @@ def test_parent_and_child_metrics_carry_means_intervals_and_seeds(tmp_path):
     assert children["child-gru"]["test/meteor/ci95_low"] < 0.2
 
 
+def test_the_best_model_of_a_task_is_its_first_ranked_family_at_its_best_validation_seed(tmp_path):
+    ids = {"gru": {"mlflow_run_id": "child-gru"}}
+    runs = report.load_runs(runs_dir=build_tree(tmp_path, mlflow_ids=ids)["runs"], baselines_dir=tmp_path / "eval")
+    sections = report.build_sections(runs, examples=0, resamples=100)
+    best = {b.task: b for b in report.best_models(sections)}
+    assert set(best) == {"activity", "video_captioning"}  # image captioning has no trained family
+    activity = best["activity"]
+    assert (activity.family, activity.metric, activity.run_id) == ("gru", "top_1", "child-gru")
+    assert activity.mean == pytest.approx(0.875)  # ranked above meanpool (0.5); the baseline is no candidate
+    assert activity.seed == 2  # best_val_metric 0.5 + 0.01 k: the last of three seeds
+    assert activity.checkpoint == tmp_path / "runs" / "activity" / "gru" / "train" / "seed2" / "best.pt"
+    assert (best["video_captioning"].family, best["video_captioning"].metric) == ("gru", "cider_d")
+    assert best["video_captioning"].run_id is None
+
+
 @pytest.mark.slow
 def test_mlflow_parent_gets_the_report_and_every_childs_headline_metric(tmp_path, monkeypatch):
     from mlflow import MlflowClient

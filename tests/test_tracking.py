@@ -14,6 +14,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import yaml
 
 from seqvision import tracking, train
 from tests.test_train import LR, NaNAfter, config, fit, fresh, loaders
@@ -164,6 +165,131 @@ def test_lineage_tags(tmp_path):
     (tmp_path / "bad.dvc").write_text("outs: []\n")
     with pytest.raises(ValueError, match="bad.dvc"):
         tracking.data_md5(tmp_path / "bad.dvc")
+
+
+def test_dvc_hash_is_dvcs_own_and_read_from_a_fresh_dvc_lock(tmp_path):
+    from dvc_data.hashfile.build import build
+    from dvc_data.hashfile.db import HashFileDB
+    from dvc_objects.fs.local import LocalFileSystem
+
+    features = tmp_path / "artifacts" / "features"
+    (features / "sub").mkdir(parents=True)
+    (features / "videos-train.npy").write_bytes(b"\x00\x01" * 100)
+    (features / "sub" / "index.json").write_text('{"videos": []}')
+    fs = LocalFileSystem()
+    _, _, tree = build(HashFileDB(fs, str(tmp_path / "odb")), str(features), fs, "md5")
+    computed = tracking.compute_dvc_md5(features)
+    assert computed == tree.hash_info.value and computed.endswith(".dir")  # what `dvc commit` would record
+    assert tracking.compute_dvc_md5(features / "videos-train.npy") == tracking._md5_file(features / "videos-train.npy")
+    assert tracking.dvc_hash(features, repo_root=tmp_path) == (computed, "computed")  # no dvc.lock
+
+    recorded = "0123456789abcdef0123456789abcdef.dir"  # not the real hash: proves it was read, not computed
+    lock = tmp_path / "dvc.lock"
+    lock.write_text(yaml.safe_dump({"schema": "2.0", "stages": {"features": {"outs": [
+        {"path": "artifacts/features", "hash": "md5", "md5": recorded, "size": 214, "nfiles": 2}]}}}))
+    assert tracking.dvc_hash(features, repo_root=tmp_path) == (recorded, "dvc.lock")
+    # written after dvc.lock (outside `dvc repro`): the lock's value may be stale, so it is computed
+    later = lock.stat().st_mtime + 10
+    os.utime(features / "videos-train.npy", (later, later))
+    assert tracking.dvc_hash(features, repo_root=tmp_path) == (computed, "computed")
+    os.utime(lock, (later + 1, later + 1))
+    assert tracking.dvc_hash(features, repo_root=tmp_path).source == "dvc.lock"
+    (features / "extra.npy").write_bytes(b"x")  # a file more than recorded
+    os.utime(features / "extra.npy", (later, later))
+    assert tracking.dvc_hash(features, repo_root=tmp_path).source == "computed"
+
+
+def test_a_training_run_carries_its_test_metrics_parameter_count_and_dataset_inputs(repo, client, tmp_path,
+                                                                                    monkeypatch):
+    """The train stage's own tasks (open_run, log_run) on a real store: what the compare view ranks on, and the
+    folders the run read, each split an input with its context and the folder's DVC hash."""
+    from pipelines import train as stage
+    from pipelines.train_args import TrainParams
+    from seqvision.config import EvaluateConfig, RecurrentModelConfig, TrainConfig
+    from seqvision.metrics import seed_summary
+
+    monkeypatch.setenv("SEQVISION_PARENT_RUN_ID", tracking.start_parent("comparison", "cmp-inputs", repo_root=repo))
+    features, tokens = tmp_path / "features", tmp_path / "tokens"
+    for folder in (features, tokens):
+        folder.mkdir()
+        (folder / "train.npz").write_bytes(folder.name.encode())
+    params = TrainParams(train=TrainConfig(seeds=2), model_config=RecurrentModelConfig(), budget=None,
+                         decoding=EvaluateConfig(), activity_dir="", activity_split=1)
+    inputs = stage.read_folders("video_captioning", params, features=str(features), tokens=str(tokens),
+                                frames=str(tmp_path / "frames"))
+    assert inputs == {"features": str(features), "tokens": str(tokens)}
+    tracker, _ = stage.open_run.fn("video_captioning", "gru", params, repo, inputs)
+
+    out = tmp_path / "out"
+    for k in range(2):
+        (out / "train" / f"seed{k}").mkdir(parents=True)
+        (out / "train" / f"seed{k}" / "history.json").write_text(json.dumps(
+            [{"epoch": e, "train_loss": 1.0 / e, "val_loss": 1.1 / e, "val_metric": 0.1 * e} for e in (1, 2)]))
+    (out / "summary.json").write_text(json.dumps(
+        {"metric": "cider_d", "seeds": [{"resumed_from_epoch": 0, "device": "cpu"}] * 2}))
+    metrics = {"num_parameters": 1234, "converged": 2, "num_seeds": 2, "cider_d": seed_summary([0.4, 0.6]),
+               "content_event_f1": seed_summary([0.5, 0.7]), "bleu_4": seed_summary([0.1, 0.2])}
+    (out / "metrics.json").write_text(json.dumps(metrics))
+    with tracker:
+        stage.log_run.fn(tracker, str(out), 2, metrics)
+
+    run = client.get_run(tracker.run_id)
+    for name in ("cider_d", "content_event_f1", "bleu_4"):  # coco and content metrics, per seed and mean
+        assert run.data.metrics[f"test/{name}"] == pytest.approx(metrics[name]["mean"])
+        assert [run.data.metrics[f"test/{name}/seed{k}"] for k in range(2)] == pytest.approx(metrics[name]["seeds"])
+        assert run.data.metrics[f"test/{name}/ci95_low"] < metrics[name]["mean"]
+    assert run.data.metrics["num_parameters"] == 1234 and run.data.params["num_parameters"] == "1234"
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "seed1/val_cider_d")] == [1, 2]
+
+    logged = {(i.dataset.name, i.dataset.digest, {t.key: t.value for t in i.tags}["mlflow.data.context"],
+               json.loads(i.dataset.source)["uri"]) for i in run.inputs.dataset_inputs}
+    digests = {name: tracking.compute_dvc_md5(folder) for name, folder in (("features", features), ("tokens", tokens))}
+    assert logged == {(f"{name}/{split}", digests[name], context, str(folder))
+                      for name, folder in (("features", features), ("tokens", tokens))
+                      for split, context in (("train", "training"), ("val", "validation"), ("test", "test"))}
+
+
+def test_the_best_model_is_registered_under_its_alias_and_loads_with_one_call(repo, client, tmp_path, monkeypatch):
+    """A training checkpoint -> a pyfunc model on its child run, registered as seqvision-activity@best; loading it
+    gives the same network (and no pickled code: MLFLOW_ALLOW_PICKLE_DESERIALIZATION stays unset)."""
+    import mlflow
+    import torch
+
+    from seqvision import checkpoint, models
+    from seqvision.blocks import ModelDims
+
+    monkeypatch.delenv("MLFLOW_ALLOW_PICKLE_DESERIALIZATION", raising=False)
+    parent = tracking.start_parent("comparison", "cmp-registry", repo_root=repo)
+    versions = []
+    for k in range(2):  # a later comparison's best takes the alias over
+        torch.manual_seed(k)
+        model = models.build_model("activity", "gru", None, dims=ModelDims(feature_dim=6, num_classes=4))
+        checkpoint.save(tmp_path / f"best{k}.pt", {"spec": models.model_spec(model, task="activity", family="gru"),
+                                                   "model": model.state_dict(), "optimizer": {"step": 3}})
+        with tracking.start_child(parent_run_id=parent, run_name="activity-gru", repo_root=repo) as child:
+            pass
+        versions.append(tracking.log_model(tmp_path / f"best{k}.pt", run_id=child.run_id, repo_root=repo,
+                                           register_as="seqvision-activity", tags={"seqvision.seed": k}))
+    assert versions == ["1", "2"]
+    assert client.get_run(child.run_id).info.status == "FINISHED"
+    assert {a.path for a in client.list_artifacts(child.run_id, "model")} >= {"model/MLmodel", "model/artifacts"}
+    registered = client.get_model_version_by_alias("seqvision-activity", "best")
+    assert str(registered.version) == "2" and registered.run_id == child.run_id
+    assert registered.tags["seqvision.seed"] == "1"
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", tracking.tracking_uri(repo))
+    loaded = mlflow.pyfunc.load_model("models:/seqvision-activity@best")  # the README's call
+    module = loaded.unwrap_python_model().module
+    assert isinstance(module, torch.nn.Module) and not module.training
+    features = torch.randn(3, 5, 6)
+    with torch.no_grad():
+        expected, _ = model.eval()(features, torch.full((3,), 5))
+        got, _ = module(features, torch.full((3,), 5))
+    assert torch.equal(got, expected)
+    assert loaded.predict(features.numpy()).tolist() == expected.argmax(-1).tolist()
+    stored = client.download_artifacts(child.run_id, "model/artifacts/checkpoint.pt", str(tmp_path))
+    assert set(checkpoint.load(stored)) == {"spec", "model", "format", "sha256"}  # state dict + config, no optimizer
+    tracking.end_run(parent, repo_root=repo)
 
 
 def test_null_tracker_is_a_silent_context_manager(tmp_path):

@@ -1558,6 +1558,38 @@ def parent_run_ids(runs: Mapping[str, Sequence[Run]]) -> list[str]:
     return [pid for pid, _ in counts.most_common()]
 
 
+class BestModel(NamedTuple):
+    """The model a task's comparison recommends: what the registry gets as ``seqvision-{task}@best``."""
+
+    task: str
+    family: str
+    metric: str  # the task's primary metric
+    mean: float  # its mean over seeds on the test split
+    seed: int  # k of seed{k}, the seed with the best validation metric
+    checkpoint: Path  # that seed's best.pt
+    run_id: str | None  # the family's MLflow child run
+
+
+def best_models(sections: Sequence[TaskSection]) -> list[BestModel]:
+    """Per task, the model family ranked first on the primary metric (the report's ranking: mean over seeds on the
+    test split) and, of its seeds, the one with the best validation metric: picking the seed on test as well would
+    use the test split twice. Tasks without a ranked family are left out."""
+    out = []
+    for section in sections:
+        metric = section.stats.primary
+        ranked = _ranked([r for r in section.runs if r.kind == "model"], metric) if metric else []
+        if not ranked or not ranked[0].seeds:
+            continue
+        run = ranked[0]
+        validation = [_number(v) for v in run.seed_info("best_val_metric")]
+        best = max(range(len(run.seeds)), key=lambda i: (validation[i] is not None, validation[i] or 0.0, -i))
+        seed = run.seeds[best].index
+        child = run.info("run_id")
+        out.append(BestModel(section.task, run.name, str(metric), float(run.value(metric)),  # type: ignore[arg-type]
+                             seed, run.folder / "train" / f"seed{seed}" / "best.pt", str(child) if child else None))
+    return out
+
+
 # The test metrics scored by this stage rather than by the train stage (which logs the others on each child run).
 SCORED_HERE = ("meteor",)
 

@@ -32,11 +32,12 @@ import logging
 import os
 import sqlite3
 import subprocess
+import tempfile
 import time
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from types import TracebackType
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, NamedTuple, Protocol
 from urllib.parse import urlparse
 
 import yaml
@@ -415,6 +416,29 @@ class Tracker:
             else:
                 self.client.log_artifact(self.run_id, str(path), artifact_path)
 
+    def log_datasets(self, folders: Mapping[str, str | Path], *, repo_root: str | Path) -> dict[str, DvcHash]:
+        """Record the artifact folders the run reads (``{"features": "artifacts/features", ...}``) as MLflow dataset
+        inputs, in one request: each folder three times, ``{name}/train``, ``{name}/val`` and ``{name}/test`` with the
+        contexts training, validation and test (MLflow keeps one input per name and digest, so one name per split),
+        each with the folder's DVC hash as digest (:func:`dvc_hash`). Returns those hashes by name."""
+        from mlflow.entities import Dataset, DatasetInput, InputTag
+        from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
+
+        hashes = {name: dvc_hash(folder, repo_root=repo_root) for name, folder in folders.items()}
+        inputs = [
+            DatasetInput(
+                Dataset(name=f"{name}/{split}", digest=hashes[name].value, source_type="local",
+                        source=json.dumps({"uri": str(Path(folder).resolve())})),
+                tags=[InputTag(MLFLOW_DATASET_CONTEXT, context), InputTag("seqvision.split", split),
+                      InputTag("seqvision.digest_source", hashes[name].source)],
+            )
+            for name, folder in folders.items()
+            for split, context in SPLIT_CONTEXTS
+        ]
+        with _reaching(self._uri):
+            self.client.log_inputs(self.run_id, datasets=inputs)
+        return hashes
+
     def finish(self, status: str = "FINISHED") -> None:
         """End the run with ``status``; later calls are ignored (the first verdict stands)."""
         if self.status is not None:
@@ -494,6 +518,79 @@ def data_md5(dvc_file: str | Path) -> str:
     if not any(hashes):
         raise ValueError(f"{dvc_file}: no outs[].md5 entry; was `dvc add` run?")
     return "+".join(hashes)
+
+
+# --------------------------------------------------------------------------------------------------------
+# Dataset lineage: the artifact folders a run reads, identified by their DVC hash.
+
+SPLIT_CONTEXTS = (("train", "training"), ("val", "validation"), ("test", "test"))  # split -> MLflow's context
+DVC_LOCK = "dvc.lock"
+
+
+class DvcHash(NamedTuple):
+    """The md5 DVC 3 records for an output: ``"<md5>.dir"`` for a folder, ``"<md5>"`` for a file."""
+
+    value: str
+    source: str  # "dvc.lock": read from the lock file; "computed": computed here, as DVC computes it
+
+
+def dvc_hash(path: str | Path, *, repo_root: str | Path) -> DvcHash:
+    """The DVC hash of a stage output (a file or a folder).
+
+    From ``{repo_root}/dvc.lock`` when a stage there lists ``path`` among its ``outs`` and the output on disk still
+    looks like what was recorded (same size and, for a folder, file count; no file modified after dvc.lock was
+    written). Otherwise computed here exactly as DVC 3 does (:func:`compute_dvc_md5`), which reads every file once:
+    an output rewritten outside ``dvc repro`` then still gets the hash ``dvc commit`` would record.
+    """
+    path = Path(path)
+    recorded = _locked_out(path, Path(repo_root))
+    if recorded is not None:
+        lock_time = (Path(repo_root) / DVC_LOCK).stat().st_mtime
+        files = [p for p in path.rglob("*") if p.is_file()] if path.is_dir() else [path] if path.is_file() else []
+        size = sum(p.stat().st_size for p in files)
+        fresh = all(p.stat().st_mtime <= lock_time for p in files)
+        count_ok = not path.is_dir() or recorded.get("nfiles") == len(files)
+        if files and fresh and count_ok and recorded.get("size") == size:
+            return DvcHash(str(recorded["md5"]), DVC_LOCK)
+    return DvcHash(compute_dvc_md5(path), "computed")
+
+
+def _locked_out(path: Path, repo_root: Path) -> dict[str, Any] | None:
+    """The ``outs`` entry of dvc.lock for ``path`` (md5, size, nfiles), or None."""
+    lock = repo_root / DVC_LOCK
+    if not lock.is_file():
+        return None
+    try:
+        relative = path.resolve().relative_to(repo_root.resolve()).as_posix()
+    except ValueError:  # outside the repository: not a DVC output
+        return None
+    stages = (yaml.safe_load(lock.read_text(encoding="utf-8")) or {}).get("stages") or {}
+    for stage in stages.values():
+        for out in stage.get("outs") or []:
+            if out.get("path") == relative and out.get("hash", "md5") == "md5" and out.get("md5"):
+                return out
+    return None
+
+
+def _md5_file(path: Path) -> str:
+    digest = hashlib.md5()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def compute_dvc_md5(path: str | Path) -> str:
+    """DVC 3's md5 of a file (of its bytes), or of a folder: the md5 of the JSON list of ``{"md5", "relpath"}`` of
+    every file under it, sorted by relpath (``dvc_data.hashfile.tree.Tree.digest``), then ``.dir``."""
+    path = Path(path)
+    if path.is_file():
+        return _md5_file(path)
+    if not path.is_dir():
+        raise FileNotFoundError(f"{path}: no such file or folder")
+    entries = sorted(({"md5": _md5_file(p), "relpath": p.relative_to(path).as_posix()}
+                      for p in path.rglob("*") if p.is_file()), key=lambda e: e["relpath"])
+    return hashlib.md5(json.dumps(entries, sort_keys=True).encode("utf-8")).hexdigest() + ".dir"
 
 
 def git_commit(repo_root: str | Path) -> tuple[str, bool]:
@@ -622,3 +719,108 @@ def publish_comparison(
         log_to_run(child, repo_root=repo_root, metrics=values)
     if end_parent:
         end_run(parent_run_id, repo_root=repo_root, status="FINISHED")
+
+
+# --------------------------------------------------------------------------------------------------------
+# The model registry: the best model of each task, loadable with one call.
+
+BEST_ALIAS = "best"
+MODEL_ARTIFACT = "model"  # the model's folder among its run's artifacts
+
+# The pyfunc model's code, saved beside its checkpoint ("models from code": MLflow loads it without unpickling
+# anything, so loading needs no MLFLOW_ALLOW_PICKLE_DESERIALIZATION; the checkpoint holds plain data only).
+MODEL_CODE = '''"""A seqvision model as an MLflow pyfunc model, written by seqvision.tracking.log_model.
+
+``load_context`` rebuilds the network from ``checkpoint.pt`` (its spec and state dict, seqvision.checkpoint's layout)
+with seqvision.models.build_from_checkpoint, on the CPU and in eval mode, as ``self.module``. ``predict`` takes a
+batch of what the model was trained on: float features (B, T, D) of clips or (B, G, D) image grids (uint8 pixels for
+a model with its encoder) and returns activity class indices (B,) int64 or greedy caption token ids (B, L) int64,
+L <= 20 (decode them with the tokens folder's vocab.json).
+"""
+
+import mlflow
+import numpy as np
+import torch
+
+from seqvision import checkpoint, decode, models
+
+
+class SeqvisionModel(mlflow.pyfunc.PythonModel):
+    def load_context(self, context):
+        state = checkpoint.load(context.artifacts["checkpoint"])
+        self.spec = state["spec"]
+        self.module = models.build_from_checkpoint(state).eval()
+
+    def predict(self, context, model_input, params=None):
+        visual = torch.as_tensor(np.asarray(model_input))
+        if visual.is_floating_point():
+            visual = visual.float()
+        pixels_of_images = "encoder" in self.spec and self.spec["task"] == "image_captioning"
+        lengths = torch.full((visual.size(0),), 1 if pixels_of_images else visual.size(1), dtype=torch.long)
+        with torch.no_grad():
+            if self.spec["task"] == "activity":
+                logits, _ = self.module(visual, lengths)  # (B, C)
+                return logits.argmax(-1).numpy()
+            return decode.greedy_decode(self.module, visual, lengths, max_length=20).tokens.numpy()
+
+
+mlflow.models.set_model(SeqvisionModel())
+'''
+
+
+def registered_model_name(task: str) -> str:
+    """``seqvision-{task}``: one registered model per task, its versions the best models of successive comparisons."""
+    return f"seqvision-{task}"
+
+
+def log_model(
+    checkpoint_path: str | Path,
+    *,
+    run_id: str,
+    repo_root: str | Path,
+    register_as: str | None = None,
+    alias: str = BEST_ALIAS,
+    tags: Mapping[str, Any] | None = None,
+) -> str | None:
+    """Log the model of a training checkpoint on run ``run_id`` (artifact folder ``model/``) as an MLflow pyfunc model
+    holding only its spec and weights; with ``register_as``, register it as a new version of that model, tagged
+    ``tags``, and point ``alias`` at it. Returns the version (None when not registered).
+
+    Loading (``mlflow.pyfunc.load_model("models:/seqvision-activity@best")``) imports seqvision and torch and needs
+    nothing else: no network, no pickled code."""
+    import mlflow.pyfunc
+    import numpy
+    import torch
+
+    from seqvision import checkpoint
+
+    state = checkpoint.load(checkpoint_path)
+    uri = tracking_uri(repo_root)
+    client = _client(uri)
+    with tempfile.TemporaryDirectory() as tmp:
+        slim, code, local = Path(tmp) / "checkpoint.pt", Path(tmp) / "seqvision_model.py", Path(tmp) / "model"
+        checkpoint.save(slim, {"spec": state["spec"], "model": state["model"]})  # no optimizer, rng, history
+        code.write_text(MODEL_CODE, encoding="utf-8")
+        # Explicit requirements: MLflow would otherwise infer them by loading the model in a subprocess.
+        requirements = [f"torch=={torch.__version__.split('+')[0]}", f"numpy=={numpy.__version__}"]
+        mlflow.pyfunc.save_model(str(local), python_model=str(code), artifacts={"checkpoint": str(slim)},
+                                 pip_requirements=requirements)
+        with _reaching(uri):
+            client.log_artifacts(run_id, str(local), MODEL_ARTIFACT)
+    if register_as is None:
+        return None
+    from mlflow.exceptions import MlflowException
+    from mlflow.protos.databricks_pb2 import RESOURCE_ALREADY_EXISTS, ErrorCode
+
+    with _reaching(uri):
+        try:
+            client.create_registered_model(register_as, description=(
+                "The best model family of the comparison on its task's primary test metric (alias "
+                f"'{alias}'); load with mlflow.pyfunc.load_model('models:/{register_as}@{alias}')"))
+        except MlflowException as err:
+            if err.error_code != ErrorCode.Name(RESOURCE_ALREADY_EXISTS):
+                raise
+        version = client.create_model_version(register_as, f"runs:/{run_id}/{MODEL_ARTIFACT}", run_id=run_id,
+                                              tags=_stringify(tags or {}))
+        client.set_registered_model_alias(register_as, alias, version.version)
+    return str(version.version)
