@@ -33,7 +33,7 @@ from pipelines.common import (
 )
 from seqvision.baselines import BASELINES, PREFIX, run_baselines
 from seqvision.config import load_params
-from seqvision.content import load_metadata
+from seqvision.io import load_metadata
 from seqvision.results import HEADLINE, load_activity_labels
 
 

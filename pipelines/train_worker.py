@@ -33,7 +33,7 @@ from pipelines.common import DEBUG_ENV, USAGE_ERRORS, follow_parent
 from pipelines.train_args import TrainParams, add_arguments, check_inputs, read_train_params
 from seqvision import distributed, experiment
 from seqvision.config import EvaluateConfig
-from seqvision.content import load_metadata
+from seqvision.io import load_metadata
 from seqvision.evaluate import evaluate_checkpoint
 from seqvision.results import load_activity_labels, test_dir, train_dir
 from seqvision.runtime import resolve_device

@@ -15,7 +15,7 @@ import torch
 from seqvision import annotations, frames
 from seqvision import attributes as A
 from seqvision.config import SYNTH_PRESETS, EncoderConfig, ExtractConfig, SynthConfig, from_mapping
-from seqvision.features import MetadataError
+from seqvision.io import MetadataError
 from seqvision.synth import items
 from seqvision.synth.events import clip_states
 from seqvision.synth.generate import generate

@@ -1,7 +1,7 @@
 """dvc.yaml lists exactly what each stage reads, so DVC reruns exactly what changed.
 
 - Code: the first-party modules a stage's command imports, transitively, lazy (in-function) imports included, and
-  the modules it starts as processes (``-m pipelines.train_ddp`` under torchrun), found statically from the source.
+  the modules it starts as processes (``-m pipelines.train_worker`` under torchrun), found statically from the source.
   Every one must be a dependency of the stage, and no other first-party module may be.
 - Params: the params.yaml keys a stage reads, recorded while the stage's own ``dvc.yaml`` command runs in-process
   on the tiny synthetic preset (every stage of the pipeline in order, six train@ stages that cover
@@ -103,7 +103,7 @@ def _is_type_checking(node: ast.AST) -> bool:
 @functools.cache
 def imported_modules(name: str) -> frozenset[str]:
     """First-party modules that module ``name`` imports anywhere in its body (not under ``if TYPE_CHECKING``), or
-    names as a whole string (``"pipelines.train_ddp"``: a module it runs as a process)."""
+    names as a whole string (``"pipelines.train_worker"``: a module it runs as a process)."""
     path = module_file(name)
     assert path is not None, name
     package = name if path.name == "__init__.py" else name.rpartition(".")[0]

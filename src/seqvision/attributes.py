@@ -17,7 +17,6 @@ change_color blend).
 
 from __future__ import annotations
 
-import json
 import math
 import time
 import zlib
@@ -34,7 +33,8 @@ from torch import Tensor, nn
 
 from seqvision import io
 from seqvision.encoders import SmallCNN, build_encoder
-from seqvision.features import EncoderRun, MetadataError, ordered_entries, read_index, require_metadata, shard_file
+from seqvision.io import MetadataError, load_metadata, ordered_entries, shard_name
+from seqvision.features import EncoderRun, read_index, require_metadata
 from seqvision.synth.render import coverage
 from seqvision.synth.scene import COLORS, RADIUS_FRACTION, SHAPES, SIZES, ObjectState, region
 
@@ -297,19 +297,6 @@ def image_objects(meta: Mapping[str, Any]) -> list[ObjectView]:
     return [ObjectView(o["shape"], o["color"], *_state(o)) for o in meta["objects"]]
 
 
-def load_metadata(path: str | Path) -> dict[str, dict[str, dict[str, Any]]]:
-    """``{"videos": {id: VideoMeta}, "images": {id: ImageMeta}}`` from the generator's metadata.json."""
-    path = Path(path)
-    if not path.is_file():
-        raise MetadataError(f"{path}: no such file")
-    try:
-        raw = json.loads(path.read_text(encoding="utf-8"))
-        return {kind: {str(m["id"]): m for m in raw[kind]} for kind in ("videos", "images")}
-    except (json.JSONDecodeError, KeyError, TypeError) as err:
-        raise MetadataError(f"{path}: not the synthetic benchmark's metadata.json ({type(err).__name__}: {err})") \
-            from None
-
-
 # --------------------------------------------------------------------------------------------------------
 # Training data
 
@@ -353,7 +340,7 @@ def collect_attribute_data(
     shards: dict[Path, np.ndarray] = {}
 
     def shard(kind: str, entry: Mapping[str, Any]) -> np.ndarray:
-        path = frames_dir / shard_file(kind, split, entry["shard"])
+        path = frames_dir / shard_name(kind, split, entry["shard"])
         if path not in shards:
             shards[path] = io.load_array(path, stage="extract")
         return shards[path]
@@ -669,7 +656,7 @@ def train_attribute_encoder(
     Train clips contribute ``config.frames_per_clip`` frames each, train images all of theirs; the val split
     (same sampling) is scored after every epoch with :func:`attribute_accuracy`, and again, for ``metrics``, after
     the heads are refit on the frozen features (:func:`fit_probe`). Test data is never read.
-    Raises :class:`~seqvision.features.MetadataError` when ``metadata_path`` does not exist (a real dataset has
+    Raises :class:`~seqvision.io.MetadataError` when ``metadata_path`` does not exist (a real dataset has
     none).
     """
     if config.backbone != "small_cnn":

@@ -207,7 +207,7 @@ def run_baselines(
     metadata: Mapping[str, Mapping[str, Any]] | None = None,
 ) -> list[BaselineResult]:
     """Fit every baseline of ``tasks`` on train, score it on test, write ``{out_root}/{task}/baseline_{name}``.
-    ``metadata`` (the synthetic benchmark's ``content.load_metadata``) adds the content metrics to the captioning
+    ``metadata`` (the synthetic benchmark's ``io.load_metadata``) adds the content metrics to the captioning
     baselines, as the train stage adds them to the models."""
     results = []
     for task in tasks:

@@ -377,7 +377,7 @@ class TransformerModelConfig:
 
 @dataclass(frozen=True)
 class MeanPoolModelConfig:
-    """models.meanpool: order-blind baselines (mean feature -> MLP classifier / LSTM decoder)."""
+    """models.meanpool: the order-blind family (mean feature -> MLP classifier / LSTM decoder)."""
 
     lr: float = knob(2e-3, "peak AdamW learning rate (reached after warmup); chosen per family by one "
                      "validation sweep (docs/tuning.md)", low=0.0, high=1.0)

@@ -19,12 +19,10 @@ divided), so ``summarize`` on a bootstrap resample of ``per_item`` reproduces th
 
 from __future__ import annotations
 
-import json
 import re
 import zlib
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
-from pathlib import Path
 from typing import Any, Literal, NamedTuple
 
 import numpy as np
@@ -121,23 +119,6 @@ class ContentScores(NamedTuple):
 
 # --------------------------------------------------------------------------------------------------------
 # The ground truth
-
-
-class MetadataError(ValueError):
-    """metadata.json is missing, malformed, or does not describe the items asked about. The message says which."""
-
-
-def load_metadata(path: str | Path) -> dict[str, dict[str, dict[str, Any]]]:
-    """``{"videos": {id: VideoMeta}, "images": {id: ImageMeta}}`` from the generator's metadata.json."""
-    path = Path(path)
-    if not path.is_file():
-        raise MetadataError(f"{path}: no such file")
-    try:
-        raw = json.loads(path.read_text(encoding="utf-8"))
-        return {kind: {str(m["id"]): m for m in raw[kind]} for kind in ("videos", "images")}
-    except (json.JSONDecodeError, KeyError, TypeError) as err:
-        raise MetadataError(f"{path}: not the synthetic benchmark's metadata.json ({type(err).__name__}: {err})") \
-            from None
 
 
 # --------------------------------------------------------------------------------------------------------

@@ -37,6 +37,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 
 from seqvision import distributed, io
+from seqvision.io import ordered_entries, shard_name
 from seqvision.vocab import load_references, load_split
 
 Kind = Literal["videos", "images"]
@@ -99,19 +100,6 @@ class CaptionItem(NamedTuple):
 
 # --------------------------------------------------------------------------------------------------------
 # Visual store
-
-
-def shard_name(kind: str, split: str, shard: int | str) -> str:
-    """File name of a frame shard as ``index.json`` refers to it (a number, or the name itself)."""
-    return shard if isinstance(shard, str) else f"{kind}-{split}-{int(shard):03d}.npy"
-
-
-def ordered_entries(index: Mapping[str, Any], kind: str, split: str) -> list[dict[str, Any]]:
-    """The ``index.json`` entries of one kind and split in feature-row order: shard by shard (numerically: shard
-    1000 after 999), then row. The one definition of that order: the features stage writes its arrays in it and
-    :class:`VisualStore` reads them in it."""
-    entries = [e for e in index[kind] if e["split"] == split]
-    return sorted(entries, key=lambda e: (_natural(shard_name(kind, split, e["shard"])), int(e["row"])))
 
 
 class VisualStore:
@@ -215,11 +203,6 @@ class VisualStore:
 
 # --------------------------------------------------------------------------------------------------------
 # Deterministic sampling
-
-
-def _natural(name: str) -> tuple[Any, ...]:
-    """Sort key comparing the digit runs of a name as numbers: ``x-999.npy`` < ``x-1000.npy``."""
-    return tuple(int(part) if part.isdigit() else part for part in re.split(r"(\d+)", name))
 
 
 def _splitmix64(x: int) -> int:

@@ -2,7 +2,7 @@
 
 Without an initialised ``torch.distributed`` process group every helper answers as the only process
 (rank 0 of 1) and every collective is the identity, so single-process training needs no special casing.
-Under ``torchrun`` the entry point (``python -m pipelines.train_ddp``) opens the group with
+Under ``torchrun`` the seed worker (``python -m pipelines.train_worker``) opens the group with
 :func:`process_group` before calling :func:`seqvision.experiment.run`; ``docs/ddp.md`` describes the whole
 path.
 """

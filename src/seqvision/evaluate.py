@@ -109,7 +109,7 @@ def evaluate_checkpoint(
     its own encoder (``finetune_encoder``). Captioning needs ``tokens_dir`` (``artifacts/tokens``; the
     ``video``/``image`` sub-folder is picked from ``task``), activity the labels (:func:`load_activity_labels`).
     ``family``, when given, must match the checkpoint's. ``metadata`` (the synthetic benchmark's
-    ``content.load_metadata``): adds the content metrics to a captioner's evaluation. Returns the metrics written to
+    ``io.load_metadata``): adds the content metrics to a captioner's evaluation. Returns the metrics written to
     ``metrics.json``.
     """
     spec = task_spec(task)

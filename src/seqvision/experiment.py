@@ -26,7 +26,7 @@ checkpoint is never resumed from or left as an output.
 Tracking goes through a :class:`seqvision.tracking.TrackerLike` that the caller opens
 (:func:`seqvision.tracking.open_training_run`); nothing here needs MLflow itself.
 
-Under DDP (``torchrun ... -m pipelines.train_ddp``, see ``docs/ddp.md``) every rank calls :func:`run`: the train
+Under DDP (``torchrun ... -m pipelines.train_worker``, started by ``pipelines.train --nproc-per-node``; ``docs/ddp.md``) every rank calls :func:`run`: the train
 data is sharded, rank 0 alone decides whether to resume, writes the outputs and uses the tracker.
 """
 

@@ -14,7 +14,6 @@ order, then row), plus ``index.json``, so ``datasets.VisualStore`` reads them.
 from __future__ import annotations
 
 import json
-import re
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -24,11 +23,8 @@ import torch
 from torch import nn
 
 from seqvision import io
+from seqvision.io import MetadataError, ordered_entries, shard_name
 from seqvision.encoders import build_encoder, encoder_from_checkpoint, encoder_state, extract_features
-
-
-class MetadataError(ValueError):
-    """metadata.json is missing, malformed, or does not describe the extracted frames. The message says which."""
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -45,23 +41,6 @@ def read_index(frames_dir: str | Path) -> dict[str, Any]:
         if not isinstance(index.get(kind), list):
             raise ValueError(f"{path}: missing key {kind!r} (a list of entries)")
     return index
-
-
-def _natural(name: str) -> tuple[Any, ...]:
-    return tuple(int(part) if part.isdigit() else part for part in re.split(r"(\d+)", name))
-
-
-def shard_file(kind: str, split: str, shard: int | str) -> str:
-    """The file name of an index entry's ``shard``: a name as given, or a number -> ``{kind}-{split}-007.npy``."""
-    return shard if isinstance(shard, str) else f"{kind}-{split}-{int(shard):03d}.npy"
-
-
-def ordered_entries(index: Mapping[str, Any], kind: str, split: str) -> list[dict[str, Any]]:
-    """The split's index entries in feature-row order: shard by shard (natural order: 1000 after 999), then row.
-
-    The same order as ``datasets.VisualStore``."""
-    entries = [e for e in index[kind] if e["split"] == split]
-    return sorted(entries, key=lambda e: (_natural(shard_file(kind, split, e["shard"])), int(e["row"])))
 
 
 def _splits(index: Mapping[str, Any], kind: str) -> list[str]:
@@ -154,7 +133,7 @@ def _row_runs(job: FeatureJob) -> Iterator[tuple[str, list[int]]]:
     """(shard file, rows) in job order, rows grouped per shard."""
     current, rows = None, []
     for entry in job.entries:
-        name = shard_file(job.kind, job.split, entry["shard"])
+        name = shard_name(job.kind, job.split, entry["shard"])
         if name != current and rows:
             yield current, rows  # type: ignore[misc]
             rows = []
@@ -192,10 +171,10 @@ def write_feature_array(
     with io.atomic_path(Path(out_dir) / job.name) as tmp:
         out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float16, shape=shape)
         at = 0
-        for shard_name, rows in runs:
-            shard = io.load_array(frames_dir / shard_name, stage="extract")
+        for shard_file, rows in runs:
+            shard = io.load_array(frames_dir / shard_file, stage="extract")
             if shard.shape[1:] != first.shape[1:]:
-                raise ValueError(f"{frames_dir / shard_name}: frames {shard.shape[1:]}, expected {first.shape[1:]}")
+                raise ValueError(f"{frames_dir / shard_file}: frames {shard.shape[1:]}, expected {first.shape[1:]}")
             contiguous = rows == list(range(rows[0], rows[0] + len(rows)))
             for start in range(0, len(rows), items_per_chunk):
                 chunk_rows = rows[start : start + items_per_chunk]

@@ -1,4 +1,5 @@
-"""Atomic file writes, and checked reads of the project's arrays.
+"""Atomic file writes, checked reads of the project's arrays, the frame artifact's row order, and the synthetic
+benchmark's metadata.json.
 
 Writes: everything is written to a temporary name in the destination folder, flushed, then renamed with
 ``os.replace`` (atomic on POSIX within one filesystem), so a crash never leaves half an artifact behind.
@@ -20,7 +21,7 @@ import re
 import tempfile
 import zipfile
 import zlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -194,3 +195,46 @@ def load_json(path: str | Path, *, stage: str) -> Any:
         return json.loads(path.read_text(encoding="utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as err:
         raise ArtifactError(f"{path}: not valid JSON ({err}); {remedy(stage)}") from None
+
+
+# --------------------------------------------------------------------------------------------------------
+# The frames artifact's row order (index.json)
+
+
+def _natural(name: str) -> tuple[Any, ...]:
+    """Sort key comparing the digit runs of a name as numbers: ``x-999.npy`` < ``x-1000.npy``."""
+    return tuple(int(part) if part.isdigit() else part for part in re.split(r"(\d+)", name))
+
+
+def shard_name(kind: str, split: str, shard: int | str) -> str:
+    """File name of a frame shard as ``index.json`` refers to it (a number, or the name itself)."""
+    return shard if isinstance(shard, str) else f"{kind}-{split}-{int(shard):03d}.npy"
+
+
+def ordered_entries(index: Mapping[str, Any], kind: str, split: str) -> list[dict[str, Any]]:
+    """The ``index.json`` entries of one kind and split in feature-row order: shard by shard (numerically: shard
+    1000 after 999), then row. The one definition of that order: the features stage writes its arrays in it and
+    ``datasets.VisualStore`` reads them in it."""
+    entries = [e for e in index[kind] if e["split"] == split]
+    return sorted(entries, key=lambda e: (_natural(shard_name(kind, split, e["shard"])), int(e["row"])))
+
+
+# --------------------------------------------------------------------------------------------------------
+# The synthetic benchmark's metadata.json
+
+
+class MetadataError(ValueError):
+    """metadata.json is missing, malformed, or does not describe the items asked about. The message says which."""
+
+
+def load_metadata(path: str | Path) -> dict[str, dict[str, dict[str, Any]]]:
+    """``{"videos": {id: VideoMeta}, "images": {id: ImageMeta}}`` from the generator's metadata.json."""
+    path = Path(path)
+    if not path.is_file():
+        raise MetadataError(f"{path}: no such file")
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+        return {kind: {str(m["id"]): m for m in raw[kind]} for kind in ("videos", "images")}
+    except (json.JSONDecodeError, KeyError, TypeError) as err:
+        raise MetadataError(f"{path}: not the synthetic benchmark's metadata.json ({type(err).__name__}: {err})") \
+            from None

@@ -27,7 +27,7 @@ class MeanPoolClassifier(nn.Module):
     which order, each feature changes: the part the sequence models get from ``rnn.center_clip``), standardised
     per dimension by a BatchNorm layer. The mean alone stayed near chance on the default data (val top-1 ~0.13 at
     5 epochs); [mean, deviation] standardised reached 0.31-0.36 (docs/models.md). Both ignore frame order, so the
-    reversed pairs (grow/shrink, ...) stay indistinguishable, as they must for this baseline.
+    reversed pairs (grow/shrink, ...) stay indistinguishable, as they must for this family.
     """
 
     def __init__(self, config: MeanPoolModelConfig, dims: ModelDims) -> None:

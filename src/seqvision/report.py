@@ -44,7 +44,7 @@ import numpy as np
 
 from seqvision import content
 from seqvision.config import MODEL_FAMILIES, TASKS
-from seqvision.io import write_bytes, write_json, write_text
+from seqvision.io import load_metadata, write_bytes, write_json, write_text
 from seqvision.metrics import (
     compare_resampled,
     holm,
@@ -1229,7 +1229,7 @@ def template_ceilings(runs: Sequence[Run], metadata_path: str | Path | None) -> 
     references = {i: list(r["references"]) for i, r in records.items() if r.get("references")}
     if not references:
         return None
-    metadata = content.load_metadata(metadata_path)["images"]
+    metadata = load_metadata(metadata_path)["images"]
     missing = sorted(set(references) - set(metadata))
     if missing:
         raise ValueError(f"{metadata_path}: no metadata for test image {missing[0]!r} ({len(missing)} missing); pass "

@@ -12,8 +12,8 @@ The cell type is the family name (``cell=``); the knobs are the family's ``model
 (:class:`seqvision.config.RecurrentModelConfig`), the sizes of the data :class:`seqvision.blocks.ModelDims`. Recurrences run through ``nn.RNN`` / ``nn.LSTM`` /
 ``nn.GRU`` (cuDNN on GPU) on packed sequences, so padding never reaches a hidden state.
 
-This file also holds the pieces every family shares (:func:`caption_loss`, :func:`length_mask`,
-:class:`RecurrentDecoder`): one objective for all families, one definition.
+The word decoder every captioner but the Transformer's uses (:class:`RecurrentDecoder`) lives here too; the
+pieces every family shares (``caption_loss``, ``length_mask``) are in :mod:`seqvision.blocks`.
 """
 
 from __future__ import annotations
@@ -164,7 +164,7 @@ class AdditiveAttention(nn.Module):
 
 
 class RecurrentDecoder(nn.Module):
-    """Word-level recurrent decoder, shared by the recurrent captioners and the mean-pool baselines.
+    """Word-level recurrent decoder, shared by the recurrent captioners and the mean-pool family's captioner.
 
     ``context`` says how the visual input enters each step besides the initial state:
 
