@@ -70,6 +70,7 @@ from pipelines.common import (
 )
 from seqvision import tracking
 from seqvision.config import MODEL_FAMILIES, TASKS, ConfigError, DataConfig, Params
+from seqvision.datasets import task_spec
 from seqvision.features import require_metadata
 from seqvision.io import write_json
 from seqvision.runtime import parallel_slots
@@ -196,8 +197,8 @@ def check_inputs(
             require_metadata(data.metadata)
     else:  # the trainings read what the features and tokenize stages wrote
         needed = [Path(features) / "index.json"]
-        needed += [Path(tokens) / "video" / "vocab.json"] if any(j.task == "video_captioning" for j in jobs) else []
-        needed += [Path(tokens) / "image" / "vocab.json"] if any(j.task == "image_captioning" for j in jobs) else []
+        needed += sorted({Path(tokens) / str(spec.corpus) / "vocab.json"
+                          for spec in map(task_spec, {j.task for j in jobs}) if spec.captioning})
         for path in needed:
             if not path.is_file():
                 raise FileNotFoundError(f"{path}: no such file; run without --no-prepare to build it")

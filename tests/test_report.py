@@ -524,7 +524,7 @@ def test_captioning_without_per_item_scores_in_details_scores_cider_from_predict
 def test_examples_show_the_best_models_successes_and_failures_with_frames(tmp_path):
     tree = build_tree(tmp_path)
     runs = report.load_runs(runs_dir=tree["runs"], baselines_dir=tree["eval"])
-    store = report._frame_store(tree["frames"], "videos")
+    store = report._frame_store(tree["frames"], "activity")
     best, examples = report.pick_examples("activity", runs["activity"], store=store, count=2)
     assert best == "gru"
     correct = [e for e in examples if e.verdict == "correct"]

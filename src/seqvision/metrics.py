@@ -149,6 +149,21 @@ def caption_scores(
     }
 
 
+def item_cider_d(records: Mapping[Any, Mapping[str, Any]]) -> dict[Any, float]:
+    """Per-item CIDEr-D of caption records (``{id: {"hypothesis", "references"}}``; items without references are
+    left out, a missing hypothesis is empty): coco-caption's scorer as in :func:`caption_scores`, idf from these
+    items' references."""
+    from pycocoevalcap.cider.cider import Cider
+
+    keys = [k for k, r in records.items() if r.get("references")]
+    if not keys:
+        return {}
+    gts = {k: [ptb_tokenize(str(c)) for c in records[k]["references"]] for k in keys}
+    res = {k: [ptb_tokenize(str(records[k].get("hypothesis", "")))] for k in keys}
+    _, scores = Cider().compute_score(gts, res)
+    return {k: float(s) for k, s in zip(keys, scores)}
+
+
 def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
     """Every non-empty line of a JSON Lines file, parsed; errors name the file and line."""
     records = []

@@ -46,6 +46,7 @@ from seqvision import content
 from seqvision.config import MODEL_FAMILIES, TASKS
 from seqvision.io import load_metadata, write_bytes, write_json, write_text
 from seqvision.metrics import (
+    item_cider_d,
     compare_resampled,
     holm,
     item_weights,
@@ -57,7 +58,6 @@ from seqvision.metrics import (
     tokenized_corpus,
     verdict_symbol,
 )
-from seqvision.ptb import ptb_tokenize
 from seqvision.results import BASELINES, CAPTION_SCALE, DETAILS, HEADLINE, METRICS, PREDICTIONS, PREFIX
 
 ORDER_BLIND = "meanpool"
@@ -234,19 +234,6 @@ def _read_predictions(folder: Path) -> dict[str, dict[str, Any]]:
         return {}
 
 
-def item_cider(records: Mapping[str, Mapping[str, Any]]) -> dict[str, float]:
-    """Per-item CIDEr-D of caption records (coco-caption's scorer; idf from these items' references)."""
-    from pycocoevalcap.cider.cider import Cider
-
-    keys = [k for k, r in records.items() if r.get("references")]
-    if not keys:
-        return {}
-    gts = {k: [ptb_tokenize(str(c)) for c in records[k]["references"]] for k in keys}
-    res = {k: [ptb_tokenize(str(records[k].get("hypothesis", "")))] for k in keys}
-    _, scores = Cider().compute_score(gts, res)
-    return {k: float(s) for k, s in zip(keys, scores)}
-
-
 def item_data(task: str, folder: Path, details: Mapping[str, Any]) -> ItemData:
     """The per-item scores of one seed's test outputs in ``folder``.
 
@@ -277,7 +264,7 @@ def item_data(task: str, folder: Path, details: Mapping[str, Any]) -> ItemData:
         if isinstance(scores, Mapping) and set(map(str, scores)) >= set(predictions):
             columns[key] = {str(i): float(v) for i, v in scores.items() if str(i) in predictions}
     if "cider_d" not in columns:
-        columns["cider_d"] = item_cider(predictions)
+        columns["cider_d"] = item_cider_d(predictions)
     records = per_item.get("content")
     found = {str(i): dict(r) for i, r in records.items() if isinstance(r, Mapping)} if isinstance(records, Mapping) else {}
     return ItemData(columns, found)
@@ -1068,7 +1055,7 @@ def pick_examples(task: str, runs: Sequence[Run], *, store: Any, count: int,
         scores = {}
         for run in systems:
             own = run.seeds[0].items.columns.get("cider_d")
-            scores[run.name] = dict(own) if own else item_cider(predictions[run.name])
+            scores[run.name] = dict(own) if own else item_cider_d(predictions[run.name])
         own = scores.get(best.name, {})
         ordered = sorted(own, key=lambda i: (-own[i], i))
         right = ordered[:count]
@@ -1257,7 +1244,7 @@ def build_sections(
         ):
             if png is not None:
                 figures.append(Figure(name, caption, png))
-        store = _frame_store(frames_dir, "images" if task == "image_captioning" else "videos")
+        store = _frame_store(frames_dir, task)
         best, picked = pick_examples(task, task_runs, store=store, count=examples, metric=stats.primary)
         ceilings = template_ceilings(task_runs, metadata) if task == "image_captioning" else None
         sections.append(TaskSection(task, list(task_runs), stats, verdict(task, task_runs, stats), figures, best,
@@ -1265,13 +1252,13 @@ def build_sections(
     return sections
 
 
-def _frame_store(frames_dir: str | Path | None, kind: str) -> Any:
+def _frame_store(frames_dir: str | Path | None, task: str) -> Any:
     if frames_dir is None or not (Path(frames_dir) / "index.json").is_file():
         return None
-    from seqvision.datasets import VisualStore
+    from seqvision.datasets import VisualStore, task_spec
 
     try:
-        return VisualStore(frames_dir, kind=kind, split="test")  # type: ignore[arg-type]
+        return VisualStore(frames_dir, kind=task_spec(task).kind, split="test")
     except (OSError, ValueError):
         return None  # examples then show text only
 
