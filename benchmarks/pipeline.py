@@ -253,6 +253,9 @@ class ProcessWatcher:
                 continue
             if not self._is_ours(argv):
                 continue
+            parent = self.procs.get(int(fields[1]))
+            if parent is not None and parent.argv == tuple(a for a in argv if a):
+                continue  # a fork of a stage process, not yet exec'd (a subprocess starting): look again later
             if not self._descends(pid):
                 self._checked[pid] = -1.0  # another job's
                 continue
