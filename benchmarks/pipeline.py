@@ -499,9 +499,12 @@ def attribute(procs: list[Proc], records: PrefectRecords, *, startup_s: dict[str
         tasks = [t for t in records.tasks if t.flow_run_id in ids]
         workers = [w for w in procs if w.ppid == p.pid]
         started_by = worker_of([t for t in tasks if t.is_work], workers)
-        work = [clip(work_interval(t, started_by.get(t.id), startup_s.get(started_by[t.id].module, 0.0)
-                                   if t.id in started_by else 0.0), p.started_at, p.ended_at)
-                for t in tasks if t.is_work]
+        work = []
+        for t in tasks:
+            if t.is_work:
+                worker = started_by.get(t.id)
+                startup = 0.0 if worker is None else startup_s.get(worker.module, 0.0)
+                work.append(clip(work_interval(t, worker, startup), p.started_at, p.ended_at))
         flow_start = min((f.started_at for f in flows), default=p.ended_at)
         flow_end = max((f.ended_at for f in flows), default=p.ended_at)
         spawning = [t for t in tasks if t.id in started_by]
