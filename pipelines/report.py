@@ -66,7 +66,7 @@ def render(sections: list[Any], out: str, resamples: int, seed: int) -> dict[str
     return report.write_report(sections, out, resamples=resamples, seed=seed)
 
 
-@task(cache_policy=NO_CACHE)
+@task(cache_policy=NO_CACHE, tags=["orchestration"])  # MLflow bookkeeping, not work (benchmarks/pipeline.py)
 def publish(runs: dict[str, list[Any]], paths: dict[str, Path], parent_run_id: str, repo_root: str) -> int:
     metrics = report.parent_metrics(runs)
     try:
