@@ -330,7 +330,7 @@ class FrameExtractor:
             jobs = [_Job(plan.kind, str(r.path), r.id, plan.split, config, str(tmp), row)
                     for row, r in enumerate(plan.records)]
             # Page-cache writes, no msync: the rename below publishes the file for readers; durability
-            # across power loss is not promised for any artifact (like seqvision.io.save_npy).
+            # across power loss is not promised for any artifact.
             rows = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=(len(jobs), *row_shape))
             for job, result in zip(jobs, self._results(jobs), strict=True):
                 self._bar.update(1)
