@@ -13,8 +13,8 @@ Outputs in ``--out`` (contract: docs/design.md):
   skipped.json every file that could not be decoded, with the reason
 
 Exit status: 0 done; 1 more files undecodable than extract.max_skipped_fraction (see skipped.json);
-2 bad params or a missing input. The work is seqvision.frames; this flow loads records, runs one Prefect
-task per shard (retried on I/O errors) and writes the index.
+2 bad params or a missing input. The work is seqvision.frames.extract; this flow loads records and hands it
+a Prefect task per shard (retried on I/O errors).
 """
 
 from __future__ import annotations
@@ -115,16 +115,9 @@ def extract_flow(
         loaded = load_params(params)
         config, data = config or loaded.extract, data or loaded.data
     videos, images = load_records(data)
-    plans = frames.plan_shards(videos, kind="videos", shard_size=config.shard_size)
-    plans += frames.plan_shards(images, kind="images", shard_size=config.shard_size)
-    total = len(videos) + len(images)
-    with frames.FrameExtractor(out, config=config, workers=workers, progress=progress, total=total) as extractor:
-        logger.info(f"{len(videos)} videos, {len(images)} images -> {len(plans)} shards, "
-                    f"{extractor.workers} worker(s)")
-        shards = [extract_shard(extractor, plan) for plan in plans]
-    result = frames.summarize(shards, num_videos=len(videos), num_images=len(images))
     try:
-        frames.finalize(out, config=config, result=result)
+        result = frames.extract(videos, images, out, config=config, workers=workers, progress=progress,
+                                run_shard=extract_shard, log_line=logger.info)
     except frames.TooManySkipped as err:  # a verdict on the data, not a crash: no traceback in the log
         return Failed(message=str(err))
     stats = summary_stats(result)

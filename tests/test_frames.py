@@ -127,7 +127,16 @@ def test_shards_fill_in_order_and_stale_shards_are_removed(tmp_path):
     out.mkdir()
     (out / "videos-train-007.npy").write_bytes(b"stale")  # from an earlier run with other settings
     (out / "keep-me.txt").write_text("not ours")
-    frames.extract(records, [], out, config=tiny_config(shard_size=2), progress=False)
+    ran, lines = [], []
+
+    def run_shard(extractor, plan):  # what the extract flow passes: its per-shard Prefect task
+        ran.append(plan.name)
+        return extractor.extract_shard(plan)
+
+    frames.extract(records, [], out, config=tiny_config(shard_size=2), progress=False, run_shard=run_shard,
+                   log_line=lines.append)
+    assert ran == ["videos-train-000.npy", "videos-train-001.npy", "videos-train-002.npy"]
+    assert lines == ["5 videos, 0 images -> 3 shards, 1 worker(s)"]
     index = load_index(out)
     assert [(e["shard"], e["row"]) for e in index["videos"]] == [
         ("videos-train-000.npy", 0), ("videos-train-000.npy", 1),
@@ -195,20 +204,3 @@ def test_process_pool_gives_the_same_shards_as_in_process(tmp_path):
     assert one == two
     assert np.array_equal(np.load(tmp_path / "one" / "videos-train-000.npy"),
                           np.load(tmp_path / "two" / "videos-train-000.npy"))
-
-
-def test_extract_videos_and_images_then_finalize_equals_extract(tmp_path):
-    videos = [Rec(f"v{i}", write_video(tmp_path / f"v{i}.mp4", num_frames=9), "test") for i in range(2)]
-    images = _write_images(tmp_path / "images")[:2]
-    config = tiny_config()
-    parts = tmp_path / "parts"
-    v = frames.extract_videos(videos, parts, config=config, progress=False)
-    i = frames.extract_images(images, parts, config=config, progress=False)
-    assert not (parts / "index.json").exists()  # shards only until finalize
-    combined = frames.ExtractResult(v.videos, i.images, v.skipped + i.skipped, v.num_videos, i.num_images)
-    frames.finalize(parts, config=config, result=combined)
-    whole = tmp_path / "whole"
-    frames.extract(videos, images, whole, config=config, progress=False)
-    assert load_index(parts) == load_index(whole)
-    for name in ("videos-test-000.npy", "images-train-000.npy"):
-        assert np.array_equal(np.load(parts / name), np.load(whole / name))

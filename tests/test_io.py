@@ -7,7 +7,6 @@ import os
 import numpy as np
 import pytest
 
-from seqvision import io
 from seqvision.io import ArtifactError, load_array, load_arrays, load_json, replace_markdown_section
 
 REMEDY = "rebuild it with `dvc repro extract` (or `dvc checkout` to restore the cached copy)"
@@ -27,7 +26,7 @@ def test_replace_markdown_section_replaces_only_its_own_section_or_appends(tmp_p
 @pytest.fixture
 def good_npy(tmp_path):
     path = tmp_path / "videos-train-000.npy"
-    io.save_npy(path, np.arange(2 * 3 * 4, dtype=np.uint8).reshape(2, 3, 4))
+    np.save(path, np.arange(2 * 3 * 4, dtype=np.uint8).reshape(2, 3, 4), allow_pickle=False)
     return path
 
 

@@ -64,6 +64,14 @@ def test_holm_adjusts_step_down_and_stays_monotone():
 # The paired two-level bootstrap
 
 
+def compare(a, b, *, resamples=2000, seed=0):
+    """A - B as report._compare computes it: one item draw for both systems, then metrics.compare_resampled."""
+    num_items = len(a[0])
+    weights = metrics.item_weights(num_items, resamples=resamples, seed=seed)
+    return metrics.compare_resampled(metrics.resampled_values(a, weights), metrics.resampled_values(b, weights),
+                                     num_items=num_items, seed=seed)
+
+
 def fabricate(rng, *, seeds=3, items=60, seed_sd=0.0, item_sd=0.0, noise_sd=0.0, shift=0.0, seeds_b=None):
     """Per-item scores of systems A and B on the same items: a difficulty shared by both (the pairing), a
     system x item interaction (``item_sd``), a per-seed offset (``seed_sd``: training variance) and seed x item
@@ -96,7 +104,7 @@ def test_bootstrap_interval_covers_the_true_difference_near_its_nominal_rate(reg
     variances = []
     for rep in range(200):
         a, b = fabricate(rng, shift=0.1, **REGIMES[regime])
-        comparison = metrics.paired_bootstrap(a, b, resamples=400, seed=rep)
+        comparison = compare(a, b, resamples=400, seed=rep)
         covered += comparison.interval[0] <= 0.1 <= comparison.interval[1]
         low, high = comparison.percentile_interval
         percentile_covered += low <= 0.1 <= high
@@ -114,23 +122,23 @@ def test_bootstrap_interval_covers_the_true_difference_near_its_nominal_rate(reg
 def test_a_fabricated_tie_is_no_significant_difference():
     rng = np.random.default_rng(5)
     a, b = fabricate(rng, items=150, seed_sd=0.03, item_sd=0.3, noise_sd=0.4, shift=0.0)
-    comparison = metrics.paired_bootstrap(a, b, seed=0)
+    comparison = compare(a, b, seed=0)
     assert comparison.interval[0] < 0 < comparison.interval[1]
     assert comparison.p_value > 0.05
     assert metrics.verdict_symbol(comparison) == "~"
     # Over many ties the verdict says "significant" about 5% of the time (two-sided), not more.
-    false = sum(metrics.verdict_symbol(metrics.paired_bootstrap(*fabricate(rng, **REGIMES["both"]), resamples=300,
-                                                                seed=i)) != "~" for i in range(200))
+    false = sum(metrics.verdict_symbol(compare(*fabricate(rng, **REGIMES["both"]), resamples=300, seed=i)) != "~"
+                for i in range(200))
     assert false / 200 <= 0.08
 
 
 def test_a_fabricated_clear_difference_is_significant_both_ways():
     rng = np.random.default_rng(6)
     a, b = fabricate(rng, items=150, seed_sd=0.02, item_sd=0.2, noise_sd=0.3, shift=0.3)
-    ahead = metrics.paired_bootstrap(a, b, seed=0)
+    ahead = compare(a, b, seed=0)
     assert ahead.interval[0] > 0 and ahead.p_value < 0.001
     assert metrics.verdict_symbol(ahead) == ">"
-    behind = metrics.paired_bootstrap(b, a, seed=0)
+    behind = compare(b, a, seed=0)
     assert behind.difference == pytest.approx(-ahead.difference)
     assert behind.interval == pytest.approx((-ahead.interval[1], -ahead.interval[0]))
     assert metrics.verdict_symbol(behind) == "<"
@@ -147,7 +155,7 @@ def test_pairing_cancels_the_shared_item_difficulty():
     drop[rng.choice(100, 10, replace=False)] = 1.0
     a = [np.stack([row, np.ones(100)], axis=1) for row in scores]
     b = [np.stack([row - drop, np.ones(100)], axis=1) for row in scores]
-    comparison = metrics.paired_bootstrap(a, b, seed=0)
+    comparison = compare(a, b, seed=0)
     assert comparison.difference == pytest.approx(0.1)
     assert comparison.interval[0] > 0.03 and metrics.verdict_symbol(comparison) == ">"
     unpaired_se = math.sqrt(2 * 4.0 / 100)  # each system's item spread, if the items were not shared
@@ -157,12 +165,12 @@ def test_pairing_cancels_the_shared_item_difficulty():
 def test_identical_systems_and_a_constant_difference():
     rng = np.random.default_rng(8)
     a, _ = fabricate(rng, item_sd=0.5, noise_sd=0.5, seed_sd=0.1)
-    same = metrics.paired_bootstrap(a, a, seed=0)
+    same = compare(a, a, seed=0)
     assert same.difference == 0 and same.p_value == 1.0 and metrics.verdict_symbol(same) == "~"
     # One seed each, B exactly 1 below A on every item: no variation at all, the difference is certain.
     one = [np.stack([np.arange(10.0), np.ones(10)], axis=1)]
     lower = [np.stack([np.arange(10.0) - 1, np.ones(10)], axis=1)]
-    certain = metrics.paired_bootstrap(one, lower, seed=0)
+    certain = compare(one, lower, seed=0)
     assert certain.difference == pytest.approx(1.0) and certain.std_error < 1e-12 and certain.p_value < 1e-12
     assert metrics.verdict_symbol(certain) == ">"
 
@@ -170,7 +178,7 @@ def test_identical_systems_and_a_constant_difference():
 def test_single_seed_systems_contribute_no_seed_variance():
     rng = np.random.default_rng(9)
     a, b = fabricate(rng, seed_sd=0.3, item_sd=0.3, noise_sd=0.3, shift=0.2, seeds_b=1)
-    comparison = metrics.paired_bootstrap(a, b, seed=0)
+    comparison = compare(a, b, seed=0)
     assert comparison.seeds == (3, 1) and comparison.seed_variance[1] == 0.0
     assert comparison.seed_variance[0] == pytest.approx(np.var([t[:, 0].mean() for t in a], ddof=1) / 3)
 
@@ -178,24 +186,24 @@ def test_single_seed_systems_contribute_no_seed_variance():
 def test_bootstrap_is_deterministic_given_its_seed():
     rng = np.random.default_rng(10)
     a, b = fabricate(rng, **REGIMES["both"])
-    assert metrics.paired_bootstrap(a, b, seed=3) == metrics.paired_bootstrap(a, b, seed=3)
-    assert (metrics.paired_bootstrap(a, b, seed=3).percentile_interval
-            != metrics.paired_bootstrap(a, b, seed=4).percentile_interval)
+    assert compare(a, b, seed=3) == compare(a, b, seed=3)
+    assert (compare(a, b, seed=3).percentile_interval
+            != compare(a, b, seed=4).percentile_interval)
     assert np.array_equal(metrics.item_weights(50, resamples=20, seed=1), metrics.item_weights(50, resamples=20, seed=1))
     assert metrics.item_weights(50, resamples=20, seed=1).sum(axis=1).tolist() == [50] * 20
 
 
 def test_bootstrap_rejects_what_it_cannot_pair():
-    one = [np.ones((10, 2))]
-    with pytest.raises(ValueError, match="same test items"):
-        metrics.paired_bootstrap(one, [np.ones((9, 2))])
+    weights = metrics.item_weights(10, resamples=20, seed=0)
+    with pytest.raises(ValueError, match="N = 10 items each"):  # not the test items the weights draw from
+        metrics.resampled_values([np.ones((9, 2))], weights)
     with pytest.raises(ValueError, match="at least one seed"):
-        metrics.paired_bootstrap([], one)
+        metrics.resampled_values([], weights)
     with pytest.raises(ValueError, match="at least 2 items"):
-        metrics.paired_bootstrap([np.ones((1, 2))], [np.ones((1, 2))])
+        metrics.item_weights(1, resamples=20, seed=0)
     empty = [np.stack([np.zeros(10), np.zeros(10)], axis=1)]  # 0 / 0: the metric is undefined
     with pytest.raises(ValueError, match="undefined"):
-        metrics.paired_bootstrap(empty, empty)
+        compare(empty, empty)
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -241,5 +249,5 @@ def test_comparison_serialises_to_json():
     import json
 
     a = [np.stack([np.linspace(0, 1, 20), np.ones(20)], axis=1)] * 2
-    data = metrics.paired_bootstrap(a, a, resamples=50).to_json()
+    data = compare(a, a, resamples=50).to_json()
     assert json.loads(json.dumps(data))["seeds"] == [2, 2]

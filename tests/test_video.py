@@ -172,7 +172,7 @@ EVERY_OTHER: Callable[[int], np.ndarray] = lambda n: np.arange(0, n, 2)  # noqa:
 def test_frames_match_requested_indices(tmp_path):
     path = write_video(tmp_path / "ramp.mp4", num_frames=24)
     indices = [0, 3, 7, 8, 20, 23, 5]  # any order
-    frames = video.read_frames(path, indices)
+    frames = video.read_clip(path, lambda n: indices).frames
     assert frames.dtype == np.uint8 and frames.shape == (7, 32, 64, 3) and frames.flags.c_contiguous
     np.testing.assert_allclose(brightness(frames), STEP * np.array(indices), atol=3)
 
@@ -200,8 +200,8 @@ def test_pyav_fallback_gives_the_same_pixels_as_decord(tmp_path):
                 container.mux(packet)
         for packet in stream.encode():
             container.mux(packet)
-    a = video.read_frames(path, [0, 5], size=(40, 56), decoder="auto").astype(float)
-    b = video.read_frames(path, [0, 5], size=(40, 56), decoder="pyav").astype(float)
+    a = video.read_clip(path, lambda n: [0, 5], size=(40, 56), decoder="auto").frames.astype(float)
+    b = video.read_clip(path, lambda n: [0, 5], size=(40, 56), decoder="pyav").frames.astype(float)
     luma = np.array([0.299, 0.587, 0.114])
     # Same resampler (swscale bilinear): luma agrees to rounding; 4:2:0 chroma upsampling differs a little.
     assert np.abs(a @ luma - b @ luma).mean() < 0.5
@@ -235,9 +235,7 @@ def test_awkward_files_decode_or_fail_with_a_reason(tmp_path, kind):
 def test_rotation_is_applied(tmp_path, decoder):
     """A 90-degree display matrix: frames come out as a player shows them (portrait), in both decoders."""
     path = write_video(tmp_path / "rotated.mp4", rotation=90, marker=True)  # stored 32x64, red top-left
-    info = video.probe(path, decoder=decoder)
-    assert (info.height, info.width) == (64, 32)
-    frame = video.read_frames(path, [0], decoder=decoder)[0]
+    frame = video.read_clip(path, lambda n: [0], decoder=decoder).frames[0]
     assert frame.shape == (64, 32, 3)
     red = (frame[..., 0] > 200) & (frame[..., 1] < 60)
     rows, cols = np.nonzero(red)
@@ -245,16 +243,16 @@ def test_rotation_is_applied(tmp_path, decoder):
     assert rows.min() >= 64 - 16 - 1 and cols.max() <= 8
 
 
-def test_probe_reports_count_rate_size_and_decoder(tmp_path):
-    info = video.probe(write_video(tmp_path / "a.mp4", num_frames=20, fps=10))
-    assert info == video.VideoInfo(num_frames=20, fps=10.0, height=32, width=64, decoder="decord")
-    webm = video.probe(make_bad("vp9_webm", tmp_path), decoder="pyav")  # WebM has no frame index: counted
-    assert webm.num_frames == 24 and webm.decoder == "pyav"
+def test_clip_reports_the_source_frame_count_and_decoder(tmp_path):
+    clip = video.read_clip(write_video(tmp_path / "a.mp4", num_frames=20), lambda n: [0])
+    assert (clip.num_source_frames, clip.decoder, clip.frames.shape) == (20, "decord", (1, 32, 64, 3))
+    webm = video.read_clip(make_bad("vp9_webm", tmp_path), lambda n: [n - 1], decoder="pyav")  # no index: counted
+    assert webm.num_source_frames == 24 and webm.decoder == "pyav" and webm.indices.tolist() == [23]
 
 
 def test_out_of_range_index_is_a_decode_error(tmp_path):
     path = write_video(tmp_path / "a.mp4", num_frames=10)
     with pytest.raises(video.VideoDecodeError, match="frame index 10 out of range for a 10-frame video"):
-        video.read_frames(path, [0, 10])
+        video.read_clip(path, lambda n: [0, 10])
     with pytest.raises(video.VideoDecodeError, match="file not found"):
-        video.read_frames(tmp_path / "missing.mp4", [0])
+        video.read_clip(tmp_path / "missing.mp4", lambda n: [0])

@@ -20,14 +20,21 @@ from seqvision.vocab import (
     PAD_ID,
     UNK_ID,
     Vocab,
-    build_vocab,
     load_references,
     load_split,
     normalize,
     tokenize,
     tokenize_corpus,
+    vocab_from_counts,
     write_corpus,
 )
+
+
+def vocab_of(captions: list[str], *, min_count: int = 1, max_size: int | None = None) -> Vocab:
+    """The vocabulary the tokenize stage builds from these training captions."""
+    records = [VideoRecord(f"v{i:03d}", Path("x.mp4"), "train", None, (c,)) for i, c in enumerate(captions)]
+    return tokenize_corpus(records, TokenizeConfig(min_count=min_count, max_size=max_size)).vocab
+
 
 # ------------------------------------------------------------------------------------------ normalisation
 
@@ -63,7 +70,7 @@ def test_empty_and_punctuation_only_captions_have_no_tokens(raw):
 def test_special_token_text_cannot_become_a_special():
     assert ptb_tokenize("<unk> a <eos> b <pad>") == "<unk> a <eos> b <pad>"  # PTB keeps tag-like tokens whole
     assert tokenize("<unk> a <eos> b <pad>") == ["a", "b"]
-    vocab = build_vocab(["<pad> <bos> x", "x <eos>"], min_count=1)
+    vocab = vocab_of(["<pad> <bos> x", "x <eos>"], min_count=1)
     assert vocab.itos[4:] == ["x"]
 
 
@@ -89,7 +96,7 @@ def test_normalize_is_idempotent(text):
 @settings(max_examples=200, deadline=None)
 @given(_captions)
 def test_decode_encode_round_trip_for_in_vocabulary_text(text):
-    vocab = build_vocab([text], min_count=1)
+    vocab = vocab_of([text], min_count=1)
     ids = vocab.encode(text)
     assert ids[0] == BOS_ID and ids[-1] == EOS_ID
     assert UNK_ID not in ids
@@ -100,37 +107,37 @@ def test_decode_encode_round_trip_for_in_vocabulary_text(text):
 
 
 def test_specials_come_first():
-    vocab = build_vocab(["a b"])
+    vocab = vocab_of(["a b"])
     assert vocab.itos[:4] == ["<pad>", "<bos>", "<eos>", "<unk>"]
     assert (PAD_ID, BOS_ID, EOS_ID, UNK_ID) == (0, 1, 2, 3)
 
 
-def test_build_vocab_min_count_and_order():
+def test_vocab_min_count_and_order():
     captions = ["b a c", "a b", "a d", "e"]  # a:3 b:2 c:1 d:1 e:1
-    assert build_vocab(captions, min_count=1).itos[4:] == ["a", "b", "c", "d", "e"]  # ties by word
-    assert build_vocab(captions, min_count=2).itos[4:] == ["a", "b"]
-    assert build_vocab(captions, min_count=4).itos[4:] == []
+    assert vocab_of(captions, min_count=1).itos[4:] == ["a", "b", "c", "d", "e"]  # ties by word
+    assert vocab_of(captions, min_count=2).itos[4:] == ["a", "b"]
+    assert vocab_of(captions, min_count=4).itos[4:] == []
 
 
-def test_build_vocab_max_size_counts_specials():
+def test_vocab_max_size_counts_specials():
     captions = ["b a c", "a b", "a d", "e"]
-    vocab = build_vocab(captions, min_count=1, max_size=6)
+    vocab = vocab_of(captions, min_count=1, max_size=6)
     assert len(vocab) == 6 and vocab.itos[4:] == ["a", "b"]
     with pytest.raises(ValueError, match="max_size"):
-        build_vocab(captions, max_size=3)
+        vocab_from_counts({"a": 1}, max_size=3)
     with pytest.raises(ValueError, match="min_count"):
-        build_vocab(captions, min_count=0)
+        vocab_from_counts({"a": 1}, min_count=0)
 
 
-def test_build_vocab_does_not_depend_on_input_order():
+def test_vocab_does_not_depend_on_input_order():
     captions = [f"w{i % 7} w{i % 3} common" for i in range(40)]
     shuffled = list(captions)
     random.Random(1).shuffle(shuffled)
-    assert build_vocab(captions).itos == build_vocab(shuffled).itos
+    assert vocab_of(captions).itos == vocab_of(shuffled).itos
 
 
 def test_encode_unknown_words_and_truncation():
-    vocab = build_vocab(["a man walks"])
+    vocab = vocab_of(["a man walks"])
     ids = vocab.encode("A woman walks", max_length=10)
     assert ids == [BOS_ID, vocab.stoi["a"], UNK_ID, vocab.stoi["walks"], EOS_ID]
     long = " ".join(["man"] * 50)
@@ -139,7 +146,7 @@ def test_encode_unknown_words_and_truncation():
 
 
 def test_decode_stops_at_eos_and_skips_specials():
-    vocab = build_vocab(["a man walks"])
+    vocab = vocab_of(["a man walks"])
     a, man, walks = (vocab.stoi[w] for w in ["a", "man", "walks"])
     assert vocab.decode([BOS_ID, a, UNK_ID, man, EOS_ID, walks, PAD_ID]) == "a man"
     assert vocab.decode(np.array([a, PAD_ID, walks])) == "a walks"
@@ -147,7 +154,7 @@ def test_decode_stops_at_eos_and_skips_specials():
 
 
 def test_vocab_save_load(tmp_path):
-    vocab = build_vocab(["a man walks", "a dog"], min_count=1)
+    vocab = vocab_of(["a man walks", "a dog"], min_count=1)
     vocab.save(tmp_path / "vocab.json")
     data = json.loads((tmp_path / "vocab.json").read_text())
     assert data["specials"] == {"pad": 0, "bos": 1, "eos": 2, "unk": 3}

@@ -10,17 +10,13 @@ path.
 from __future__ import annotations
 
 import contextlib
-import functools
 import os
-from collections.abc import Callable, Iterator, Sequence
-from typing import Any, ParamSpec, TypeVar
+from collections.abc import Iterator, Sequence
+from typing import Any
 
 import torch
 import torch.distributed as dist
 from torch import Tensor
-
-P = ParamSpec("P")
-R = TypeVar("R")
 
 
 def is_initialized() -> bool:
@@ -41,22 +37,6 @@ def world_size() -> int:
 def is_rank0() -> bool:
     """True on the process that owns side effects (files, MLflow)."""
     return rank() == 0
-
-
-def rank0_only(fn: Callable[P, R]) -> Callable[P, R | None]:
-    """Decorator: run ``fn`` on rank 0 only; other ranks skip it and get ``None``.
-
-    No barrier is implied: callers that need the others to wait (e.g. before reading a checkpoint that
-    rank 0 writes) must call ``torch.distributed.barrier()`` themselves.
-    """
-
-    @functools.wraps(fn)
-    def wrapper(*args: P.args, **kwargs: P.kwargs) -> R | None:
-        if is_rank0():
-            return fn(*args, **kwargs)
-        return None
-
-    return wrapper
 
 
 # --------------------------------------------------------------------------------------------------------

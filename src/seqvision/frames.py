@@ -35,7 +35,7 @@ import logging
 import multiprocessing
 import os
 import re
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, Literal, NamedTuple, Protocol
 
@@ -330,7 +330,7 @@ class FrameExtractor:
             jobs = [_Job(plan.kind, str(r.path), r.id, plan.split, config, str(tmp), row)
                     for row, r in enumerate(plan.records)]
             # Page-cache writes, no msync: the rename below publishes the file for readers; durability
-            # across power loss is not promised for any artifact (like seqvision.io.save_npy).
+            # across power loss is not promised for any artifact.
             rows = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=(len(jobs), *row_shape))
             for job, result in zip(jobs, self._results(jobs), strict=True):
                 self._bar.update(1)
@@ -372,48 +372,7 @@ def _keep_rows(path: Path, rows: Sequence[int]) -> None:
 # Whole runs
 
 
-def _extract(
-    records: Sequence[MediaRecord],
-    out_dir: str | Path,
-    *,
-    kind: Kind,
-    config: ExtractConfig,
-    workers: int | None,
-    progress: bool,
-) -> list[ShardResult]:
-    plans = plan_shards(records, kind=kind, shard_size=config.shard_size)
-    with FrameExtractor(out_dir, config=config, workers=workers, progress=progress, total=len(records)) as ex:
-        return [ex.extract_shard(plan) for plan in plans]
-
-
-def extract_videos(
-    records: Sequence[MediaRecord],
-    out_dir: str | Path,
-    *,
-    config: ExtractConfig,
-    workers: int | None = None,
-    progress: bool = True,
-) -> ExtractResult:
-    """Write ``videos-{split}-{k:03d}.npy`` shards for ``records``; ``workers=None`` uses ``config.workers``.
-
-    Does not write ``index.json``/``skipped.json``: pass the results to :func:`finalize` (or use
-    :func:`extract`, which does both kinds and finalizes).
-    """
-    shards = _extract(records, out_dir, kind="videos", config=config, workers=workers, progress=progress)
-    return summarize(shards, num_videos=len(records), num_images=0)
-
-
-def extract_images(
-    records: Sequence[MediaRecord],
-    out_dir: str | Path,
-    *,
-    config: ExtractConfig,
-    workers: int | None = None,
-    progress: bool = True,
-) -> ExtractResult:
-    """Write ``images-{split}-{k:03d}.npy`` shards for ``records`` (see :func:`extract_videos`)."""
-    shards = _extract(records, out_dir, kind="images", config=config, workers=workers, progress=progress)
-    return summarize(shards, num_videos=0, num_images=len(records))
+ShardRunner = Callable[[FrameExtractor, ShardPlan], ShardResult]  # (extractor, plan) -> one written shard
 
 
 def extract(
@@ -424,13 +383,23 @@ def extract(
     config: ExtractConfig,
     workers: int | None = None,
     progress: bool = True,
+    run_shard: ShardRunner = FrameExtractor.extract_shard,
+    log_line: Callable[[str], None] | None = None,
 ) -> ExtractResult:
-    """The whole stage: video and image shards, then ``index.json`` and ``skipped.json`` (:func:`finalize`)."""
+    """The whole stage: video and image shards, then ``index.json`` and ``skipped.json`` (:func:`finalize`).
+
+    ``workers=None`` uses ``config.workers``. ``run_shard(extractor, plan)`` writes one shard (the extract
+    flow passes its Prefect task, so each shard is a retried task run); ``log_line`` gets one line naming
+    the shard and worker counts before decoding starts. Raises :class:`TooManySkipped` from :func:`finalize`.
+    """
     plans = plan_shards(videos, kind="videos", shard_size=config.shard_size)
     plans += plan_shards(images, kind="images", shard_size=config.shard_size)
     total = len(videos) + len(images)
-    with FrameExtractor(out_dir, config=config, workers=workers, progress=progress, total=total) as ex:
-        shards = [ex.extract_shard(plan) for plan in plans]
+    with FrameExtractor(out_dir, config=config, workers=workers, progress=progress, total=total) as extractor:
+        if log_line is not None:
+            log_line(f"{len(videos)} videos, {len(images)} images -> {len(plans)} shards, "
+                     f"{extractor.workers} worker(s)")
+        shards = [run_shard(extractor, plan) for plan in plans]
     result = summarize(shards, num_videos=len(videos), num_images=len(images))
     finalize(out_dir, config=config, result=result)
     return result

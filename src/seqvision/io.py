@@ -78,13 +78,6 @@ def replace_markdown_section(path: str | Path, heading: str, section: str) -> No
     write_text(path, text)
 
 
-def save_npy(path: str | Path, array: np.ndarray) -> None:
-    """``np.save`` atomically; the result is memory-mappable with ``np.load(path, mmap_mode="r")``."""
-    with atomic_path(path) as tmp:
-        with open(tmp, "wb") as f:
-            np.save(f, array, allow_pickle=False)
-
-
 def is_temporary(path: str | Path) -> bool:
     """True for leftovers of an interrupted atomic write."""
     name = Path(path).name
@@ -127,7 +120,7 @@ def _npy_layout(path: Path) -> tuple[tuple[int, ...], np.dtype, int]:
             kind = "not a .npy file" if "magic" in str(err) else "corrupt .npy header"
             raise ArtifactError(f"{path}: {kind} ({err})") from None
         offset = f.tell()
-    if dtype.hasobject:  # np.save(allow_pickle=False) never writes one: this file did not come from us
+    if dtype.hasobject:  # no stage writes one (numeric open_memmap arrays): this file did not come from us
         raise ArtifactError(f"{path}: holds pickled Python objects ({dtype}), not a numeric array")
     expected = offset + math.prod(shape) * dtype.itemsize
     size = path.stat().st_size

@@ -18,8 +18,9 @@ Classification
     columns = predicted class) and accuracy restricted to the time-reversed class pairs.
 
 Over seeds and between systems
-    :func:`seed_summary` (mean and 95% t-interval of a metric over training seeds), :func:`paired_bootstrap`
-    (the difference of two systems with seeds and test items resampled, its 95% interval and p-value),
+    :func:`seed_summary` (mean and 95% t-interval of a metric over training seeds); :func:`item_weights`,
+    :func:`resampled_values` and :func:`compare_resampled` (the paired two-level bootstrap: the difference of two
+    systems with seeds and test items resampled, its 95% interval and p-value),
     :func:`holm` (step-down correction for several comparisons) and :func:`verdict_symbol` (">", "<" or "~").
 
 Predictions files (JSON Lines, one object per line)
@@ -208,20 +209,6 @@ def write_metrics(path: str | Path, metrics: Mapping[str, Any]) -> None:
 # Classification metrics
 
 
-def topk_accuracy(scores: Any, labels: Any, k: int) -> float:
-    """Fraction of rows whose true label is among the ``k`` highest scores. ``scores`` (N, C), ``labels`` (N,).
-
-    Ties are broken towards the lower class index (as ``argmax``). With ``k >= C`` the result is 1.
-    """
-    scores, labels = np.asarray(scores, dtype=np.float64), np.asarray(labels, dtype=np.int64)
-    if scores.ndim != 2 or labels.shape != (scores.shape[0],):
-        raise ValueError(f"expected scores (N, C) and labels (N,), got {scores.shape} and {labels.shape}")
-    if len(labels) == 0:
-        raise ValueError("no predictions to score")
-    ranked = np.argsort(-scores, axis=1, kind="stable")[:, :k]  # (N, k), best first
-    return float((ranked == labels[:, None]).any(axis=1).mean())
-
-
 def confusion_matrix(labels: Any, predicted: Any, num_classes: int) -> np.ndarray:
     """int64 (C, C): entry [i, j] counts items of true class i predicted as class j."""
     labels, predicted = np.asarray(labels, dtype=np.int64), np.asarray(predicted, dtype=np.int64)
@@ -302,23 +289,6 @@ def classification_report(
         "num_items": int(len(labels)),
         "class_names": names,
     }
-
-
-def classification_scores(
-    scores: Any,
-    labels: Any,
-    *,
-    class_names: Sequence[str],
-    reversal_pairs: Sequence[tuple[str, str]] = (),
-) -> dict[str, Any]:
-    """:func:`classification_report` from scores or logits (N, C) and true labels (N,)."""
-    scores = np.asarray(scores, dtype=np.float64)
-    if scores.ndim != 2 or scores.shape[1] != len(class_names):
-        raise ValueError(f"scores must be (N, {len(class_names)}), got {scores.shape}")
-    topk = np.argsort(-scores, axis=1, kind="stable")[:, :5]  # (N, min(5, C)), best first; [:, 0] == argmax
-    return classification_report(
-        labels, topk[:, 0], class_names=class_names, reversal_pairs=reversal_pairs, topk=topk
-    )
 
 
 def score_activity_jsonl(
@@ -465,7 +435,7 @@ class Comparison(NamedTuple):
     ``interval`` is ``difference +- t * std_error`` (``confidence`` level, ``df`` Welch-Satterthwaite degrees
     of freedom); ``p_value`` the matching two-sided t-test, so ``p_value < 1 - confidence`` exactly when the
     interval excludes 0. ``percentile_interval``: the plain percentile interval of the same two-level
-    resampling, kept for comparison (too narrow with 2-3 seeds; see :func:`paired_bootstrap`).
+    resampling, kept for comparison (too narrow with 2-3 seeds; see :func:`compare_resampled`).
     ``seed_variance`` (A's and B's parts) and ``item_variance`` are the parts of ``std_error ** 2``."""
 
     difference: float
@@ -507,6 +477,8 @@ def resampled_values(tables: Sequence[np.ndarray], weights: np.ndarray, *, stati
     ``tables``: per seed a float array (N, K) of per-item columns (the same items, in the same order, for every
     seed and every system compared); ``weights`` (B, N) from :func:`item_weights`; ``statistic`` maps summed
     columns (M, K) to corpus values (M,) (NaN where undefined), e.g. :func:`ratio_of_sums`."""
+    if not len(tables):
+        raise ValueError("a system needs at least one seed")
     stacked = np.stack([np.asarray(t, dtype=np.float64) for t in tables])  # (n, N, K)
     if stacked.ndim != 3 or stacked.shape[1] != weights.shape[1]:
         raise ValueError(f"tables must be (N, K) with N = {weights.shape[1]} items each, got {stacked.shape[1:]}")
@@ -531,8 +503,25 @@ def _seed_part(observed: np.ndarray, values: np.ndarray) -> tuple[float, float, 
 
 def compare_resampled(a: tuple[np.ndarray, np.ndarray], b: tuple[np.ndarray, np.ndarray], *, num_items: int,
                       confidence: float = 0.95, seed: int = 0) -> Comparison:
-    """A - B from two systems' :func:`resampled_values` over the same item weights of ``num_items`` items; see
-    :func:`paired_bootstrap`."""
+    """System A minus system B on one metric, with training seeds and test items both sources of variation.
+
+    ``a``, ``b``: each system's :func:`resampled_values` over the same :func:`item_weights` of ``num_items`` test
+    items (the same draw for A and B: the pairing). Resampling the summed per-item columns, not per-item values,
+    recomputes a metric that is a ratio of sums (or a function of several) in every resample.
+
+    Two-level paired bootstrap: every resample draws the test items with replacement and, for the percentile
+    interval, each system's seeds with replacement (independently per system). With 2-5 seeds a percentile
+    interval is too narrow when training variance dominates (its seed part is estimated from n - 1 = 2 degrees of
+    freedom but read off a normal-like spread: measured coverage 0.79-0.91 of a nominal 0.95 with 3 seeds) and too
+    wide when item noise dominates (0.98-0.99: the seed x item noise is counted more than once);
+    tests/test_statistics.py measures both. The interval and p-value are therefore Student-t with the variance
+    split into its parts: each system's between-seed variance of its corpus value / n (exact, unbiased), plus the
+    item bootstrap's variance of the paired difference of seed means without the noise already in the seed part,
+    and Welch-Satterthwaite degrees of freedom. ``Comparison.percentile_interval`` keeps the plain one.
+
+    A system with one seed (a deterministic baseline, or a single training run) contributes no seed variance;
+    then the interval covers test-item sampling only. Deterministic given ``seed``.
+    """
     (obs_a, val_a), (obs_b, val_b) = a, b
     if not (np.isfinite(obs_a).all() and np.isfinite(obs_b).all()):
         raise ValueError("the metric is undefined for a seed on the whole test set (its denominator is empty)")
@@ -570,47 +559,6 @@ def compare_resampled(a: tuple[np.ndarray, np.ndarray], b: tuple[np.ndarray, np.
         seed_variance=(var_a, var_b), item_variance=var_item, seeds=(len(obs_a), len(obs_b)), num_items=num_items,
         resamples=int(len(val_a)),
     )
-
-
-def paired_bootstrap(
-    a: Sequence[np.ndarray],
-    b: Sequence[np.ndarray],
-    *,
-    statistic: Statistic = ratio_of_sums,
-    resamples: int = 2000,
-    seed: int = 0,
-    confidence: float = 0.95,
-) -> Comparison:
-    """System A minus system B on one metric, with training seeds and test items both sources of variation.
-
-    ``a``, ``b``: per seed a float array (N, K) of per-item columns over the same N test items in the same order
-    (e.g. ``[[correct, 1], ...]`` for accuracy; content-metric counts); ``statistic`` maps summed columns (M, K) to
-    the corpus value (M,), so a metric that is a ratio of sums (or a function of several) is recomputed from the
-    resampled sums rather than averaged per item.
-
-    Two-level paired bootstrap: every resample draws the test items with replacement (the same draw for A and B:
-    the pairing) and, for the percentile interval, each system's seeds with replacement (independently per system).
-    With 2-5 seeds a percentile interval is too narrow when training variance dominates (its seed part is
-    estimated from n - 1 = 2 degrees of freedom but read off a normal-like spread: measured coverage 0.79-0.91 of
-    a nominal 0.95 with 3 seeds) and too wide when item noise dominates (0.98-0.99: the seed x item noise is
-    counted more than once); tests/test_statistics.py measures both. The interval and p-value are therefore Student-t with the variance split into its
-    parts: each system's between-seed variance of its corpus value / n (exact, unbiased), plus the item
-    bootstrap's variance of the paired difference of seed means without the noise already in the seed part, and
-    Welch-Satterthwaite degrees of freedom. ``Comparison.percentile_interval`` keeps the plain one.
-
-    A system with one seed (a deterministic baseline, or a single training run) contributes no seed variance;
-    then the interval covers test-item sampling only. Deterministic given ``seed``.
-    """
-    if not len(a) or not len(b):
-        raise ValueError("each system needs at least one seed")
-    num_items = int(np.asarray(a[0]).shape[0])
-    for table in (*a, *b):
-        if np.asarray(table).shape[0] != num_items:
-            raise ValueError("every seed of both systems must score the same test items")
-    weights = item_weights(num_items, resamples=resamples, seed=seed)
-    return compare_resampled(resampled_values(a, weights, statistic=statistic),
-                             resampled_values(b, weights, statistic=statistic),
-                             num_items=num_items, confidence=confidence, seed=seed)
 
 
 def verdict_symbol(comparison: Comparison, *, adjusted_p: float | None = None, alpha: float = 0.05) -> str:

@@ -18,7 +18,7 @@ A run whose files are absent or unreadable is shown as *missing* or *failed* wit
 report. A training whose ``summary.json`` has a ``"status"`` other than ok (the compare flow writes ``{"status":
 "failed", "error": ...}``) is *failed*, whatever files an earlier run left.
 
-Verdicts (``metrics.paired_bootstrap``): for every verdict metric of a task, each pair of model families, and the
+Verdicts (``metrics.compare_resampled``): for every verdict metric of a task, each pair of model families, and the
 best model against the best baseline, is compared by a paired two-level bootstrap (test items resampled alike
 for both, seeds per system), which gives the difference's 95% interval and p-value. Holm's correction runs over
 the comparisons of one task and metric. "A > B" only when the Holm-adjusted p < 0.05 (so the interval excludes
@@ -1183,7 +1183,7 @@ METHOD = (
     "seed: no interval). Verdicts: a paired two-level bootstrap of the difference of two systems ({resamples:,} "
     "resamples of the test items, the same for both systems; seeds per system), with a Student-t interval whose "
     "variance adds each system's between-seed variance and the item variance of the paired difference "
-    "(Welch-Satterthwaite degrees of freedom; seqvision.metrics.paired_bootstrap). Multiple comparisons: Holm's "
+    "(Welch-Satterthwaite degrees of freedom; seqvision.metrics.compare_resampled). Multiple comparisons: Holm's "
     "correction over the comparisons of each task and metric (every pair of families, plus the best model against "
     "the best baseline; the order metric: each order-aware family against mean-pool). \"A > B\" only when the "
     "Holm-adjusted p < {alpha}; otherwise \"~\", no significant difference."
@@ -1311,7 +1311,7 @@ def summary_json(sections: Sequence[TaskSection], *, resamples: int = RESAMPLES,
         "schema": 1,
         "summary": [{"task": task, "text": text} for task, text in summary_lines(sections)],
         "method": {"interval": "t-interval over seeds (95%)", "comparison": "paired two-level bootstrap, Student-t "
-                   "interval with Welch-Satterthwaite df (seqvision.metrics.paired_bootstrap)",
+                   "interval with Welch-Satterthwaite df (seqvision.metrics.compare_resampled)",
                    "correction": "holm (per task and metric)", "alpha": ALPHA, "resamples": resamples,
                    "bootstrap_seed": seed},
         "tasks": tasks,

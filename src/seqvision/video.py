@@ -53,14 +53,6 @@ class VideoDecodeError(Exception):
         self.reason = reason
 
 
-class VideoInfo(NamedTuple):
-    num_frames: int
-    fps: float
-    height: int  # as displayed (after rotation), before any resize
-    width: int
-    decoder: Decoder
-
-
 class Clip(NamedTuple):
     frames: np.ndarray  # uint8 (T, H, W, 3) RGB
     indices: np.ndarray  # int64 (T,) source-frame index of each row
@@ -97,27 +89,6 @@ def read_clip(
         except Exception:  # noqa: BLE001 - any decord failure means: try PyAV on this file
             pass
     return _pyav_clip(path, choose, size)
-
-
-def read_frames(
-    path: str | Path,
-    indices: Sequence[int] | np.ndarray,
-    *,
-    size: tuple[int, int] | None = None,
-    decoder: Literal["auto", "pyav"] = "auto",
-) -> np.ndarray:
-    """uint8 ``(len(indices), H, W, 3)`` RGB frames at ``indices`` (any order, repeats allowed)."""
-    wanted = np.asarray(indices, dtype=np.int64)
-    return read_clip(path, lambda n: wanted, size=size, decoder=decoder).frames
-
-
-def probe(path: str | Path, *, decoder: Literal["auto", "pyav"] = "auto") -> VideoInfo:
-    """Frame count, frame rate and displayed size, as the decoder that would read ``path`` sees them."""
-    path = Path(path)
-    first = read_clip(path, lambda n: [0], decoder=decoder)
-    fps = _decord_fps(path) if first.decoder == "decord" else _pyav_fps(path)
-    _, height, width, _ = first.frames.shape
-    return VideoInfo(first.num_source_frames, fps, height, width, first.decoder)
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -157,12 +128,6 @@ def _decord_clip(path: Path, choose: IndexChooser, size: tuple[int, int] | None)
     if size is not None and frames.shape[1:3] != tuple(size):
         raise RuntimeError(f"decord returned size {frames.shape[1:3]}, asked for {size}")
     return Clip(np.ascontiguousarray(frames[inverse]), wanted, num_frames, "decord")
-
-
-def _decord_fps(path: Path) -> float:
-    with _native_stderr_silenced():
-        reader = decord.VideoReader(str(path), ctx=decord.cpu(0), num_threads=1)
-    return float(reader.get_avg_fps())
 
 
 @contextlib.contextmanager
@@ -273,13 +238,6 @@ def _to_rgb(frame: av.VideoFrame, size: tuple[int, int] | None) -> np.ndarray:
     if quarter_turns:
         rgb = np.rot90(rgb, k=quarter_turns)
     return np.ascontiguousarray(rgb)
-
-
-def _pyav_fps(path: Path) -> float:
-    with _open(path) as container:
-        stream = _video_stream(container)
-        rate = stream.average_rate or stream.guessed_rate or stream.base_rate
-        return float(rate) if rate else 0.0
 
 
 def _short(err: Exception) -> str:

@@ -128,19 +128,10 @@ class Vocab:
             raise ValueError(f"{path}: {err}") from None
 
 
-def count_words(captions: Iterable[str]) -> Counter[str]:
-    return Counter(tok for caption in captions for tok in tokenize(caption))
-
-
-def build_vocab(captions: Iterable[str], *, min_count: int = 1, max_size: int | None = None) -> Vocab:
-    """Training captions -> :class:`Vocab` of the words seen at least ``min_count`` times, most frequent
-    first (ties by word, so the result never depends on input order), cut to ``max_size`` entries in total
-    (specials included; ``None`` for no limit)."""
-    return vocab_from_counts(count_words(captions), min_count=min_count, max_size=max_size)
-
-
 def vocab_from_counts(counts: Mapping[str, int], *, min_count: int = 1, max_size: int | None = None) -> Vocab:
-    """:func:`build_vocab` from word counts already made."""
+    """Word counts of the training captions -> :class:`Vocab` of the words seen at least ``min_count`` times,
+    most frequent first (ties by word, so the result never depends on counting order), cut to ``max_size``
+    entries in total (specials included; ``None`` for no limit)."""
     if min_count < 1:
         raise ValueError(f"min_count must be >= 1, got {min_count}")
     if max_size is not None and max_size < len(SPECIALS):
