@@ -17,6 +17,7 @@ import pytest
 import yaml
 
 from seqvision import tracking, train
+from seqvision.io import file_digest
 from tests.test_train import LR, NaNAfter, config, fit, fresh, loaders
 
 # MLflow's HTTP limits too: _client() sets them in os.environ, and monkeypatch restores the environment afterwards.
@@ -180,7 +181,7 @@ def test_dvc_hash_is_dvcs_own_and_read_from_a_fresh_dvc_lock(tmp_path):
     _, _, tree = build(HashFileDB(fs, str(tmp_path / "odb")), str(features), fs, "md5")
     computed = tracking.compute_dvc_md5(features)
     assert computed == tree.hash_info.value and computed.endswith(".dir")  # what `dvc commit` would record
-    assert tracking.compute_dvc_md5(features / "videos-train.npy") == tracking._md5_file(features / "videos-train.npy")
+    assert tracking.compute_dvc_md5(features / "videos-train.npy") == file_digest(features / "videos-train.npy", "md5")
     assert tracking.dvc_hash(features, repo_root=tmp_path) == (computed, "computed")  # no dvc.lock
 
     recorded = "0123456789abcdef0123456789abcdef.dir"  # not the real hash: proves it was read, not computed

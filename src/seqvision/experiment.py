@@ -53,7 +53,7 @@ from seqvision.config import MODEL_FAMILIES, TASKS, EvaluateConfig, TrainConfig,
 from seqvision.annotations import activity_labels
 from seqvision.datasets import VisualStore, make_loader, task_dataset, task_spec
 from seqvision.decode import decode
-from seqvision.io import atomic_path, write_json, write_text
+from seqvision.io import atomic_path, file_digest, write_json, write_text
 from seqvision.results import test_dir, train_dir
 from seqvision.metrics import caption_scores
 from seqvision.runtime import resolve_device, seed_everything
@@ -303,14 +303,6 @@ def input_blind_metric(data: TaskData) -> float:
 # Resume fingerprint
 
 
-def _file_digest(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def fingerprint(task: str, family: str, config: Any, train_config: TrainConfig, inputs: Sequence[Path], *,
                 encoder: nn.Module | None = None) -> str:
     """SHA-256 over what decides a training's result: names, effective model config, the train knobs that change
@@ -321,7 +313,7 @@ def fingerprint(task: str, family: str, config: Any, train_config: TrainConfig, 
         "family": family,
         "model": to_dict(config),
         "train": train_knobs,
-        "inputs": [_file_digest(Path(p)) for p in inputs],
+        "inputs": [file_digest(p) for p in inputs],
     }
     if encoder is not None:  # fine-tuning: the starting encoder decides the result too (only then in the blob,
         # so fingerprints of feature-based runs stay what they were)

@@ -14,6 +14,7 @@ advice to pass ``allow_pickle``.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import math
 import os
@@ -63,6 +64,15 @@ def write_text(path: str | Path, text: str) -> None:
 def write_json(path: str | Path, obj: Any, *, indent: int | None = 2) -> None:
     """Deterministic JSON (sorted keys, UTF-8, trailing newline), written atomically."""
     write_text(path, json.dumps(obj, indent=indent, sort_keys=True, ensure_ascii=False) + "\n")
+
+
+def file_digest(path: str | Path, algorithm: str = "sha256") -> str:
+    """Hex digest of a file's bytes (read in 1 MiB chunks); ``algorithm`` is a :mod:`hashlib` name."""
+    digest = hashlib.new(algorithm)
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 def replace_markdown_section(path: str | Path, heading: str, section: str) -> None:

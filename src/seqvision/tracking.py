@@ -42,7 +42,7 @@ from urllib.parse import urlparse
 
 import yaml
 
-from seqvision.io import write_text
+from seqvision.io import file_digest, write_text
 
 if TYPE_CHECKING:  # pragma: no cover
     from mlflow import MlflowClient
@@ -572,23 +572,15 @@ def _locked_out(path: Path, repo_root: Path) -> dict[str, Any] | None:
     return None
 
 
-def _md5_file(path: Path) -> str:
-    digest = hashlib.md5()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def compute_dvc_md5(path: str | Path) -> str:
     """DVC 3's md5 of a file (of its bytes), or of a folder: the md5 of the JSON list of ``{"md5", "relpath"}`` of
     every file under it, sorted by relpath (``dvc_data.hashfile.tree.Tree.digest``), then ``.dir``."""
     path = Path(path)
     if path.is_file():
-        return _md5_file(path)
+        return file_digest(path, "md5")
     if not path.is_dir():
         raise FileNotFoundError(f"{path}: no such file or folder")
-    entries = sorted(({"md5": _md5_file(p), "relpath": p.relative_to(path).as_posix()}
+    entries = sorted(({"md5": file_digest(p, "md5"), "relpath": p.relative_to(path).as_posix()}
                       for p in path.rglob("*") if p.is_file()), key=lambda e: e["relpath"])
     return hashlib.md5(json.dumps(entries, sort_keys=True).encode("utf-8")).hexdigest() + ".dir"
 
