@@ -26,6 +26,7 @@ Process-level hand-over:
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import json
 import logging
@@ -564,12 +565,17 @@ def _locked_out(path: Path, repo_root: Path) -> dict[str, Any] | None:
         relative = path.resolve().relative_to(repo_root.resolve()).as_posix()
     except ValueError:  # outside the repository: not a DVC output
         return None
-    stages = (yaml.safe_load(lock.read_text(encoding="utf-8")) or {}).get("stages") or {}
-    for stage in stages.values():
-        for out in stage.get("outs") or []:
-            if out.get("path") == relative and out.get("hash", "md5") == "md5" and out.get("md5"):
-                return out
-    return None
+    return _lock_outs(str(lock), lock.stat().st_mtime).get(relative)
+
+
+@functools.lru_cache(maxsize=4)
+def _lock_outs(lock: str, mtime: float) -> dict[str, dict[str, Any]]:
+    """Every md5 ``outs`` entry of a dvc.lock by path, parsed once per version of the file (``mtime``): a training
+    asks for each folder it reads, and the lock of the whole demo is ~0.5 s of pure-Python YAML."""
+    loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+    stages = (yaml.load(Path(lock).read_text(encoding="utf-8"), Loader=loader) or {}).get("stages") or {}  # noqa: S506
+    return {out["path"]: out for stage in stages.values() for out in stage.get("outs") or []
+            if out.get("path") and out.get("hash", "md5") == "md5" and out.get("md5")}
 
 
 def compute_dvc_md5(path: str | Path) -> str:
