@@ -293,6 +293,13 @@ def assert_mlflow_runs(db: Path, *, rerun: dict[str, Any]) -> dict[str, str]:
     return statuses
 
 
+def run_open_and_in_epoch_after(epoch: int, text: str) -> bool:
+    """:func:`in_epoch_after`, once the training's MLflow child run exists (its ``open_run`` task finished; it runs
+    beside the seeds, and a kill before it leaves no RUNNING run for the rerun to mark KILLED)."""
+    return bool(re.search(r"Task run 'open_run-[^']*' - Finished in state Completed", text)) and \
+        in_epoch_after(epoch, text)
+
+
 # --------------------------------------------------------------------------------------------------------
 # Fixtures
 
@@ -348,7 +355,8 @@ def test_flow_killed_mid_epoch_resumes_and_matches_an_uninterrupted_run(inputs: 
     out = root / "killed" / SEED
     inputs.fresh_mlflow_store(root)
 
-    epoch = kill_mid_training(cmd, cwd=root, env=env, out=out, log=root / "killed.log", ready=in_epoch_after)
+    epoch = kill_mid_training(cmd, cwd=root, env=env, out=out, log=root / "killed.log",
+                              ready=run_open_and_in_epoch_after)
     # died inside epoch `epoch + 1`: its checkpoint was never written, and the run never finished
     assert checkpoint_epoch(out / "last.pt") == epoch < EPOCHS
     assert not (out / "summary.json").exists()
