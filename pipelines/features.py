@@ -10,8 +10,9 @@ trained on the train split's frames and images to recognise the synthetic object
 ``--metadata`` (a real dataset has no metadata: choose a torchvision backbone with local weights instead);
 torchvision backbones are loaded from ``encoder.weights`` and not trained. Writes to ``--out``:
   encoder.pt    the encoder alone (seqvision.encoders.encoder_from_checkpoint rebuilds it)
-  history.json  training frames, loss and val attribute accuracy per epoch, timings
+  history.json  training frames, loss and val attribute accuracy per epoch
   metrics.json  final val attribute accuracies ({} when nothing was trained)
+  runinfo.json  seconds per part and per epoch (a measurement of this run: DVC ignores it)
 
 features: reads no params (the encoder comes from its checkpoint). Writes to ``--out`` (contract: docs/design.md):
   videos-{split}.npy  float16 (n, T, D) pooled per frame      images-{split}.npy  float16 (n, G, D) grid cells
@@ -100,7 +101,7 @@ def encoder_flow(
         run = load_backbone(config)
     features.save_encoder(run, out)
     stats = {"backbone": config.backbone, "trained": run.history["trained"], "metrics": run.metrics,
-             "seconds": run.history.get("seconds", {}), "random_weights": run.history.get("random_weights", False)}
+             "seconds": run.runinfo.get("seconds", {}), "random_weights": run.history.get("random_weights", False)}
     logger.info(encoder_summary(stats))
     return stats
 

@@ -73,7 +73,7 @@ def publish(runs: dict[str, list[Any]], paths: dict[str, Path], parent_run_id: s
         tracking.publish_comparison(
             parent_run_id, repo_root=repo_root, metrics=metrics,
             child_metrics=report.child_metrics(runs, parent_run_id=parent_run_id),
-            files=[paths["html"], paths["md"], paths["summary"]],
+            files=[paths["html"], paths["md"], paths["summary"], paths["runinfo"]],
             folders={"report/figures": paths["figures"]} if paths.get("figures") else None,
         )
         return len(metrics)
@@ -219,7 +219,8 @@ def main(argv: list[str] | None = None) -> int:
             return 1
         paths = result["paths"]
         print(f"report: {result['ok']}/{result['runs']} runs available")
-        print(f"report: {paths['html']} (self-contained), {paths['md']} and {paths['summary']}")
+        print(f"report: {paths['html']} (self-contained), {paths['md']} and {paths['summary']}; "
+              f"what the runs cost: {paths['runinfo']}")
         if result["parent_run_ids"]:
             print(f"report: logged on MLflow parent run {', '.join(result['parent_run_ids'])} "
                   f"({result['logged_metrics']} metrics, run ended FINISHED); browse with `make mlflow-ui`")

@@ -55,6 +55,7 @@ import pipelines
 from pipelines.common import CHILDREN, DEBUG_ENV, StageFailed, run_main
 from pipelines.train_args import TrainParams, add_arguments, check_inputs, read_train_params
 from seqvision import experiment, tracking
+from seqvision.io import read_runinfo, write_runinfo
 from seqvision.config import ConfigError, TrainConfig, load_params
 from seqvision.runtime import parallel_slots, resolve_device
 
@@ -207,7 +208,8 @@ def log_run(tracker: Any, out: str, seeds: int, metrics: dict[str, Any]) -> None
     """Every seed's learning curve, the test metrics per seed and over seeds, what the seeds ran on, and the
     stage's files."""
     summary = json.loads((Path(out) / "summary.json").read_text(encoding="utf-8"))
-    resumed = {f"seqvision.seed{k}.resumed_from_epoch": s["resumed_from_epoch"] for k, s in enumerate(summary["seeds"])}
+    measured = read_runinfo(out).get("seeds", [])
+    resumed = {f"seqvision.seed{k}.resumed_from_epoch": m.get("resumed_from_epoch") for k, m in enumerate(measured)}
     tracker.set_tags({"seqvision.seeds": seeds, **resumed, **tracking.runtime_tags(summary["seeds"][0]["device"])})
     for k, (trained, _) in enumerate(experiment.seed_folders(out, seeds)):
         for row in json.loads((trained / "history.json").read_text(encoding="utf-8")):
@@ -225,7 +227,7 @@ def log_run(tracker: Any, out: str, seeds: int, metrics: dict[str, Any]) -> None
             flat[f"test/{name}/seed{k}"] = value
     tracker.log_epoch(flat, step=0)
     tracker.log_params({"num_parameters": metrics["num_parameters"]})
-    for name in ("summary.json", "metrics.json"):
+    for name in ("summary.json", "metrics.json", "runinfo.json"):
         tracker.log_artifact(Path(out) / name)
 
 
@@ -328,22 +330,18 @@ def tracking_off() -> Any:
 
 
 def stamp_run_ids(out: str, run_id: str | None, parent: str | None) -> None:
-    """Record the MLflow run ids in ``summary.json`` (the report logs on the parent they name)."""
-    path = Path(out) / "summary.json"
-    summary = json.loads(path.read_text(encoding="utf-8"))
-    summary.update({"mlflow_run_id": run_id, "mlflow_parent_run_id": parent})
-    from seqvision.io import write_json
-
-    write_json(path, summary)
+    """Record the MLflow run ids in the stage's ``runinfo.json`` (the report logs on the runs they name)."""
+    write_runinfo(out, mlflow_run_id=run_id, mlflow_parent_run_id=parent)
 
 
 def describe(out: str) -> str:
     s = json.loads((Path(out) / "summary.json").read_text(encoding="utf-8"))
     vals = [x["best_val_metric"] for x in s["seeds"]]
     spread = f"{min(vals):.3f}-{max(vals):.3f}" if len(vals) > 1 else f"{vals[0]:.3f}"
+    seconds = read_runinfo(out).get("train_time_s")
     return (f"{s['task']}/{s['family']}: val {s['metric']} {spread} over {s['num_seeds']} seed(s), "
-            f"{s['converged_seeds']} converged; {s['num_parameters']:,} parameters, {s['train_time_s']:.1f} s of "
-            "training")
+            f"{s['converged_seeds']} converged; {s['num_parameters']:,} parameters"
+            + (f", {seconds:.1f} s of training" if seconds is not None else ""))
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

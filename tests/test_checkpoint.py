@@ -35,6 +35,16 @@ def test_a_saved_checkpoint_loads_back_exactly(tmp_path: Path) -> None:
     assert torch.equal(loaded["model"]["w"], _state()["model"]["w"]) and loaded["epoch"] == 3
 
 
+def test_equal_content_gives_equal_bytes_whatever_the_object_identities() -> None:
+    # A resumed run's history comes back from last.pt as new string objects; pickle memoizes by identity, so
+    # without canonicalisation the same values gave other bytes (and DVC another hash).
+    fresh = _state()
+    rebuilt = _state()
+    rebuilt["history"] = [{"".join(["ep", "och"]): 1, "".join(["val_", "loss"]): 0.5}]
+    assert checkpoint.to_bytes(fresh) == checkpoint.to_bytes(rebuilt)
+    assert checkpoint.to_bytes(fresh) != checkpoint.to_bytes({**fresh, "epoch": 4})
+
+
 @pytest.mark.parametrize("how", ["truncated", "bit flip", "4 KB of random bytes"])
 def test_damage_is_named_and_refused(tmp_path: Path, how: str) -> None:
     path = tmp_path / "best.pt"

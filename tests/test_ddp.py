@@ -28,6 +28,7 @@ import yaml
 from torch.utils.data import DistributedSampler
 
 from seqvision import checkpoint, distributed, experiment, train
+from seqvision.io import read_runinfo
 from seqvision.config import EvaluateConfig, ModelsConfig, TrainConfig, from_mapping
 from seqvision.datasets import DistributedEpochSampler, EpochSampler
 from tests.test_experiment import RecordingTracker
@@ -42,7 +43,7 @@ def make_artifacts(root: Path) -> dict[str, Path]:
     art = write_tiny_artifacts(root)
     return {**art._asdict(), "activity_dir": art.labels}
 LOSS_RTOL, WEIGHT_ATOL = 1e-5, 1e-4
-OUTPUTS = {"best.pt", "last.pt", "history.json", "learning_curve.json", "config.json", "summary.json"}
+OUTPUTS = {"best.pt", "last.pt", "history.json", "learning_curve.json", "config.json", "summary.json", "runinfo.json"}
 WORLD = 2
 TIMEOUT_S = 180
 
@@ -231,7 +232,7 @@ def test_two_processes_match_one_process_with_the_same_global_batch(ddp_runs):
     # a single-process run killed after epoch 1, resumed on 2 processes, ends where one process ends
     assert_same_training(ddp_runs / "single" / "video_captioning", ddp_runs / "out" / "resumed")
     summary = json.loads((ddp_runs / "out" / "resumed" / "summary.json").read_text())
-    assert summary["resumed_from_epoch"] == 1 and summary["epochs_run"] == 2
+    assert read_runinfo(ddp_runs / "out" / "resumed")["resumed_from_epoch"] == 1 and summary["epochs_run"] == 2
 
 
 @pytest.mark.xdist_group("ddp")
@@ -342,7 +343,7 @@ def test_cli_with_two_processes_matches_one_process_and_logs_one_run(cli_env, tm
     assert_same_training(tmp_path / "one" / seed, tmp_path / "two" / seed)
     assert {p.name for p in (tmp_path / "two" / seed).iterdir()} == OUTPUTS
     assert (tmp_path / "two" / "test" / "seed0" / "metrics.json").is_file()  # rank 0 evaluated the seed
-    one, two = (json.loads((tmp_path / d / "summary.json").read_text()) for d in ("one", "two"))
+    one, two = (read_runinfo(tmp_path / d) for d in ("one", "two"))  # the MLflow run ids
     assert two["mlflow_parent_run_id"] == one["mlflow_parent_run_id"]
 
     parent = client.get_run(two["mlflow_parent_run_id"])

@@ -12,7 +12,7 @@ import torch
 
 from seqvision import baselines as bl
 from seqvision import evaluate as ev
-from seqvision import metrics
+from seqvision import io, metrics
 from seqvision.config import EvaluateConfig
 from seqvision.datasets import VisualStore, task_spec
 from seqvision.decode import beam_search
@@ -63,8 +63,9 @@ def test_caption_metrics_from_the_jsonl_equal_caption_scores_on_the_same_strings
     on_disk = json.loads((tmp_path / "metrics.json").read_text())
     for key in metrics.CAPTION_METRICS:
         assert on_disk[key] == direct[key], key
-    assert written == on_disk
-    assert on_disk["num_items"] == 4 and on_disk["items_per_s"] == pytest.approx(2.0)
+    # The decoding time is a measurement of this run: runinfo.json, never the hashed metrics.json.
+    assert written == {**on_disk, **io.read_runinfo(tmp_path)} and "items_per_s" not in on_disk
+    assert on_disk["num_items"] == 4 and written["items_per_s"] == pytest.approx(2.0)
     assert on_disk["meteor"] is None and 0 < on_disk["bleu_1"] <= 1 and on_disk["cider_d"] > 0
     assert "not x100" in json.loads((tmp_path / "details.json").read_text())["scale"]
     assert read_jsonl(tmp_path / "predictions.jsonl") == records
@@ -97,7 +98,7 @@ def test_accuracy_confusion_and_reversal_metrics_are_consistent(tmp_path):
     with open(tmp_path / "plots" / "confusion.csv", newline="") as f:
         table = list(csv.DictReader(f))
     assert [(r["actual"], r["predicted"]) for r in table] == rows
-    assert json.loads((tmp_path / "metrics.json").read_text()) == result
+    assert {**json.loads((tmp_path / "metrics.json").read_text()), **io.read_runinfo(tmp_path)} == result
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -133,10 +134,10 @@ def test_captioner_evaluation_writes_beam_search_predictions_and_metrics(tmp_pat
     assert [r["score"] for r in records] == pytest.approx(decoded.score.tolist(), abs=1e-5)
 
     on_disk = json.loads((out / "metrics.json").read_text())
-    assert set(on_disk) == {*metrics.CAPTION_METRICS, "num_items", "decode_time_s", "items_per_s"}
-    assert on_disk == result and on_disk["num_items"] == len(ids)
-    assert on_disk == {**metrics.score_predictions_jsonl(out / "predictions.jsonl", meteor="never"),
-                       **{k: on_disk[k] for k in ("decode_time_s", "items_per_s")}}
+    assert set(on_disk) == {*metrics.CAPTION_METRICS, "num_items"}
+    assert result == {**on_disk, **io.read_runinfo(out)} and on_disk["num_items"] == len(ids)
+    assert set(io.read_runinfo(out)) == {"decode_time_s", "items_per_s"}
+    assert on_disk == metrics.score_predictions_jsonl(out / "predictions.jsonl", meteor="never")
     details = json.loads((out / "details.json").read_text())
     assert (details["beam_size"], details["max_length"], details["family"]) == (2, 6, family)
     assert "CIDEr-D as coco-caption reports it" in details["scale"]
@@ -171,7 +172,7 @@ def test_activity_evaluation_writes_predictions_metrics_and_confusion(tmp_path, 
 
     result = json.loads((out / "metrics.json").read_text())
     assert set(result) == {"top_1", "top_5", "mean_class_accuracy", "reversal_pair_accuracy",
-                           "reversal_swap_rate", "num_items", "decode_time_s", "items_per_s"}
+                           "reversal_swap_rate", "num_items"}
     correct = sum(r["predicted"] == r["label"] for r in records)
     assert result["top_1"] == pytest.approx(correct / len(records)) and result["top_5"] == 1.0
     in_pair = [r for r in records if r["label"] in ("move_left", "move_right")]
@@ -295,7 +296,8 @@ def test_evaluate_and_baselines_flows_end_to_end(tmp_path, art, prefect_harness,
                               "--checkpoint", str(ckpt), "--features", str(art["features"]),
                               "--activity-dir", str(art["labels"]), "--device", "cpu", "--out", str(out)])
     assert code == 0 and "top_1" in capsys.readouterr().out
-    assert {p.name for p in out.iterdir()} == {"predictions.jsonl", "metrics.json", "details.json", "plots"}
+    assert {p.name for p in out.iterdir()} == {"predictions.jsonl", "metrics.json", "details.json", "plots",
+                                               "runinfo.json"}
     code = baselines_cli.main(["--params", str(params), "--tasks", "video_captioning", "--features",
                                str(art["features"]), "--tokens", str(art["tokens"]), "--out", str(tmp_path / "eval")])
     assert code == 0

@@ -12,7 +12,7 @@ import pytest
 import torch
 import yaml
 
-from seqvision import checkpoint, experiment, models, train
+from seqvision import checkpoint, experiment, io, models, train
 from seqvision.config import TASKS, EvaluateConfig, ModelsConfig, TrainConfig
 from seqvision.datasets import task_spec
 from tests.tiny import (
@@ -314,7 +314,7 @@ def test_flow_trains_every_seed_in_parallel_under_one_child_run_and_marks_failur
     assert seeds_trained == [TrainConfig().seed, TrainConfig().seed + 1]  # train.seed + k
     assert "cider_d" in second and len(second["cider_d"]["seeds"]) == 2
 
-    summaries = [json.loads((tmp_path / name / "summary.json").read_text()) for name in ("a", "v")]
+    summaries = [io.read_runinfo(tmp_path / name) for name in ("a", "v")]  # the run ids: runinfo.json
     parent = (tmp_path / ".seqvision" / "parent_run_id").read_text().strip()
     assert summaries[0]["mlflow_parent_run_id"] == summaries[1]["mlflow_parent_run_id"] == parent
     assert client.get_run(parent).info.status == "RUNNING"  # the report stage ends it
@@ -348,7 +348,7 @@ def test_flow_trains_every_seed_in_parallel_under_one_child_run_and_marks_failur
     # once the parent has ended, the next training starts a new comparison
     client.set_terminated(parent)
     stage.train_flow("activity", "meanpool", out=str(tmp_path / "m"), **{**common, "parallel": 1})
-    third = json.loads((tmp_path / "m" / "summary.json").read_text())
+    third = io.read_runinfo(tmp_path / "m")
     assert third["mlflow_parent_run_id"] != parent
     assert (tmp_path / ".seqvision" / "parent_run_id").read_text().strip() == third["mlflow_parent_run_id"]
 

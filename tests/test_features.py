@@ -84,7 +84,9 @@ def test_flows_run_end_to_end(tiny, tmp_path, prefect_harness, capsys):
     code = features_cli.main(["encoder", "--params", str(params), "--frames", str(tiny["frames"]),
                               "--metadata", str(tiny["metadata"]), "--out", str(encoder_dir), "--device", "cpu"])
     assert code == 0, capsys.readouterr().err
-    assert sorted(p.name for p in encoder_dir.iterdir()) == ["encoder.pt", "history.json", "metrics.json"]
+    assert sorted(p.name for p in encoder_dir.iterdir()) == ["encoder.pt", "history.json", "metrics.json",
+                                                             "runinfo.json"]
+    assert "seconds" not in (encoder_dir / "history.json").read_text()  # a measurement: runinfo.json only
     history = json.loads((encoder_dir / "history.json").read_text())
     assert history["trained"] and [e["epoch"] for e in history["epochs"]] == [1]
     metrics = json.loads((encoder_dir / "metrics.json").read_text())

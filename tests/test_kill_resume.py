@@ -37,6 +37,7 @@ import torch
 import yaml
 
 from seqvision import checkpoint
+from seqvision.io import file_digest, read_runinfo
 from seqvision.config import TokenizeConfig
 from seqvision.vocab import tokenize_corpus, write_corpus
 from tests.tiny import TINY_UNMATCHED
@@ -55,11 +56,9 @@ TRAIN = {"epochs": EPOCHS, "batch_size": 16, "device": "cpu", "deterministic": T
 GRU = {"lr": 0.01, "hidden_size": 64, "embed_size": 32, "dropout": 0.2, "attention": True}
 SEED = Path("train") / "seed0"  # where the stage trains its one seed, under --out
 
-# Fields that measure the machine, not the maths: wall times, throughput and the process's peak RSS differ
-# between any two processes. Everything else must be equal bit for bit.
-TIMING = {"samples_per_s", "train_time_s", "epoch_time_s", "peak_memory_mb"}
-# summary.json fields that differ by design: how the run got there and which MLflow run logged it.
-PROVENANCE = {"resumed_from_epoch", "mlflow_run_id", "mlflow_parent_run_id"}
+# What differs by design between a killed-and-resumed run and an uninterrupted one (wall times, throughput, peak
+# RSS, the resumed epoch, the MLflow runs) lives in runinfo.json; every file DVC hashes must be equal byte for byte.
+HASHED = ("best.pt", "last.pt", "history.json", "learning_curve.json", "config.json", "summary.json")
 
 TIMEOUT_S = 240  # per process: generous for a busy 2-core machine; a hang still ends the test
 
@@ -223,10 +222,6 @@ def in_epoch_after(epoch: int, text: str) -> bool:
 # Comparison with the reference
 
 
-def _without(record: dict[str, Any], keys: set[str]) -> dict[str, Any]:
-    return {k: v for k, v in record.items() if k not in keys}
-
-
 def _assert_same_tensors(a: Any, b: Any, where: str) -> None:
     """Nested dicts / lists / tensors equal exactly (tensors bit for bit)."""
     if isinstance(a, torch.Tensor):
@@ -246,28 +241,12 @@ def _assert_same_tensors(a: Any, b: Any, where: str) -> None:
 def assert_same_training(run: Path, reference: Path) -> None:
     """``run`` ended exactly where the uninterrupted ``reference`` did: every per-epoch loss, LR, gradient norm
     and val metric, the summary, and everything in best.pt / last.pt (weights, optimizer, schedule, counters,
-    random states but Python's)."""
-    history = json.loads((run / "history.json").read_text())
-    expected = json.loads((reference / "history.json").read_text())
-    assert [_without(h, TIMING) for h in history] == [_without(h, TIMING) for h in expected]
-    assert json.loads((run / "learning_curve.json").read_text()) == \
-        json.loads((reference / "learning_curve.json").read_text())
-    assert json.loads((run / "config.json").read_text()) == json.loads((reference / "config.json").read_text())
-    summary = json.loads((run / "summary.json").read_text())
-    ref_summary = json.loads((reference / "summary.json").read_text())
-    assert _without(summary, TIMING | PROVENANCE) == _without(ref_summary, TIMING | PROVENANCE)
+    random states), compared as values (to name what differs) and as bytes (what DVC hashes)."""
     for name in ("best.pt", "last.pt"):
         got, ref = checkpoint.load(run / name), checkpoint.load(reference / name)
-        # The checkpoint's copy of the history carries the same timings as history.json (compared above).
-        # The Python `random` state is process noise, not training state: nothing in training draws from it,
-        # but Prefect's event client thread does (websockets' keepalive ping calls random.getrandbits) at times
-        # set by its event loop, so even two uninterrupted runs save different states. numpy, torch and the
-        # data loader's generators are compared.
-        # The content digest covers those timings and that state too.
-        for ckpt in (got, ref):
-            ckpt["rng"].pop("python")
-            ckpt.pop("sha256", None)
-        _assert_same_tensors(_without(got, {"history"}), _without(ref, {"history"}), name)
+        _assert_same_tensors(got, ref, name)
+    for name in HASHED:
+        assert file_digest(run / name) == file_digest(reference / name), name
 
 
 def assert_mlflow_runs(db: Path, *, rerun: dict[str, Any]) -> dict[str, str]:
@@ -286,7 +265,7 @@ def assert_mlflow_runs(db: Path, *, rerun: dict[str, Any]) -> dict[str, str]:
     # SIGKILL runs no handler: the rerun found the run RUNNING and ended it
     assert killed.info.status == "KILLED" and "process had died" in killed.data.tags["seqvision.ended_by"]
     run = client.get_run(rerun["mlflow_run_id"])
-    resumed = rerun["seeds"][0]["resumed_from_epoch"]
+    resumed = rerun["seeds"][0]["resumed_from_epoch"]  # runinfo.json of the stage
     assert run.data.tags["seqvision.seed0.resumed_from_epoch"] == str(resumed)
     curve = client.get_metric_history(run.info.run_id, "seed0/val_cider_d")
     assert sorted(m.step for m in curve) == list(range(1, EPOCHS + 1))  # earlier epochs replayed from last.pt
@@ -365,12 +344,12 @@ def test_flow_killed_mid_epoch_resumes_and_matches_an_uninterrupted_run(inputs: 
     log = run_to_end(cmd, cwd=root, env=env)
     assert f"resuming from {Path('killed') / SEED / 'last.pt'} (epoch {epoch})" in log, log[-4000:]
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["resumed_from_epoch"] == epoch and summary["epochs_run"] == EPOCHS
+    assert read_runinfo(out)["resumed_from_epoch"] == epoch and summary["epochs_run"] == EPOCHS
 
     inputs.reference_run.wait()
-    assert json.loads((inputs.reference / SEED / "summary.json").read_text())["resumed_from_epoch"] == 0
+    assert read_runinfo(inputs.reference / SEED)["resumed_from_epoch"] == 0
     assert_same_training(out, inputs.reference / SEED)
-    assert_mlflow_runs(root / "mlflow.db", rerun=json.loads((root / "killed" / "summary.json").read_text()))
+    assert_mlflow_runs(root / "mlflow.db", rerun=read_runinfo(root / "killed"))
 
 
 def scratch_repo(root: Path, inputs: Inputs) -> Path:
@@ -420,11 +399,12 @@ def test_dvc_repro_killed_mid_epoch_resumes_from_the_persisted_checkpoint(inputs
 
     def into_next_epoch(epoch: int, _: str) -> bool:
         # The stage's stderr is no terminal, so no progress bar: wait 40% of the last epoch's training time
-        # after its checkpoint (history.json is written right after last.pt), i.e. into the next epoch's loop.
-        history = out / "history.json"
-        if not history.is_file() or json.loads(history.read_text())[-1]["epoch"] != epoch:
+        # after its checkpoint (runinfo.json, with the epoch's times, is written right after last.pt), i.e. into
+        # the next epoch's loop.
+        timed = read_runinfo(out).get("epochs") or [{}]
+        if timed[-1].get("epoch") != epoch:
             return False
-        time.sleep(0.4 * json.loads(history.read_text())[-1]["train_time_s"])
+        time.sleep(0.4 * timed[-1]["train_time_s"])
         return True
 
     epoch = kill_mid_training(cmd, cwd=repo, env=env, out=out, log=repo / "killed.log", ready=into_next_epoch)
@@ -436,9 +416,9 @@ def test_dvc_repro_killed_mid_epoch_resumes_from_the_persisted_checkpoint(inputs
     assert f"resuming from {Path('artifacts/runs') / TASK / FAMILY / SEED / 'last.pt'} (epoch {at_kill})" in log, \
         log[-4000:]
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["resumed_from_epoch"] == at_kill and summary["epochs_run"] == EPOCHS
+    assert read_runinfo(out)["resumed_from_epoch"] == at_kill and summary["epochs_run"] == EPOCHS
     assert stage in yaml.safe_load((repo / "dvc.lock").read_text())["stages"]
 
     inputs.reference_run.wait()
     assert_same_training(out, inputs.reference / SEED)
-    assert_mlflow_runs(repo / "mlflow.db", rerun=json.loads((out.parent.parent / "summary.json").read_text()))
+    assert_mlflow_runs(repo / "mlflow.db", rerun=read_runinfo(out.parent.parent))

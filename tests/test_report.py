@@ -77,17 +77,20 @@ def write_model(runs: Path, task: str, family: str, seeds: list, write, *, param
     best_epochs = best_epochs or [epochs - 2] * n
     per_seed = [write(folder / "test" / f"seed{k}", payload) for k, payload in enumerate(seeds)]
     keys = [k for k, v in per_seed[0].items() if k not in ("num_items", "decode_time_s", "items_per_s")
-            and (v is None or isinstance(v, (int, float)))]
+            and (v is None or isinstance(v, (int, float)))]  # write() returns metrics.json plus the timing
     aggregated = {k: metrics.seed_summary([m.get(k) for m in per_seed]) for k in keys}
     aggregated.update({"num_seeds": n, "num_parameters": params, "converged": sum(converged)})
     (folder / "metrics.json").write_text(json.dumps(aggregated))
     seed_summaries = [{"task": task, "family": family, "seed": k, "num_parameters": params, "converged": converged[k],
                        "best_epoch": best_epochs[k], "epochs_run": epochs, "best_val_metric": 0.5 + 0.01 * k,
-                       "train_time_s": 10.0, "device": "cpu", "metric": "accuracy"} for k in range(n)]
+                       "device": "cpu", "metric": "accuracy"} for k in range(n)]
     summary = {"task": task, "family": family, "num_parameters": params, "budget": budget, "metric": "accuracy",
-               "seeds": seed_summaries, "num_seeds": n, "converged_seeds": sum(converged), "train_time_s": 10.0 * n,
-               **(extra or {})}
+               "seeds": seed_summaries, "num_seeds": n, "converged_seeds": sum(converged)}
     (folder / "summary.json").write_text(json.dumps(summary))
+    # The measurements and MLflow ids: runinfo.json (experiment.aggregate, pipelines.train.stamp_run_ids).
+    (folder / "runinfo.json").write_text(json.dumps({
+        "seeds": [{"train_time_s": 10.0, "samples_per_s": 100.0 + k, "peak_memory_mb": 300.0} for k in range(n)],
+        "train_time_s": 10.0 * n, **(extra or {})}))
     curve = [{"seed": k, "epoch": e, "train_loss": 2.0 / e + 0.1 * k, "val_loss": 2.2 / e, "val_metric": 0.1 * e}
              for k in range(n) for e in range(1, epochs + 1)]
     (folder / "learning_curve.json").write_text(json.dumps(curve))
@@ -181,6 +184,28 @@ def render(tmp_path: Path, tree: dict[str, Path], *, examples: int = 2, **kwargs
     runs = report.load_runs(runs_dir=tree["runs"], baselines_dir=tree["eval"])
     sections = report.build_sections(runs, frames_dir=tree.get("frames"), examples=examples, resamples=400, **kwargs)
     return report.write_report(sections, tmp_path / "reports", resamples=400), runs
+
+
+def test_report_bytes_do_not_depend_on_the_runs_measurements(tmp_path):
+    # DVC hashes reports/: the times, memory and MLflow ids of the runs (runinfo.json, which DVC ignores) must not
+    # reach report.md/html/summary.json/figures, only runinfo.md.
+    tree = build_tree(tmp_path / "tree", mlflow_ids={"gru": {"mlflow_run_id": "child-gru"}})
+    first, _ = render(tmp_path / "first", tree)
+    runinfo = tree["runs"] / "activity" / "gru" / "runinfo.json"
+    assert "child-gru" in first["runinfo"].read_text() and "30.0 s" in first["runinfo"].read_text()
+    runinfo.write_text(json.dumps({"train_time_s": 4321.0, "mlflow_run_id": "another-run",
+                                   "seeds": [{"peak_memory_mb": 9999.0}]}))
+    second, _ = render(tmp_path / "second", tree)
+    for key in ("html", "md", "summary"):
+        assert first[key].read_bytes() == second[key].read_bytes(), key
+    assert sorted(p.name for p in first["figures"].iterdir()) == sorted(p.name for p in second["figures"].iterdir())
+    for fig in first["figures"].iterdir():
+        assert fig.read_bytes() == (second["figures"] / fig.name).read_bytes(), fig.name
+    measured = second["runinfo"].read_text()
+    assert "72.0 min" in measured and "9999 MB" in measured and "another-run" in measured
+    runinfo.unlink()  # a run pulled from a DVC remote has none: the report still renders, without times
+    third, _ = render(tmp_path / "third", tree)
+    assert third["md"].read_bytes() == first["md"].read_bytes()
 
 
 # --------------------------------------------------------------------------------------------------------

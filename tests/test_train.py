@@ -14,9 +14,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
-from seqvision import checkpoint, distributed, runtime, train
+from seqvision import checkpoint, distributed, io, runtime, train
 from seqvision.config import ConfigError, TrainConfig
 from seqvision.datasets import make_loader
+from seqvision.train import TIMING_KEYS
 
 try:  # the real typed batches when the datasets module is there; same fields otherwise
     from seqvision.datasets import CaptionBatch, ClipBatch
@@ -298,6 +299,10 @@ def test_resume_equals_uninterrupted_run(tmp_path, order):
     ]
     saved = json.loads((tmp_path / "b" / "history.json").read_text())
     assert [e["epoch"] for e in saved] == [1, 2]
+    # ... and the same bytes, which is what DVC hashes (the resumed history comes back from last.pt as new
+    # objects: checkpoint.to_bytes pickles values, not object identities)
+    for name in ("best.pt", "last.pt", "history.json"):
+        assert io.file_digest(tmp_path / "a" / name) == io.file_digest(tmp_path / "b" / name), (order, name)
 
 
 def test_resume_restores_data_order_not_a_fresh_shuffle(tmp_path):
@@ -318,8 +323,10 @@ def test_resuming_a_finished_run_still_writes_its_history(tmp_path):
     done = fit(fresh(), tr, va, config=config(epochs=2), out_dir=tmp_path)
     (tmp_path / "history.json").unlink()
     again = fit(fresh(), tr, va, config=config(epochs=2), out_dir=tmp_path, resume=True)
-    assert json.loads((tmp_path / "history.json").read_text()) == again.history
-    assert len(again.history) == len(done.history) == 2
+    assert again.history == done.history  # the times too: read back from runinfo.json
+    on_disk = json.loads((tmp_path / "history.json").read_text())
+    assert on_disk == [{k: v for k, v in h.items() if k not in TIMING_KEYS} for h in done.history]
+    assert len(again.history) == 2
 
 
 def test_resume_refuses_changed_maths(tmp_path):
@@ -521,9 +528,23 @@ def test_checkpoint_rebuilds_model_and_history_has_every_column(tmp_path):
     assert same_weights(rebuilt.state_dict(), model.state_dict())
     assert {"optimizer", "scheduler", "rng", "history", "train_config", "best_metric"} <= ckpt.keys()
     (entry,) = json.loads((tmp_path / "history.json").read_text())
-    assert {"train_loss", "val_loss", "val_metric", "samples_per_s", "lr", "peak_memory_mb",
-            "epoch_time_s"} <= entry.keys()
-    assert entry["samples_per_s"] > 0 and entry["peak_memory_mb"] > 0
+    assert {"train_loss", "val_loss", "val_metric", "lr", "grad_norm"} <= entry.keys()
+    # Measurements of the run live in runinfo.json only, never in a hashed output.
+    assert not set(TIMING_KEYS) & (entry.keys() | ckpt["history"][0].keys())
+    (timed,) = io.read_runinfo(tmp_path)["epochs"]
+    assert timed["epoch"] == 1 and timed["samples_per_s"] > 0 and timed["peak_memory_mb"] > 0
+    assert timed["epoch_time_s"] >= timed["train_time_s"] > 0
+
+
+def test_the_same_fit_twice_writes_the_same_bytes(tmp_path):
+    # DVC hashes the checkpoints and history.json: the same inputs must give the same hashes on every run (the
+    # times that differ go to runinfo.json, which .dvcignore hides from DVC).
+    tr, va = loaders()
+    for name in ("a", "b"):
+        fit(fresh(), tr, va, config=config(epochs=2), out_dir=tmp_path / name)
+    for name in ("best.pt", "last.pt", "history.json"):
+        assert io.file_digest(tmp_path / "a" / name) == io.file_digest(tmp_path / "b" / name), name
+    assert io.read_runinfo(tmp_path / "a") != io.read_runinfo(tmp_path / "b")  # the wall-clock times differ
 
 
 def test_activity_model_learns(tmp_path):

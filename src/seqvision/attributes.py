@@ -678,6 +678,7 @@ def train_attribute_encoder(
     encoder = build_encoder(config, num_colors=len(space.colors))
     heads = build_heads(space, encoder)
     epochs: list[dict[str, Any]] = []
+    epoch_seconds: list[float] = []
 
     def score() -> dict[str, float]:
         assert val is not None
@@ -686,8 +687,8 @@ def train_attribute_encoder(
                                                                val.cells).items()}
 
     def after_epoch(epoch: int, loss: float) -> None:
-        record: dict[str, Any] = {"epoch": epoch + 1, "train_loss": round(loss, 5),
-                                  "seconds": round(time.perf_counter() - prepared, 2)}
+        epoch_seconds.append(round(time.perf_counter() - prepared, 2))
+        record: dict[str, Any] = {"epoch": epoch + 1, "train_loss": round(loss, 5)}
         if val is not None:
             record["val"] = score()
         epochs.append(record)
@@ -715,7 +716,7 @@ def train_attribute_encoder(
         "epochs": epochs,
         "probe": {"epochs": PROBE_EPOCHS, "train_loss": round(probe_loss[-1], 5) if probe_loss else None,
                   "val": metrics},
-        "seconds": {"targets": round(prepared - started, 2), "training": round(trained - prepared, 2),
-                    "probe": round(probed - trained, 2)},
     }
-    return EncoderRun(encoder, history, metrics)
+    seconds = {"targets": round(prepared - started, 2), "training": round(trained - prepared, 2),
+               "probe": round(probed - trained, 2)}
+    return EncoderRun(encoder, history, metrics, {"seconds": seconds, "seconds_at_epoch_end": epoch_seconds})

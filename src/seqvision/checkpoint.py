@@ -18,6 +18,8 @@ from __future__ import annotations
 import hashlib
 import io
 import struct
+import sys
+from collections import OrderedDict
 from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -68,13 +70,35 @@ def digest(state: Mapping[str, Any]) -> str:
     return h.hexdigest()
 
 
+def _canonical(obj: Any) -> Any:
+    """``obj`` rebuilt with fresh containers and interned strings, so that its pickle depends on its values only.
+
+    Pickle writes a repeated object once and refers back to it, by identity: a key that is one shared (interned)
+    string in a fresh run but a new string per dict in a resumed one (the history read back from ``last.pt``)
+    gives other bytes for equal values, and DVC would see another checkpoint."""
+    if isinstance(obj, str):
+        return sys.intern(obj)
+    if isinstance(obj, OrderedDict):  # a state dict: keep its type and the module versions in _metadata
+        out = OrderedDict((_canonical(k), _canonical(v)) for k, v in obj.items())
+        if hasattr(obj, "_metadata"):
+            out._metadata = _canonical(obj._metadata)  # type: ignore[attr-defined]
+        return out
+    if isinstance(obj, Mapping):
+        return {_canonical(k): _canonical(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_canonical(v) for v in obj]
+    if isinstance(obj, tuple):
+        return tuple(_canonical(v) for v in obj)
+    return obj
+
+
 def to_bytes(state: Mapping[str, Any]) -> bytes:
-    """``state`` with its digest, serialized (what :func:`save` writes)."""
+    """``state`` with its digest, serialized (what :func:`save` writes): the same bytes for equal content."""
     import torch
 
+    state = {**state, "format": CHECKPOINT_FORMAT}
     buffer = io.BytesIO()
-    torch.save({**state, "format": CHECKPOINT_FORMAT, DIGEST_KEY: digest({**state, "format": CHECKPOINT_FORMAT})},
-               buffer)
+    torch.save(_canonical({**state, DIGEST_KEY: digest(state)}), buffer)
     return buffer.getvalue()
 
 

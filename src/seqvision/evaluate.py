@@ -110,7 +110,7 @@ def evaluate_checkpoint(
     ``video``/``image`` sub-folder is picked from ``task``), activity the labels (:func:`load_activity_labels`).
     ``family``, when given, must match the checkpoint's. ``metadata`` (the synthetic benchmark's
     ``io.load_metadata``): adds the content metrics to a captioner's evaluation. Returns the metrics written to
-    ``metrics.json``.
+    ``metrics.json``, plus the decoding time written to ``runinfo.json``.
     """
     spec = task_spec(task)
     device = resolve_device(device)

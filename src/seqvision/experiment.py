@@ -15,7 +15,9 @@ Plain functions, in the order the stage calls them:
    ``history.json``            fit's per-epoch records
    ``learning_curve.json``     ``[{"epoch", "train_loss", "val_loss", "val_metric"}, ...]`` for ``dvc plots``
    ``config.json``             exactly what was trained: task, family, effective model config, train config
-   ``summary.json``            headline numbers (see :class:`TrainSummary`)
+   ``summary.json``            headline numbers (see :class:`TrainSummary`), less its :data:`RUN_FIELDS`
+   ``runinfo.json``            the :data:`RUN_FIELDS` and fit's per-epoch times: measurements of this run, which
+                               differ on every run (``io.write_runinfo``; DVC ignores the file)
 
 Resuming: ``last.pt`` records a fingerprint of everything that decides the result (task, family, effective model
 config, the train knobs that change the maths, and the content of the input files). ``resume=True`` continues from
@@ -47,13 +49,13 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from seqvision import annotations, checkpoint, distributed, models, tracking
+from seqvision import annotations, checkpoint, distributed, io, models, tracking
 from seqvision.blocks import ModelDims
 from seqvision.config import MODEL_FAMILIES, TASKS, EvaluateConfig, TrainConfig, flatten, to_dict
 from seqvision.annotations import activity_labels
 from seqvision.datasets import VisualStore, make_loader, task_dataset, task_spec
 from seqvision.decode import decode
-from seqvision.io import atomic_path, file_digest, write_json, write_text
+from seqvision.io import atomic_path, file_digest, read_runinfo, write_json, write_runinfo, write_text
 from seqvision.results import test_dir, train_dir
 from seqvision.metrics import caption_scores
 from seqvision.runtime import resolve_device, seed_everything
@@ -68,7 +70,8 @@ FAMILIES = MODEL_FAMILIES
 CIDER_VAL_ITEMS = 1000
 
 # Outputs this module writes into out_dir (and removes before a fresh start).
-OUTPUT_FILES = ("best.pt", "last.pt", "history.json", "learning_curve.json", "config.json", "summary.json")
+OUTPUT_FILES = ("best.pt", "last.pt", "history.json", "learning_curve.json", "config.json", "summary.json",
+                io.RUNINFO)
 
 
 check_names = models.check_names
@@ -405,6 +408,12 @@ class TrainSummary:
     mlflow_parent_run_id: str | None
 
 
+# TrainSummary fields that measure or identify this run rather than follow from its inputs: runinfo.json, not
+# summary.json (whose bytes DVC hashes).
+RUN_FIELDS = ("resumed_from_epoch", "train_time_s", "samples_per_s", "peak_memory_mb", "mlflow_run_id",
+              "mlflow_parent_run_id")
+
+
 def converged(stopped_early: bool, epochs_since_best: int, patience: int) -> bool:
     """Whether a run converged: it stopped early, or its last ``patience`` epochs improved neither the validation
     metric nor the validation loss (the stopping rule of ``train.fit``, met just as ``train.epochs`` ran out). A
@@ -424,12 +433,15 @@ def learning_curve(history: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]
 
 
 def _summarize_history(history: Sequence[Mapping[str, Any]]) -> dict[str, float]:
-    train_seconds = sum(h["train_time_s"] for h in history)
-    samples = sum(h["samples_per_s"] * h["train_time_s"] for h in history)
+    """Time, throughput and peak memory over the epochs that have them (a resumed run whose runinfo.json was not
+    kept, e.g. after ``dvc pull``, has no times for its earlier epochs)."""
+    timed = [h for h in history if "train_time_s" in h]
+    train_seconds = sum(h["train_time_s"] for h in timed)
+    samples = sum(h["samples_per_s"] * h["train_time_s"] for h in timed)
     return {
-        "train_time_s": round(sum(h["epoch_time_s"] for h in history), 3),
+        "train_time_s": round(sum(h["epoch_time_s"] for h in timed), 3),
         "samples_per_s": round(samples / train_seconds, 1) if train_seconds > 0 else 0.0,
-        "peak_memory_mb": round(max((h["peak_memory_mb"] for h in history), default=0.0), 1),
+        "peak_memory_mb": round(max((h["peak_memory_mb"] for h in timed), default=0.0), 1),
     }
 
 
@@ -542,7 +554,9 @@ def run(
     )
     if rank0:
         write_json(out_dir / "learning_curve.json", learning_curve(result.history))
-        write_json(out_dir / "summary.json", dataclasses.asdict(summary))
+        fields = dataclasses.asdict(summary)
+        write_json(out_dir / "summary.json", {k: v for k, v in fields.items() if k not in RUN_FIELDS})
+        write_runinfo(out_dir, **{k: fields[k] for k in RUN_FIELDS})
     tracker.log_epoch({
         f"best_val_{result.metric}": result.best_metric, "best_epoch": result.best_epoch,
         f"input_blind_val_{result.metric}": blind, "num_parameters": num_parameters,
@@ -550,6 +564,7 @@ def run(
         "train_samples_per_s": stats["samples_per_s"], "train_peak_memory_mb": stats["peak_memory_mb"],
     }, step=summary.epochs_run)
     tracker.log_artifact(out_dir / "summary.json")
+    tracker.log_artifact(out_dir / io.RUNINFO)
     tracker.log_artifact(out_dir / "best.pt")
     return summary
 
@@ -558,7 +573,7 @@ def run(
 # Over seeds: the stage's own outputs
 
 # Per-seed numbers that describe the run, not its quality: not aggregated into metrics.json.
-_NOT_METRICS = frozenset({"num_items", "decode_time_s", "items_per_s"})
+_NOT_METRICS = frozenset({"num_items"})
 
 
 def seed_folders(out_dir: str | Path, seeds: int) -> list[tuple[Path, Path]]:
@@ -574,6 +589,7 @@ def aggregate(out_dir: str | Path, *, seeds: int, budget: int | None) -> dict[st
     ``metrics.json``        every numeric test metric as ``metrics.seed_summary`` (mean, std, 95% t-interval, the
                             values), plus ``num_seeds``, ``num_parameters`` and ``converged`` (seeds that converged)
     ``summary.json``        task, family, parameters and budget, model config, every seed's summary
+    ``runinfo.json``        every seed's runinfo.json (less its epochs) and their total ``train_time_s``
     ``learning_curve.json`` every seed's rows, with a ``seed`` column (``dvc plots``)
     ``plots/confusion.csv`` activity: every seed's test predictions (``dvc plots`` confusion)
 
@@ -601,10 +617,13 @@ def aggregate(out_dir: str | Path, *, seeds: int, budget: int | None) -> dict[st
         "task": first["task"], "family": first["family"], "num_parameters": first["num_parameters"],
         "budget": budget, "model_config": first["model_config"], "metric": first["metric"],
         "seeds": summaries, "converged_seeds": metrics["converged"], "num_seeds": seeds,
-        "train_time_s": round(sum(s["train_time_s"] for s in summaries), 3),
     }
     write_json(out_dir / "metrics.json", metrics)
     write_json(out_dir / "summary.json", summary)
+    measured = [{k: v for k, v in read_runinfo(t).items() if k != "epochs"} for t, _ in folders]
+    # Replaced, not merged: the file outlives the stage's outputs (it is none), so it may hold an older run's ids.
+    write_json(out_dir / io.RUNINFO, {"seeds": measured,
+                                      "train_time_s": round(sum(m.get("train_time_s") or 0.0 for m in measured), 3)})
     curve = [{"seed": s["seed"], **row} for (t, _), s in zip(folders, summaries)
              for row in json.loads((t / "learning_curve.json").read_text(encoding="utf-8"))]
     write_json(out_dir / "learning_curve.json", curve)

@@ -54,8 +54,9 @@ def _splits(index: Mapping[str, Any], kind: str) -> list[str]:
 
 class EncoderRun(NamedTuple):
     encoder: nn.Module
-    history: dict[str, Any]  # JSON-ready: what was trained on, loss and val accuracy per epoch, timings
+    history: dict[str, Any]  # JSON-ready: what was trained on, loss and val accuracy per epoch
     metrics: dict[str, Any]  # JSON-ready: final val accuracies (empty when nothing was trained or no val split)
+    runinfo: dict[str, Any] = {}  # JSON-ready measurements of this run (seconds per part and per epoch)
 
 
 def require_metadata(metadata_path: str | Path) -> None:
@@ -82,7 +83,8 @@ def pretrained_encoder(config: Any) -> EncoderRun:
 
 def save_encoder(run: EncoderRun, out_dir: str | Path) -> None:
     """``encoder.pt`` (rebuilds the encoder alone: ``encoders.encoder_from_checkpoint(torch.load(...))``),
-    ``history.json`` and ``metrics.json``, each written atomically."""
+    ``history.json``, ``metrics.json`` and the run's timings in ``runinfo.json`` (``io.write_runinfo``), each written
+    atomically."""
     out_dir = Path(out_dir)
     checkpoint = encoder_state(run.encoder)
     if "attributes" in run.history:
@@ -91,6 +93,7 @@ def save_encoder(run: EncoderRun, out_dir: str | Path) -> None:
         torch.save(checkpoint, tmp)
     io.write_json(out_dir / "history.json", run.history)
     io.write_json(out_dir / "metrics.json", run.metrics)
+    io.write_json(out_dir / io.RUNINFO, run.runinfo)
 
 
 def load_encoder(path: str | Path) -> nn.Module:

@@ -9,6 +9,11 @@ project array. A file that is missing, truncated, padded or not an array at all 
 interrupted copy, a bad ``dvc pull``) raises one error that names the file, says what is wrong and which
 ``dvc repro`` stage writes it again, instead of numpy's "mmap length is greater than file size" or its
 advice to pass ``allow_pickle``.
+
+Measurements of a run (wall-clock times, throughput, peak memory, resumed epochs, MLflow run ids) differ on
+every run, so they never go into a hashed artifact: :func:`write_runinfo` keeps them in ``runinfo.json`` beside
+it, a name ``.dvcignore`` hides from DVC (not hashed, not cached, not restored by ``dvc checkout``/``pull``).
+Everything else a stage writes is a function of its inputs (docs/reproducibility.md).
 """
 
 from __future__ import annotations
@@ -64,6 +69,27 @@ def write_text(path: str | Path, text: str) -> None:
 def write_json(path: str | Path, obj: Any, *, indent: int | None = 2) -> None:
     """Deterministic JSON (sorted keys, UTF-8, trailing newline), written atomically."""
     write_text(path, json.dumps(obj, indent=indent, sort_keys=True, ensure_ascii=False) + "\n")
+
+
+RUNINFO = "runinfo.json"
+
+
+def write_runinfo(folder: str | Path, **fields: Any) -> dict[str, Any]:
+    """Merge ``fields`` into ``{folder}/runinfo.json`` (created when missing; an unreadable one is replaced) and
+    return the merged content. For measurements of a run only: DVC ignores the file (see the module docstring)."""
+    merged = {**read_runinfo(folder), **fields}
+    write_json(Path(folder) / RUNINFO, merged)
+    return merged
+
+
+def read_runinfo(folder: str | Path) -> dict[str, Any]:
+    """``{folder}/runinfo.json`` as a dict; ``{}`` when missing or unreadable (it is never restored from the DVC
+    cache, so a pulled artifact has none)."""
+    try:
+        data = json.loads((Path(folder) / RUNINFO).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
 
 
 def file_digest(path: str | Path, algorithm: str = "sha256") -> str:

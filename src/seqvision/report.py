@@ -1,13 +1,15 @@
 """The comparison report: per task, every metric as a mean and 95% interval over seeds, parameter counts against
 the budget, the convergence of every run, pairwise verdicts from a paired two-level bootstrap, figures and examples
--> ``report.html``, ``report.md`` and ``summary.json``.
+-> ``report.html``, ``report.md`` and ``summary.json``, which depend on the runs' results only (DVC hashes them
+the same on every run), and ``runinfo.md``: the trainings' wall-clock time, throughput and peak memory and their
+MLflow runs, read from the ``runinfo.json`` files (``io.write_runinfo``), which DVC ignores.
 
 Inputs (paths supplied by the caller; layout in docs/design.md):
 
 - ``{runs_dir}/{task}/{model}/``: the train stage's ``metrics.json`` (per metric ``{"mean", "std", "ci95",
   "seeds"}``, ``num_seeds``, ``num_parameters``, ``converged``), ``summary.json`` (``num_parameters``, ``budget``,
-  ``seeds``: every seed's summary with ``seed``, ``converged``, ``best_epoch``, ``epochs_run``, ...; the MLflow run
-  ids), ``learning_curve.json`` (rows with ``seed``) and per seed ``test/seed{k}/`` (or ``seed{k}/``) with
+  ``seeds``: every seed's summary with ``seed``, ``converged``, ``best_epoch``, ``epochs_run``, ...),
+  ``runinfo.json`` (times, the MLflow run ids; optional), ``learning_curve.json`` (rows with ``seed``) and per seed ``test/seed{k}/`` (or ``seed{k}/``) with
   ``predictions.jsonl``, ``metrics.json`` and ``details.json`` (``"per_item"``: ``cider_d`` / ``rouge_l``
   ``{id: value}`` and ``content`` ``{id: record}`` of ``seqvision.content``);
 - ``{baselines_dir}/{task}/baseline_{name}/``: the baselines in ``results.py``'s layout, one "seed" each;
@@ -44,7 +46,7 @@ import numpy as np
 
 from seqvision import content
 from seqvision.config import MODEL_FAMILIES, TASKS
-from seqvision.io import load_metadata, write_bytes, write_json, write_text
+from seqvision.io import load_metadata, read_runinfo, write_bytes, write_json, write_text
 from seqvision.metrics import (
     item_cider_d,
     compare_resampled,
@@ -118,6 +120,7 @@ SUMMARY_KEYS = {
     "budget": ("budget", "parameter_budget", "param_budget"),
     "train_time_s": ("train_time_s", "train_wall_time_s", "wall_time_s", "train_seconds", "training_time_s"),
     "samples_per_s": ("samples_per_s", "train_samples_per_s", "throughput_samples_per_s", "throughput"),
+    "peak_memory_mb": ("peak_memory_mb", "train_peak_memory_mb"),
     "epochs": ("epochs_run", "epochs", "num_epochs", "epochs_trained"),
     "best_epoch": ("best_epoch",),
     "converged": ("converged",),
@@ -288,7 +291,7 @@ def _seed_result(task: str, index: int, folder: Path, summary: Mapping[str, Any]
     seed = _number(summary.get("seed"))
     return SeedResult(index=index, seed=None if seed is None else int(seed), folder=folder,
                       metrics=dict(metrics) if isinstance(metrics, Mapping) else {}, details=details,
-                      summary=dict(summary), items=item_data(task, folder, details))
+                      summary={**read_runinfo(folder), **summary}, items=item_data(task, folder, details))
 
 
 def _content_metrics(task: str, seeds: Sequence[SeedResult]) -> dict[str, dict[str, Any]]:
@@ -315,7 +318,7 @@ def _metric_summaries(task: str, metrics: Mapping[str, Any], seeds: Sequence[See
             out[key] = {"mean": value.get("mean"), "std": value.get("std"), "ci95": value.get("ci95"),
                         "seeds": list(value.get("seeds") or [])}
     keys = {k for s in seeds for k, v in s.metrics.items() if v is None or isinstance(v, (int, float))}
-    for key in sorted(keys - set(out) - {"num_items", "decode_time_s", "items_per_s"}):
+    for key in sorted(keys - set(out) - {"num_items"}):
         out[key] = seed_summary([_number(s.metrics.get(key)) for s in seeds])
     for key, value in _content_metrics(task, seeds).items():
         out.setdefault(key, value)
@@ -329,7 +332,7 @@ def load_model_run(task: str, name: str, *, runs_dir: Path) -> Run:
     status, note = "ok", ""
     data, reason = _read_json(folder / "summary.json")
     if isinstance(data, Mapping):
-        summary = dict(data)
+        summary = {**read_runinfo(folder), **data}
     elif data is not None or reason.startswith("unreadable"):
         status, note = "failed", f"train: {reason or 'summary.json is not an object'}"
     train_status = find_key(summary, SUMMARY_KEYS["status"])
@@ -345,6 +348,8 @@ def load_model_run(task: str, name: str, *, runs_dir: Path) -> Run:
         else:
             status, note = "missing", "not finished (no metrics.json over seeds)"
     seed_summaries = summary.get("seeds") if isinstance(summary.get("seeds"), list) else []
+    measured = read_runinfo(folder).get("seeds")
+    measured = measured if isinstance(measured, list) else []
     seeds: list[SeedResult] = []
     if status == "ok":
         for k, path in _test_folders(folder).items():
@@ -352,7 +357,9 @@ def load_model_run(task: str, name: str, *, runs_dir: Path) -> Run:
             if not own:
                 own_data, _ = _read_json(folder / "train" / f"seed{k}" / "summary.json")
                 own = own_data if isinstance(own_data, Mapping) else {}
-            seeds.append(_seed_result(task, k, path, own))
+            trained = measured[k] if k < len(measured) and isinstance(measured[k], Mapping) else {
+                key: v for key, v in read_runinfo(folder / "train" / f"seed{k}").items() if key != "epochs"}
+            seeds.append(_seed_result(task, k, path, {**trained, **own}))
         expected = _number(metrics.get("num_seeds")) if isinstance(metrics, Mapping) else None
         if expected is not None and len(seeds) < expected:
             note = f"test outputs of {len(seeds)} of {int(expected)} seeds (comparisons use those)"
@@ -1120,9 +1127,8 @@ def _mean_of(values: Sequence[Any]) -> float | None:
 
 
 def runs_table(task: str, runs: Sequence[Run]) -> tuple[list[str], list[tuple[Run, list[str]]]]:
-    """(header, [(run, cells)]) of a task's runs: status, seeds, convergence, size, training cost."""
-    header = ["Model", "Status", "Seeds", "Convergence", "Params", "vs budget", "Train time (all seeds)", "Epochs",
-              "Best val", "Device"]
+    """(header, [(run, cells)]) of a task's runs: status, seeds, convergence, size (their times: runinfo_table)."""
+    header = ["Model", "Status", "Seeds", "Convergence", "Params", "vs budget", "Epochs", "Best val", "Device"]
     rows = []
     for run in runs:
         status = ("ok" + (f" ({run.note})" if run.note else "")) if run.ok else f"{run.status}: {run.note}"
@@ -1136,13 +1142,41 @@ def runs_table(task: str, runs: Sequence[Run]) -> tuple[list[str], list[tuple[Ru
             convergence(run),
             f"{int(params):,}" if _number(params) is not None else "—",
             parameter_note(run)[0],
-            _duration(run.info("train_time_s")),
             _fmt(_mean_of(run.seed_info("epochs")), 1),
             _fmt(_mean_of(run.seed_info("best_val_metric"))),
             str(next((d for d in run.seed_info("device") if d), None) or "—"),
         ]
         rows.append((run, cells))
     return header, rows
+
+
+def runinfo_table(runs: Sequence[Run]) -> tuple[list[str], list[list[str]]]:
+    """(header, rows) of what the trainings and test decodes of a task cost, from the runinfo.json files: "—" where
+    there is none (a run pulled from a DVC remote: its measurements stayed on the machine that ran it)."""
+    header = ["Model", "Train time (all seeds)", "Train samples/s", "Peak memory", "Test items/s", "MLflow run"]
+    rows = []
+    for run in runs:
+        if not run.ok or run.kind != "model":
+            continue
+        memory = max((m for m in map(_number, run.seed_info("peak_memory_mb")) if m is not None), default=None)
+        decode = _mean_of([s.summary.get("items_per_s") for s in run.seeds])
+        rows.append([run.name, _duration(run.info("train_time_s")), _fmt(_mean_of(run.seed_info("samples_per_s")), 0),
+                     "—" if memory is None else f"{memory:.0f} MB", _fmt(decode, 0), str(run.info("run_id") or "—")])
+    return header, rows
+
+
+def render_runinfo(sections: Sequence[TaskSection]) -> str:
+    """``runinfo.md``: per task, :func:`runinfo_table`."""
+    out = ["# What the runs cost", "",
+           "Wall-clock time, throughput and peak memory of the trainings behind `report.md`, measured on the machine "
+           "that ran them (means over seeds; peak memory: the largest seed's, CPU: peak RSS of its process). They "
+           "differ on every run, so they live here and in `runinfo.json` files, which DVC does not hash: the report "
+           "itself is the same bytes wherever its inputs are.", ""]
+    for s in sections:
+        header, rows = runinfo_table(s.runs)
+        if rows:
+            out += [f"## {TITLES.get(s.task, s.task)}", "", *_md_table(header, rows), ""]
+    return "\n".join(out) + "\n"
 
 
 def metric_table(task: str, runs: Sequence[Run], keys: Sequence[str]) -> tuple[list[str], list[tuple[Run, list[str]]]]:
@@ -1299,7 +1333,7 @@ def summary_json(sections: Sequence[TaskSection], *, resamples: int = RESAMPLES,
                 "num_parameters": _number(r.info("parameters")), "budget": _number(r.info("budget")),
                 "budget_note": parameter_note(r)[0], "over_budget": parameter_note(r)[1],
                 "training": [{"seed": x.seed, **{key: find_key(x.summary, SUMMARY_KEYS[key]) for key in (
-                    "converged", "best_epoch", "epochs", "best_val_metric", "train_time_s")}} for x in r.seeds]
+                    "converged", "best_epoch", "epochs", "best_val_metric")}} for x in r.seeds]
                 if r.kind == "model" else [],
                 "metrics": r.metrics,
             } for r in s.runs},
@@ -1333,7 +1367,8 @@ def render_html(sections: Sequence[TaskSection], *, title: str = "seqvision: RNN
         out.append(f'<li><a href="#task-{task}">{_esc(TITLES.get(task, task))}</a>: {_esc(line)}</li>')
     out.append(f'</ul><p class="scale">{_esc(METHOD.format(resamples=resamples, alpha=ALPHA))}</p>'
                f'<p class="scale">Scale: accuracies and content metrics are fractions in [0, 1]; caption metrics are '
-               f'{_esc(CAPTION_SCALE)}. All numbers are on the test split.</p></section>')
+               f'{_esc(CAPTION_SCALE)}. All numbers are on the test split. What the trainings cost (time, '
+               f'throughput, memory): <code>runinfo.md</code> beside this file.</p></section>')
     for s in sections:
         out += _html_task(s)
     out.append("</body></html>\n")
@@ -1429,7 +1464,7 @@ def render_markdown(sections: Sequence[TaskSection], *, title: str = "seqvision:
     out += ["", METHOD.format(resamples=resamples, alpha=ALPHA), "",
             f"Scale: accuracies and content metrics are fractions in [0, 1]; caption metrics are {CAPTION_SCALE}. "
             "All numbers are on the test split. Frames and examples with images: `report.html`; every number: "
-            "`summary.json`.", ""]
+            "`summary.json`; what the trainings cost (time, throughput, memory): `runinfo.md`.", ""]
     for s in sections:
         out += [f"## {TITLES.get(s.task, s.task)}", ""]
         out += [f"- {line}" for line in s.verdict]
@@ -1493,11 +1528,11 @@ def _esc(text: Any) -> str:
 
 def write_report(sections: Sequence[TaskSection], out_dir: str | Path, *, resamples: int = RESAMPLES,
                  seed: int = 0) -> dict[str, Path]:
-    """Write ``report.html``, ``report.md``, ``summary.json`` and ``figures/*.png`` (atomically). Returns their
-    paths."""
+    """Write ``report.html``, ``report.md``, ``summary.json``, ``figures/*.png`` and ``runinfo.md`` (atomically).
+    Returns their paths."""
     out_dir = Path(out_dir)
     paths = {"html": out_dir / "report.html", "md": out_dir / "report.md", "summary": out_dir / "summary.json",
-             "figures": out_dir / "figures"}
+             "figures": out_dir / "figures", "runinfo": out_dir / "runinfo.md"}
     paths["figures"].mkdir(parents=True, exist_ok=True)
     wanted = {fig.name for s in sections for fig in s.figures}
     for stale in paths["figures"].glob("*.png"):
@@ -1509,6 +1544,7 @@ def write_report(sections: Sequence[TaskSection], out_dir: str | Path, *, resamp
     write_json(paths["summary"], summary_json(sections, resamples=resamples, seed=seed))
     write_text(paths["md"], render_markdown(sections, resamples=resamples))
     write_text(paths["html"], render_html(sections, resamples=resamples))
+    write_text(paths["runinfo"], render_runinfo(sections))
     return paths
 
 

@@ -6,12 +6,13 @@ Output folder (``artifacts/eval/{task}/{model}/``, ``artifacts/eval/{task}/basel
     predictions.jsonl   captioning: {"id", "hypothesis", "references": [...], "score"}
                         activity:   {"id", "predicted", "label", "score", "topk": [5 class names, best first]}
     metrics.json        captioning: bleu_1..bleu_4, meteor (null: the report stage scores it), rouge_l, cider_d,
-                        num_items, decode_time_s, items_per_s (numbers only, so ``dvc metrics show`` stays
-                        readable); activity: top_1, top_5, mean_class_accuracy, reversal_pair_accuracy,
-                        reversal_swap_rate, num_items, decode_time_s, items_per_s
+                        num_items (numbers only, so ``dvc metrics show`` stays readable); activity: top_1,
+                        top_5, mean_class_accuracy, reversal_pair_accuracy, reversal_swap_rate, num_items
     details.json        captioning: decoding settings and ``scale`` (the sentence below);
                         activity: class_names, reversal_pairs, confusion (rows = true class, columns =
                         predicted), per_class_accuracy
+    runinfo.json        decode_time_s, items_per_s: measurements of this run (``io.write_runinfo``: DVC
+                        ignores the file, so the hashed outputs depend on the inputs only)
     plots/confusion.csv activity only: one row per clip, ``actual,predicted`` (the ``dvc plots`` confusion
                         template); ``plots/`` exists, empty, for captioning so every evaluation has the same outs
 
@@ -33,7 +34,7 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 from seqvision import annotations, metrics
-from seqvision.io import write_json, write_text
+from seqvision.io import write_json, write_runinfo, write_text
 from seqvision.synth.events import REVERSAL_PAIRS
 
 PREDICTIONS, METRICS, DETAILS, PLOTS, CONFUSION_CSV = (
@@ -81,8 +82,10 @@ def write_jsonl(path: str | Path, records: Iterable[Mapping[str, Any]]) -> None:
     write_text(path, text)
 
 
-def _timing(num_items: int, seconds: float) -> dict[str, float]:
-    return {"decode_time_s": float(seconds), "items_per_s": float(num_items / seconds) if seconds > 0 else 0.0}
+def _write_timing(out_dir: Path, num_items: int, seconds: float) -> dict[str, float]:
+    timing = {"decode_time_s": float(seconds), "items_per_s": float(num_items / seconds) if seconds > 0 else 0.0}
+    write_runinfo(out_dir, **timing)
+    return timing
 
 
 def write_caption_outputs(
@@ -95,7 +98,7 @@ def write_caption_outputs(
     content: Any = None,
 ) -> dict[str, Any]:
     """Write ``predictions.jsonl``, score it, write ``metrics.json`` / ``details.json`` and an empty ``plots/``.
-    Returns the metrics.
+    Returns the metrics, plus ``decode_time_s`` and ``items_per_s`` (written to runinfo.json).
 
     ``content`` (the synthetic benchmark only): ``(kind, metadata)`` with kind ``"images"`` or ``"videos"`` and
     ``metadata`` the matching part of ``metadata.json`` by id: the content metrics (``seqvision.content``) are added
@@ -114,8 +117,8 @@ def write_caption_outputs(
         scores.update({f"content_{k}": v for k, v in found.mean.items()})
         per_item["content"] = found.per_item
         extra["content_subsets"] = found.subsets
-    result = {**scores, **_timing(len(records), seconds)}
-    metrics.write_metrics(out_dir / METRICS, result)
+    metrics.write_metrics(out_dir / METRICS, scores)
+    result = {**scores, **_write_timing(out_dir, len(records), seconds)}
     write_json(out_dir / DETAILS, {**dict(details or {}), **extra, "scale": CAPTION_SCALE, "per_item": per_item})
     _reset_plots(out_dir)
     return result
@@ -131,7 +134,7 @@ def write_activity_outputs(
     details: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Write ``predictions.jsonl``, score it, write ``metrics.json``, ``details.json`` (confusion, per-class
-    accuracy) and ``plots/confusion.csv``. Returns the metrics."""
+    accuracy) and ``plots/confusion.csv``. Returns the metrics, plus the timing (runinfo.json)."""
     out_dir = Path(out_dir)
     write_jsonl(out_dir / PREDICTIONS, records)
     report = metrics.score_activity_jsonl(
@@ -142,8 +145,8 @@ def write_activity_outputs(
         for key in ("top_1", "top_5", "mean_class_accuracy", "reversal_pair_accuracy", "reversal_swap_rate",
                     "num_items")
     }
-    result.update(_timing(len(records), seconds))
     metrics.write_metrics(out_dir / METRICS, result)
+    result.update(_write_timing(out_dir, len(records), seconds))
     write_json(out_dir / DETAILS, {
         **dict(details or {}),
         "class_names": list(class_names),

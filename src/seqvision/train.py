@@ -19,7 +19,9 @@ pass 2 trains on the mixed inputs against the gold targets. ``p`` ramps linearly
 ``train.scheduled_sampling`` over training (a schedule in the spirit of Bengio et al. 2015).
 
 ``fit`` writes into ``out_dir``: ``last.pt`` after every epoch, ``best.pt`` when the validation metric
-improves (both in the :mod:`seqvision.checkpoint` layout), ``history.json`` (all atomically, rank 0 only). ``resume=True`` continues from ``last.pt``,
+improves (both in the :mod:`seqvision.checkpoint` layout), ``history.json`` (all atomically, rank 0 only), and the
+epochs' times, throughput and peak memory in ``runinfo.json`` (``io.write_runinfo``: kept out of the checkpoints
+and history.json, so their bytes depend on the inputs only). ``resume=True`` continues from ``last.pt``,
 restoring model, optimizer, scheduler, RNG and data-order state, so on CPU with ``deterministic`` an
 interrupted-and-resumed run equals an uninterrupted one bit for bit.
 
@@ -41,7 +43,7 @@ import math
 import random
 import sys
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -436,10 +438,13 @@ def epoch_seed(seed: int, epoch: int, *, rank: int = 0) -> int:
 
 
 def rng_state(loader: DataLoader | None = None) -> dict[str, Any]:
-    """Every random state a resumed run needs, in types that ``torch.load(weights_only=True)`` accepts."""
+    """Every random state a resumed run needs, in types that ``torch.load(weights_only=True)`` accepts.
+
+    Not Python's ``random``: training never draws from it, while other threads of the process do (Prefect's event
+    client: websockets' keepalive calls ``random.getrandbits``), so its state is process noise that would make two
+    runs of the same training save different checkpoint bytes."""
     np_state = np.random.get_state(legacy=False)
     return {
-        "python": random.getstate(),
         "numpy": {
             "bit_generator": np_state["bit_generator"],
             "key": torch.from_numpy(np_state["state"]["key"].astype(np.int64)),
@@ -454,8 +459,9 @@ def rng_state(loader: DataLoader | None = None) -> dict[str, Any]:
 
 
 def set_rng_state(state: Mapping[str, Any], loader: DataLoader | None = None) -> None:
-    """Inverse of :func:`rng_state`."""
-    random.setstate(state["python"])
+    """Inverse of :func:`rng_state` (a checkpoint written before it left Python's state out still has it)."""
+    if "python" in state:
+        random.setstate(state["python"])
     np_state = state["numpy"]
     np.random.set_state({
         "bit_generator": np_state["bit_generator"],
@@ -494,7 +500,7 @@ def _check_resumable(saved: Mapping[str, Any], config: TrainConfig, path: Path) 
 
 @dataclass
 class FitResult:
-    history: list[dict[str, float]]
+    history: list[dict[str, float]]  # per epoch, with the TIMING_KEYS measurements (absent when not recorded)
     metric: str  # name of the validation metric, e.g. "loss", "accuracy", "cider"
     best_metric: float | None
     best_epoch: int | None
@@ -502,6 +508,19 @@ class FitResult:
     last_checkpoint: Path
     best_checkpoint: Path | None
     epochs_since_best: int = 0  # trailing epochs in which neither the val metric nor the val loss improved
+
+
+# Measurements in a history entry: they differ on every run, so they go to runinfo.json (io.write_runinfo), never
+# into the checkpoints or history.json, whose bytes must be a function of the inputs.
+TIMING_KEYS = ("samples_per_s", "train_time_s", "epoch_time_s", "peak_memory_mb")
+
+
+def _untimed(history: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    return [{k: v for k, v in h.items() if k not in TIMING_KEYS} for h in history]
+
+
+def _timings(history: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    return [{"epoch": h["epoch"], **{k: h[k] for k in TIMING_KEYS if k in h}} for h in history]
 
 
 def _peak_memory_mb(device: torch.device) -> float:
@@ -614,7 +633,8 @@ def fit(
         set_rng_state(ckpt["rng"], train_loader)
         epoch, step, since_best = ckpt["epoch"], ckpt["step"], ckpt["epochs_since_best"]
         best_metric, best_epoch, stopped = ckpt["best_metric"], ckpt["best_epoch"], ckpt["stopped_early"]
-        history = list(ckpt["history"])
+        timed = {t["epoch"]: t for t in io.read_runinfo(out_dir).get("epochs", []) if isinstance(t, dict)}
+        history = [{**h, **timed.get(h["epoch"], {})} for h in ckpt["history"]]
     best_loss = min((h["val_loss"] for h in history), default=None)
 
     if rank0:
@@ -670,13 +690,14 @@ def fit(
             "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
             "epoch": epoch, "step": step, "best_metric": best_metric, "best_epoch": best_epoch,
             "epochs_since_best": since_best, "stopped_early": stopped, "metric": metric.name,
-            "history": history, "train_config": to_dict(config), "lr": lr, "rng": rng_state(train_loader),
+            "history": _untimed(history), "train_config": to_dict(config), "lr": lr, "rng": rng_state(train_loader),
             "torch_version": str(torch.__version__),
         })
         if improved:
             io.write_bytes(best_path, blob)
         io.write_bytes(last_path, blob)
-        io.write_json(history_path, history)
+        io.write_json(history_path, _untimed(history))
+        io.write_runinfo(out_dir, epochs=_timings(history))
         logged = {k: v for k, v in entry.items() if k != "epoch"}
         if metric.fn is not None:
             logged[f"val_{metric.name}"] = value
@@ -685,7 +706,7 @@ def fit(
     if rank0:
         # Rewritten here too: a run resumed after it had already finished (DVC removes the non-persistent
         # outputs before rerunning a stage) trains no epoch but must still leave its history behind.
-        io.write_json(history_path, history)
+        io.write_json(history_path, _untimed(history))
         tracker.log_artifact(history_path)
     distributed.barrier()  # DDP: no rank returns before rank 0's files are written
     return FitResult(
