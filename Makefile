@@ -16,7 +16,7 @@ export PYTHONUNBUFFERED ?= 1
 export PATH := $(abspath $(VENV))/bin:$(PATH)
 
 .DEFAULT_GOAL := help
-.PHONY: help install demo test data lock bench bench-pipeline mlflow-ui clean
+.PHONY: help install demo test data notebook lock bench bench-pipeline mlflow-ui clean
 
 help: ## list the targets
 	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -46,6 +46,9 @@ demo: $(STAMP) ## generate data/ if absent, then run the whole pipeline with dvc
 
 test: $(STAMP) ## run the whole test suite
 	$(PY) -m pytest -n 2 --dist loadgroup
+
+notebook: $(STAMP) ## run notebooks/walkthrough.ipynb on the last demo's artifacts -> notebooks/executed/walkthrough.ipynb
+	$(PY) scripts/run_notebook.py --root . --out notebooks/executed/walkthrough.ipynb
 
 bench: $(STAMP) ## run the speed benchmarks (results: docs/benchmarks.md)
 	@for b in benchmarks/extract.py benchmarks/train_loop.py; do echo "== $$b"; $(PY) $$b || exit 1; done

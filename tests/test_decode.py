@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import Tensor, nn
 
-from seqvision.decode import beam_search, decode, greedy_decode, length_penalty, reorder
+from seqvision.decode import BeamStep, beam_search, decode, greedy_decode, length_penalty, reorder
 from seqvision.vocab import BOS_ID as BOS
 from seqvision.vocab import EOS_ID as EOS
 from seqvision.vocab import PAD_ID as PAD
@@ -166,6 +166,45 @@ def test_narrow_beam_ranks_finished_and_live_hypotheses_by_normalised_score() ->
     assert out.tokens[0].tolist() == [3, 4, EOS]
     assert out.tokens[0].tolist() == _exhaustive_best(model, 0, max_length, 6.0)[0]
 
+
+def test_on_step_shows_every_step_of_the_search_without_changing_it() -> None:
+    num_items, vocab, max_length, k, alpha = 3, 6, 5, 3, 0.6
+    model = _random_model(num_items, vocab, max_length, seed=3)
+    visual, lengths = _inputs(num_items)
+    steps: list[BeamStep] = []
+    out = beam_search(model, visual, lengths, beam_size=k, max_length=max_length, length_penalty_alpha=alpha,
+                      on_step=steps.append)
+    plain = beam_search(model, visual, lengths, beam_size=k, max_length=max_length, length_penalty_alpha=alpha)
+    assert torch.equal(out.tokens, plain.tokens) and torch.equal(out.score, plain.score)
+    assert [s.step for s in steps] == list(range(len(steps))) and 1 <= len(steps) <= max_length
+    for before, after in zip(steps, steps[1:]):
+        assert after.tokens.shape == (num_items, k, after.step + 1)
+        # every beam extends the beam it names: the search's own back-pointers
+        extended = before.tokens.gather(1, after.source.unsqueeze(-1).expand(-1, -1, before.step + 1))
+        assert torch.equal(after.tokens[:, :, :-1], extended)
+    for s in steps:  # the score is the log-probability over the length penalty of the generated tokens
+        generated = (s.tokens != PAD).sum(-1)  # (B, k), <eos> included
+        live = torch.isfinite(s.log_prob)
+        torch.testing.assert_close(s.score[live], (s.log_prob / length_penalty(generated, alpha))[live])
+    last = steps[-1]
+    best = last.score.argmax(-1)  # (B,)
+    for item in range(num_items):
+        n = int(out.lengths[item])
+        assert last.tokens[item, best[item], :n].tolist() == out.tokens[item, :n].tolist()
+        assert float(last.score[item, best[item]]) == pytest.approx(float(out.score[item]))
+
+
+def test_on_step_shows_a_finished_hypothesis_kept_until_a_longer_one_passes_it() -> None:
+    model = _scripted_model()
+    visual, lengths = _inputs(1)
+    steps: list[BeamStep] = []
+    beam_search(model, visual, lengths, beam_size=2, max_length=4, length_penalty_alpha=1.0, on_step=steps.append)
+    # step 0: '<eos>' (log 0.5 = -0.693, finished) and '3' (log 0.45); step 1: '<eos>' stays first, padded,
+    # ahead of '3 3' (log 0.4275 / (7/6) = -0.729); step 2: '3 3 <eos>' (log 0.406 / (8/6) = -0.676) passes it
+    assert steps[0].tokens[0].tolist() == [[EOS], [3]] and steps[0].finished[0].tolist() == [True, False]
+    assert steps[1].tokens[0].tolist() == [[EOS, PAD], [3, 3]] and steps[1].source[0].tolist() == [0, 1]
+    assert float(steps[1].score[0, 0]) == pytest.approx(torch.tensor(0.5).log().item(), rel=1e-5)
+    assert steps[-1].tokens[0, 0, :3].tolist() == [3, 3, EOS]
 
 @pytest.mark.parametrize("beam_size", [1, 3])
 def test_finished_hypotheses_stop_growing(beam_size: int) -> None:

@@ -1,5 +1,6 @@
 """End to end: the whole `dvc repro` on the tiny preset against a real MLflow server, then what a team does
-with the result: rerun, change one model, push to and pull from the DVC remote, `dvc exp run` (also queued).
+with the result: load the registered best models, run the walkthrough notebook, rerun, change one model, push to
+and pull from the DVC remote, `dvc exp run` (also queued).
 
 Everything happens in one scratch copy of the repository (module scope: the full repro is the expensive part,
 so the tests share it and run in file order in one xdist worker). Two servers run for the whole module, on
@@ -16,6 +17,7 @@ stage costs little more than its process start-up; every stage of dvc.yaml still
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import re
@@ -40,6 +42,10 @@ REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 DVC = str(BIN / "dvc")
 
+_spec = importlib.util.spec_from_file_location("run_notebook", REPO / "scripts" / "run_notebook.py")
+run_notebook = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(run_notebook)
+
 pytestmark = [pytest.mark.slow, pytest.mark.integration, pytest.mark.xdist_group("end_to_end")]
 
 TASKS = ("activity", "image_captioning", "video_captioning")
@@ -53,6 +59,8 @@ EPOCHS = 2  # >1, so "per-epoch metrics" is a history, not one point
 SERVER_START_TIMEOUT_S = 180  # MLflow's first start migrates a fresh sqlite schema: ~15 s on a busy 2-core box
 REPRO_TIMEOUT_S = 1800  # the full repro: ~40 stage processes at 5-20 s each on a shared 2-core machine
 STEP_TIMEOUT_S = 900
+NOTEBOOK_CELL_TIMEOUT_S = 300  # its slowest cell takes seconds on the tiny preset; a cold import of torch and
+# mlflow on a loaded 2-core machine up to a minute
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -345,6 +353,72 @@ def test_full_repro_runs_every_stage_and_mlflow_holds_the_comparison(scratch: Sc
     # ...stored by the server in its artifact destination, not in some local ./mlruns.
     assert any(scratch.servers.mlflow_artifacts.rglob("report.html"))
     assert not (root / "mlruns").exists() and not (root / "mlflow.db").exists()
+
+
+# The test split's feature array each task's registered model predicts from (README, "Loading the best model").
+TEST_FEATURES = {"activity": "videos-test.npy", "image_captioning": "images-test.npy",
+                 "video_captioning": "videos-test.npy"}
+
+
+def test_each_task_best_model_is_registered_and_loads_as_the_readme_shows(
+    scratch: Scratch, first_repro: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import mlflow
+    import numpy as np
+    import torch
+
+    from seqvision import checkpoint
+    from seqvision.vocab import Vocab
+
+    readme = (REPO / "README.md").read_text(encoding="utf-8")  # the calls below are the README's
+    assert 'model = mlflow.pyfunc.load_model("models:/seqvision-activity@best")' in readme
+    assert "module = model.unwrap_python_model().module" in readme
+    assert 'model.predict(np.load("artifacts/features/videos-test.npy")[:4])' in readme
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", scratch.servers.mlflow_uri)  # "not needed when ... is set"
+    monkeypatch.chdir(scratch.root)
+    client = _client(scratch)
+    for task in TASKS:
+        version = client.get_model_version_by_alias(f"seqvision-{task}", "best")  # raises when the alias is absent
+        family, seed = version.tags["seqvision.family"], version.tags["seqvision.seed"]
+        assert family in FAMILIES and version.tags["seqvision.task"] == task, version.tags
+        model = mlflow.pyfunc.load_model(f"models:/seqvision-{task}@best")
+        module = model.unwrap_python_model().module
+        assert not module.training
+        # The registered weights are the report's pick: that family's seed's best.pt.
+        trained = checkpoint.load(f"artifacts/runs/{task}/{family}/train/seed{seed}/best.pt")["model"]
+        weights = module.state_dict()
+        assert weights.keys() == trained.keys() and all(torch.equal(weights[k], trained[k]) for k in weights), task
+        predicted = model.predict(np.load(f"artifacts/features/{TEST_FEATURES[task]}")[:1])
+        if task == "activity":  # a class index
+            assert predicted.shape == (1,) and 0 <= int(predicted[0]) < module.dims.num_classes
+        else:  # token ids of a caption, which the task's vocabulary reads back as words
+            corpus = "image" if task == "image_captioning" else "video"
+            vocab = Vocab.load(f"artifacts/tokens/{corpus}/vocab.json")
+            assert predicted.ndim == 2 and predicted.shape[0] == 1 and int(predicted.max()) < len(vocab), task
+            assert isinstance(vocab.decode(predicted[0]), str)
+
+
+def test_walkthrough_notebook_runs_on_the_pipeline_outputs(scratch: Scratch, first_repro: str, tmp_path: Path) -> None:
+    env = {**scratch.env, "MLFLOW_TRACKING_URI": scratch.servers.mlflow_uri}
+    out = tmp_path / "walkthrough.ipynb"
+    try:
+        run_notebook.execute(REPO / "notebooks" / "walkthrough.ipynb", root=scratch.root, out=out,
+                             timeout=NOTEBOOK_CELL_TIMEOUT_S, env=env)
+    except run_notebook.NotebookCellError as err:
+        pytest.fail(str(err)[:6000])  # names the cell and its section
+    import nbformat
+
+    cells = [c for c in nbformat.read(out, as_version=4).cells if c.cell_type == "code"]
+    assert all(c.execution_count is not None for c in cells)
+    # One picture per figure the notebook draws (the cells also assert their by-hand maths against torch).
+    pictures = sum("image/png" in o.get("data", {}) for c in cells for o in c.outputs)
+    assert pictures == sum(c.source.count("plt.subplots(") for c in cells)
+    printed = "".join(o.get("text", "") for c in cells for o in c.outputs if o.output_type == "stream")
+    for family in FAMILIES:
+        assert f"\n{family} " in printed, f"the comparison tables lack {family}"
+    # "Try your own" on the dataset's own clip reproduces the features stage's cached features.
+    found = re.search(r"largest difference from the features stage's cached features: (\S+)", printed)
+    assert found and float(found.group(1)) < 1e-2, printed[-2000:]
 
 
 def test_second_repro_is_a_noop_and_one_model_param_reruns_only_that_model(

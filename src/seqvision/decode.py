@@ -19,6 +19,7 @@ eq. 14); with ``alpha = 0`` it equals ``log_prob``. Beam search ranks hypotheses
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import NamedTuple, Protocol
 
 import torch
@@ -49,6 +50,21 @@ class Decoded(NamedTuple):
     lengths: Tensor
     log_prob: Tensor
     score: Tensor
+
+
+class BeamStep(NamedTuple):
+    """The beams of :func:`beam_search` after step ``step`` (0-based), as its ``on_step`` callback sees them; beam j
+    of item b is row ``[b, j]``, best first. ``tokens`` int64 (B, k, step + 1): each beam's generated ids so far
+    (``<pad>`` after its ``<eos>``). ``source`` int64 (B, k): the beam of the previous step it extends.
+    ``log_prob``, ``score`` float32 (B, k) as in :class:`Decoded` (``-inf`` for a beam with no candidate left).
+    ``finished`` bool (B, k)."""
+
+    step: int
+    tokens: Tensor
+    source: Tensor
+    log_prob: Tensor
+    score: Tensor
+    finished: Tensor
 
 
 def length_penalty(lengths: Tensor, alpha: float) -> Tensor:
@@ -127,12 +143,15 @@ def beam_search(
     beam_size: int,
     max_length: int,
     length_penalty_alpha: float = 0.0,
+    on_step: Callable[[BeamStep], None] | None = None,
 ) -> Decoded:
     """Beam search with ``beam_size`` hypotheses per item, all items and beams advanced as one batch.
 
     Finished hypotheses stay in the beam with their score frozen (they can only be extended by ``<pad>``
     at log-probability 0) and compete with live ones on the length-normalised score, so a beam wide enough
-    to keep every candidate is exact. Returns the best-scoring hypothesis per item.
+    to keep every candidate is exact. Returns the best-scoring hypothesis per item. ``on_step`` (for inspection,
+    e.g. the walkthrough notebook) receives a :class:`BeamStep` of copies after every step; it does not change
+    the search.
     """
     _check(model, max_length, beam_size, length_penalty_alpha)
     alpha = length_penalty_alpha
@@ -173,6 +192,9 @@ def beam_search(
         tokens = tokens.gather(1, source.unsqueeze(-1).expand(-1, -1, max_length))  # (B, k, max_length)
         tokens[:, :, t] = token
         finished = was_finished | (token == EOS_ID) | torch.isinf(beam_logp)
+        if on_step is not None:
+            on_step(BeamStep(t, tokens[:, :, : t + 1].clone(), source.clone(), beam_logp.clone(), top_score.clone(),
+                             finished.clone()))
 
         state = reorder(state, (item_offset + source).view(-1))
         prev = token.view(-1)
