@@ -16,11 +16,12 @@ it null.
 
 MLflow: the report files are logged on the comparison's parent run (--parent-run-id, else
 $SEQVISION_PARENT_RUN_ID, else every parent run named by the train summaries), with every run's headline and verdict
-metrics (mean over seeds and interval: ``activity.lstm.top1``, ``...top1.ci95_low``) on the parent and each
-model's test metrics scored here (METEOR: ``test/meteor`` mean, ``test/meteor/seed<k>``) on its child run; then the
-parent run is ended FINISHED. Then each task's best model (the family ranked first on the primary metric, its seed
-with the best validation metric) is logged on its child run and registered as ``seqvision-{task}`` with alias
-``best`` (README, "Loading the best model from MLflow"). Without a parent run id, nothing is logged.
+metrics (mean over seeds and interval: ``activity.lstm.top1``, ``...top1.ci95_low``) on the parent, each model's
+test metrics scored here (METEOR: ``test/meteor`` mean, ``test/meteor/seed<k>``) on its child run, and the attention
+figures of a task's examples under ``attention/`` on the child run of the family they show; then the parent run is
+ended FINISHED. Then each task's best model (the family ranked first on the primary metric, its seed with the best
+validation metric) is logged on its child run and registered as ``seqvision-{task}`` with alias ``best`` (README,
+"Loading the best model from MLflow"). Without a parent run id, nothing is logged.
 
 Exit status: 0 done; 1 the report was written but MLflow logging failed; 2 a missing input folder or a bad
 metadata.json.
@@ -69,7 +70,8 @@ def render(sections: list[Any], out: str, resamples: int, seed: int) -> dict[str
 
 
 @task(cache_policy=NO_CACHE, tags=["orchestration"])  # MLflow bookkeeping, not work (benchmarks/pipeline.py)
-def publish(runs: dict[str, list[Any]], paths: dict[str, Path], parent_run_id: str, repo_root: str) -> int:
+def publish(runs: dict[str, list[Any]], sections: list[Any], paths: dict[str, Path], parent_run_id: str,
+            repo_root: str) -> int:
     metrics = report.parent_metrics(runs)
     try:
         tracking.publish_comparison(
@@ -77,6 +79,7 @@ def publish(runs: dict[str, list[Any]], paths: dict[str, Path], parent_run_id: s
             child_metrics=report.child_metrics(runs, parent_run_id=parent_run_id),
             files=[paths["html"], paths["md"], paths["summary"]],
             folders={"report/figures": paths["figures"]} if paths.get("figures") else None,
+            child_artifacts=report.child_artifacts(sections, paths["figures"], parent_run_id=parent_run_id),
         )
         return len(metrics)
     except Exception as err:  # noqa: BLE001 - any store error: the report itself is done
@@ -163,7 +166,7 @@ def report_flow(
         return result
     result["parent_run_ids"] = parents
     for parent in parents:
-        result["logged_metrics"] = publish(loaded, paths, parent, str(Path(repo_root).resolve()))
+        result["logged_metrics"] = publish(loaded, sections, paths, parent, str(Path(repo_root).resolve()))
     result["registered"] = register_best(sections, str(Path(repo_root).resolve()))
     return result
 

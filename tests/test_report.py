@@ -739,6 +739,43 @@ def test_mlflow_parent_gets_the_report_and_every_childs_headline_metric(tmp_path
 
 
 @pytest.mark.slow
+def test_attention_figures_are_logged_on_the_child_run_of_the_family_they_show(
+        tmp_path, monkeypatch, tiny_artifacts, tiny_checkpoints):
+    from mlflow import MlflowClient
+
+    from pipelines import report as report_stage
+    from seqvision import tracking
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    parent = tracking.start_parent("comparison", "cmp", repo_root=tmp_path)
+    children = {}
+    for name in ("image_captioning/transformer", "video_captioning/gru", "video_captioning/meanpool"):
+        with tracking.start_child(parent_run_id=parent, run_name=name, repo_root=tmp_path) as tracker:
+            pass
+        children[name] = tracker.run_id
+    ids = {name: {"mlflow_run_id": run_id, "mlflow_parent_run_id": parent} for name, run_id in children.items()}
+    art = tiny_artifacts
+    runs = report.load_runs(runs_dir=attention_tree(tmp_path, art, tiny_checkpoints, mlflow_ids=ids),
+                            baselines_dir=None, tasks=tuple(BEST_CAPTIONER), models=("gru", "transformer", "meanpool"))
+    sections = report.build_sections(runs, frames_dir=art.frames, features_dir=art.features, tokens_dir=art.tokens,
+                                     examples=1, resamples=100)
+    paths = report.write_report(sections, tmp_path / "reports", resamples=100)
+    report_stage.publish.fn(runs, sections, paths, parent, str(tmp_path))  # the report stage's MLflow task
+
+    client = MlflowClient(tracking_uri=tracking.tracking_uri(tmp_path))
+    for section in sections:
+        child = children[f"{section.task}/{section.best}"]
+        logged = {f.path for f in client.list_artifacts(child, "attention")}
+        assert logged == {f"attention/{ex.attention.name}" for ex in section.examples} and len(logged) == 2
+        first = section.examples[0].attention
+        copy = Path(client.download_artifacts(child, f"attention/{first.name}", str(tmp_path / "dl")))
+        assert copy.read_bytes() == first.png
+    assert client.list_artifacts(children["video_captioning/meanpool"], "attention") == []
+    assert client.list_artifacts(parent, "attention") == []
+    assert client.get_run(parent).info.status == "FINISHED"
+
+
+@pytest.mark.slow
 def test_report_flow_cli(tmp_path, monkeypatch, prefect_harness, capsys):
     from mlflow import MlflowClient
 

@@ -1764,3 +1764,18 @@ def child_metrics(runs: Mapping[str, Sequence[Run]], *, parent_run_id: str) -> d
                 out[str(child)] = values
     return out
 
+
+def child_artifacts(sections: Sequence[TaskSection], figures_dir: str | Path, *,
+                    parent_run_id: str) -> dict[str, dict[str, list[Path]]]:
+    """``{child run id: {"attention": [figure paths]}}``: each task's attention figures (as :func:`write_report`
+    wrote them to ``figures_dir``) for the MLflow child run of the family they show."""
+    out: dict[str, dict[str, list[Path]]] = {}
+    for section in sections:
+        run = next((r for r in section.runs if r.name == section.best), None)
+        child = run.info("run_id") if run is not None else None
+        figures = attention_figures(section)
+        if not figures or not child or str(child) == parent_run_id:
+            continue
+        files = out.setdefault(str(child), {}).setdefault("attention", [])
+        files += [Path(figures_dir) / fig.name for fig in figures]
+    return out
