@@ -518,7 +518,8 @@ def compare_flow(
             status["baselines"] = f"failed: {_one_line(err)}"
         try:
             written = report_stage.report_flow(
-                out=reports, runs=runs, baselines=evals, frames=frames, metadata=data.metadata or None,
+                out=reports, runs=runs, baselines=evals, frames=frames, features=features, tokens=tokens,
+                metadata=data.metadata or None,
                 tasks=tuple(t for t in TASKS if any(j.task == t for j in jobs)),
                 models=tuple(m for m in MODEL_FAMILIES if any(j.model == m for j in jobs)),
                 parent_run_id=parent, mlflow=mlflow, repo_root=str(root),

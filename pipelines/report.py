@@ -1,24 +1,27 @@
 """report stage: every training's seeds and every baseline -> ``reports/report.html``, ``report.md``, ``summary.json``.
 
     python -m pipelines.report --runs artifacts/runs --baselines artifacts/eval --frames artifacts/frames \\
-        --metadata data/annotations/metadata.json --out reports
+        --features artifacts/features --tokens artifacts/tokens --metadata data/annotations/metadata.json --out reports
 
 Per task: the runs (seeds, convergence, parameter count against the budget, training cost), every metric as a mean
 over seeds with its 95% interval (content metrics first on the synthetic benchmark, then coco-caption), pairwise
 verdicts from a paired two-level bootstrap over seeds and test items with Holm's correction (ties print as "~"),
 learning curves per seed, confusion matrices (activity), the per-template CIDEr-D ceiling (image captioning, with
---metadata) and correct and failed test examples with their frames. report.html is self-contained (opens offline);
-report.md links the figures in figures/; summary.json holds every number the summary states. METEOR is scored
-here, for every captioning seed in one Java process (--meteor, which dvc.yaml sets from params.yaml
-report.compute_meteor); the train and baselines stages leave it null.
+--metadata) and correct and failed test examples with their frames; for captioning, each example also shows where the
+best model looked for each word of its caption (its attention, replayed with the checkpoint of the seed shown; needs
+--features and --tokens). report.html is self-contained (opens offline); report.md links the figures in figures/;
+summary.json holds every number the summary states. METEOR is scored here, for every captioning seed in one Java
+process (--meteor, which dvc.yaml sets from params.yaml report.compute_meteor); the train and baselines stages leave
+it null.
 
 MLflow: the report files are logged on the comparison's parent run (--parent-run-id, else
 $SEQVISION_PARENT_RUN_ID, else every parent run named by the train summaries), with every run's headline and verdict
-metrics (mean over seeds and interval: ``activity.lstm.top1``, ``...top1.ci95_low``) on the parent and each
-model's test metrics scored here (METEOR: ``test/meteor`` mean, ``test/meteor/seed<k>``) on its child run; then the
-parent run is ended FINISHED. Then each task's best model (the family ranked first on the primary metric, its seed
-with the best validation metric) is logged on its child run and registered as ``seqvision-{task}`` with alias
-``best`` (README, "Loading the best model from MLflow"). Without a parent run id, nothing is logged.
+metrics (mean over seeds and interval: ``activity.lstm.top1``, ``...top1.ci95_low``) on the parent, each model's
+test metrics scored here (METEOR: ``test/meteor`` mean, ``test/meteor/seed<k>``) on its child run, and the attention
+figures of a task's examples under ``attention/`` on the child run of the family they show; then the parent run is
+ended FINISHED. Then each task's best model (the family ranked first on the primary metric, its seed with the best
+validation metric) is logged on its child run and registered as ``seqvision-{task}`` with alias ``best`` (README,
+"Loading the best model from MLflow"). Without a parent run id, nothing is logged.
 
 Exit status: 0 done; 1 the report was written but MLflow logging failed; 2 a missing input folder or a bad
 metadata.json.
@@ -56,9 +59,9 @@ def score_meteor(runs: dict[str, list[Any]], mode: str) -> tuple[dict[str, list[
 
 @task(cache_policy=NO_CACHE)
 def analyse(runs: dict[str, list[Any]], frames: str | None, metadata: str | None, examples: int, resamples: int,
-            seed: int) -> list[Any]:
-    return report.build_sections(runs, frames_dir=frames, examples=examples, metadata=metadata, resamples=resamples,
-                                 seed=seed)
+            seed: int, features: str | None, tokens: str | None) -> list[Any]:
+    return report.build_sections(runs, frames_dir=frames, examples=examples, metadata=metadata,
+                                 features_dir=features, tokens_dir=tokens, resamples=resamples, seed=seed)
 
 
 @task(**IO_RETRIES, cache_policy=NO_CACHE)
@@ -67,7 +70,8 @@ def render(sections: list[Any], out: str, resamples: int, seed: int) -> dict[str
 
 
 @task(cache_policy=NO_CACHE, tags=["orchestration"])  # MLflow bookkeeping, not work (benchmarks/pipeline.py)
-def publish(runs: dict[str, list[Any]], paths: dict[str, Path], parent_run_id: str, repo_root: str) -> int:
+def publish(runs: dict[str, list[Any]], sections: list[Any], paths: dict[str, Path], parent_run_id: str,
+            repo_root: str) -> int:
     metrics = report.parent_metrics(runs)
     try:
         tracking.publish_comparison(
@@ -75,6 +79,7 @@ def publish(runs: dict[str, list[Any]], paths: dict[str, Path], parent_run_id: s
             child_metrics=report.child_metrics(runs, parent_run_id=parent_run_id),
             files=[paths["html"], paths["md"], paths["summary"], paths["runinfo"]],
             folders={"report/figures": paths["figures"]} if paths.get("figures") else None,
+            child_artifacts=report.child_artifacts(sections, paths["figures"], parent_run_id=parent_run_id),
         )
         return len(metrics)
     except Exception as err:  # noqa: BLE001 - any store error: the report itself is done
@@ -116,6 +121,8 @@ def report_flow(
     runs: str = "artifacts/runs",
     baselines: str | None = "artifacts/eval",
     frames: str | None = "artifacts/frames",
+    features: str | None = "artifacts/features",
+    tokens: str | None = "artifacts/tokens",
     metadata: str | None = None,
     tasks: tuple[str, ...] = TASKS,
     models: tuple[str, ...] = MODEL_FAMILIES,
@@ -136,9 +143,13 @@ def report_flow(
         absent = [f"{r.name} ({r.status})" for r in task_runs if not r.ok]
         if absent:
             logger.warning(f"{task_name}: not available: {', '.join(absent)}")
-    sections = analyse(loaded, frames, metadata, examples, resamples, seed)
+    sections = analyse(loaded, frames, metadata, examples, resamples, seed, features, tokens)
     for section in sections:
         logger.info(f"{section.task}: {section.verdict[0]}")
+        if section.task != "activity" and section.examples:
+            shown = len(report.attention_figures(section))
+            logger.info(f"{section.task}: attention of {section.best} for {shown} of {len(section.examples)} examples"
+                        + ("" if shown else " (no attention in the family, or no checkpoint, features or vocabulary)"))
     paths = render(sections, out, resamples, seed)
     result: dict[str, Any] = {"paths": paths, "parent_run_ids": [], "logged_metrics": 0, "registered": [],
                               "runs": sum(len(v) for v in loaded.values()),
@@ -155,7 +166,7 @@ def report_flow(
         return result
     result["parent_run_ids"] = parents
     for parent in parents:
-        result["logged_metrics"] = publish(loaded, paths, parent, str(Path(repo_root).resolve()))
+        result["logged_metrics"] = publish(loaded, sections, paths, parent, str(Path(repo_root).resolve()))
     result["registered"] = register_best(sections, str(Path(repo_root).resolve()))
     return result
 
@@ -170,6 +181,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--baselines", default="artifacts/eval",
                         help="baselines stage outputs: {task}/baseline_{name}/ ('' for none)")
     parser.add_argument("--frames", default="artifacts/frames", help="frame shards for the examples ('' for none)")
+    parser.add_argument("--features", default="artifacts/features",
+                        help="features the captioners read, for the attention of the examples ('' for none)")
+    parser.add_argument("--tokens", default="artifacts/tokens",
+                        help="vocabularies of the captioners, for the attention of the examples ('' for none)")
     parser.add_argument("--metadata", default="",
                         help="the synthetic benchmark's metadata.json, for the per-template CIDEr-D ceiling of image "
                              "captioning ('' for none: real data; params.yaml data.metadata)")
@@ -210,6 +225,7 @@ def main(argv: list[str] | None = None) -> int:
         try:
             result = report_flow(
                 out=args.out, runs=args.runs, baselines=args.baselines or None, frames=args.frames or None,
+                features=args.features or None, tokens=args.tokens or None,
                 metadata=args.metadata or None, tasks=tuple(args.tasks), models=tuple(args.models),
                 examples=args.examples, parent_run_id=args.parent_run_id, mlflow=args.mlflow,
                 repo_root=args.repo_root, meteor=args.meteor, resamples=args.resamples, seed=args.seed,

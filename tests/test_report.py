@@ -7,6 +7,7 @@ import base64
 import io
 import json
 import math
+import shutil
 import zlib
 from html.parser import HTMLParser
 from pathlib import Path
@@ -565,6 +566,93 @@ def test_examples_show_the_best_models_successes_and_failures_with_frames(tmp_pa
     assert scores["gru"] > scores["meanpool"]
 
 
+BEST_CAPTIONER = {"image_captioning": "transformer", "video_captioning": "gru"}
+OTHER = {"transformer": "gru", "gru": "transformer", "meanpool": "meanpool"}
+
+
+def attention_tree(root: Path, art, checkpoints, *, mlflow_ids: dict[str, dict] | None = None) -> Path:
+    """Captioning runs of two seeds with real checkpoints: per task the family of BEST_CAPTIONER, whose test captions
+    are the first references (so it is the best), and meanpool. Seed 0's best.pt is the family's tiny_checkpoints
+    one; seed 1's is another family's (OTHER), so the attention of the wrong seed would not match."""
+    runs = root / "runs"
+    for task, best in BEST_CAPTIONER.items():
+        refs = json.loads((art.tokens / task.split("_")[0] / "references-test.json").read_text())
+        for family, hypothesis in ((best, lambda i: refs[i][0]), ("meanpool", lambda i: "a ball moves")):
+            records = [{"id": i, "hypothesis": hypothesis(i), "references": refs[i], "score": -1.0} for i in refs]
+            folder = write_model(runs, task, family, [records] * 2, write_captions,
+                                 extra=(mlflow_ids or {}).get(f"{task}/{family}"))
+            for k, source in enumerate((family, OTHER[family])):
+                (folder / "train" / f"seed{k}").mkdir(parents=True)
+                shutil.copyfile(checkpoints[task, source], folder / "train" / f"seed{k}" / "best.pt")
+    return runs
+
+
+def test_captioning_examples_show_the_attention_of_the_seed_whose_caption_they_show(
+        tmp_path, monkeypatch, tiny_artifacts, tiny_checkpoints):
+    import torch
+
+    from seqvision import attention, checkpoint
+    from seqvision.datasets import VisualStore
+    from seqvision.models import build_from_checkpoint
+    from seqvision.vocab import Vocab
+
+    art = tiny_artifacts
+    runs = report.load_runs(runs_dir=attention_tree(tmp_path, art, tiny_checkpoints), baselines_dir=None,
+                            tasks=tuple(BEST_CAPTIONER), models=("gru", "transformer", "meanpool"))
+    drawn: list[tuple] = []
+    real_figure = report.attention_figure
+    monkeypatch.setattr(report, "attention_figure",
+                        lambda task, words, weights, **kw: drawn.append((task, words, weights, kw)) or real_figure(
+                            task, words, weights, **kw))
+    sections = report.build_sections(runs, frames_dir=art.frames, features_dir=art.features, tokens_dir=art.tokens,
+                                     examples=1, resamples=100)
+    assert [s.best for s in sections] == list(BEST_CAPTIONER.values())
+    assert all(len(s.examples) == 2 and all(ex.attention is not None and ex.attention.png.startswith(PNG_MAGIC)
+                                            for ex in s.examples) for s in sections)
+    # Each figure: the best family's seed-0 attention, replayed on the caption the example shows.
+    assert len(drawn) == 4
+    for (task, words, weights, kw), ex in zip(drawn, [ex for s in sections for ex in s.examples]):
+        family, corpus = BEST_CAPTIONER[task], task.split("_")[0]
+        shown = dict((name, text) for name, text, _, _ in ex.outputs)[family]
+        vocab = Vocab.load(art.tokens / corpus / "vocab.json")
+        ids = vocab.encode(shown)[1:]
+        assert words == [*shown.split(), "<eos>"] == [vocab.itos[i] for i in ids]
+        store = VisualStore(art.features, kind=f"{corpus}s", split="test")
+        model = build_from_checkpoint(checkpoint.load(tiny_checkpoints[task, family])).eval()
+        expected = attention.caption_attention(model, torch.from_numpy(store.load(ex.item_id)),
+                                               store.length(ex.item_id), torch.tensor(ids))
+        np.testing.assert_allclose(weights, expected.numpy(), atol=1e-6)
+        if task == "image_captioning":  # drawn over the image itself
+            frames = VisualStore(art.frames, kind="images", split="test")
+            np.testing.assert_array_equal(kw["image"], frames.row(ex.item_id))
+        else:
+            assert kw["image"] is None and weights.shape[1] == store.length(ex.item_id)
+
+    paths = report.write_report(sections, tmp_path / "reports", resamples=100)
+    md, html_text = paths["md"].read_text(encoding="utf-8"), paths["html"].read_text(encoding="utf-8")
+    for ex in [ex for s in sections for ex in s.examples]:
+        assert (paths["figures"] / ex.attention.name).read_bytes() == ex.attention.png
+        assert f"](figures/{ex.attention.name})" in md
+        assert base64.b64encode(ex.attention.png).decode() in html_text
+    assert "cross-attention of the last decoder layer, mean over heads" in html_text
+
+    # Without the features and vocabulary, or with an unreadable checkpoint, the report goes on without them.
+    plain = report.build_sections(runs, frames_dir=art.frames, examples=1, resamples=100)
+    assert all(ex.attention is None for s in plain for ex in s.examples)
+    (tmp_path / "runs" / "video_captioning" / "gru" / "train" / "seed0" / "best.pt").write_bytes(b"garbage")
+    broken = report.build_sections(runs, frames_dir=art.frames, features_dir=art.features, tokens_dir=art.tokens,
+                                   examples=1, resamples=100)
+    assert [[ex.attention is None for ex in s.examples] for s in broken] == [[False, False], [True, True]]
+    report.write_report(broken, tmp_path / "reports", resamples=100)
+    assert {p.name for p in paths["figures"].glob("*_attention_*")} == {
+        ex.attention.name for ex in broken[0].examples}  # the stale ones are gone
+    # A family without attention: nothing to draw.
+    meanpool = next(r for r in runs["video_captioning"] if r.name == "meanpool")
+    examples = sections[1].examples
+    assert report.attention_examples("video_captioning", meanpool, examples, features_dir=art.features,
+                                     tokens_dir=art.tokens, store=None) == examples
+
+
 def _meteor_runs(tmp_path):
     tree = build_tree(tmp_path / "tree")
     return report.load_runs(runs_dir=tree["runs"], baselines_dir=tree["eval"], tasks=("video_captioning",))
@@ -673,6 +761,43 @@ def test_mlflow_parent_gets_the_report_and_every_childs_headline_metric(tmp_path
     html_copy = Path(client.download_artifacts(parent, "report/report.html", str(tmp_path / "dl")))
     assert html_copy.read_bytes() == paths["html"].read_bytes()
     assert client.get_run(children["gru"]).data.metrics == {}  # the train stage logs the test metrics
+
+
+@pytest.mark.slow
+def test_attention_figures_are_logged_on_the_child_run_of_the_family_they_show(
+        tmp_path, monkeypatch, tiny_artifacts, tiny_checkpoints):
+    from mlflow import MlflowClient
+
+    from pipelines import report as report_stage
+    from seqvision import tracking
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    parent = tracking.start_parent("comparison", "cmp", repo_root=tmp_path)
+    children = {}
+    for name in ("image_captioning/transformer", "video_captioning/gru", "video_captioning/meanpool"):
+        with tracking.start_child(parent_run_id=parent, run_name=name, repo_root=tmp_path) as tracker:
+            pass
+        children[name] = tracker.run_id
+    ids = {name: {"mlflow_run_id": run_id, "mlflow_parent_run_id": parent} for name, run_id in children.items()}
+    art = tiny_artifacts
+    runs = report.load_runs(runs_dir=attention_tree(tmp_path, art, tiny_checkpoints, mlflow_ids=ids),
+                            baselines_dir=None, tasks=tuple(BEST_CAPTIONER), models=("gru", "transformer", "meanpool"))
+    sections = report.build_sections(runs, frames_dir=art.frames, features_dir=art.features, tokens_dir=art.tokens,
+                                     examples=1, resamples=100)
+    paths = report.write_report(sections, tmp_path / "reports", resamples=100)
+    report_stage.publish.fn(runs, sections, paths, parent, str(tmp_path))  # the report stage's MLflow task
+
+    client = MlflowClient(tracking_uri=tracking.tracking_uri(tmp_path))
+    for section in sections:
+        child = children[f"{section.task}/{section.best}"]
+        logged = {f.path for f in client.list_artifacts(child, "attention")}
+        assert logged == {f"attention/{ex.attention.name}" for ex in section.examples} and len(logged) == 2
+        first = section.examples[0].attention
+        copy = Path(client.download_artifacts(child, f"attention/{first.name}", str(tmp_path / "dl")))
+        assert copy.read_bytes() == first.png
+    assert client.list_artifacts(children["video_captioning/meanpool"], "attention") == []
+    assert client.list_artifacts(parent, "attention") == []
+    assert client.get_run(parent).info.status == "FINISHED"
 
 
 @pytest.mark.slow

@@ -183,11 +183,15 @@ class DotAttention(nn.Module):
         """values (B, S, Dv) -> keys (B, S, H); computed once per clip/image."""
         return self.key(values)
 
+    def weights(self, query: Tensor, keys: Tensor, values: Tensor, mask: Tensor) -> Tensor:
+        """The weights :meth:`forward` applies, from its arguments (``values`` unused) -> (B, L, S), zero on
+        padding, rows summing to 1. Same arguments as ``forward``, so a forward hook can call it."""
+        scores = torch.bmm(query, keys.transpose(1, 2)) / math.sqrt(query.size(-1))  # (B, L, S)
+        return scores.masked_fill(~mask.unsqueeze(1), float("-inf")).softmax(-1)
+
     def forward(self, query: Tensor, keys: Tensor, values: Tensor, mask: Tensor) -> Tensor:
         """query (B, L, H), keys (B, S, H), values (B, S, Dv), mask (B, S) bool -> context (B, L, Dv)."""
-        scores = torch.bmm(query, keys.transpose(1, 2)) / math.sqrt(query.size(-1))  # (B, L, S)
-        weights = scores.masked_fill(~mask.unsqueeze(1), float("-inf")).softmax(-1)  # (B, L, S)
-        return torch.bmm(weights, values)  # (B, L, Dv)
+        return torch.bmm(self.weights(query, keys, values, mask), values)  # (B, L, Dv)
 
 
 class MinGRUDecoder(nn.Module):

@@ -14,7 +14,10 @@ Inputs (paths supplied by the caller; layout in docs/design.md):
   ``{id: value}`` and ``content`` ``{id: record}`` of ``seqvision.content``);
 - ``{baselines_dir}/{task}/baseline_{name}/``: the baselines in ``results.py``'s layout, one "seed" each;
 - optionally ``{frames_dir}`` (example frames) and the synthetic benchmark's ``metadata.json`` (the per-template
-  oracle ceiling of CIDEr-D beside the image captioning table).
+  oracle ceiling of CIDEr-D beside the image captioning table);
+- optionally ``{features_dir}`` and ``{tokens_dir}`` (``artifacts/features``, ``artifacts/tokens``): with the seed's
+  ``train/seed{k}/best.pt``, where the best captioner looked for each word of the examples it shows
+  (:func:`attention_examples`).
 
 A run whose files are absent or unreadable is shown as *missing* or *failed* with the reason; it never stops the
 report. A training whose ``summary.json`` has a ``"status"`` other than ok (the compare flow writes ``{"status":
@@ -37,6 +40,7 @@ import html
 import io
 import json
 import math
+import re
 from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -186,6 +190,10 @@ class Run(NamedTuple):
     def seed_info(self, key: str) -> list[Any]:
         """``key`` of every seed's training summary (missing ones as None)."""
         return [find_key(s.summary, SUMMARY_KEYS[key]) for s in self.seeds]
+
+    def checkpoint(self, index: int) -> Path:
+        """The ``best.pt`` of seed ``index`` (k of seed{k}): the checkpoint its test outputs come from."""
+        return self.folder / "train" / f"seed{index}" / "best.pt"
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -876,6 +884,12 @@ def verdict(task: str, runs: Sequence[Run], stats: TaskStats) -> list[str]:
 # Figures (matplotlib, Agg) -> PNG bytes
 
 
+class Figure(NamedTuple):
+    name: str  # file name under figures/
+    caption: str
+    png: bytes
+
+
 def _pyplot() -> Any:
     import matplotlib
 
@@ -1007,6 +1021,57 @@ def frame_strip(store: Any, item_id: str, *, num_frames: int = 4) -> bytes | Non
     return buffer.getvalue()
 
 
+def attention_figure(task: str, words: Sequence[str], weights: np.ndarray, *, image: np.ndarray | None = None,
+                     title: str = "") -> bytes:
+    """Where each word of a caption looked: weights (L, S), one row per word, on one colour scale (0 to the
+    largest weight). Image captioning: a small heatmap of the side x side grid per word (side = sqrt(S), cells in
+    row-major order, as the encoders pool them), blended over the image (H, W, 3) uint8 when given, so the image
+    shows through where little attention goes. Video captioning, or a grid that is not square: one words x
+    positions heatmap."""
+    plt = _pyplot()
+    L, S = weights.shape
+    side = math.isqrt(S)
+    vmax = float(weights.max()) or 1.0
+    cmap = plt.get_cmap("inferno")
+    if task == "image_captioning" and side * side == S:
+        # One mosaic in one Axes: an Axes per word made the figure ~5x slower to draw.
+        cell = max(1, 64 // side)
+        size, label, gap = cell * side, 14, 6  # panel, word label above it and gap beside it, in pixels
+        cols = min(L, 8)
+        rows = math.ceil(L / cols)
+        canvas = np.ones((rows * (size + label), cols * (size + gap) - gap, 3))
+        base = None
+        if image is not None:
+            from PIL import Image
+
+            base = np.asarray(Image.fromarray(np.ascontiguousarray(image, dtype=np.uint8)).resize((size, size)),
+                              dtype=np.float64)[..., :3] / 255.0  # (size, size, 3)
+        for t, row in enumerate(weights):
+            heat = np.kron(row.reshape(side, side) / vmax, np.ones((cell, cell)))  # (size, size) in [0, 1]
+            panel = cmap(heat)[..., :3]
+            if base is not None:
+                alpha = 0.85 * heat[..., None]
+                panel = base * (1 - alpha) + panel * alpha
+            y, x = (t // cols) * (size + label) + label, (t % cols) * (size + gap)
+            canvas[y : y + size, x : x + size] = panel
+        fig, ax = plt.subplots(figsize=(canvas.shape[1] / 60, canvas.shape[0] / 60 + (0.3 if title else 0)))
+        ax.imshow(canvas, interpolation="nearest")
+        for t, word in enumerate(words):
+            ax.text((t % cols) * (size + gap) + size / 2, (t // cols) * (size + label) + label - 3, word,
+                    ha="center", va="bottom", fontsize=8)
+        ax.axis("off")
+    else:
+        fig, ax = plt.subplots(figsize=(min(1.5 + 0.3 * S, 10), 0.8 + 0.22 * L))
+        shown = ax.imshow(weights, cmap=cmap, vmin=0, vmax=vmax, aspect="auto", interpolation="nearest")
+        ax.set_yticks(range(L), list(words), fontsize=8)
+        ax.set_xticks(range(S), [str(i) for i in range(S)], fontsize=7)
+        ax.set_xlabel("frame" if task == "video_captioning" else "grid cell", fontsize=8)
+        fig.colorbar(shown, ax=ax, fraction=0.04)
+    if title:
+        fig.suptitle(title, fontsize=9)
+    return _png(fig)
+
+
 # --------------------------------------------------------------------------------------------------------
 # Examples
 
@@ -1017,6 +1082,7 @@ class Example(NamedTuple):
     truth: list[str]  # the label, or the references
     outputs: list[tuple[str, str, bool | None, float | None]]  # (system, output, correct?, item score)
     image: bytes | None
+    attention: Figure | None = None  # captioning: where the best model looked for each word (attention_examples)
 
 
 def pick_examples(task: str, runs: Sequence[Run], *, store: Any, count: int,
@@ -1079,6 +1145,89 @@ def pick_examples(task: str, runs: Sequence[Run], *, store: Any, count: int,
         for i in ids
     ]
     return best.name, examples
+
+
+def attention_examples(task: str, run: Run | None, examples: Sequence[Example], *, features_dir: str | Path | None,
+                       tokens_dir: str | Path | None, store: Any) -> list[Example]:
+    """``examples`` with ``attention`` set: the attention of ``run``'s first seed (the checkpoint whose captions the
+    examples show), replayed on the caption shown (``seqvision.attention.caption_attention``), as
+    :func:`attention_figure`. ``store``: the frames (image thumbnails; a fine-tuned encoder's input). Unchanged for
+    activity, a family without attention, or when the checkpoint, the features or the vocabulary are absent."""
+    examples = list(examples)
+    if task == "activity" or run is None or not run.ok or not run.seeds or not examples:
+        return examples
+    loaded = _attention_model(task, run.checkpoint(run.seeds[0].index), features_dir=features_dir,
+                              tokens_dir=tokens_dir, store=store)
+    if loaded is None:
+        return examples
+    import torch
+
+    from seqvision.attention import caption_attention
+
+    model, visual, vocab = loaded
+    replayed: dict[str, tuple[list[int], np.ndarray]] = {}  # item id -> (caption ids, weights (L, positions))
+    threads = torch.get_num_threads()
+    # One caption at a time is a chain of tiny ops, where a second thread only adds waiting: a Transformer caption
+    # took 10 ms on one thread and 215 ms on two on a loaded 2-core machine.
+    torch.set_num_threads(1)
+    try:
+        for ex in examples:
+            text = next((t for name, t, _, _ in ex.outputs if name == run.name), None)
+            if text is not None and ex.item_id in visual:
+                ids = vocab.encode(text)[1:]  # the caption shown, <eos> last (an <unk> it had is not shown)
+                weights = caption_attention(model, torch.from_numpy(visual.load(ex.item_id)),
+                                            visual.length(ex.item_id), torch.tensor(ids))
+                assert weights is not None  # _attention_model keeps the models with attention only
+                replayed[ex.item_id] = ids, weights.numpy()
+    finally:
+        torch.set_num_threads(threads)
+    what = ("cross-attention of the last decoder layer, mean over heads" if run.name == "transformer"
+            else "soft attention of the decoder")
+    over = "image grid cells" if task == "image_captioning" else "frames"
+    out = []
+    for ex in examples:
+        if ex.item_id not in replayed:
+            out.append(ex)
+            continue
+        ids, weights = replayed[ex.item_id]
+        image = None
+        if task == "image_captioning" and store is not None and ex.item_id in store:
+            image = np.asarray(store.row(ex.item_id))
+        png = attention_figure(task, [vocab.itos[i] for i in ids], weights, image=image,
+                               title=f"{run.name}, seed {run.seeds[0].index}: {ex.item_id}")
+        name = f"{task}_attention_{re.sub(r'[^A-Za-z0-9_.-]', '_', ex.item_id)}.png"
+        caption = (f"Attention of {run.name} (seed {run.seeds[0].index}) over the {over} for each word of its "
+                   f"caption of {ex.item_id} ({what}; one colour scale per figure)")
+        out.append(ex._replace(attention=Figure(name, caption, png)))
+    return out
+
+
+def _attention_model(task: str, path: Path, *, features_dir: str | Path | None, tokens_dir: str | Path | None,
+                     store: Any) -> tuple[Any, Any, Any] | None:
+    """(model in eval mode, its test inputs, vocabulary) for ``attention_examples``; None when the model has no
+    attention or an input is absent or unreadable (the report goes on without the figures)."""
+    from seqvision import checkpoint
+    from seqvision.attention import word_attention_module
+    from seqvision.datasets import VisualStore, task_spec
+    from seqvision.models import build_from_checkpoint
+    from seqvision.vocab import Vocab
+
+    if tokens_dir is None or not path.is_file():
+        return None
+    spec = task_spec(task)
+    try:
+        state = checkpoint.load(path)
+        model = build_from_checkpoint(state).eval()
+        if word_attention_module(model) is None:
+            return None
+        if "encoder" in state["spec"]:  # a fine-tuned encoder reads pixels: the frames
+            visual = store
+        else:
+            visual = None if features_dir is None else VisualStore(features_dir, kind=spec.kind, split="test")
+        vocab = Vocab.load(Path(tokens_dir) / str(spec.corpus) / "vocab.json")
+    except (OSError, ValueError):
+        return None
+    return (model, visual, vocab) if visual is not None else None
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -1224,12 +1373,6 @@ METHOD = (
 )
 
 
-class Figure(NamedTuple):
-    name: str  # file name under figures/
-    caption: str
-    png: bytes
-
-
 class TaskSection(NamedTuple):
     task: str
     runs: list[Run]
@@ -1239,6 +1382,11 @@ class TaskSection(NamedTuple):
     best: str | None
     examples: list[Example]
     ceilings: dict[str, float] | None  # image captioning: CIDEr-D of perfect content per template
+
+
+def attention_figures(section: TaskSection) -> list[Figure]:
+    """The attention figures of a section's examples (written to figures/ beside the section's figures)."""
+    return [ex.attention for ex in section.examples if ex.attention is not None]
 
 
 def template_ceilings(runs: Sequence[Run], metadata_path: str | Path | None) -> dict[str, float] | None:
@@ -1260,9 +1408,11 @@ def template_ceilings(runs: Sequence[Run], metadata_path: str | Path | None) -> 
 
 def build_sections(
     runs: Mapping[str, list[Run]], *, frames_dir: str | Path | None = None, examples: int = 3,
-    metadata: str | Path | None = None, resamples: int = RESAMPLES, seed: int = 0,
+    metadata: str | Path | None = None, features_dir: str | Path | None = None,
+    tokens_dir: str | Path | None = None, resamples: int = RESAMPLES, seed: int = 0,
 ) -> list[TaskSection]:
-    """Statistics, verdicts, figures and examples for every task."""
+    """Statistics, verdicts, figures and examples for every task; with ``features_dir`` and ``tokens_dir``
+    (``artifacts/features``, ``artifacts/tokens``) the captioning examples get the best model's attention."""
     sections = []
     for task, task_runs in runs.items():
         stats = task_statistics(task, task_runs, resamples=resamples, seed=seed)
@@ -1280,6 +1430,8 @@ def build_sections(
                 figures.append(Figure(name, caption, png))
         store = _frame_store(frames_dir, task)
         best, picked = pick_examples(task, task_runs, store=store, count=examples, metric=stats.primary)
+        picked = attention_examples(task, next((r for r in task_runs if r.name == best), None), picked,
+                                    features_dir=features_dir, tokens_dir=tokens_dir, store=store)
         ceilings = template_ceilings(task_runs, metadata) if task == "image_captioning" else None
         sections.append(TaskSection(task, list(task_runs), stats, verdict(task, task_runs, stats), figures, best,
                                     picked, ceilings))
@@ -1441,7 +1593,12 @@ def _html_task(s: TaskSection) -> list[str]:
                 mark = "" if correct is None else ('<span class="ok">✓</span> ' if correct else '<span class="bad">✗</span> ')
                 score_text = "" if score is None else f"{score:.2f}"
                 out.append(f"<tr><td>{_esc(name)}</td><td>{mark}{_esc(text)}</td><td>{score_text}</td></tr>")
-            out.append("</table></div>")
+            out.append("</table>")
+            if ex.attention is not None:
+                out.append(f'<figure class="attention"><img src="{_data_uri(ex.attention.png)}" '
+                           f'alt="{_esc(ex.attention.caption)}"><figcaption>{_esc(ex.attention.caption)}</figcaption>'
+                           "</figure>")
+            out.append("</div>")
         out.append("</div>")
     out.append("</section>")
     return out
@@ -1496,6 +1653,8 @@ def render_markdown(sections: Sequence[TaskSection], *, title: str = "seqvision:
                     mark = "" if correct is None else ("✓ " if correct else "✗ ")
                     score_text = "" if score is None else f" ({score:.2f})"
                     out.append(f"  - {name}: {mark}{_md_cell(text)}{score_text}")
+                if ex.attention is not None:
+                    out.append(f"  - attention of {s.best}: ![{ex.attention.caption}](figures/{ex.attention.name})")
             out.append("")
     return "\n".join(out) + "\n"
 
@@ -1513,6 +1672,7 @@ figure{margin:1em 0}figure img{max-width:100%}figcaption{color:#555;font-size:12
 .examples{display:grid;grid-template-columns:repeat(auto-fill,minmax(360px,1fr));gap:12px}
 .example{border:1px solid #ddd;border-radius:6px;padding:8px}.example.failed{border-color:#e5a5a0}
 .example.correct{border-color:#9fd0a0}.example img{image-rendering:pixelated;height:96px;display:block;margin-bottom:6px}
+.example figure.attention img{image-rendering:auto;height:auto;max-width:100%}
 .example table{width:100%;font-size:12px}.example td{text-align:left}.ok{color:#1b7a1f}.bad{color:#b3261e}
 .scale{color:#555;font-size:12px}
 """
@@ -1534,13 +1694,13 @@ def write_report(sections: Sequence[TaskSection], out_dir: str | Path, *, resamp
     paths = {"html": out_dir / "report.html", "md": out_dir / "report.md", "summary": out_dir / "summary.json",
              "figures": out_dir / "figures", "runinfo": out_dir / "runinfo.md"}
     paths["figures"].mkdir(parents=True, exist_ok=True)
-    wanted = {fig.name for s in sections for fig in s.figures}
+    figures = [fig for s in sections for fig in [*s.figures, *attention_figures(s)]]
+    wanted = {fig.name for fig in figures}
     for stale in paths["figures"].glob("*.png"):
         if stale.name not in wanted:
             stale.unlink()
-    for s in sections:
-        for fig in s.figures:
-            write_bytes(paths["figures"] / fig.name, fig.png)
+    for fig in figures:
+        write_bytes(paths["figures"] / fig.name, fig.png)
     write_json(paths["summary"], summary_json(sections, resamples=resamples, seed=seed))
     write_text(paths["md"], render_markdown(sections, resamples=resamples))
     write_text(paths["html"], render_html(sections, resamples=resamples))
@@ -1609,7 +1769,7 @@ def best_models(sections: Sequence[TaskSection]) -> list[BestModel]:
         seed = run.seeds[best].index
         child = run.info("run_id")
         out.append(BestModel(section.task, run.name, str(metric), float(run.value(metric)),  # type: ignore[arg-type]
-                             seed, run.folder / "train" / f"seed{seed}" / "best.pt", str(child) if child else None))
+                             seed, run.checkpoint(seed), str(child) if child else None))
     return out
 
 
@@ -1638,4 +1798,20 @@ def child_metrics(runs: Mapping[str, Sequence[Run]], *, parent_run_id: str) -> d
                         values[f"test/{name}/seed{k}"] = float(v)
             if values:
                 out[str(child)] = values
+    return out
+
+
+def child_artifacts(sections: Sequence[TaskSection], figures_dir: str | Path, *,
+                    parent_run_id: str) -> dict[str, dict[str, list[Path]]]:
+    """``{child run id: {"attention": [figure paths]}}``: each task's attention figures (as :func:`write_report`
+    wrote them to ``figures_dir``) for the MLflow child run of the family they show."""
+    out: dict[str, dict[str, list[Path]]] = {}
+    for section in sections:
+        run = next((r for r in section.runs if r.name == section.best), None)
+        child = run.info("run_id") if run is not None else None
+        figures = attention_figures(section)
+        if not figures or not child or str(child) == parent_run_id:
+            continue
+        files = out.setdefault(str(child), {}).setdefault("attention", [])
+        files += [Path(figures_dir) / fig.name for fig in figures]
     return out

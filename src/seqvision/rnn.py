@@ -156,10 +156,15 @@ class AdditiveAttention(nn.Module):
         """values (B, S, Dv) -> keys (B, S, A); computed once per clip/image, not once per step."""
         return self.key(values)
 
+    def weights(self, query: Tensor, keys: Tensor, values: Tensor, mask: Tensor) -> Tensor:
+        """The weights :meth:`forward` applies, from its arguments (``values`` unused) -> (B, S), zero on padding,
+        rows summing to 1. Same arguments as ``forward``, so a forward hook can call it (``seqvision.attention``)."""
+        scores = self.score(torch.tanh(keys + self.query(query).unsqueeze(1))).squeeze(-1)  # (B, S)
+        return scores.masked_fill(~mask, float("-inf")).softmax(-1)
+
     def forward(self, query: Tensor, keys: Tensor, values: Tensor, mask: Tensor) -> Tensor:
         """query (B, Hq), keys (B, S, A), values (B, S, Dv), mask (B, S) bool -> context (B, Dv)."""
-        scores = self.score(torch.tanh(keys + self.query(query).unsqueeze(1))).squeeze(-1)  # (B, S)
-        weights = scores.masked_fill(~mask, float("-inf")).softmax(-1)  # (B, S), zero on padding
+        weights = self.weights(query, keys, values, mask)  # (B, S)
         return torch.bmm(weights.unsqueeze(1), values).squeeze(1)  # (B, Dv)
 
 

@@ -35,7 +35,7 @@ import sqlite3
 import subprocess
 import tempfile
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, NamedTuple, Protocol
@@ -704,17 +704,21 @@ def publish_comparison(
     child_metrics: Mapping[str, Mapping[str, float]],
     files: tuple[str | Path, ...] | list[str | Path] = (),
     folders: Mapping[str, str | Path] | None = None,
+    child_artifacts: Mapping[str, Mapping[str, Sequence[str | Path]]] | None = None,
     end_parent: bool = True,
 ) -> None:
     """The report stage's publishing: ``metrics`` and ``files`` (artifact folder ``report/``; ``folders`` maps an
-    artifact path to a local folder) on the parent run, each child's test metrics on that child; then end the
-    parent FINISHED."""
+    artifact path to a local folder) on the parent run, each child's test metrics on that child, and
+    ``child_artifacts`` (``{child run id: {artifact path: files}}``) on each child; then end the parent FINISHED."""
     log_to_run(parent_run_id, repo_root=repo_root, metrics=metrics, artifacts=list(files), artifact_path="report")
     for artifact_path, folder in (folders or {}).items():
         if Path(folder).is_dir():
             log_to_run(parent_run_id, repo_root=repo_root, artifacts=[folder], artifact_path=artifact_path)
     for child, values in child_metrics.items():
         log_to_run(child, repo_root=repo_root, metrics=values)
+    for child, by_path in (child_artifacts or {}).items():
+        for artifact_path, paths in by_path.items():
+            log_to_run(child, repo_root=repo_root, artifacts=list(paths), artifact_path=artifact_path)
     if end_parent:
         end_run(parent_run_id, repo_root=repo_root, status="FINISHED")
 

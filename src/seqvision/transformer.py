@@ -43,18 +43,25 @@ def sinusoidal_positions(positions: Tensor, dim: int) -> Tensor:
     return torch.cat([angles.sin(), angles.cos()], dim=-1)  # (L, dim)
 
 
-def naive_attention(q: Tensor, k: Tensor, v: Tensor, *, attn_mask: Tensor | None = None, dropout_p: float = 0.0,
-                    is_causal: bool = False) -> Tensor:
-    """softmax(q k^T / sqrt(d)) v with the (B, h, Lq, Lk) weights materialised: the textbook form whose memory
-    grows with Lq * Lk, which fused kernels avoid (Dao et al. 2022). Same arguments and result as
-    ``F.scaled_dot_product_attention`` (mask True = may attend; causal aligned top-left)."""
+def attention_weights(q: Tensor, k: Tensor, *, attn_mask: Tensor | None = None, is_causal: bool = False) -> Tensor:
+    """softmax(q k^T / sqrt(d)) with ``F.scaled_dot_product_attention``'s masks (True = may attend; causal aligned
+    top-left): q (B, h, Lq, D/h), k (B, h, Lk, D/h) -> (B, h, Lq, Lk), rows summing to 1."""
     scores = q @ k.transpose(-2, -1) / math.sqrt(q.size(-1))  # (B, h, Lq, Lk)
     if is_causal:
         future = torch.ones(q.size(-2), k.size(-2), dtype=torch.bool, device=q.device).triu(1)  # (Lq, Lk)
         scores = scores.masked_fill(future, float("-inf"))
     if attn_mask is not None:
         scores = scores.masked_fill(~attn_mask, float("-inf"))
-    weights = F.dropout(scores.softmax(dim=-1), p=dropout_p) if dropout_p > 0 else scores.softmax(dim=-1)
+    return scores.softmax(dim=-1)
+
+
+def naive_attention(q: Tensor, k: Tensor, v: Tensor, *, attn_mask: Tensor | None = None, dropout_p: float = 0.0,
+                    is_causal: bool = False) -> Tensor:
+    """softmax(q k^T / sqrt(d)) v with the (B, h, Lq, Lk) weights materialised: the textbook form whose memory
+    grows with Lq * Lk, which fused kernels avoid (Dao et al. 2022). Same arguments and result as
+    ``F.scaled_dot_product_attention``."""
+    weights = attention_weights(q, k, attn_mask=attn_mask, is_causal=is_causal)  # (B, h, Lq, Lk)
+    weights = F.dropout(weights, p=dropout_p) if dropout_p > 0 else weights
     return weights @ v  # (B, h, Lq, D/h)
 
 
@@ -73,6 +80,26 @@ class Attention(nn.Module):
         B, L, D = x.shape
         return x.view(B, L, self.num_heads, D // self.num_heads).transpose(1, 2)  # (B, h, L, D/h)
 
+    def _project(self, x: Tensor, source: Tensor | None, cache: tuple[Tensor, Tensor] | None
+                 ) -> tuple[Tensor, Tensor, Tensor]:
+        """q (B, h, Lq, D/h) and k, v (B, h, Lk', D/h), the cached keys/values first."""
+        q = self._heads(self.q(x))  # (B, h, Lq, D/h)
+        k, v = self.kv(x if source is None else source).chunk(2, dim=-1)  # each (B, Lk, D)
+        k, v = self._heads(k), self._heads(v)  # each (B, h, Lk, D/h)
+        if cache is not None:
+            k, v = torch.cat([cache[0], k], dim=2), torch.cat([cache[1], v], dim=2)
+        return q, k, v
+
+    def weights(self, x: Tensor, source: Tensor | None = None, *, mask: Tensor | None = None,
+                is_causal: bool = False, cache: tuple[Tensor, Tensor] | None = None) -> Tensor:
+        """The attention weights :meth:`forward` applies, from its arguments -> (B, h, Lq, Lk'), rows summing to 1.
+
+        Computed explicitly (the fused kernel never materialises them), so they equal forward's up to rounding;
+        dropout is not applied. Same arguments as ``forward``, so a forward hook can call it.
+        """
+        q, k, _ = self._project(x, source, cache)
+        return attention_weights(q, k, attn_mask=mask, is_causal=is_causal)
+
     def forward(self, x: Tensor, source: Tensor | None = None, *, mask: Tensor | None = None,
                 is_causal: bool = False, cache: tuple[Tensor, Tensor] | None = None
                 ) -> tuple[Tensor, tuple[Tensor, Tensor]]:
@@ -82,11 +109,7 @@ class Attention(nn.Module):
         Returns (output (B, Lq, D), (k, v) each (B, h, Lk', D/h)).
         """
         B, L, D = x.shape
-        q = self._heads(self.q(x))  # (B, h, Lq, D/h)
-        k, v = self.kv(x if source is None else source).chunk(2, dim=-1)  # each (B, Lk, D)
-        k, v = self._heads(k), self._heads(v)  # each (B, h, Lk, D/h)
-        if cache is not None:
-            k, v = torch.cat([cache[0], k], dim=2), torch.cat([cache[1], v], dim=2)
+        q, k, v = self._project(x, source, cache)
         y = self.attend(
             q, k, v, attn_mask=mask, dropout_p=self.dropout if self.training else 0.0, is_causal=is_causal
         )  # (B, h, Lq, D/h)
