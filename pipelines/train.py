@@ -228,7 +228,8 @@ def log_run(tracker: Any, out: str, seeds: int, metrics: dict[str, Any]) -> None
     tracker.log_epoch(flat, step=0)
     tracker.log_params({"num_parameters": metrics["num_parameters"]})
     for name in ("summary.json", "metrics.json", "runinfo.json"):
-        tracker.log_artifact(Path(out) / name)
+        if name != "runinfo.json" or (Path(out) / name).is_file():  # measurements: absent when not recorded
+            tracker.log_artifact(Path(out) / name)
 
 
 def tracked(task_name: str, model: str, params: TrainParams) -> dict[str, Any]:

@@ -371,10 +371,11 @@ def test_each_task_best_model_is_registered_and_loads_as_the_readme_shows(
     from seqvision.vocab import Vocab
 
     readme = (REPO / "README.md").read_text(encoding="utf-8")  # the calls below are the README's
+    assert 'if "MLFLOW_TRACKING_URI" not in os.environ:' in readme  # a pasted snippet keeps the user's server
     assert 'model = mlflow.pyfunc.load_model("models:/seqvision-activity@best")' in readme
     assert "module = model.unwrap_python_model().module" in readme
     assert 'model.predict(np.load("artifacts/features/videos-test.npy")[:4])' in readme
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", scratch.servers.mlflow_uri)  # "not needed when ... is set"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", scratch.servers.mlflow_uri)  # the README keeps it when set
     monkeypatch.chdir(scratch.root)
     client = _client(scratch)
     for task in TASKS:

@@ -226,8 +226,8 @@ def test_a_training_run_carries_its_test_metrics_parameter_count_and_dataset_inp
         (out / "train" / f"seed{k}").mkdir(parents=True)
         (out / "train" / f"seed{k}" / "history.json").write_text(json.dumps(
             [{"epoch": e, "train_loss": 1.0 / e, "val_loss": 1.1 / e, "val_metric": 0.1 * e} for e in (1, 2)]))
-    (out / "summary.json").write_text(json.dumps(
-        {"metric": "cider_d", "seeds": [{"resumed_from_epoch": 0, "device": "cpu"}] * 2}))
+    (out / "summary.json").write_text(json.dumps({"metric": "cider_d", "seeds": [{"device": "cpu"}] * 2}))
+    (out / "runinfo.json").write_text(json.dumps({"seeds": [{"resumed_from_epoch": 0}, {"resumed_from_epoch": 1}]}))
     metrics = {"num_parameters": 1234, "converged": 2, "num_seeds": 2, "cider_d": seed_summary([0.4, 0.6]),
                "content_event_f1": seed_summary([0.5, 0.7]), "bleu_4": seed_summary([0.1, 0.2])}
     (out / "metrics.json").write_text(json.dumps(metrics))
@@ -241,6 +241,7 @@ def test_a_training_run_carries_its_test_metrics_parameter_count_and_dataset_inp
         assert run.data.metrics[f"test/{name}/ci95_low"] < metrics[name]["mean"]
     assert run.data.metrics["num_parameters"] == 1234 and run.data.params["num_parameters"] == "1234"
     assert [m.step for m in client.get_metric_history(run.info.run_id, "seed1/val_cider_d")] == [1, 2]
+    assert run.data.tags["seqvision.seed1.resumed_from_epoch"] == "1"  # from the stage's runinfo.json
 
     logged = {(i.dataset.name, i.dataset.digest, {t.key: t.value for t in i.tags}["mlflow.data.context"],
                json.loads(i.dataset.source)["uri"]) for i in run.inputs.dataset_inputs}
