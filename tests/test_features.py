@@ -36,6 +36,10 @@ def test_torchvision_backbone_needs_no_metadata_and_warns_when_random(tmp_path):
         again = F.load_encoder(tmp_path / "encoder.pt")
     x = torch.zeros(2, 32, 32, 3, dtype=torch.uint8)
     torch.testing.assert_close(again(x)[1], run.encoder(x)[1])
+    # The same encoder saved again elsewhere: the same bytes (DVC hashes encoder.pt; the zip's record names used
+    # to come from the random temporary file name of the atomic write).
+    F.save_encoder(run, tmp_path / "again")
+    assert (tmp_path / "again" / "encoder.pt").read_bytes() == (tmp_path / "encoder.pt").read_bytes()
 
 
 # --------------------------------------------------------------------------------------------------------

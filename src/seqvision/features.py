@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from io import BytesIO
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -89,8 +90,11 @@ def save_encoder(run: EncoderRun, out_dir: str | Path) -> None:
     checkpoint = encoder_state(run.encoder)
     if "attributes" in run.history:
         checkpoint["attributes"] = run.history["attributes"]
-    with io.atomic_path(out_dir / "encoder.pt") as tmp:
-        torch.save(checkpoint, tmp)
+    # Serialized in memory: torch.save names the zip's records after the file, and the atomic write's temporary
+    # file has a random name, which gave every run other bytes (and DVC another hash) for the same encoder.
+    buffer = BytesIO()
+    torch.save(checkpoint, buffer)
+    io.write_bytes(out_dir / "encoder.pt", buffer.getvalue())
     io.write_json(out_dir / "history.json", run.history)
     io.write_json(out_dir / "metrics.json", run.metrics)
     io.write_json(out_dir / io.RUNINFO, run.runinfo)
