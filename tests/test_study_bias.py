@@ -10,8 +10,10 @@ import random
 
 import numpy as np
 import pytest
+import torch
 import yaml
 
+from seqvision import checkpoint
 from seqvision.config import TrainConfig
 from seqvision.study.__main__ import main
 from seqvision.study.bias import (
@@ -28,7 +30,7 @@ from seqvision.study.bias import (
 from seqvision.study.complexity import RowResult
 from seqvision.study.figures import plot_inductive_bias
 from seqvision.study.fit import VERDICTS
-from tests.tiny import TINY_CLASSES, TINY_MODELS, TINY_TRAIN, TINY_UNMATCHED, TINY_VIDEO_IDS
+from tests.tiny import TINY_CLASSES, TINY_MODELS, TINY_TRAIN, TINY_UNMATCHED, TINY_VIDEO_IDS, train_tiny
 
 # --------------------------------------------------------------------------------------------------------
 # Subsets and schedules
@@ -201,15 +203,15 @@ def tiny_params(tiny_artifacts, tmp_path):
 @pytest.mark.integration
 def test_a_tiny_row_writes_json_and_figure(tiny_artifacts, tiny_params, tmp_path, capsys):
     out = tmp_path / "study"
+    families = ("gru", "transformer", "mingru")  # three of the ci preset's six: half the trainings
     code = main(["--out", str(out), "--preset", "ci", "--rows", "inductive_bias", "--quiet", "--params",
-                 str(tiny_params), "--bias-features", str(tiny_artifacts.features)])
+                 str(tiny_params), "--bias-features", str(tiny_artifacts.features), "--bias-families", *families])
     assert code == 0
     assert (out / "inductive_bias.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert (out / "inductive_bias.png").stat().st_size > 10_000
     row = json.loads((out / "inductive_bias.json").read_text())
     assert row["config"]["bias_fractions"] == [0.5, 1.0] and row["extra"]["full_train_items"] == 12
     cells = {(c["variant"], c["key"]["fraction"]): c for c in row["cells"]}
-    families = ("rnn", "lstm", "gru", "transformer", "meanpool", "mingru")
     assert set(cells) == {(f, x) for f in families for x in (0.5, 1.0)}
     for (family, fraction), cell in cells.items():
         assert not cell["errors"] and len(cell["metrics"]["top_1"]) == 1 and cell["settings"]["seeds"] == [0]
@@ -229,7 +231,15 @@ def test_a_tiny_row_writes_json_and_figure(tiny_artifacts, tiny_params, tmp_path
         TINY_VIDEO_IDS["test"])
     assert set(row["extra"]["comparisons"]) == set(families) - {"transformer"}
     assert {t["column"] for t in row["table"]} == {"RNNs", "minGRU"}
+    assert set(row["extra"]["samples_to_target"]) == set(families)
     assert all(t["verdict"].split(":")[0] in (*VERDICTS, "depends on the cell") for t in row["table"])
+
+    # The whole training set under the ci preset's 2 epochs is the comparison's own training (tests/tiny.py's
+    # TINY_TRAIN): the same weights, bit for bit.
+    reference = checkpoint.load(train_tiny(tiny_artifacts, "activity", "gru", tmp_path / "reference"))
+    ours = checkpoint.load(out / "inductive_bias" / "gru" / "f1" / "seed0" / "train" / "best.pt")
+    assert ours["epoch"] == reference["epoch"] and ours["model"].keys() == reference["model"].keys()
+    assert all(torch.equal(ours["model"][k], reference["model"][k]) for k in ours["model"])
 
     again = RowResult.from_json(row)  # the analysis and the figure follow from the JSON alone
     redone = analyse(points_from_cells(again.cells), target_fraction=0.9, num_classes=len(TINY_CLASSES))

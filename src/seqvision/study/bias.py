@@ -16,8 +16,9 @@ sets, and the Transformer closes the gap, or overtakes, as the training set grow
 Training budget (``bias_budget``): with "steps" (the default) a subset trains for as many optimizer steps as the
 full set does (``train.epochs`` scaled by the ratio of steps per epoch), with ``train.patience`` scaled alike, so
 early stopping still waits as many steps for an improvement. With "epochs" every subset gets the comparison's
-``train.epochs`` and ``train.patience`` as they are: a 1/32 subset then gets one step per epoch, and patience
-stops it after a handful of steps (measured: docs/study.md), which measures the stopping rule, not the model.
+``train.epochs`` and ``train.patience`` as they are: a 1/32 subset of 1,200 clips then gets one step per epoch, 15
+in all, and most families end at the cap unconverged (measured: docs/study.md), which measures how far each family
+gets in 15 steps rather than what it can learn from 36 clips.
 """
 
 from __future__ import annotations

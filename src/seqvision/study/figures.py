@@ -124,10 +124,13 @@ def plot_inductive_bias(result: RowResult, path: str | Path) -> None:
     """Row 4: test accuracy (mean over seeds, band: 95% t-interval) vs training clips, one line per family; chance
     dashed, the samples-to-target accuracy dotted."""
     extra = result.extra
-    fig, ax = plt.subplots(figsize=(8, 5.5))
+    fig, ax = plt.subplots(figsize=(10, 5.5))
     sizes: set[int] = set()
-    for family, curve in extra["curves"].items():
-        rows = [r for r in curve if r["mean"] is not None]
+    curves = extra["curves"]  # in the config's order of families (the JSON's keys are sorted)
+    order = [f for f in result.config.get("bias_families", ()) if f in curves] + \
+        [f for f in curves if f not in result.config.get("bias_families", ())]
+    for family in order:
+        rows = [r for r in curves[family] if r["mean"] is not None]
         if not rows:
             continue
         n = np.array([r["train_items"] for r in rows], dtype=float)
@@ -152,5 +155,5 @@ def plot_inductive_bias(result: RowResult, path: str | Path) -> None:
            title="Inductive bias: accuracy vs training-set size (bands: 95% interval over seeds)")
     ax.set_ylim(0, 1)
     ax.grid(True, which="both", alpha=0.25)
-    ax.legend(fontsize=8, loc="upper left")  # small subsets score low: that corner is usually empty
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))  # outside: the bands fill the axes
     _save(fig, path)

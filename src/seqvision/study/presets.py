@@ -3,7 +3,7 @@
 - ``ci``:      every variant on a three-point ladder with tiny models, two repeats; row 4 on two training fractions,
                one seed, two epochs: seconds, for tests and CI (row 4 on the tiny test artifacts).
 - ``default``: ``make study`` on a 2-core CPU; rows 2 and 3 budgeted at about 5 minutes on a quiet machine, row 4
-               (108 trainings) at about 25 minutes.
+               (108 trainings) took 15 minutes on the shared development machine (docs/study.md).
 - ``gpu``:     longer sequences, a wider two-layer model, bfloat16 autocast, on CUDA (not run on the development
                machine, which has no GPU).
 """
