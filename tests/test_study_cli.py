@@ -17,7 +17,8 @@ from seqvision.study.presets import PRESETS, StudyConfig
 def test_a_tiny_study_writes_json_and_figures(tmp_path, capsys):
     out = tmp_path / "study"
     code = main([
-        "--out", str(out), "--preset", "ci", "--quiet", "--variants", "lstm", "transformer", "transformer_naive",
+        "--out", str(out), "--preset", "ci", "--quiet", "--rows", "compute", "streaming", "parallelism",
+        "--variants", "lstm", "transformer", "transformer_naive",
         "mingru", "--parallel-variants", "lstm", "mingru", "--repeats", "2", "--stream-steps", "2",
     ])
     assert code == 0

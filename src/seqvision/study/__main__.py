@@ -1,8 +1,10 @@
-"""``python -m seqvision.study --out DIR [--preset ci|default|gpu] [--rows ...] [--<knob> V ...]``.
+"""``python -m seqvision.study --out DIR [--preset ci|default|gpu] [--rows ...] [--params FILE] [--<knob> V ...]``.
 
-Runs rows 2 (parallelism) and 3 (compute and memory vs N, and streaming) of the seed's table and writes
-``DIR/{compute,streaming,parallelism}.json`` and ``DIR/{compute,parallelism}.png``. Every knob of
-:class:`seqvision.study.presets.StudyConfig` is a flag that overrides the preset. Method: docs/study.md.
+Runs rows 2 (parallelism), 3 (compute and memory vs N, and streaming) and 4 (inductive bias: accuracy vs
+training-set size) of the seed's table and writes ``DIR/{compute,streaming,parallelism,inductive_bias}.json`` and
+``DIR/{compute,parallelism,inductive_bias}.png``. Row 4 trains on the features stage's output with the training
+protocol and model sections of ``--params``. Every knob of :class:`seqvision.study.presets.StudyConfig` is a flag
+that overrides the preset. Method: docs/study.md.
 """
 
 from __future__ import annotations
@@ -10,8 +12,19 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from pathlib import Path
 
-from seqvision.config import ConfigError, add_config_arguments, from_mapping, merge, overrides_from_args, to_dict
+from seqvision.config import (
+    ConfigError,
+    Params,
+    add_config_arguments,
+    from_mapping,
+    load_params,
+    merge,
+    overrides_from_args,
+    to_dict,
+)
+from seqvision.study.bias import summary_lines
 from seqvision.study.complexity import describe
 from seqvision.study.presets import PRESETS, StudyConfig
 from seqvision.study.run import ROWS, run_study
@@ -22,29 +35,49 @@ def parse_config(args: argparse.Namespace) -> StudyConfig:
     return from_mapping(StudyConfig, merge(to_dict(PRESETS[args.preset]), overrides_from_args(args)), where="study")
 
 
+def training_params(path: str, config: StudyConfig) -> Params:
+    """The pipeline's params for row 4, read once, after checking that its inputs exist (before any row runs:
+    rows 2 and 3 take minutes). Raises ``ConfigError`` naming what is missing."""
+    params = load_params(path)
+    labels = Path(config.bias_activity_dir or params.data.activity_dir)
+    for needed in (Path(config.bias_features) / "index.json", Path(config.bias_features) / "videos-train.npy",
+                   labels / "classInd.txt"):
+        if not needed.is_file():
+            raise ConfigError(f"{needed}: missing; the inductive_bias row needs the features stage's output "
+                              "(--bias-features) and the activity label lists (--bias-activity-dir)")
+    return params
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m seqvision.study", description=__doc__.split("\n\n")[1],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--out", required=True, help="folder for the JSON results and PNG figures")
     parser.add_argument("--preset", choices=sorted(PRESETS), default="default",
-                        help="ci: seconds; default: make study on 2 CPU cores (~5 min); gpu: CUDA, bfloat16")
+                        help="ci: seconds; default: make study on 2 CPU cores (rows 2-3 ~5 min, row 4 ~25 min); "
+                             "gpu: CUDA, bfloat16")
     parser.add_argument("--rows", nargs="+", choices=ROWS, default=list(ROWS), help="which rows to run")
+    parser.add_argument("--params", default="params.yaml",
+                        help="the pipeline's params file: row 4's training protocol, model sections and label lists")
     parser.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
     add_config_arguments(parser, StudyConfig)
     args = parser.parse_args(argv)
     try:
         config = parse_config(args)
+        params = training_params(args.params, config) if "inductive_bias" in args.rows else None
     except ConfigError as err:
         parser.error(str(err))
     start = time.perf_counter()
     log = None if args.quiet else (lambda line: print(f"[{time.perf_counter() - start:7.1f} s] {line}",
                                                       file=sys.stderr, flush=True))
-    results = run_study(config, args.out, rows=args.rows, log=log)
+    results = run_study(config, args.out, rows=args.rows, params=params, log=log)
     for result in results.values():
         for line in describe(result.findings):
             print(line)
         for cell in result.table:
             print(f"{cell['column']} {cell['quantity']}: claim {cell['claim']} -> {cell['verdict']}")
+        if result.row == "inductive_bias":
+            for line in summary_lines(result):
+                print(line)
     print(f"study: {', '.join(results)} in {time.perf_counter() - start:.0f} s -> {args.out}")
     return 0
 

@@ -176,6 +176,9 @@ def describe(findings: Sequence[Finding]) -> list[str]:
     """One line per finding, for logs and the CLI."""
     lines = []
     for f in findings:
+        if f.fit is None and f.verdict is not None:  # a verdict without a power law (row 4's comparisons)
+            lines.append(f"{f.row}/{f.variant} {f.metric}: {f.verdict.measured}: {f.verdict.label}")
+            continue
         if f.fit is None:
             lines.append(f"{f.row}/{f.variant} {f.metric}: not fitted ({f.error})")
             continue

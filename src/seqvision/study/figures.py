@@ -118,3 +118,42 @@ def plot_parallelism(result: RowResult, path: str | Path) -> None:
         _ladder(axes[2], gpu_cells, result.findings, "time_s", scale=1e3,
                 title=f"GPU step time at a fixed token budget ({result.extra.get('gpu')})", ylabel="ms per step")
     _save(fig, path)
+
+
+def plot_inductive_bias(result: RowResult, path: str | Path) -> None:
+    """Row 4: test accuracy (mean over seeds, band: 95% t-interval) vs training clips, one line per family; chance
+    dashed, the samples-to-target accuracy dotted."""
+    extra = result.extra
+    fig, ax = plt.subplots(figsize=(10, 5.5))
+    sizes: set[int] = set()
+    curves = extra["curves"]  # in the config's order of families (the JSON's keys are sorted)
+    order = [f for f in result.config.get("bias_families", ()) if f in curves] + \
+        [f for f in curves if f not in result.config.get("bias_families", ())]
+    for family in order:
+        rows = [r for r in curves[family] if r["mean"] is not None]
+        if not rows:
+            continue
+        n = np.array([r["train_items"] for r in rows], dtype=float)
+        mean = np.array([r["mean"] for r in rows])
+        color = COLORS.get(family, "0.35")  # meanpool has no study variant colour: grey
+        style = ":" if family == "meanpool" else "-"
+        ax.plot(n, mean, marker="o", ms=4, color=color, linestyle=style, label=family)
+        banded = [(x, r["ci95"]) for x, r in zip(n, rows) if r["ci95"] is not None]
+        if banded:
+            ax.fill_between([x for x, _ in banded], [c[0] for _, c in banded], [c[1] for _, c in banded],
+                            color=color, alpha=0.15, lw=0)
+        sizes.update(int(x) for x in n)
+    ax.axhline(extra["chance"], color="k", ls="--", lw=0.8, label=f"chance (1/{extra['num_classes']})")
+    target = extra["target"]
+    if target["accuracy"] is not None:
+        ax.axhline(target["accuracy"], color="k", ls=":", lw=0.8,
+                   label=f"target: {target['fraction']:g} x best at the largest size")
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(sorted(sizes), [str(n) for n in sorted(sizes)], fontsize=8)
+    ax.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
+    ax.set(xlabel="training clips (nested, class-stratified subsets)", ylabel="test top-1 accuracy",
+           title="Inductive bias: accuracy vs training-set size (bands: 95% interval over seeds)")
+    ax.set_ylim(0, 1)
+    ax.grid(True, which="both", alpha=0.25)
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))  # outside: the bands fill the axes
+    _save(fig, path)

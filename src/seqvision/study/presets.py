@@ -1,7 +1,9 @@
 """The study's settings: one frozen, validated config (a future ``study:`` section of params.yaml) and its presets.
 
-- ``ci``:      every variant on a three-point ladder with tiny models, two repeats: seconds, for tests and CI.
-- ``default``: ``make study`` on a 2-core CPU; rows 2 and 3 budgeted at about 5 minutes on a quiet machine.
+- ``ci``:      every variant on a three-point ladder with tiny models, two repeats; row 4 on two training fractions,
+               one seed, two epochs: seconds, for tests and CI (row 4 on the tiny test artifacts).
+- ``default``: ``make study`` on a 2-core CPU; rows 2 and 3 budgeted at about 5 minutes on a quiet machine, row 4
+               (108 trainings) took 15 minutes on the shared development machine (docs/study.md).
 - ``gpu``:     longer sequences, a wider two-layer model, bfloat16 autocast, on CUDA (not run on the development
                machine, which has no GPU).
 """
@@ -12,11 +14,12 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
-from seqvision.config import knob
+from seqvision.config import MODEL_FAMILIES, knob
 from seqvision.study.cells import VARIANTS, ModelSizes
 
 MAIN_VARIANTS = ("rnn", "lstm", "gru", "transformer", "transformer_naive", "mingru")
 LADDER = (16, 32, 64, 128, 256, 512, 1024, 2048, 4096)
+FRACTIONS = (1 / 32, 1 / 16, 1 / 8, 1 / 4, 1 / 2, 1.0)
 
 
 @dataclass(frozen=True)
@@ -52,6 +55,24 @@ class StudyConfig:
     hidden_size: int = knob(128, "hidden units / d_model of every variant", low=2)
     num_layers: int = knob(1, "layers of every variant", low=1, high=48)
     num_heads: int = knob(4, "Transformer attention heads", low=1)
+    # Row 4: inductive bias (accuracy vs training-set size; the comparison's training protocol and params.yaml)
+    bias_families: tuple[str, ...] = knob(MODEL_FAMILIES, "model families of the inductive-bias row (transformer "
+                                          "is the reference every other is compared with)", choices=MODEL_FAMILIES)
+    bias_fractions: tuple[float, ...] = knob(FRACTIONS, "fractions of the training split (nested, class-stratified "
+                                             "subsets)", low=0.0, high=1.0)
+    bias_seeds: int = knob(3, "training seeds per (family, fraction): train.seed + k", low=1, high=100)
+    bias_epochs: int = knob(0, "train.epochs for the full training set (0: params.yaml's)", low=0, high=10_000)
+    bias_budget: str = knob("steps", "steps: every subset trains for the full set's optimizer steps (epochs and "
+                            "patience scaled); epochs: train.epochs and train.patience as they are",
+                            choices=("steps", "epochs"))
+    bias_target: float = knob(0.9, "samples-to-target: target accuracy = this x the best family's mean at the "
+                              "largest size", low=0.0, high=1.0)
+    bias_features: str = knob("artifacts/features", "the features stage's folder the inductive-bias row trains on")
+    bias_activity_dir: str = knob("", "UCF101-style label lists ('': params.yaml's data.activity_dir)")
+    bias_workers: int = knob(0, "trainings at once, one torch thread each (0: one per usable CPU core)", low=0,
+                             high=256)
+    bias_timeout_s: float = knob(1800.0, "a training's process is stopped after this long (recorded as failed)",
+                                 low=1.0)
     # Running
     cell_timeout_s: float = knob(300.0, "a cell's process is stopped after this long (recorded as failed)", low=1.0)
     tolerance: float = knob(0.25, "an exponent 'agrees' when its interval lies within claim +- tolerance",
@@ -66,6 +87,11 @@ class StudyConfig:
         for name in ("n_values", "stream_n_values", "parallel_n_values", "thread_counts", "gpu_n_values"):
             if any(v < 1 for v in getattr(self, name)):
                 raise ValueError(f"{name}: every value must be >= 1, got {list(getattr(self, name))}")
+        if "transformer" not in self.bias_families:
+            raise ValueError("bias_families: must include transformer, the reference of the inductive-bias row")
+        if not self.bias_fractions or any(not 0.0 < f <= 1.0 for f in self.bias_fractions) or \
+                len(set(self.bias_fractions)) != len(self.bias_fractions):
+            raise ValueError(f"bias_fractions: distinct values in (0, 1] expected, got {list(self.bias_fractions)}")
         for name in ("n_values", "stream_n_values"):
             if len([n for n in getattr(self, name) if n >= self.fit_min_n]) < 2:
                 raise ValueError(f"fit_min_n={self.fit_min_n} leaves fewer than 2 points of {name} to fit")
@@ -86,7 +112,8 @@ PRESETS: dict[str, StudyConfig] = {
     "ci": StudyConfig(
         n_values=(16, 32, 64), fit_min_n=16, repeats=2, stream_n_values=(16, 32, 64), stream_steps=3,
         parallel_n_values=(32,), gpu_n_values=(64, 128), gpu_tokens=256, feature_dim=16, hidden_size=16,
-        num_heads=2, cell_timeout_s=120.0,
+        num_heads=2, cell_timeout_s=120.0, bias_fractions=(0.5, 1.0), bias_seeds=1, bias_epochs=2,
+        bias_timeout_s=120.0,
     ),
     "default": StudyConfig(),
     "gpu": StudyConfig(
