@@ -16,7 +16,7 @@ export PYTHONUNBUFFERED ?= 1
 export PATH := $(abspath $(VENV))/bin:$(PATH)
 
 .DEFAULT_GOAL := help
-.PHONY: help install demo test data notebook lock bench bench-pipeline mlflow-ui clean
+.PHONY: help install demo test data notebook study lock bench bench-pipeline mlflow-ui clean
 
 help: ## list the targets
 	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -55,6 +55,10 @@ bench: $(STAMP) ## run the speed benchmarks (results: docs/benchmarks.md)
 
 bench-pipeline: $(STAMP) ## orchestration share of a forced dvc repro, no-op repro, param-change reruns (runs the whole pipeline)
 	$(PY) benchmarks/pipeline.py --docs docs/benchmarks.md
+
+STUDY_PRESET ?= default
+study: $(STAMP) ## the seed's table, measured (docs/study.md): rows 2-4 -> artifacts/study (row 4 reads make demo's outputs)
+	$(PY) -m seqvision.study --out artifacts/study --preset $(STUDY_PRESET) --params params.yaml
 
 MLFLOW_PORT ?= 5000
 mlflow-ui: $(STAMP) ## browse every run in the MLflow UI at http://127.0.0.1:5000 (MLFLOW_PORT=...)
