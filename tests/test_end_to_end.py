@@ -447,9 +447,11 @@ def test_second_repro_is_a_noop_and_one_model_param_reruns_only_that_model(
 
 
 def _dvc_files(root: Path) -> dict[str, bytes]:
-    """Every file DVC produces or tracks: data/, artifacts/, reports/."""
+    """Every file DVC produces or tracks: data/, artifacts/, reports/, less the measurements of the runs
+    (runinfo.*, which .dvcignore keeps out of DVC: they stay on the machine that ran the stages)."""
     return {str(p.relative_to(root)): p.read_bytes()
-            for top in ("data", "artifacts", "reports") for p in sorted((root / top).rglob("*")) if p.is_file()}
+            for top in ("data", "artifacts", "reports") for p in sorted((root / top).rglob("*"))
+            if p.is_file() and not p.name.startswith("runinfo.")}
 
 
 def test_push_then_pull_into_a_fresh_clone_through_the_default_local_remote(
@@ -478,6 +480,7 @@ def test_push_then_pull_into_a_fresh_clone_through_the_default_local_remote(
     status = json.loads(_run([DVC, "status", "--json"], clone, env).stdout)
     assert missing == [], f"{len(missing)} outputs did not come back with dvc pull: {missing[:5]}"
     assert status == {}
+    assert not list(clone.rglob("runinfo.json"))  # measurements stay where the stages ran (and in MLflow)
 
 
 def _exp_names_and_epochs(root: Path, env: dict[str, str]) -> dict[str, int]:

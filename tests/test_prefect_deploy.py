@@ -353,11 +353,11 @@ def test_deployed_training_runs_on_a_process_worker_and_logs_to_mlflow(tmp_path)
         assert deployment.parameters == load_deployments()["train"]["parameters"]
     clock.lap("stopped")
 
-    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    run_ids = json.loads((tmp_path / "out" / "runinfo.json").read_text())  # the MLflow ids: runinfo.json
     parent = (tmp_path / ".seqvision" / "parent_run_id").read_text().strip()
     [child] = client.search_runs([client.get_experiment_by_name("seqvision").experiment_id],
                                  filter_string="attributes.run_name = 'activity-gru'")
-    assert child.info.run_id == summary["mlflow_run_id"]
+    assert child.info.run_id == run_ids["mlflow_run_id"]
     assert child.info.status == "FINISHED"
     assert child.data.tags["mlflow.parentRunId"] == parent
     assert child.data.tags["seqvision.stage"] == "train"
