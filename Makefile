@@ -38,7 +38,9 @@ data: $(STAMP) ## generate the default synthetic benchmark into data/ and check 
 
 demo: $(STAMP) ## generate data/ if absent, then run the whole pipeline with dvc repro
 	@if [ ! -d data/annotations ]; then $(MAKE) --no-print-directory data; fi
-	scripts/with-prefect-server $(VENV)/bin/dvc repro
+	@# The Prefect server (about 5 s to start) only when some stage will run: `dvc status -q` exits 0 when none will.
+	@if $(VENV)/bin/dvc status -q >/dev/null 2>&1; then echo "dvc status: every stage is up to date, nothing to run"; \
+	else echo "scripts/with-prefect-server $(VENV)/bin/dvc repro"; scripts/with-prefect-server $(VENV)/bin/dvc repro; fi
 	@echo ""
 	@echo "Report:  $(abspath reports/report.html)  (self-contained; also reports/report.md)"
 	@echo "Metrics: dvc metrics show    Plots: dvc plots show"
