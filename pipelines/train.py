@@ -55,7 +55,7 @@ import pipelines
 from pipelines.common import CHILDREN, DEBUG_ENV, StageFailed, run_main
 from pipelines.train_args import TrainParams, add_arguments, check_inputs, read_train_params
 from seqvision import experiment, tracking
-from seqvision.io import read_runinfo, write_runinfo
+from seqvision.io import RUNINFO, read_runinfo, write_runinfo
 from seqvision.config import ConfigError, TrainConfig, load_params
 from seqvision.runtime import parallel_slots, resolve_device
 
@@ -227,9 +227,10 @@ def log_run(tracker: Any, out: str, seeds: int, metrics: dict[str, Any]) -> None
             flat[f"test/{name}/seed{k}"] = value
     tracker.log_epoch(flat, step=0)
     tracker.log_params({"num_parameters": metrics["num_parameters"]})
-    for name in ("summary.json", "metrics.json", "runinfo.json"):
-        if name != "runinfo.json" or (Path(out) / name).is_file():  # measurements: absent when not recorded
-            tracker.log_artifact(Path(out) / name)
+    for name in ("summary.json", "metrics.json"):
+        tracker.log_artifact(Path(out) / name)
+    if (Path(out) / RUNINFO).is_file():  # the measurements: absent when not recorded
+        tracker.log_artifact(Path(out) / RUNINFO)
 
 
 def tracked(task_name: str, model: str, params: TrainParams) -> dict[str, Any]:

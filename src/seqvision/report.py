@@ -338,9 +338,10 @@ def load_model_run(task: str, name: str, *, runs_dir: Path) -> Run:
     folder = runs_dir / task / name
     summary: dict[str, Any] = {}
     status, note = "ok", ""
+    runinfo = read_runinfo(folder)
     data, reason = _read_json(folder / "summary.json")
     if isinstance(data, Mapping):
-        summary = {**read_runinfo(folder), **data}
+        summary = {**runinfo, **data}
     elif data is not None or reason.startswith("unreadable"):
         status, note = "failed", f"train: {reason or 'summary.json is not an object'}"
     train_status = find_key(summary, SUMMARY_KEYS["status"])
@@ -356,8 +357,7 @@ def load_model_run(task: str, name: str, *, runs_dir: Path) -> Run:
         else:
             status, note = "missing", "not finished (no metrics.json over seeds)"
     seed_summaries = summary.get("seeds") if isinstance(summary.get("seeds"), list) else []
-    measured = read_runinfo(folder).get("seeds")
-    measured = measured if isinstance(measured, list) else []
+    measured = runinfo["seeds"] if isinstance(runinfo.get("seeds"), list) else []
     seeds: list[SeedResult] = []
     if status == "ok":
         for k, path in _test_folders(folder).items():
