@@ -96,12 +96,17 @@ def scaled_schedule(train: TrainConfig, *, items: int, full_items: int, equal_st
 
 @dataclass(frozen=True)
 class TrainingSpec:
-    """One (family, fraction, seed) training: everything the fresh process needs, picklable."""
+    """One (family, fraction, seed) training: everything the fresh process needs, picklable.
+
+    ``train_ids``: the training subset (None: the whole train split). ``extra_tests``: (name, features folder)
+    pairs whose test split ``best.pt`` is also evaluated on (row 1 tests a model trained on short clips on longer
+    ones); the folders share the test ids of ``features_dir``. ``name``: how logs call it.
+    """
 
     family: str
     fraction: float
     seed_index: int
-    train_ids: tuple[str, ...]
+    train_ids: tuple[str, ...] | None
     train_config: TrainConfig  # seed and schedule already set
     model_config: Any  # the family's models: section
     budget: int | None  # models.match_params.activity
@@ -109,6 +114,12 @@ class TrainingSpec:
     activity_dir: str
     activity_split: int
     out_dir: str
+    extra_tests: tuple[tuple[str, str], ...] = ()
+    name: str = ""
+
+    @property
+    def title(self) -> str:
+        return self.name or f"{ROW}/{self.family} fraction={self.fraction:g} seed {self.seed_index}"
 
 
 def train_and_test(spec: TrainingSpec) -> dict[str, Any]:
@@ -116,33 +127,45 @@ def train_and_test(spec: TrainingSpec) -> dict[str, Any]:
 
     One torch thread (this project's rule for CPU training processes). Returns the test ``top_1`` and
     ``mean_class_accuracy``, ``correct`` ({test id: 0 or 1}), and the training's ``epochs_run``, ``converged``,
-    ``best_epoch``, ``best_val_accuracy``, ``num_parameters``, ``train_items``, ``train_time_s``, ``notes``.
+    ``best_epoch``, ``best_val_accuracy``, ``num_parameters``, ``train_items``, ``train_time_s``, ``notes``, and
+    ``extra``: {name: {"top_1", "correct"}} for each of ``spec.extra_tests``.
     """
     torch.set_num_threads(1)
     out = Path(spec.out_dir)
     data = experiment.load_task_data(TASK, features_dir=spec.features_dir, activity_dir=spec.activity_dir,
                                      activity_split=spec.activity_split, seed=spec.train_config.seed)
     full: Any = data.train
-    missing = sorted(set(spec.train_ids) - set(full.ids))
-    if missing:
-        raise ValueError(f"training subset ids without features or labels, e.g. {missing[0]!r}")
-    subset = task_dataset(TASK, full.store, labels={i: full.labels[i] for i in spec.train_ids})
-    majority = collections.Counter(subset.labels[i] for i in subset.ids).most_common(1)[0][0]
-    data = data._replace(train=subset, constant_prediction=majority)  # the input-blind reference of this subset
+    if spec.train_ids is not None:
+        missing = sorted(set(spec.train_ids) - set(full.ids))
+        if missing:
+            raise ValueError(f"training subset ids without features or labels, e.g. {missing[0]!r}")
+        subset = task_dataset(TASK, full.store, labels={i: full.labels[i] for i in spec.train_ids})
+        majority = collections.Counter(subset.labels[i] for i in subset.ids).most_common(1)[0][0]
+        data = data._replace(train=subset, constant_prediction=majority)  # the input-blind reference of the subset
     notes: list[str] = []
     summary = experiment.run(TASK, spec.family, data=data, train_config=spec.train_config,
                              model_config=spec.model_config, budget=spec.budget, out_dir=out / "train", resume=False,
                              progress=False, log=notes.append)
-    metrics = evaluate_checkpoint(
-        TASK, checkpoint_path=out / "train" / "best.pt", family=spec.family, features_dir=spec.features_dir,
-        activity=load_activity_labels(spec.activity_dir, spec.activity_split), out_dir=out / "test",
-        config=EvaluateConfig(batch_size=spec.train_config.batch_size), device=spec.train_config.device,
-    )
+    activity = load_activity_labels(spec.activity_dir, spec.activity_split)
+
+    def test(features_dir: str, name: str) -> tuple[dict[str, Any], dict[str, int]]:
+        metrics = evaluate_checkpoint(
+            TASK, checkpoint_path=out / "train" / "best.pt", family=spec.family, features_dir=features_dir,
+            activity=activity, out_dir=out / name, config=EvaluateConfig(batch_size=spec.train_config.batch_size),
+            device=spec.train_config.device,
+        )
+        details = json.loads((out / name / "details.json").read_text(encoding="utf-8"))
+        return metrics, details["per_item"]["correct"]
+
+    metrics, correct = test(spec.features_dir, "test")
+    extra = {}
+    for name, features_dir in spec.extra_tests:
+        other, other_correct = test(features_dir, f"test-{name}")
+        extra[name] = {"top_1": other["top_1"], "correct": other_correct}
     (out / "train" / "last.pt").unlink(missing_ok=True)  # never resumed here; best.pt stays for re-evaluation
-    details = json.loads((out / "test" / "details.json").read_text(encoding="utf-8"))
     return {
         "top_1": metrics["top_1"], "mean_class_accuracy": metrics["mean_class_accuracy"],
-        "correct": details["per_item"]["correct"], "epochs_run": summary.epochs_run,
+        "correct": correct, "extra": extra, "epochs_run": summary.epochs_run,
         "converged": summary.converged, "best_epoch": summary.best_epoch,
         "best_val_accuracy": summary.best_val_metric, "num_parameters": summary.num_parameters,
         "train_items": summary.train_items, "train_time_s": summary.train_time_s, "notes": notes,
@@ -154,7 +177,7 @@ def run_trainings(specs: Sequence[TrainingSpec], *, workers: int, timeout_s: flo
     """:func:`train_and_test` for every spec, ``workers`` fresh processes at a time (forked from the study's fork
     server, which has torch imported); per spec its result, or the one-line error of a failed training."""
     def one(spec: TrainingSpec) -> dict[str, Any] | str:
-        name = f"{ROW}/{spec.family} fraction={spec.fraction:g} seed {spec.seed_index}"
+        name = spec.title
         try:
             result = run_isolated(train_and_test, spec, timeout_s=timeout_s)
         except CellError as err:

@@ -157,3 +157,57 @@ def plot_inductive_bias(result: RowResult, path: str | Path) -> None:
     ax.grid(True, which="both", alpha=0.25)
     ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))  # outside: the bands fill the axes
     _save(fig, path)
+
+
+def plot_long_range(result: RowResult, path: str | Path) -> None:
+    """Row 1: test accuracy (mean over seeds, band: 95% t-interval) vs distance D per family, the controls dashed in
+    grey with their chance levels (left); the models trained at the shortest length tested on clips 2x and 4x as long
+    (right)."""
+    extra = result.extra
+    fig, (ax, gen) = plt.subplots(1, 2, figsize=(13, 5), gridspec_kw={"width_ratios": [3, 2]})
+    curves = extra["curves"]
+    families = [f for f in result.config.get("long_families", ()) if f in curves]
+    controls = sorted(v for v in curves if v.startswith("control:"))
+    greys = dict(zip(controls, ("0.25", "0.45", "0.65")))
+    distances: set[int] = set()
+    for variant in [*families, *controls]:
+        rows = [r for r in curves[variant] if r["mean"] is not None]
+        if not rows:
+            continue
+        d = np.array([r["distance"] for r in rows], dtype=float)
+        color = greys.get(variant) or COLORS.get(variant, "0.35")
+        ax.plot(d, [r["mean"] for r in rows], marker="o", ms=4, color=color,
+                linestyle="--" if variant in greys else "-", label=variant)
+        banded = [(x, r["ci95"]) for x, r in zip(d, rows) if r["ci95"] is not None]
+        if banded:
+            ax.fill_between([x for x, _ in banded], [c[0] for _, c in banded], [c[1] for _, c in banded],
+                            color=color, alpha=0.12, lw=0)
+        distances.update(int(x) for x in d)
+    ax.axhline(1 / extra["num_classes"], color="k", ls=":", lw=0.8, label=f"chance (1/{extra['num_classes']})")
+    pairs = round(1 / extra["chance"]["shuffled"])
+    ax.axhline(extra["chance"]["shuffled"], color="k", ls="-.", lw=0.8,
+               label=f"order-blind chance (1/{pairs}: one per reversal pair)")
+    _n_axis(ax, sorted(distances))
+    ax.set(xlabel="distance D (frames between the labelled event and either end)", ylabel="test top-1 accuracy",
+           title="Long-range dependencies: accuracy vs distance (bands: 95% interval over seeds)", ylim=(0, 1))
+    ax.grid(True, which="both", alpha=0.25)
+    ax.legend(fontsize=7, loc="lower left")
+
+    lengths = extra["length_generalisation"]
+    for variant in [f for f in families if f in lengths]:
+        found = lengths[variant]
+        frames = [found["frames"], *(t["frames"] for t in found["tests"].values())]
+        means = [found["train"]["mean"], *(t["mean"] for t in found["tests"].values())]
+        gen.plot(frames, means, marker="o", ms=4, color=COLORS.get(variant, "0.35"), label=variant)
+    if lengths:
+        first = next(iter(lengths.values()))
+        ticks = [first["frames"], *(t["frames"] for t in first["tests"].values())]
+        _n_axis(gen, ticks)
+        gen.axvline(first["frames"], color="k", lw=0.6, alpha=0.5)
+    gen.axhline(1 / extra["num_classes"], color="k", ls=":", lw=0.8)
+    gen.axhline(extra["chance"]["shuffled"], color="k", ls="-.", lw=0.8)
+    gen.set(xlabel="test clip length (frames; trained at the first)", ylabel="test top-1 accuracy (mean of seeds)",
+            title="Train at N frames, test at 2N and 4N", ylim=(0, 1))
+    gen.grid(True, which="both", alpha=0.25)
+    gen.legend(fontsize=7, loc="lower left")
+    _save(fig, path)

@@ -73,6 +73,26 @@ class StudyConfig:
                              high=256)
     bias_timeout_s: float = knob(1800.0, "a training's process is stopped after this long (recorded as failed)",
                                  low=1.0)
+    # Row 1: long-range dependencies (accuracy vs the distance D the label must be carried; docs/study.md)
+    long_distances: tuple[int, ...] = knob((4, 8, 16, 32, 64), "distances D: frames between the labelled event "
+                                           "and either end of the clip (clips have 2D + 2*4 + E - 2 frames)")
+    long_families: tuple[str, ...] = knob(("rnn", "lstm", "gru", "transformer", "mingru"),
+                                          "model families trained at every distance", choices=MODEL_FAMILIES)
+    long_control_family: str = knob("lstm", "the family trained on the last-frames and shuffled-frames controls "
+                                    "(the bag-of-frames control is meanpool)", choices=MODEL_FAMILIES)
+    long_train_clips: int = knob(600, "long-range clips in the train split (rendered once, cropped per distance)",
+                                 low=6)
+    long_val_clips: int = knob(100, "long-range clips in the val split (early stopping)", low=1)
+    long_test_clips: int = knob(150, "long-range clips in the test split", low=1)
+    long_seeds: int = knob(3, "training seeds per (family, distance): train.seed + k", low=1, high=100)
+    long_epochs: int = knob(0, "train.epochs cap (0: params.yaml's)", low=0, high=10_000)
+    long_length_distance: int = knob(4, "length generalisation: the models trained at this distance (one of "
+                                     "long_distances) are also tested on clips 2x and 4x as long", low=0)
+    long_encoder: str = knob("artifacts/encoder/encoder.pt", "the frame encoder (the encoder stage's output)")
+    long_workers: int = knob(0, "renderers / trainings at once, one torch thread each (0: one per usable CPU "
+                             "core)", low=0, high=256)
+    long_timeout_s: float = knob(1800.0, "a training's (or a rendering chunk's) process is stopped after this "
+                                 "long (recorded as failed)", low=1.0)
     # Running
     cell_timeout_s: float = knob(300.0, "a cell's process is stopped after this long (recorded as failed)", low=1.0)
     tolerance: float = knob(0.25, "an exponent 'agrees' when its interval lies within claim +- tolerance",
@@ -95,6 +115,13 @@ class StudyConfig:
         for name in ("n_values", "stream_n_values"):
             if len([n for n in getattr(self, name) if n >= self.fit_min_n]) < 2:
                 raise ValueError(f"fit_min_n={self.fit_min_n} leaves fewer than 2 points of {name} to fit")
+        if len(self.long_distances) < 2 or len(set(self.long_distances)) != len(self.long_distances) or \
+                min(self.long_distances) < 1:
+            raise ValueError(f"long_distances: at least two distinct values >= 1 expected, got "
+                             f"{list(self.long_distances)}")
+        if self.long_length_distance not in self.long_distances:
+            raise ValueError(f"long_length_distance ({self.long_length_distance}) must be one of long_distances "
+                             f"{list(self.long_distances)}")
         if self.hidden_size % self.num_heads or self.hidden_size % 2:
             raise ValueError(f"hidden_size ({self.hidden_size}) must be even and divisible by num_heads "
                              f"({self.num_heads})")
@@ -113,7 +140,8 @@ PRESETS: dict[str, StudyConfig] = {
         n_values=(16, 32, 64), fit_min_n=16, repeats=2, stream_n_values=(16, 32, 64), stream_steps=3,
         parallel_n_values=(32,), gpu_n_values=(64, 128), gpu_tokens=256, feature_dim=16, hidden_size=16,
         num_heads=2, cell_timeout_s=120.0, bias_fractions=(0.5, 1.0), bias_seeds=1, bias_epochs=2,
-        bias_timeout_s=120.0,
+        bias_timeout_s=120.0, long_distances=(2, 4), long_length_distance=2, long_train_clips=24, long_val_clips=6,
+        long_test_clips=12, long_seeds=2, long_epochs=2, long_timeout_s=120.0,
     ),
     "default": StudyConfig(),
     "gpu": StudyConfig(

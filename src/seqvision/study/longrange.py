@@ -1,0 +1,472 @@
+"""Row 1 of the seed's table: long-range dependencies, as test accuracy vs the distance D over which a model must
+carry the label.
+
+The slide: RNNs are "good in theory, hard in practice" at long-range dependencies (the gradient through D steps of
+a recurrence vanishes or explodes), Transformers "good in practice" (self-attention reaches every frame in one
+step). The prediction it makes: a recurrent model's accuracy falls as D grows, the Transformer's holds.
+
+The data is the synthetic benchmark's long-range mode (docs/data.md, "Long-range mode"): the labelled object is
+hidden for the first D frames, fades in, does the labelled event (one of six: three exact reversal pairs), fades
+out and stays hidden for the last D frames, while one or two distractors walk for the whole clip. A model that
+reads the clip front to back must carry what it saw over D frames.
+
+- :func:`prepare`   renders every clip once at the largest distance, encodes its frames with the pipeline's frame
+                    encoder (``artifacts/encoder/encoder.pt``) and writes, per distance, the centre crop of each
+                    clip (a clip at distance D' < D is the middle ``2 D' + 2F + E - 2`` frames of one at D: the
+                    distractors' walk is stationary, so the crop is a clip of the smaller distance) as a features
+                    folder the training code reads, plus the three controls' folders.
+- :func:`run_long_range` trains every family at every distance (seeds), the controls, and evaluates the models of
+                    the shortest distance on clips 2x and 4x as long; then :func:`analyse`.
+
+Controls, which must not beat chance: a model that sees only the last D frames (the labelled object is never
+visible there: chance is 1/6), the order-blind mean-pool family on whole clips (a bag of frames, and a model on
+frames shuffled within each clip: each reversal pair shows the same frames, so chance is 1/3, one per pair).
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import dataclasses
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from seqvision import io
+from seqvision.config import Params, SplitSizes, to_dict
+from seqvision.encoders import extract_features
+from seqvision.features import load_encoder
+from seqvision.metrics import seed_summary
+from seqvision.runtime import usable_cores
+from seqvision.study.bias import SizePoint, TrainingSpec, compare, run_trainings
+from seqvision.study.complexity import Finding, Log, RowResult
+from seqvision.study.fit import Verdict, combine
+from seqvision.study.measure import Cell, run_isolated
+from seqvision.study.presets import StudyConfig
+from seqvision.synth.events import EVENT_CLASSES, FADE_FRAMES, LONG_RANGE_CLASSES, REVERSE
+from seqvision.synth.items import item_keys, video_frames, video_record, video_spec
+
+ROW = "long_range"
+TASK = "activity"
+SPLITS = ("train", "val", "test")
+COLUMNS: dict[str, tuple[str, ...]] = {"RNNs": ("rnn", "lstm", "gru"), "Transformers": ("transformer",),
+                                       "minGRU": ("mingru",)}
+CLAIMS = {"RNNs": "hard in practice: accuracy falls as the distance grows",
+          "Transformers": "good in practice: accuracy holds at every distance",
+          "minGRU": "hard in practice (a recurrence): accuracy falls as the distance grows"}
+# The controls: what each sees, and its chance level (fraction of the classes it cannot tell apart).
+CONTROLS = ("last_frames", "shuffled", "bag_of_frames")
+NUM_CLASSES = len(LONG_RANGE_CLASSES)
+NUM_PAIRS = len({frozenset((c, REVERSE[c])) for c in LONG_RANGE_CLASSES})
+CHANCE = {"last_frames": 1.0 / NUM_CLASSES, "shuffled": 1.0 / NUM_PAIRS, "bag_of_frames": 1.0 / NUM_PAIRS}
+CONTROL_MARGIN = 0.1  # a control "sits at chance" when its best mean is at most chance + this
+LENGTH_FACTORS = (2, 4)  # train at length N, test at 2N and 4N
+
+
+# --------------------------------------------------------------------------------------------------------
+# Data
+
+
+def clip_length(distance: int, main_event_frames: int) -> int:
+    """Frames of a long-range clip at ``distance`` (``synth.events.long_range_frames``)."""
+    return 2 * distance + 2 * FADE_FRAMES + main_event_frames - 2
+
+
+def distance_for_length(length: int, main_event_frames: int) -> int:
+    """The largest distance whose clips have at most ``length`` frames."""
+    return (length - 2 * FADE_FRAMES - main_event_frames + 2) // 2
+
+
+def length_test_distances(config: StudyConfig, main_event_frames: int) -> dict[int, int]:
+    """``{factor: distance}``: the clips 2x and 4x as long as those of ``long_length_distance``."""
+    n = clip_length(config.long_length_distance, main_event_frames)
+    return {k: distance_for_length(k * n, main_event_frames) for k in LENGTH_FACTORS}
+
+
+def synth_config(config: StudyConfig, params: Params, distance: int) -> Any:
+    """The pipeline's synthetic benchmark settings in long-range mode at ``distance``, with the row's clip counts
+    and seed (frame size, noise, objects and event length as in ``params.synth``)."""
+    return dataclasses.replace(
+        params.synth, long_range=True, long_range_distance=distance, seed=config.seed,
+        videos=SplitSizes(train=config.long_train_clips, val=config.long_val_clips, test=config.long_test_clips),
+    )
+
+
+def _encode_clips(synth: Any, numbers: Sequence[int], encoder_path: str, out_path: str) -> list[dict[str, Any]]:
+    """Render and encode the clips ``numbers`` of ``synth`` (in a fresh single-threaded process) into
+    ``out_path`` (float16 (n, T, F)); per clip its id, split, label and visible frames."""
+    import torch
+
+    torch.set_num_threads(1)
+    encoder = load_encoder(encoder_path)
+    keys = {k.number: k for k in item_keys(synth, "video")}
+    features, records = [], []
+    for number in numbers:
+        key = keys[number]
+        spec = video_spec(synth, key)
+        record = video_record(synth, key, spec)
+        features.append(extract_features(encoder, video_frames(synth, key, spec)[None], batch_size=512)[0])
+        name = _class_name(record.label)
+        records.append({"id": key.file_name.rsplit(".", 1)[0], "file_name": key.file_name, "split": key.split,
+                        "label": LONG_RANGE_CLASSES.index(name),
+                        "visible_frames": record.metadata["long_range"]["visible_frames"]})
+    np.save(out_path, np.stack(features))
+    return records
+
+
+def _class_name(label: int) -> str:
+    return EVENT_CLASSES[label]
+
+
+@dataclass(frozen=True)
+class Clips:
+    """Every clip of the row, rendered and encoded once at the largest distance."""
+
+    distance: int
+    main_event_frames: int
+    features: Mapping[str, np.ndarray]  # split -> float16 (n, T, F)
+    records: Mapping[str, Sequence[Mapping[str, Any]]]  # split -> [{"id", "file_name", "label", ...}]
+
+    def crop(self, distance: int) -> dict[str, np.ndarray]:
+        """Every clip's middle frames: the clips at ``distance``."""
+        if not 0 <= distance <= self.distance:
+            raise ValueError(f"distance {distance} outside 0..{self.distance}")
+        cut = self.distance - distance
+        return {s: f[:, cut:f.shape[1] - cut] for s, f in self.features.items()}
+
+    def last_frames(self, distance: int) -> dict[str, np.ndarray]:
+        """The last ``distance`` frames of every clip at ``distance``: the labelled object is hidden in all."""
+        cropped = self.crop(distance)
+        return {s: f[:, f.shape[1] - distance:] for s, f in cropped.items()}
+
+    def shuffled(self, distance: int, *, seed: int) -> dict[str, np.ndarray]:
+        """The clips at ``distance``, each with its frames in a random order (one fixed permutation per clip)."""
+        out = {}
+        for split, f in self.crop(distance).items():
+            rng = np.random.default_rng([seed, SPLITS.index(split)])
+            out[split] = np.stack([clip[rng.permutation(len(clip))] for clip in f])
+        return out
+
+
+def render_clips(config: StudyConfig, params: Params, *, encoder_path: str | Path, work_dir: Path, distance: int,
+                 workers: int, log: Log = None) -> Clips:
+    """Render and encode every clip at ``distance``, ``workers`` fresh processes at a time."""
+    synth = synth_config(config, params, distance)
+    numbers = [k.number for k in item_keys(synth, "video")]
+    chunks = [numbers[i::workers * 4] for i in range(workers * 4)]
+    parts = work_dir / "parts"
+    parts.mkdir(parents=True, exist_ok=True)
+    frames = len(numbers) * clip_length(distance, synth.main_event_frames)
+    if log:
+        log(f"{ROW}: rendering and encoding {len(numbers)} clips of {clip_length(distance, synth.main_event_frames)} "
+            f"frames ({frames} frames) with {encoder_path}, {workers} processes")
+
+    def one(i: int) -> list[dict[str, Any]]:
+        return run_isolated(_encode_clips, synth, chunks[i], str(encoder_path), str(parts / f"part{i}.npy"),
+                            timeout_s=config.long_timeout_s)
+
+    with concurrent.futures.ThreadPoolExecutor(max_workers=workers) as pool:
+        results = list(pool.map(one, range(len(chunks))))
+    by_number: dict[int, tuple[dict[str, Any], np.ndarray]] = {}
+    for i, records in enumerate(results):
+        array = np.load(parts / f"part{i}.npy")
+        for j, (number, record) in enumerate(zip(chunks[i], records)):
+            by_number[number] = (record, array[j])
+        (parts / f"part{i}.npy").unlink()
+    parts.rmdir()
+    features, records_by_split = {}, {}
+    for split in SPLITS:
+        mine = [by_number[n] for n in sorted(by_number) if by_number[n][0]["split"] == split]
+        records_by_split[split] = [r for r, _ in mine]
+        features[split] = np.stack([a for _, a in mine])
+    return Clips(distance, synth.main_event_frames, features, records_by_split)
+
+
+def write_labels(clips: Clips, out: Path) -> None:
+    """UCF101-style label lists of the row's clips (``classInd.txt``, ``{train,val,test}list01.txt``)."""
+    io.write_text(out / "classInd.txt", "".join(f"{i + 1} {name}\n" for i, name in enumerate(LONG_RANGE_CLASSES)))
+    for split in SPLITS:
+        io.write_text(out / f"{split}list01.txt",
+                      "".join(f"{r['file_name']} {r['label'] + 1}\n" for r in clips.records[split]))
+
+
+def write_features(arrays: Mapping[str, np.ndarray], records: Mapping[str, Sequence[Mapping[str, Any]]],
+                   out: Path, *, description: str) -> None:
+    """A features folder as the features stage writes it (``index.json`` + ``videos-{split}.npy``)."""
+    out.mkdir(parents=True, exist_ok=True)
+    entries = [{"id": r["id"], "split": split, "shard": 0, "row": i}
+               for split in SPLITS for i, r in enumerate(records[split])]
+    for split in SPLITS:
+        np.save(out / f"videos-{split}.npy", np.ascontiguousarray(arrays[split]))
+    io.write_json(out / "index.json", {
+        "videos": entries, "images": [],
+        "features": {"description": description, "dtype": "float16",
+                     "arrays": {f"videos-{s}.npy": list(arrays[s].shape) for s in SPLITS}},
+    })
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """Where the row's data went: ``folders[(kind, distance)]`` with kind "clips" or one of CONTROLS' data
+    ("last_frames", "shuffled"; the bag-of-frames control reads the "clips" folder)."""
+
+    labels: Path
+    folders: Mapping[tuple[str, int], Path]
+    length_distances: Mapping[int, int]
+    num_frames: Mapping[int, int]
+    num_clips: Mapping[str, int]
+
+
+def prepare(config: StudyConfig, params: Params, *, encoder_path: str | Path, work_dir: str | Path,
+            log: Log = None) -> Prepared:
+    """Render, encode and write every folder the row trains and tests on, under ``work_dir/data``."""
+    work = Path(work_dir) / "data"
+    main_event_frames = params.synth.main_event_frames
+    lengths = length_test_distances(config, main_event_frames)
+    top = max([*config.long_distances, *lengths.values()])
+    clips = render_clips(config, params, encoder_path=encoder_path, work_dir=work, distance=top,
+                         workers=config.long_workers or usable_cores(), log=log)
+    write_labels(clips, work / "labels")
+    folders: dict[tuple[str, int], Path] = {}
+    for distance in sorted({*config.long_distances, *lengths.values()}):
+        folders[("clips", distance)] = work / f"D{distance}"
+        write_features(clips.crop(distance), clips.records, folders[("clips", distance)],
+                       description=f"long-range clips at distance {distance}")
+    for distance in config.long_distances:
+        folders[("last_frames", distance)] = work / f"D{distance}-last"
+        write_features(clips.last_frames(distance), clips.records, folders[("last_frames", distance)],
+                       description=f"the last {distance} frames of the clips at distance {distance}")
+        folders[("shuffled", distance)] = work / f"D{distance}-shuffled"
+        write_features(clips.shuffled(distance, seed=config.seed), clips.records, folders[("shuffled", distance)],
+                       description=f"the clips at distance {distance}, frames shuffled within each clip")
+    return Prepared(work / "labels", folders, lengths,
+                    {d: clip_length(d, main_event_frames) for d in sorted({*config.long_distances, *lengths.values()})},
+                    {s: len(clips.records[s]) for s in SPLITS})
+
+
+# --------------------------------------------------------------------------------------------------------
+# Trainings
+
+
+@dataclass(frozen=True)
+class Run:
+    """What one group of trainings is: a family (or a control) at a distance."""
+
+    variant: str  # a family, or "control:<name>"
+    family: str
+    distance: int
+    data: str  # "clips", "last_frames" or "shuffled"
+
+
+def plan_runs(config: StudyConfig) -> list[Run]:
+    runs = [Run(family, family, d, "clips") for family in config.long_families for d in config.long_distances]
+    for d in config.long_distances:
+        runs.append(Run("control:last_frames", config.long_control_family, d, "last_frames"))
+        runs.append(Run("control:shuffled", config.long_control_family, d, "shuffled"))
+        runs.append(Run("control:bag_of_frames", "meanpool", d, "clips"))
+    return runs
+
+
+def training_specs(config: StudyConfig, params: Params, prepared: Prepared, work_dir: Path) -> list[tuple[Run, TrainingSpec]]:
+    train = params.train
+    if config.long_epochs:
+        train = dataclasses.replace(train, epochs=config.long_epochs)
+    out = []
+    for run in plan_runs(config):
+        extra: tuple[tuple[str, str], ...] = ()
+        if run.data == "clips" and run.variant == run.family and run.distance == config.long_length_distance:
+            extra = tuple((f"{k}x", str(prepared.folders[("clips", d)])) for k, d in prepared.length_distances.items())
+        for k in range(config.long_seeds):
+            name = f"{ROW}/{run.variant} D={run.distance} seed {k}"
+            out.append((run, TrainingSpec(
+                family=run.family, fraction=1.0, seed_index=k, train_ids=None,
+                train_config=dataclasses.replace(train, seed=train.seed + k),
+                model_config=params.models.family(run.family), budget=params.models.match_params.budget(TASK),
+                features_dir=str(prepared.folders[(run.data, run.distance)]), activity_dir=str(prepared.labels),
+                activity_split=1, out_dir=str(work_dir / "runs" / run.variant.replace(":", "-") / f"D{run.distance}"
+                                              / f"seed{k}"),
+                extra_tests=extra, name=name)))
+    return out
+
+
+# --------------------------------------------------------------------------------------------------------
+# Analysis
+
+
+def _correct(bits: Sequence[str]) -> tuple[np.ndarray, ...]:
+    return tuple(np.frombuffer(s.encode(), dtype=np.uint8) - ord("0") for s in bits)
+
+
+def point(cell: Cell) -> SizePoint:
+    """A cell as the comparisons of row 4 take it (``fraction`` holds the distance)."""
+    return SizePoint(cell.variant, float(cell.key["distance"]), int(cell.settings["train_items"] or 0),
+                     tuple(cell.metrics["top_1"]), _correct(cell.settings["test_correct"]))
+
+
+def learned(cell: Cell, chance: float) -> bool:
+    """The seeds' 95% interval lies above ``chance``."""
+    summary = seed_summary(cell.metrics.get("top_1", ()))
+    return summary["ci95"] is not None and summary["ci95"][0] > chance
+
+
+def family_verdict(column: str, shortest: Cell, longest: Cell, symbol: str, *, measured: str) -> Verdict:
+    """A family's verdict from its accuracy at the shortest and the longest distance (``symbol``: :func:`compare` of
+    longest vs shortest, paired on the test clips: "<" significantly lower, "~" no significant change, ">" higher).
+
+    Inconclusive when the family does not beat the order-blind chance (1/3) at the shortest distance: it never
+    learned to use order, so a fall with distance cannot be measured. Otherwise a significant fall agrees with the
+    recurrent claim and disagrees with the Transformer's; no significant fall the other way round.
+    """
+    claim = CLAIMS[column]
+    if not learned(shortest, 1.0 / NUM_PAIRS):
+        return Verdict("inconclusive", claim, measured,
+                       f"not above the order-blind chance (1/{NUM_PAIRS}) even at the shortest distance")
+    falls = symbol == "<"
+    recurrent = column != "Transformers"
+    if falls:
+        return Verdict("agrees" if recurrent else "disagrees", claim, measured,
+                       "accuracy falls significantly from the shortest to the longest distance")
+    return Verdict("disagrees" if recurrent else "agrees", claim, measured,
+                   "no significant fall in accuracy from the shortest to the longest distance")
+
+
+def analyse(cells: Sequence[Cell], *, seed: int = 0) -> dict[str, Any]:
+    """Curves (mean and 95% interval over seeds per distance), per family the shortest-vs-longest comparison and
+    its verdict, every family against the Transformer at each distance, the controls against their chance, the
+    length generalisation, and each family's reach (the largest distance at which it is above 1/3)."""
+    by_variant: dict[str, list[Cell]] = {}
+    for cell in cells:
+        if cell.metrics.get("top_1"):
+            by_variant.setdefault(cell.variant, []).append(cell)
+    for mine in by_variant.values():
+        mine.sort(key=lambda c: c.key["distance"])
+    curves = {v: [{"distance": c.key["distance"], "frames": c.key["frames"], **seed_summary(c.metrics["top_1"])}
+                  for c in mine] for v, mine in by_variant.items()}
+    verdicts: dict[str, Verdict] = {}
+    drops: dict[str, dict[str, Any]] = {}
+    for column, families in COLUMNS.items():
+        for family in families:
+            mine = by_variant.get(family, [])
+            if len(mine) < 2:
+                continue
+            drop = compare(point(mine[-1]), point(mine[0]), seed=seed)
+            drops[family] = drop
+            measured = (f"{family}: top-1 {np.mean(mine[0].metrics['top_1']):.3f} at D={mine[0].key['distance']}, "
+                        f"{np.mean(mine[-1].metrics['top_1']):.3f} at D={mine[-1].key['distance']} "
+                        f"({drop['difference']:+.3f} [{drop['interval'][0]:+.3f}, {drop['interval'][1]:+.3f}])")
+            verdicts[family] = family_verdict(column, mine[0], mine[-1], drop["symbol"], measured=measured)
+    reference = {c.key["distance"]: c for c in by_variant.get("transformer", [])}
+    versus = {v: [{"distance": c.key["distance"], **compare(point(c), point(reference[c.key["distance"]]), seed=seed)}
+                  for c in mine if c.key["distance"] in reference]
+              for v, mine in by_variant.items() if v != "transformer" and not v.startswith("control:")}
+    reach = {v: max((c.key["distance"] for c in mine if learned(c, 1.0 / NUM_PAIRS)), default=None)
+             for v, mine in by_variant.items() if not v.startswith("control:")}
+    controls = {}
+    for name in CONTROLS:
+        mine = by_variant.get(f"control:{name}", [])
+        means = [float(np.mean(c.metrics["top_1"])) for c in mine]
+        controls[name] = {"chance": CHANCE[name], "max_mean": max(means) if means else None,
+                          "at_chance": bool(means) and max(means) <= CHANCE[name] + CONTROL_MARGIN}
+    lengths = {}
+    for v, mine in by_variant.items():
+        for c in mine:
+            if c.settings.get("length_tests"):
+                lengths[v] = {"distance": c.key["distance"], "frames": c.key["frames"],
+                              "tests": {name: {**t, **seed_summary(t["top_1"])}
+                                        for name, t in c.settings["length_tests"].items()},
+                              "train": seed_summary(c.metrics["top_1"])}
+    return {"curves": curves, "drops": drops, "verdicts": verdicts, "versus_transformer": versus, "reach": reach,
+            "controls": controls, "length_generalisation": lengths}
+
+
+def table_cells(verdicts: Mapping[str, Verdict]) -> list[dict[str, str]]:
+    out = []
+    for column, families in COLUMNS.items():
+        judged = {f: verdicts[f] for f in families if f in verdicts}
+        if judged:
+            out.append({"column": column, "quantity": "long-range dependencies", "claim": CLAIMS[column],
+                        "measured": "; ".join(v.measured for v in judged.values()),
+                        "verdict": combine(judged, depends_on="the cell")})
+    return out
+
+
+def summary_lines(result: RowResult) -> list[str]:
+    """Reach, controls and length generalisation, one line each, for logs and the CLI."""
+    extra = result.extra
+    lines = [f"{ROW}: largest distance above 1/{NUM_PAIRS}: " + ", ".join(
+        f"{v} {'none' if d is None else d}" for v, d in extra["reach"].items())]
+    for name, found in extra["controls"].items():
+        best = "no result" if found["max_mean"] is None else f"best mean {found['max_mean']:.3f}"
+        lines.append(f"{ROW}/control {name}: {best} vs chance {found['chance']:.3f} -> "
+                     f"{'at chance' if found['at_chance'] else 'ABOVE CHANCE: the benchmark leaks'}")
+    for v, found in extra["length_generalisation"].items():
+        tests = ", ".join(f"{name} ({t['frames']} frames) {t['mean']:.3f}" for name, t in found["tests"].items())
+        lines.append(f"{ROW}/{v}: trained on {found['frames']} frames {found['train']['mean']:.3f}; tested on {tests}")
+    return lines
+
+
+# --------------------------------------------------------------------------------------------------------
+# The row
+
+
+def run_long_range(config: StudyConfig, *, params: Params, work_dir: str | Path, log: Log = None) -> RowResult:
+    """Row 1: every family of ``config.long_families`` at every distance, ``long_seeds`` seeds, plus the controls
+    and the length generalisation. Data and trainings go under ``work_dir`` (``data/``, ``runs/``)."""
+    work = Path(work_dir)
+    prepared = prepare(config, params, encoder_path=config.long_encoder, work_dir=work, log=log)
+    planned = training_specs(config, params, prepared, work)
+    workers = config.long_workers or usable_cores()
+    if log:
+        log(f"{ROW}: {len(planned)} trainings ({len(config.long_families)} families and 3 controls x "
+            f"{len(config.long_distances)} distances x {config.long_seeds} seeds) on {prepared.num_clips['train']} "
+            f"training clips, {workers} at a time")
+    results = run_trainings([s for _, s in planned], workers=workers, timeout_s=config.long_timeout_s, log=log)
+    test_ids = [r["id"] for r in _records(prepared.labels, "test")]
+    cells = []
+    runs = list(dict.fromkeys(run for run, _ in planned))
+    for run in runs:
+        mine = [(s, r) for (rn, s), r in zip(planned, results) if rn == run]
+        done = [(s, r) for s, r in mine if isinstance(r, dict)]
+        metrics = {m: [float(r[m]) for _, r in done]
+                   for m in ("top_1", "mean_class_accuracy", "best_val_accuracy", "epochs_run", "train_time_s")}
+        metrics["converged"] = [float(r["converged"]) for _, r in done]
+        length_tests = {}
+        for name, distance in ((f"{k}x", d) for k, d in prepared.length_distances.items()):
+            scores = [r["extra"][name] for _, r in done if name in r["extra"]]
+            if scores:
+                length_tests[name] = {"distance": distance, "frames": prepared.num_frames[distance],
+                                      "top_1": [float(s["top_1"]) for s in scores],
+                                      "test_correct": ["".join(str(int(s["correct"][i])) for i in test_ids)
+                                                       for s in scores]}
+        settings = {
+            "family": run.family, "data": run.data, "seeds": [s.train_config.seed for s, _ in done],
+            "epochs_cap": done[0][0].train_config.epochs if done else None,
+            "num_parameters": done[0][1]["num_parameters"] if done else None,
+            "train_items": done[0][1]["train_items"] if done else None,
+            "test_correct": ["".join(str(int(r["correct"][i])) for i in test_ids) for _, r in done],
+            "length_tests": length_tests, "notes": sorted({n for _, r in done for n in r["notes"]}),
+        }
+        errors = [f"seed {s.seed_index}: {r}" for s, r in mine if isinstance(r, str)]
+        frames = prepared.num_frames[run.distance] if run.data != "last_frames" else run.distance
+        cells.append(Cell(ROW, run.variant, {"distance": run.distance, "frames": frames}, metrics, settings, errors))
+    analysis = analyse(cells, seed=config.seed)
+    verdicts = analysis.pop("verdicts")
+    findings = [Finding(ROW, family, "top_1", None, v) for family, v in verdicts.items()]
+    extra = {**analysis, "test_ids": test_ids, "num_clips": dict(prepared.num_clips),
+             "num_frames": {str(d): n for d, n in prepared.num_frames.items()},
+             "length_distances": {f"{k}x": d for k, d in prepared.length_distances.items()},
+             "num_classes": NUM_CLASSES, "classes": list(LONG_RANGE_CLASSES), "chance": CHANCE,
+             "encoder": str(config.long_encoder), "train": to_dict(params.train)}
+    if log:
+        for line in summary_lines(RowResult(ROW, cells, findings, extra=extra)):
+            log(line)
+    return RowResult(ROW, cells, findings, table_cells(verdicts), extra=extra, config=to_dict(config))
+
+
+def _records(labels: Path, split: str) -> list[dict[str, str]]:
+    """The ids of a split's list, in list order (the order the features folders use)."""
+    lines = (labels / f"{split}list01.txt").read_text(encoding="utf-8").split()
+    return [{"id": name.rsplit(".", 1)[0]} for name in lines[0::2]]
+

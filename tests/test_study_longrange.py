@@ -1,0 +1,197 @@
+"""Row 1 of the study (long-range dependencies): the cropped clips put the labelled episode exactly D frames from
+either end, the controls' data hides the label from them, the length-generalisation arithmetic, the verdict rule on
+fabricated results with known answers, and a tiny end-to-end row."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import numpy as np
+import pytest
+import torch
+import yaml
+
+from seqvision.config import SplitSizes, SynthConfig, load_params
+from seqvision.encoders import SmallCNN, SmallCNNConfig, encoder_state
+from seqvision.study.complexity import RowResult
+from seqvision.study.figures import plot_long_range
+from seqvision.study.fit import VERDICTS
+from seqvision.study.longrange import (
+    CHANCE,
+    NUM_PAIRS,
+    Clips,
+    analyse,
+    clip_length,
+    distance_for_length,
+    length_test_distances,
+    run_long_range,
+)
+from seqvision.study.measure import Cell
+from seqvision.study.presets import PRESETS, StudyConfig
+from seqvision.synth.events import clip_states
+from seqvision.synth.items import item_keys, video_spec
+from tests.tiny import TINY_MODELS, TINY_TRAIN, TINY_UNMATCHED
+
+# --------------------------------------------------------------------------------------------------------
+# Data
+
+
+def _alpha_clips(distance: int, count: int = 12) -> tuple[Clips, SynthConfig]:
+    """Long-range clips at ``distance`` whose 'features' are the labelled object's alpha per frame: what the crops
+    keep of the episode can be read off directly."""
+    synth = SynthConfig(long_range=True, long_range_distance=distance, main_event_frames=6, seed=5,
+                        videos=SplitSizes(train=count, val=1, test=1))
+    keys = [k for k in item_keys(synth, "video") if k.split == "train"]
+    alphas = []
+    for key in keys:
+        spec = video_spec(synth, key)
+        target = len(spec.objects) - 1  # the labelled object (drawn last)
+        assert spec.events[spec.main].obj == target
+        alphas.append([[states[target].alpha] for states in clip_states(spec)])
+    records = [{"id": f"c{i}", "file_name": f"c{i}.mp4", "label": 0} for i in range(count)]
+    return Clips(distance, 6, {"train": np.array(alphas)}, {"train": records}), synth
+
+
+@pytest.mark.parametrize("distance", [0, 1, 7, 20])
+def test_a_crop_puts_the_episode_exactly_distance_frames_from_either_end(distance):
+    clips, synth = _alpha_clips(20)
+    cropped = clips.crop(distance)["train"][..., 0]
+    assert cropped.shape[1] == clip_length(distance, synth.main_event_frames)
+    for alpha in cropped:
+        visible = np.flatnonzero(alpha > 0)
+        # the labelled object is visible exactly in [D, T - 1 - D]: hidden in the first and the last D frames
+        assert visible[0] == distance and visible[-1] == len(alpha) - 1 - distance
+        assert len(visible) == len(alpha) - 2 * distance
+
+
+def test_the_last_frames_control_never_shows_the_labelled_object():
+    clips, _ = _alpha_clips(20)
+    for distance in (1, 5, 20):
+        last = clips.last_frames(distance)["train"]
+        assert last.shape[1] == distance
+        assert not last.any(), "the labelled object is visible in the frames the control sees"
+    with pytest.raises(ValueError, match="outside"):
+        clips.crop(21)
+
+
+def test_shuffled_frames_are_a_fixed_permutation_per_clip():
+    n, t = 30, 40
+    base = np.arange(n * t, dtype=np.float32).reshape(n, t, 1)
+    clips = Clips(0, 38, {"train": base}, {"train": [{}] * n})
+    once, again = clips.shuffled(0, seed=1)["train"], clips.shuffled(0, seed=1)["train"]
+    assert np.array_equal(once, again), "not deterministic"
+    for clip, original in zip(once, base):
+        assert sorted(clip[:, 0]) == sorted(original[:, 0])  # the same frames ...
+    assert sum(np.array_equal(c, o) for c, o in zip(once, base)) == 0  # ... in another order
+    assert len({tuple(np.argsort(c[:, 0])) for c in once}) == n  # a permutation per clip
+    assert not np.array_equal(clips.shuffled(0, seed=2)["train"], once)
+
+
+def test_length_generalisation_tests_clips_two_and_four_times_as_long():
+    assert clip_length(8, 12) == 34 and distance_for_length(34, 12) == 8
+    config = StudyConfig(long_distances=(8, 16), long_length_distance=8)
+    distances = length_test_distances(config, 12)
+    assert distances == {2: 25, 4: 59}
+    assert [clip_length(d, 12) for d in distances.values()] == [68, 136]
+    with pytest.raises(ValueError, match="long_length_distance"):
+        StudyConfig(long_distances=(8, 16), long_length_distance=4)
+
+
+# --------------------------------------------------------------------------------------------------------
+# Analysis on fabricated results
+
+
+def _cell(variant: str, distance: int, accuracy: float, *, seeds: int = 3, items: int = 120, seed: int = 0) -> Cell:
+    rng = np.random.default_rng([seed, distance, len(variant)])
+    correct = ["".join("1" if rng.random() < accuracy else "0" for _ in range(items)) for _ in range(seeds)]
+    return Cell("long_range", variant, {"distance": distance, "frames": 2 * distance + 18},
+                {"top_1": [s.count("1") / items for s in correct]},
+                {"train_items": 600, "test_correct": correct, "length_tests": {}})
+
+
+def _curve(variant: str, accuracies: dict[int, float]) -> list[Cell]:
+    return [_cell(variant, d, a) for d, a in accuracies.items()]
+
+
+def test_a_recurrence_that_falls_agrees_and_a_transformer_that_holds_agrees():
+    cells = _curve("gru", {8: 0.95, 64: 0.35}) + _curve("transformer", {8: 0.9, 64: 0.88})
+    verdicts = analyse(cells)["verdicts"]
+    assert verdicts["gru"].label == "agrees" and "falls significantly" in verdicts["gru"].reason
+    assert verdicts["transformer"].label == "agrees"
+
+
+def test_a_recurrence_that_holds_and_a_transformer_that_falls_disagree():
+    cells = _curve("lstm", {8: 0.92, 64: 0.9}) + _curve("transformer", {8: 0.9, 64: 0.6})
+    result = analyse(cells)
+    assert result["verdicts"]["lstm"].label == "disagrees" and result["verdicts"]["transformer"].label == "disagrees"
+    assert result["reach"] == {"lstm": 64, "transformer": 64}  # 0.6: fallen, but above 1/3 over the seeds
+    at_64 = next(r for r in result["versus_transformer"]["lstm"] if r["distance"] == 64)
+    assert at_64["symbol"] == ">"
+
+
+def test_a_family_that_never_learned_is_inconclusive():
+    verdicts = analyse(_curve("rnn", {8: 0.3, 64: 0.17}) + _curve("transformer", {8: 0.9, 64: 0.9}))["verdicts"]
+    assert verdicts["rnn"].label == "inconclusive" and "even at the shortest" in verdicts["rnn"].reason
+
+
+def test_a_control_above_its_chance_is_flagged():
+    cells = (_curve("control:last_frames", {8: 1 / 6, 64: 1 / 6}) + _curve("control:shuffled", {8: 0.7, 64: 0.33})
+             + _curve("transformer", {8: 0.9, 64: 0.9}))
+    controls = analyse(cells)["controls"]
+    assert controls["last_frames"]["at_chance"] and controls["last_frames"]["chance"] == pytest.approx(1 / 6)
+    assert not controls["shuffled"]["at_chance"] and controls["shuffled"]["chance"] == 1 / NUM_PAIRS
+    assert controls["bag_of_frames"] == {"chance": CHANCE["bag_of_frames"], "max_mean": None, "at_chance": False}
+
+
+# --------------------------------------------------------------------------------------------------------
+# A tiny row
+
+
+@pytest.fixture
+def tiny_encoder(tmp_path):
+    torch.manual_seed(0)
+    path = tmp_path / "encoder.pt"
+    torch.save(encoder_state(SmallCNN(SmallCNNConfig(feature_dim=40, width=4, slot_dim=4))), path)
+    return path
+
+
+@pytest.mark.slow
+@pytest.mark.integration
+def test_a_tiny_row_trains_every_cell_and_tests_longer_clips(tiny_encoder, tmp_path):
+    params_path = tmp_path / "params.yaml"
+    params_path.write_text(yaml.safe_dump({"train": TINY_TRAIN | {"seeds": 1},
+                                           "models": TINY_MODELS | TINY_UNMATCHED}))
+    params = load_params(params_path)
+    families = ("gru", "transformer")
+    config = dataclasses.replace(PRESETS["ci"], long_encoder=str(tiny_encoder), long_families=families,
+                                 long_control_family="gru")
+    result = run_long_range(config, params=params, work_dir=tmp_path / "row")
+    data = json.loads(json.dumps(result.to_json()))
+    cells = {(c["variant"], c["key"]["distance"]): c for c in data["cells"]}
+    variants = {*families, "control:last_frames", "control:shuffled", "control:bag_of_frames"}
+    assert set(cells) == {(v, d) for v in variants for d in (2, 4)}
+    for (variant, distance), cell in cells.items():
+        assert not cell["errors"] and len(cell["metrics"]["top_1"]) == 2, cell["name"]
+        assert len(cell["settings"]["test_correct"][0]) == 12
+        frames = distance if variant == "control:last_frames" else clip_length(distance, 12)
+        assert cell["key"]["frames"] == frames
+        shape = np.load(tmp_path / "row" / "data" / {"control:last_frames": f"D{distance}-last",
+                                                     "control:shuffled": f"D{distance}-shuffled"}.get(
+            variant, f"D{distance}") / "videos-test.npy", mmap_mode="r").shape
+        assert shape == (12, frames, 40)
+    # the models of the shortest distance are also tested on clips 2x and 4x as long (22 frames -> 44, 88)
+    for family in families:
+        tests = cells[(family, 2)]["settings"]["length_tests"]
+        assert {k: (t["distance"], t["frames"]) for k, t in tests.items()} == {"2x": (13, 44), "4x": (35, 88)}
+        assert all(len(t["top_1"]) == 2 for t in tests.values())
+        assert not cells[(family, 4)]["settings"]["length_tests"]
+    assert {t["column"] for t in data["table"]} == {"RNNs", "Transformers"}
+    assert all(t["verdict"].split(":")[0] in (*VERDICTS, "depends on the cell") for t in data["table"])
+    assert set(data["extra"]["controls"]) == {"last_frames", "shuffled", "bag_of_frames"}
+    again = RowResult.from_json(data)  # the analysis follows from the JSON alone
+    redone = analyse(again.cells)
+    assert json.loads(json.dumps(redone["controls"])) == data["extra"]["controls"]
+    plot_long_range(again, tmp_path / "long_range.png")
+    assert (tmp_path / "long_range.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert (tmp_path / "long_range.png").stat().st_size > 10_000
