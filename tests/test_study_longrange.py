@@ -189,6 +189,11 @@ def test_a_tiny_row_trains_every_cell_and_tests_longer_clips(tiny_encoder, tmp_p
     assert {t["column"] for t in data["table"]} == {"RNNs", "Transformers"}
     assert all(t["verdict"].split(":")[0] in (*VERDICTS, "depends on the cell") for t in data["table"])
     assert set(data["extra"]["controls"]) == {"last_frames", "shuffled", "bag_of_frames"}
+    gradients = data["extra"]["gradients"]  # the first seed of each family at the largest distance
+    assert set(gradients) == set(families)
+    for found in gradients.values():
+        assert found["frames"] == clip_length(4, 12) and found["visible"] == [4, found["frames"] - 5]
+        assert len(found["init"]) == len(found["trained"]) == found["frames"] and min(found["init"]) > 0
     again = RowResult.from_json(data)  # the analysis follows from the JSON alone
     redone = analyse(again.cells)
     assert json.loads(json.dumps(redone["controls"])) == data["extra"]["controls"]

@@ -164,7 +164,7 @@ def plot_long_range(result: RowResult, path: str | Path) -> None:
     grey with their chance levels (left); the models trained at the shortest length tested on clips 2x and 4x as long
     (right)."""
     extra = result.extra
-    fig, (ax, gen) = plt.subplots(1, 2, figsize=(13, 5), gridspec_kw={"width_ratios": [3, 2]})
+    fig, (ax, gen, grad) = plt.subplots(1, 3, figsize=(18, 5), gridspec_kw={"width_ratios": [3, 2, 2]})
     curves = extra["curves"]
     families = [f for f in result.config.get("long_families", ()) if f in curves]
     controls = sorted(v for v in curves if v.startswith("control:"))
@@ -210,4 +210,18 @@ def plot_long_range(result: RowResult, path: str | Path) -> None:
             title="Train at N frames, test at 2N and 4N", ylim=(0, 1))
     gen.grid(True, which="both", alpha=0.25)
     gen.legend(fontsize=7, loc="lower left")
+
+    for family, found in extra.get("gradients", {}).items():
+        color = COLORS.get(family, "0.35")
+        frames = np.arange(found["frames"])
+        for name, style in (("trained", "-"), ("init", ":")):
+            values = np.maximum(np.array(found[name]), 1e-12)
+            grad.plot(frames, values, color=color, linestyle=style, lw=1,
+                      label=family if name == "trained" else None)
+        grad.axvspan(*found["visible"], color="0.85", lw=0)
+    grad.set(yscale="log", xlabel="frame t (grey: the labelled object visible)", ylabel="mean ||dL/dx_t||",
+             title="Gradient reaching frame t (solid: trained, dotted: at initialisation)")
+    grad.grid(True, which="both", alpha=0.25)
+    if extra.get("gradients"):
+        grad.legend(fontsize=7, loc="lower right")
     _save(fig, path)

@@ -33,17 +33,19 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 
-from seqvision import io
+from seqvision import checkpoint, io
 from seqvision.config import Params, SplitSizes, to_dict
 from seqvision.encoders import extract_features
 from seqvision.features import load_encoder
 from seqvision.metrics import seed_summary
+from seqvision.models import build_from_checkpoint
 from seqvision.runtime import usable_cores
 from seqvision.study.bias import SizePoint, TrainingSpec, compare, run_trainings
 from seqvision.study.complexity import Finding, Log, RowResult
 from seqvision.study.fit import Verdict, combine
-from seqvision.study.measure import Cell, run_isolated
+from seqvision.study.measure import Cell, CellError, run_isolated
 from seqvision.study.presets import StudyConfig
 from seqvision.synth.events import EVENT_CLASSES, FADE_FRAMES, LONG_RANGE_CLASSES, REVERSE
 from seqvision.synth.items import item_keys, video_frames, video_record, video_spec
@@ -97,8 +99,6 @@ def synth_config(config: StudyConfig, params: Params, distance: int) -> Any:
 def _encode_clips(synth: Any, numbers: Sequence[int], encoder_path: str, out_path: str) -> list[dict[str, Any]]:
     """Render and encode the clips ``numbers`` of ``synth`` (in a fresh single-threaded process) into
     ``out_path`` (float16 (n, T, F)); per clip its id, split, label and visible frames."""
-    import torch
-
     torch.set_num_threads(1)
     encoder = load_encoder(encoder_path)
     keys = {k.number: k for k in item_keys(synth, "video")}
@@ -292,6 +292,33 @@ def training_specs(config: StudyConfig, params: Params, prepared: Prepared, work
 
 
 # --------------------------------------------------------------------------------------------------------
+# Gradients: "good in theory, hard in practice" made visible
+
+
+def gradient_profile(checkpoint_path: str, features_dir: str, *, seed: int, clips: int = 64) -> dict[str, list[float]]:
+    """Mean over ``clips`` test clips of ||dL/dx_t||, the gradient of the loss with respect to frame t's features, for
+    the trained model (``best.pt``) and for the same architecture freshly initialised (``seed``); dropout off.
+
+    A recurrence passes the evidence of frame t to the loss through T - t steps: at initialisation its gradient
+    decays with that distance (or explodes); attention reaches every frame in one step. Runs in a fresh process."""
+    torch.set_num_threads(1)
+    saved = checkpoint.load(checkpoint_path)
+    test = np.load(Path(features_dir) / "videos-test.npy", mmap_mode="r")[:clips]
+    lines = (Path(features_dir).parent / "labels" / "testlist01.txt").read_text(encoding="utf-8").split()
+    labels = torch.tensor([int(label) - 1 for label in lines[1::2]][:clips])
+    out = {}
+    for name in ("init", "trained"):
+        torch.manual_seed(seed)
+        model = build_from_checkpoint(saved, load_weights=name == "trained").eval()
+        x = torch.tensor(np.asarray(test, dtype=np.float32), requires_grad=True)
+        lengths = torch.full((x.size(0),), x.size(1), dtype=torch.long)
+        _, loss = model(x, lengths, labels)
+        loss.backward()
+        out[name] = [float(v) for v in x.grad.norm(dim=-1).mean(0)]
+    return out
+
+
+# --------------------------------------------------------------------------------------------------------
 # Analysis
 
 
@@ -452,6 +479,7 @@ def run_long_range(config: StudyConfig, *, params: Params, work_dir: str | Path,
         frames = prepared.num_frames[run.distance] if run.data != "last_frames" else run.distance
         cells.append(Cell(ROW, run.variant, {"distance": run.distance, "frames": frames}, metrics, settings, errors))
     analysis = analyse(cells, seed=config.seed)
+    analysis["gradients"] = gradients(config, planned, results, prepared, log=log)
     verdicts = analysis.pop("verdicts")
     findings = [Finding(ROW, family, "top_1", None, v) for family, v in verdicts.items()]
     extra = {**analysis, "test_ids": test_ids, "num_clips": dict(prepared.num_clips),
@@ -463,6 +491,26 @@ def run_long_range(config: StudyConfig, *, params: Params, work_dir: str | Path,
         for line in summary_lines(RowResult(ROW, cells, findings, extra=extra)):
             log(line)
     return RowResult(ROW, cells, findings, table_cells(verdicts), extra=extra, config=to_dict(config))
+
+
+def gradients(config: StudyConfig, planned: Sequence[tuple[Run, TrainingSpec]], results: Sequence[Any],
+              prepared: Prepared, *, log: Log = None) -> dict[str, Any]:
+    """:func:`gradient_profile` of each family's first seed at the largest distance (the hardest clips)."""
+    top = max(config.long_distances)
+    out: dict[str, Any] = {}
+    for (run, spec), result in zip(planned, results):
+        if run.variant != run.family or run.distance != top or spec.seed_index or not isinstance(result, dict):
+            continue
+        try:
+            profile = run_isolated(gradient_profile, str(Path(spec.out_dir) / "train" / "best.pt"),
+                                   spec.features_dir, seed=spec.train_config.seed, timeout_s=config.long_timeout_s)
+        except CellError as err:
+            if log:
+                log(f"{ROW}/{run.family}: gradient profile FAILED {str(err).splitlines()[0]}")
+            continue
+        out[run.family] = {"distance": top, "frames": prepared.num_frames[top],
+                           "visible": [top, prepared.num_frames[top] - 1 - top], **profile}
+    return out
 
 
 def _records(labels: Path, split: str) -> list[dict[str, str]]:
