@@ -424,6 +424,11 @@ def summary_lines(result: RowResult) -> list[str]:
     extra = result.extra
     lines = [f"{ROW}: largest distance above 1/{NUM_PAIRS}: " + ", ".join(
         f"{v} {'none' if d is None else d}" for v, d in extra["reach"].items())]
+    versus = [(v, rows[-1]) for v, rows in extra["versus_transformer"].items() if rows]
+    if versus:
+        lines.append(f"{ROW}: against the Transformer at the largest distance: " + ", ".join(
+            f"{v} {row['difference']:+.3f} [{row['interval'][0]:+.3f}, {row['interval'][1]:+.3f}] {row['symbol']}"
+            f" (D={row['distance']})" for v, row in versus))
     for name, found in extra["controls"].items():
         best = "no result" if found["max_mean"] is None else f"best mean {found['max_mean']:.3f}"
         lines.append(f"{ROW}/control {name}: {best} vs chance {found['chance']:.3f} -> "
