@@ -17,7 +17,7 @@ REPO = Path(__file__).resolve().parents[1]
 def test_pins_set_only_what_the_user_left_unset() -> None:
     env = {"MKL_CBWR": "AUTO"}
     assert pin_cpu_kernels(env, machine="x86_64", has_avx2=True) == {
-        "ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2"}
+        "ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2", "OPENBLAS_CORETYPE": "Haswell"}
     assert env == {**PINS, "MKL_CBWR": "AUTO"}
 
 
@@ -52,3 +52,17 @@ def test_a_stage_process_runs_torch_on_the_pinned_path() -> None:
     # Importing any stage module (pipelines/) applies the pins before torch loads.
     assert _capability({}) == "AVX2 COMPATIBLE"
     assert _capability({"ATEN_CPU_CAPABILITY": "default"}) == "DEFAULT COMPATIBLE"  # the user's value wins
+
+
+@pytest.mark.skipif(not (sys.platform == "linux" and os.uname().machine == "x86_64" and cpu_has_avx2()),
+                    reason="the pins apply on x86-64 CPUs with AVX2 only")
+def test_a_stage_process_runs_numpy_blas_on_the_pinned_path() -> None:
+    # numpy's OpenBLAS picks its kernels when numpy loads; the baselines' cosine similarities ran on SkylakeX
+    # kernels on an AVX-512 machine and differed in their last bits from an AVX2 machine's (docs/reproducibility.md).
+    pytest.importorskip("threadpoolctl")  # pinned in constraints.txt (a scikit-learn dependency)
+    env = {k: v for k, v in os.environ.items() if k not in (*PINS, SWITCH)}
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO / "src"), str(REPO)])
+    code = ("import pipelines, numpy, threadpoolctl; "
+            "print(*[i.get('architecture') for i in threadpoolctl.threadpool_info() if i['internal_api'] == 'openblas'])")
+    run = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True, cwd=REPO)
+    assert run.stdout.split() and set(run.stdout.split()) == {"Haswell"}, run.stdout

@@ -2,20 +2,24 @@
 
 PyTorch, MKL and oneDNN each pick the widest vector code path the CPU offers: AVX-512 on one machine and
 AVX2 on another sum floats in a different order, so the first trained weights differ in their last bits and
-every hash downstream of them (``dvc.lock``) differs too. Three variables, read once when each library loads,
-fix the path:
+every hash downstream of them (``dvc.lock``) differs too. One variable per library, read once when it loads,
+fixes the path:
 
 - ``ATEN_CPU_CAPABILITY=avx2``: PyTorch's own vectorised kernels (elementwise, reductions, softmax);
 - ``MKL_CBWR=COMPATIBLE``: MKL's conditional numerical reproducibility (the matmuls). ``AVX2`` would be faster
   but Intel documents it for Intel CPUs only (an AMD CPU silently falls back to the automatic path);
   ``COMPATIBLE`` is the branch MKL supports on every x86-64 CPU;
-- ``ONEDNN_MAX_CPU_ISA=AVX2``: oneDNN's convolutions (the frame encoder).
+- ``ONEDNN_MAX_CPU_ISA=AVX2``: oneDNN's convolutions (the frame encoder);
+- ``OPENBLAS_CORETYPE=Haswell``: numpy's (and scipy's) OpenBLAS, the matrix products outside torch (the
+  nearest-neighbour baselines' cosine similarities). Measured: on an AVX-512 machine OpenBLAS picked its SkylakeX
+  kernels and three baseline prediction files differed in the last digits of their scores from an AVX2 machine's;
+  under ``Haswell`` (the AVX2 kernels) they were identical (docs/reproducibility.md).
 
-They take effect only when set before ``torch`` is imported, so ``seqvision/__init__.py`` applies them and every
-stage imports ``seqvision`` first (``pipelines/__init__.py``). A value the user already set wins. A CPU without
-AVX2, or not x86-64, gets nothing pinned (there is no wider path to fall back from). ``SEQVISION_CPU_KERNELS=native``
-turns the pins off, for speed when cross-machine identity does not matter; what they cost here is measured in
-docs/benchmarks.md ("Pinned CPU kernels").
+They take effect only when set before ``torch`` and ``numpy`` are imported, so ``seqvision/__init__.py`` applies
+them and every stage imports ``seqvision`` first (``pipelines/__init__.py``). A value the user already set wins. A
+CPU without AVX2, or not x86-64, gets nothing pinned (there is no wider path to fall back from).
+``SEQVISION_CPU_KERNELS=native`` turns the pins off, for speed when cross-machine identity does not matter; what
+they cost here is measured in docs/benchmarks.md ("Pinned CPU kernels").
 """
 
 from __future__ import annotations
@@ -26,7 +30,8 @@ from collections.abc import MutableMapping
 from pathlib import Path
 
 SWITCH = "SEQVISION_CPU_KERNELS"  # "pinned" (default) or "native"
-PINS = {"ATEN_CPU_CAPABILITY": "avx2", "MKL_CBWR": "COMPATIBLE", "ONEDNN_MAX_CPU_ISA": "AVX2"}
+PINS = {"ATEN_CPU_CAPABILITY": "avx2", "MKL_CBWR": "COMPATIBLE", "ONEDNN_MAX_CPU_ISA": "AVX2",
+        "OPENBLAS_CORETYPE": "Haswell"}
 
 
 def cpu_has_avx2(cpuinfo: Path = Path("/proc/cpuinfo")) -> bool:
