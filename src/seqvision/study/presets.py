@@ -1,7 +1,8 @@
 """The study's settings: one frozen, validated config (a future ``study:`` section of params.yaml) and its presets.
 
 - ``ci``:      every variant on a three-point ladder with tiny models, two repeats; row 4 on two training fractions,
-               one seed, two epochs: seconds, for tests and CI (row 4 on the tiny test artifacts).
+               one seed, two epochs; row 1 on two distances, 42 clips, two seeds, two epochs: seconds, for tests and
+               CI (rows 1 and 4 on the tiny test artifacts and a tiny encoder).
 - ``default``: ``make study`` on a 2-core CPU; rows 2 and 3 budgeted at about 5 minutes on a quiet machine, row 4
                (108 trainings) took 15 minutes on the shared development machine (docs/study.md).
 - ``gpu``:     longer sequences, a wider two-layer model, bfloat16 autocast, on CUDA (not run on the development
@@ -24,7 +25,8 @@ FRACTIONS = (1 / 32, 1 / 16, 1 / 8, 1 / 4, 1 / 2, 1.0)
 
 @dataclass(frozen=True)
 class StudyConfig:
-    """Rows 2 (parallelism) and 3 (compute and memory vs N) of the seed's table."""
+    """Every row of the seed's table: 1 (long-range dependencies), 2 (parallelism), 3 (compute and memory vs N),
+    4 (inductive bias)."""
 
     # Row 3: training cost vs N
     variants: tuple[str, ...] = knob(MAIN_VARIANTS, "model variants of the compute/memory row",
