@@ -18,7 +18,8 @@ reads the clip front to back must carry what it saw over D frames.
 - :func:`run_long_range` trains every family at every distance (seeds), the controls, and evaluates the models of
                     the shortest distance on clips 2x and 4x as long; then :func:`analyse`.
 
-Controls, which must not beat chance: a model that sees only the last D frames (the labelled object is never
+Controls (at the shortest and the longest distance), which must not beat chance: a model that sees only the last D
+frames (the labelled object is never
 visible there: chance is 1/6), the order-blind mean-pool family on whole clips (a bag of frames, and a model on
 frames shuffled within each clip: each reversal pair shows the same frames, so chance is 1/3, one per pair).
 """
@@ -234,7 +235,7 @@ def prepare(config: StudyConfig, params: Params, *, encoder_path: str | Path, wo
         folders[("clips", distance)] = work / f"D{distance}"
         write_features(clips.crop(distance), clips.records, folders[("clips", distance)],
                        description=f"long-range clips at distance {distance}")
-    for distance in config.long_distances:
+    for distance in sorted({min(config.long_distances), max(config.long_distances)}):
         folders[("last_frames", distance)] = work / f"D{distance}-last"
         write_features(clips.last_frames(distance), clips.records, folders[("last_frames", distance)],
                        description=f"the last {distance} frames of the clips at distance {distance}")
@@ -261,8 +262,10 @@ class Run:
 
 
 def plan_runs(config: StudyConfig) -> list[Run]:
+    """Every family at every distance; the controls at the shortest distance (the most evidence per frame, where a
+    leak would show most) and the longest (where a model must look furthest)."""
     runs = [Run(family, family, d, "clips") for family in config.long_families for d in config.long_distances]
-    for d in config.long_distances:
+    for d in sorted({min(config.long_distances), max(config.long_distances)}):
         runs.append(Run("control:last_frames", config.long_control_family, d, "last_frames"))
         runs.append(Run("control:shuffled", config.long_control_family, d, "shuffled"))
         runs.append(Run("control:bag_of_frames", "meanpool", d, "clips"))
@@ -451,9 +454,9 @@ def run_long_range(config: StudyConfig, *, params: Params, work_dir: str | Path,
     planned = training_specs(config, params, prepared, work)
     workers = config.long_workers or usable_cores()
     if log:
-        log(f"{ROW}: {len(planned)} trainings ({len(config.long_families)} families and 3 controls x "
-            f"{len(config.long_distances)} distances x {config.long_seeds} seeds) on {prepared.num_clips['train']} "
-            f"training clips, {workers} at a time")
+        log(f"{ROW}: {len(planned)} trainings ({len(config.long_families)} families x {len(config.long_distances)} "
+            f"distances and 3 controls x 2 distances, {config.long_seeds} seeds each) on "
+            f"{prepared.num_clips['train']} training clips, {workers} at a time")
     results = run_trainings([s for _, s in planned], workers=workers, timeout_s=config.long_timeout_s, log=log)
     test_ids = [r["id"] for r in _records(prepared.labels, "test")]
     cells = []

@@ -76,7 +76,7 @@ class StudyConfig:
     bias_timeout_s: float = knob(1800.0, "a training's process is stopped after this long (recorded as failed)",
                                  low=1.0)
     # Row 1: long-range dependencies (accuracy vs the distance D the label must be carried; docs/study.md)
-    long_distances: tuple[int, ...] = knob((4, 8, 16, 32, 64), "distances D: frames between the labelled event "
+    long_distances: tuple[int, ...] = knob((8, 16, 32, 64), "distances D: frames between the labelled event "
                                            "and either end of the clip (clips have 2D + 2*4 + E - 2 frames)")
     long_families: tuple[str, ...] = knob(("rnn", "lstm", "gru", "transformer", "mingru"),
                                           "model families trained at every distance", choices=MODEL_FAMILIES)
@@ -88,7 +88,7 @@ class StudyConfig:
     long_test_clips: int = knob(150, "long-range clips in the test split", low=1)
     long_seeds: int = knob(3, "training seeds per (family, distance): train.seed + k", low=1, high=100)
     long_epochs: int = knob(0, "train.epochs cap (0: params.yaml's)", low=0, high=10_000)
-    long_length_distance: int = knob(4, "length generalisation: the models trained at this distance (one of "
+    long_length_distance: int = knob(8, "length generalisation: the models trained at this distance (one of "
                                      "long_distances) are also tested on clips 2x and 4x as long", low=0)
     long_encoder: str = knob("artifacts/encoder/encoder.pt", "the frame encoder (the encoder stage's output)")
     long_workers: int = knob(0, "renderers / trainings at once, one torch thread each (0: one per usable CPU "
