@@ -3,12 +3,18 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
 
 from seqvision.study.measure import Cell, CellError, peak_memory, run_isolated, tensor_bytes
+
+REPO = Path(__file__).resolve().parents[1]
 
 MB = 2**20
 
@@ -82,3 +88,50 @@ def test_cell_record_round_trips_through_json():
     assert Cell.from_json(data) == Cell(row="compute", variant="lstm", key={"n": 512},
                                         metrics={"time_s": [0.3, 0.1, 0.2], "peak_bytes": []},
                                         settings={"batch_size": 1}, errors=["round 2: killed"])
+
+
+_ORPHAN_SCRIPT = """
+import os, sys, time
+from seqvision.study.measure import run_isolated
+
+def record_and_sleep(path):
+    with open(path + ".tmp", "w") as f:
+        f.write(str(os.getpid()))
+    os.replace(path + ".tmp", path)
+    time.sleep(120)
+
+if __name__ == "__main__":
+    run_isolated(record_and_sleep, sys.argv[1], timeout_s=300)
+"""
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(")")[-1].split()[0] != "Z"  # a zombie has exited
+    except FileNotFoundError:
+        return False
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+def test_a_killed_study_process_leaves_no_cell_running(tmp_path):
+    # Cells are forked by a fork server that outlives a killed study process; each cell watches the study's pid.
+    script, marker = tmp_path / "study.py", tmp_path / "cell.pid"
+    script.write_text(_ORPHAN_SCRIPT)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO / "src"), str(REPO)])}
+    study = subprocess.Popen([sys.executable, str(script), str(marker)], env=env)
+    try:
+        deadline = time.monotonic() + 120
+        while not marker.exists():
+            assert time.monotonic() < deadline and study.poll() is None, "the cell never started"
+            time.sleep(0.2)
+        cell = int(marker.read_text())
+        assert _alive(cell)
+    finally:
+        study.kill()
+        study.wait()
+    deadline = time.monotonic() + 30
+    while _alive(cell) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not _alive(cell), "the cell kept running after the study process was killed"

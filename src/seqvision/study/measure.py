@@ -25,6 +25,7 @@ import platform
 import resource
 import statistics
 import sys
+import threading
 import time
 import traceback
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -152,7 +153,27 @@ def tensor_bytes(tensors: Sequence[torch.Tensor | None] | None) -> int:
 # Fresh processes
 
 
-def _child(conn: Any, fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+def _exit_with(pid: int, *, every_s: float = 1.0) -> None:
+    """A daemon thread that ends this process once process ``pid`` (the study's) is gone.
+
+    A cell's parent is the fork server, not the study process, and the fork server outlives a killed study process
+    while any cell holds the pipe it watches; without this, killing the study (Ctrl-C under ``dvc repro``, a
+    SIGKILL) left its trainings running orphaned."""
+    def watch() -> None:
+        while True:
+            time.sleep(every_s)
+            try:
+                os.kill(pid, 0)
+            except ProcessLookupError:
+                os._exit(1)
+            except PermissionError:  # alive, owned by someone else (cannot happen for our own parent)
+                pass
+
+    threading.Thread(target=watch, name="exit-with-study", daemon=True).start()
+
+
+def _child(conn: Any, parent: int, fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+    _exit_with(parent)
     # The objects inherited from the fork server never become garbage here; without freezing them, every
     # gc.collect() (release_free_memory) walks all of torch's Python objects: 0.3 s per cell, measured.
     gc.freeze()
@@ -173,7 +194,7 @@ def run_isolated(fn: Callable[..., Any], /, *args: Any, timeout_s: float = 600.0
     ctx = multiprocessing.get_context("forkserver")
     ctx.set_forkserver_preload(PRELOAD)
     receive, send = ctx.Pipe(duplex=False)
-    process = ctx.Process(target=_child, args=(send, fn, args, kwargs), daemon=True)
+    process = ctx.Process(target=_child, args=(send, os.getpid(), fn, args, kwargs), daemon=True)
     process.start()
     send.close()
     try:
