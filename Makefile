@@ -36,15 +36,22 @@ data: $(STAMP) ## generate the default synthetic benchmark into data/ and check 
 	  echo "If that is intended, run: dvc commit -f data.dvc && git add data.dvc"; exit 1; }
 	@echo "data/ matches data.dvc"
 
-demo: $(STAMP) ## generate data/ if absent, then run the whole pipeline with dvc repro
+# The comparison's last stage: `dvc repro report` runs every stage it needs. Not the study (make study): a plain
+# `dvc repro` would run that too.
+DEMO_STAGES ?= report
+
+demo: $(STAMP) ## generate data/ if absent, then run the comparison (dvc repro report; not the study)
 	@if [ ! -d data/annotations ]; then $(MAKE) --no-print-directory data; fi
 	@# The Prefect server (about 5 s to start) only when some stage will run: `dvc status -q` exits 0 when none will.
-	@if $(VENV)/bin/dvc status -q >/dev/null 2>&1; then echo "dvc status: every stage is up to date, nothing to run"; \
-	else echo "scripts/with-prefect-server $(VENV)/bin/dvc repro"; scripts/with-prefect-server $(VENV)/bin/dvc repro; fi
+	@if $(VENV)/bin/dvc status -q --with-deps $(DEMO_STAGES) >/dev/null 2>&1; then \
+	  echo "dvc status: every stage is up to date, nothing to run"; \
+	else echo "scripts/with-prefect-server $(VENV)/bin/dvc repro $(DEMO_STAGES)"; \
+	  scripts/with-prefect-server $(VENV)/bin/dvc repro $(DEMO_STAGES); fi
 	@echo ""
 	@echo "Report:  $(abspath reports/report.html)  (self-contained; also reports/report.md)"
 	@echo "Metrics: dvc metrics show    Plots: dvc plots show"
 	@echo "MLflow:  make mlflow-ui  ->  http://127.0.0.1:$(MLFLOW_PORT)"
+	@echo "Study:   make study (the seed's table, measured: reports/study.html; not part of make demo)"
 
 test: $(STAMP) ## run the whole test suite
 	$(PY) -m pytest -n 2 --dist loadgroup
@@ -56,11 +63,14 @@ bench: $(STAMP) ## run the speed benchmarks (results: docs/benchmarks.md)
 	@for b in benchmarks/extract.py benchmarks/train_loop.py; do echo "== $$b"; $(PY) $$b || exit 1; done
 
 bench-pipeline: $(STAMP) ## orchestration share of a forced dvc repro, no-op repro, param-change reruns (runs the whole pipeline)
-	$(PY) benchmarks/pipeline.py --docs docs/benchmarks.md
+	$(PY) benchmarks/pipeline.py --docs docs/benchmarks.md --dvc-args "$(DEMO_STAGES)"
 
-STUDY_PRESET ?= default
-study: $(STAMP) ## the seed's table, measured (docs/study.md): rows 2-4 -> artifacts/study (row 4 reads make demo's outputs)
-	$(PY) -m seqvision.study --out artifacts/study --preset $(STUDY_PRESET) --params params.yaml
+study: $(STAMP) ## the seed's table, measured (docs/study.md): dvc repro study_report -> reports/study.md (params.yaml study:)
+	@if [ ! -d data/annotations ]; then $(MAKE) --no-print-directory data; fi
+	scripts/with-prefect-server $(VENV)/bin/dvc repro study_report
+	@echo ""
+	@echo "Study:  $(abspath reports/study.html)  (self-contained; also reports/study.md)"
+	@echo "MLflow: make mlflow-ui  ->  experiment seqvision-study"
 
 MLFLOW_PORT ?= 5000
 mlflow-ui: $(STAMP) ## browse every run in the MLflow UI at http://127.0.0.1:5000 (MLFLOW_PORT=...)

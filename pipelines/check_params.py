@@ -20,6 +20,7 @@ import sys
 
 from seqvision.config import ConfigError, load_params
 from seqvision.io import write_text
+from seqvision.study.params import study_config
 
 VALID = "params.yaml passed validation (python -m pipelines.check_params)\n"
 
@@ -31,7 +32,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", required=True, help="marker file written when the params are valid")
     args = parser.parse_args(argv)
     try:
-        load_params(args.params)
+        params = load_params(args.params)
+        try:  # the study's knobs are validated by the study's code (seqvision.study.params)
+            study_config(params.study)
+        except ConfigError as err:
+            raise ConfigError(f"{args.params}: {err}") from None
     except ConfigError as err:
         print(f"check_params: error: {err}", file=sys.stderr)
         return 2

@@ -36,7 +36,10 @@ from typing import Any
 import pytest
 import yaml
 
+from seqvision.study.run import ROWS as STUDY_ROWS
+from seqvision.study.run import TRAINING_ROWS
 from tests.test_pipeline import copy_repository
+from tests.tiny import TINY_PIPELINE_PARAMS
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -189,6 +192,8 @@ def _shrink_params(path: Path) -> None:
     params["evaluate"]["beam_size"] = 1
     params["evaluate"]["max_length"] = 8
     params["report"]["compute_meteor"] = "never"  # METEOR starts a JVM per scoring call: ~10 s each
+    params["study"]["preset"] = TINY_PIPELINE_PARAMS["study"]["preset"]  # the study's stages: seconds
+    params["study"]["overrides"] = TINY_PIPELINE_PARAMS["study"]["overrides"]
     path.write_text(yaml.safe_dump(params, sort_keys=False))
 
 
@@ -301,7 +306,8 @@ def _children(runs: list[Any], parent_id: str) -> list[Any]:
 def test_full_repro_runs_every_stage_and_mlflow_holds_the_comparison(scratch: Scratch, first_repro: str) -> None:
     root = scratch.root
     stages = set(_run([DVC, "stage", "list", "--name-only"], root, scratch.env).stdout.split())
-    assert len(stages) == 5 + len(TASKS) * len(FAMILIES) + 2, sorted(stages)
+    # check_params .. features, the trainings, baselines and report, a stage per study row and study_report
+    assert len(stages) == 5 + len(TASKS) * len(FAMILIES) + 2 + len(STUDY_ROWS) + 1, sorted(stages)
     assert _ran(first_repro) == stages
     for name in ("report.html", "report.md"):
         assert (root / "reports" / name).stat().st_size > 0
@@ -435,7 +441,9 @@ def test_second_repro_is_a_noop_and_one_model_param_reruns_only_that_model(
     params_path.write_text(yaml.safe_dump(params, sort_keys=False))
     started_ms = int(time.time() * 1000)
     ran = _ran(_repro(scratch))
-    expected = {f"train@{task}-gru" for task in TASKS} | {"check_params", "report"}
+    # ... and the study's training rows, which track the whole models section, and its report
+    expected = {f"train@{task}-gru" for task in TASKS} | {"check_params", "report", "study_report"} | {
+        f"study_trained@{row}" for row in TRAINING_ROWS}
     assert ran == expected
     assert json.loads(_run([DVC, "status", "--json"], root, env).stdout) == {}
 

@@ -36,6 +36,7 @@ CALLER_SUPPLIES = {
     "train": {"task", "model", "out"},
     "train-gpu": {"task", "model", "out"},
     "evaluate": {"task_name", "model", "checkpoint", "out"},
+    "study-row": {"row"},
 }
 # Flow parameter -> the stage CLI flag dvc.yaml passes it with, where the two names differ.
 CLI_FLAG = {"evals": "--eval", "params_path": "--params"}
@@ -102,6 +103,24 @@ def test_default_parameters_are_the_paths_dvc_passes():
             assert f"{flag} {value}" in commands[stage], f"{name}.{key}: dvc.yaml's {stage} does not pass {value}"
             checked += 1
     assert checked >= 20
+
+
+def test_the_study_row_deployment_runs_what_the_study_stages_run():
+    """Its defaults are what dvc.yaml's study_trained@ stages pass (the timing rows pass the same minus --features,
+    which they ignore), and `python -m pipelines.study --deployment` fills in every row the registry has."""
+    from seqvision.study.run import ROWS
+
+    deployment = load_deployments()["study-row"]
+    assert deployment["entrypoint"] == "pipelines/study_row.py:study_row_flow"
+    commands = dvc_commands()
+    for key, value in deployment["parameters"].items():
+        assert f"--{key} {value}" in commands["study_trained"], f"study-row.{key}: dvc.yaml passes something else"
+        if key != "features":
+            assert f"--{key} {value}" in commands["study"], f"study-row.{key}: dvc.yaml passes something else"
+    stages = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
+    staged = {*stages["study"]["foreach"], *stages["study_trained"]["foreach"]}
+    assert staged == set(ROWS), "every row of seqvision.study.run.ROWS is one study@ or study_trained@ stage"
+    assert set(stages["study_trained"]["foreach"]) == {name for name, row in ROWS.items() if row.trains}
 
 
 def test_pools_schedule_and_working_directory():

@@ -258,6 +258,8 @@ def test_report_renders_self_contained_with_failed_and_missing_runs_marked(tmp_p
         assert f"](figures/{figure})" in md
     assert "not x100" in md and "not x100" in text
     assert "Holm" in md and "Holm" in text  # the correction is stated
+    assert "The seed's table, measured: [study.md](study.md)" in md  # the study's section, one line
+    assert "<code>study.html</code> beside this file" in text
     summary = json.loads(paths["summary"].read_text())
     assert summary["tasks"]["activity"]["runs"]["transformer"]["status"] == "failed"
     assert summary["tasks"]["image_captioning"]["headline"].startswith("No model finished")

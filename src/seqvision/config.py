@@ -72,6 +72,8 @@ def _type_name(tp: Any) -> str:
         return " or ".join("null" if a is type(None) else _type_name(a) for a in typing.get_args(tp))
     if dataclasses.is_dataclass(tp):
         return "a mapping with keys " + ", ".join(f.name for f in dataclasses.fields(tp))
+    if origin is dict:
+        return "a mapping"
     return str(tp)
 
 
@@ -82,6 +84,12 @@ def _convert(value: Any, tp: Any, where: str, meta: Mapping[str, Any]) -> Any:
 
     if dataclasses.is_dataclass(tp):
         return _from_mapping(tp, value, where)
+    if origin is dict:  # keys checked here, values by the section's owner (StudySection.overrides)
+        if value is None:
+            return {}
+        if not isinstance(value, Mapping) or not all(isinstance(k, str) for k in value):
+            raise bad
+        return dict(value)
     if origin in (typing.Union, types.UnionType):
         args = typing.get_args(tp)
         if value is None and type(None) in args:
@@ -530,6 +538,19 @@ class ReportConfig:
 
 
 @dataclass(frozen=True)
+class StudySection:
+    """The study (``python -m pipelines.study``, docs/study.md): one of its presets and knobs set over it.
+
+    Only the shape is checked here: the knobs are those of ``seqvision.study.presets.StudyConfig``, which lives with
+    the study's code (it imports torch, which no other stage's params need). ``seqvision.study.run.study_config``
+    validates them, naming ``study.overrides.<knob>``; pipelines/check_params.py calls it before any stage runs.
+    """
+
+    preset: str = knob("default", "the study's preset: ci (seconds), default (make study on a 2-core CPU), gpu")
+    overrides: dict[str, Any] = knob({}, "StudyConfig knobs set over the preset, e.g. {repeats: 3}")
+
+
+@dataclass(frozen=True)
 class Params:
     """Every section of params.yaml, validated (:func:`load_params`). Stages read it once in ``main`` and pass the
     sections they need down as typed configs."""
@@ -543,6 +564,7 @@ class Params:
     models: ModelsConfig = knob(ModelsConfig(), "the model families")
     evaluate: EvaluateConfig = knob(EvaluateConfig(), "decoding: picks each captioner's best epoch and its test captions")
     report: ReportConfig = knob(ReportConfig(), "the report")
+    study: StudySection = knob(StudySection(), "the seed's table, measured (make study)")
 
 
 SECTIONS: dict[str, type] = {f.name: f.type if isinstance(f.type, type) else typing.get_type_hints(Params)[f.name]

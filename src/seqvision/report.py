@@ -1324,7 +1324,7 @@ def render_runinfo(sections: Sequence[TaskSection]) -> str:
     for s in sections:
         header, rows = runinfo_table(s.runs)
         if rows:
-            out += [f"## {TITLES.get(s.task, s.task)}", "", *_md_table(header, rows), ""]
+            out += [f"## {TITLES.get(s.task, s.task)}", "", *md_table(header, rows), ""]
     return "\n".join(out) + "\n"
 
 
@@ -1506,39 +1506,41 @@ def summary_json(sections: Sequence[TaskSection], *, resamples: int = RESAMPLES,
 
 def render_html(sections: Sequence[TaskSection], *, title: str = "seqvision: RNN or Transformer?",
                 resamples: int = RESAMPLES) -> str:
-    out = [f"<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\"><title>{_esc(title)}</title>",
-           f"<style>{CSS}</style></head><body>", f"<h1>{_esc(title)}</h1>"]
+    out = [f"<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\"><title>{esc(title)}</title>",
+           f"<style>{CSS}</style></head><body>", f"<h1>{esc(title)}</h1>"]
     out.append('<nav><ul><li><a href="#summary">Summary</a></li>')
     for s in sections:
-        out.append(f'<li><a href="#task-{s.task}">{_esc(TITLES.get(s.task, s.task))}</a> — '
+        out.append(f'<li><a href="#task-{s.task}">{esc(TITLES.get(s.task, s.task))}</a> — '
                    f'<a href="#{s.task}-table">tables</a>, <a href="#{s.task}-comparisons">comparisons</a>, '
                    f'<a href="#{s.task}-figures">figures</a>, <a href="#{s.task}-examples">examples</a></li>')
     out.append("</ul></nav>")
     out.append('<section id="summary"><h2>Summary</h2><ul>')
     for task, line in summary_lines(sections):
-        out.append(f'<li><a href="#task-{task}">{_esc(TITLES.get(task, task))}</a>: {_esc(line)}</li>')
-    out.append(f'</ul><p class="scale">{_esc(METHOD.format(resamples=resamples, alpha=ALPHA))}</p>'
+        out.append(f'<li><a href="#task-{task}">{esc(TITLES.get(task, task))}</a>: {esc(line)}</li>')
+    out.append(f'</ul><p class="scale">{esc(METHOD.format(resamples=resamples, alpha=ALPHA))}</p>'
                f'<p class="scale">Scale: accuracies and content metrics are fractions in [0, 1]; caption metrics are '
-               f'{_esc(CAPTION_SCALE)}. All numbers are on the test split. What the trainings cost (time, '
-               f'throughput, memory): <code>runinfo.md</code> beside this file.</p></section>')
+               f'{esc(CAPTION_SCALE)}. All numbers are on the test split. What the trainings cost (time, '
+               f'throughput, memory): <code>runinfo.md</code> beside this file.</p>'
+               '<p>The seed\'s table, measured: <code>study.html</code> beside this file — <code>make study</code> '
+               '(docs/study.md).</p></section>')
     for s in sections:
         out += _html_task(s)
     out.append("</body></html>\n")
     return "\n".join(out)
 
 
-def _html_table(header: Sequence[str], rows: Sequence[Sequence[str]], *, row_attrs: Sequence[str] | None = None) -> list[str]:
-    out = ["<table><thead><tr>", *(f"<th>{_esc(h)}</th>" for h in header), "</tr></thead><tbody>"]
+def html_table(header: Sequence[str], rows: Sequence[Sequence[str]], *, row_attrs: Sequence[str] | None = None) -> list[str]:
+    out = ["<table><thead><tr>", *(f"<th>{esc(h)}</th>" for h in header), "</tr></thead><tbody>"]
     for n, cells in enumerate(rows):
         attrs = row_attrs[n] if row_attrs else ""
-        out.append(f"<tr{attrs}>" + "".join(f"<td>{_esc(c)}</td>" for c in cells) + "</tr>")
+        out.append(f"<tr{attrs}>" + "".join(f"<td>{esc(c)}</td>" for c in cells) + "</tr>")
     out.append("</tbody></table>")
     return out
 
 
 def _html_task(s: TaskSection) -> list[str]:
-    out = [f'<section id="task-{s.task}"><h2>{_esc(TITLES.get(s.task, s.task))}</h2>', '<ul class="verdict">']
-    out += [f"<li>{_esc(line)}</li>" for line in s.verdict]
+    out = [f'<section id="task-{s.task}"><h2>{esc(TITLES.get(s.task, s.task))}</h2>', '<ul class="verdict">']
+    out += [f"<li>{esc(line)}</li>" for line in s.verdict]
     out.append("</ul>")
     header, rows = runs_table(s.task, s.runs)
     out.append(f'<h3 id="{s.task}-table">Runs</h3>')
@@ -1546,57 +1548,57 @@ def _html_task(s: TaskSection) -> list[str]:
     for run, _ in rows:
         classes = [run.status if not run.ok else "", "baseline" if run.kind == "baseline" else "",
                    "flagged" if parameter_note(run)[1] or convergence(run).startswith("not") else ""]
-        attrs.append(f' class="{" ".join(c for c in classes if c)}" data-run="{_esc(run.name)}" '
-                     f'data-status="{_esc(run.status)}"')
-    out += _html_table(header, [cells for _, cells in rows], row_attrs=attrs)
+        attrs.append(f' class="{" ".join(c for c in classes if c)}" data-run="{esc(run.name)}" '
+                     f'data-status="{esc(run.status)}"')
+    out += html_table(header, [cells for _, cells in rows], row_attrs=attrs)
     for title, header, rows in metric_tables(s.task, s.runs):
-        out.append(f"<h3>{_esc(title)}</h3>")
-        out += _html_table(header, [cells for _, cells in rows],
+        out.append(f"<h3>{esc(title)}</h3>")
+        out += html_table(header, [cells for _, cells in rows],
                            row_attrs=[' class="baseline"' if r.kind == "baseline" else "" for r, _ in rows])
     if s.ceilings:
         out.append("<h3>Per-template oracle ceiling of CIDEr-D</h3><p>CIDEr-D of captions with perfect content, "
                    "written in one sentence template each: the part of a CIDEr-D difference that the template alone "
                    "can make.</p>")
-        out += _html_table(["Template", "CIDEr-D"], [[k, f"{v:.3f}"] for k, v in s.ceilings.items()])
+        out += html_table(["Template", "CIDEr-D"], [[k, f"{v:.3f}"] for k, v in s.ceilings.items()])
     out.append(f'<h3 id="{s.task}-comparisons">Comparisons</h3>')
     header, rows = comparison_rows(s.stats)
     if rows:
-        out += _html_table(header, rows, row_attrs=[f' data-verdict="{_esc(r[-1])}"' for r in rows])
+        out += html_table(header, rows, row_attrs=[f' data-verdict="{esc(r[-1])}"' for r in rows])
     else:
         out.append("<p>No comparisons: fewer than two systems with per-item test scores.</p>")
     out.append(f'<h3 id="{s.task}-figures">Figures</h3>')
     if not s.figures:
         out.append("<p>No figures: no run has the data they need.</p>")
     for fig in s.figures:
-        out.append(f'<figure><img src="{_data_uri(fig.png)}" alt="{_esc(fig.caption)}">'
-                   f"<figcaption>{_esc(fig.caption)}</figcaption></figure>")
+        out.append(f'<figure><img src="{data_uri(fig.png)}" alt="{esc(fig.caption)}">'
+                   f"<figcaption>{esc(fig.caption)}</figcaption></figure>")
     out.append(f'<h3 id="{s.task}-examples">Examples</h3>')
     if not s.examples:
         out.append("<p>No examples: no model has test predictions.</p>")
     else:
-        out.append(f"<p>Test items the best model (<b>{_esc(s.best)}</b>, first seed) got right and wrong"
+        out.append(f"<p>Test items the best model (<b>{esc(s.best)}</b>, first seed) got right and wrong"
                    + (" (by per-item CIDEr-D)" if s.task != "activity" else "")
                    + ", with every system's output (first seed).</p>")
         out.append('<div class="examples">')
         for ex in s.examples:
-            out.append(f'<div class="example {ex.verdict}"><b>{_esc(ex.item_id)}</b> — {ex.verdict}')
+            out.append(f'<div class="example {ex.verdict}"><b>{esc(ex.item_id)}</b> — {ex.verdict}')
             if ex.image is not None:
-                out.append(f'<img src="{_data_uri(ex.image)}" alt="frames of {_esc(ex.item_id)}">')
+                out.append(f'<img src="{data_uri(ex.image)}" alt="frames of {esc(ex.item_id)}">')
             if s.task == "activity":
-                out.append(f"<div>true class: <b>{_esc(ex.truth[0])}</b></div>")
+                out.append(f"<div>true class: <b>{esc(ex.truth[0])}</b></div>")
             else:
-                refs = "".join(f"<li>{_esc(r)}</li>" for r in ex.truth[:3])
+                refs = "".join(f"<li>{esc(r)}</li>" for r in ex.truth[:3])
                 more = f"<li>… and {len(ex.truth) - 3} more</li>" if len(ex.truth) > 3 else ""
                 out.append(f"<div>references:<ul>{refs}{more}</ul></div>")
             out.append("<table>")
             for name, text, correct, score in ex.outputs:
                 mark = "" if correct is None else ('<span class="ok">✓</span> ' if correct else '<span class="bad">✗</span> ')
                 score_text = "" if score is None else f"{score:.2f}"
-                out.append(f"<tr><td>{_esc(name)}</td><td>{mark}{_esc(text)}</td><td>{score_text}</td></tr>")
+                out.append(f"<tr><td>{esc(name)}</td><td>{mark}{esc(text)}</td><td>{score_text}</td></tr>")
             out.append("</table>")
             if ex.attention is not None:
-                out.append(f'<figure class="attention"><img src="{_data_uri(ex.attention.png)}" '
-                           f'alt="{_esc(ex.attention.caption)}"><figcaption>{_esc(ex.attention.caption)}</figcaption>'
+                out.append(f'<figure class="attention"><img src="{data_uri(ex.attention.png)}" '
+                           f'alt="{esc(ex.attention.caption)}"><figcaption>{esc(ex.attention.caption)}</figcaption>'
                            "</figure>")
             out.append("</div>")
         out.append("</div>")
@@ -1604,13 +1606,13 @@ def _html_task(s: TaskSection) -> list[str]:
     return out
 
 
-def _md_cell(text: Any) -> str:
+def md_cell(text: Any) -> str:
     return str(text).replace("|", "\\|").replace("\n", " ")
 
 
-def _md_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
-    return ["| " + " | ".join(_md_cell(h) for h in header) + " |", "|" + "---|" * len(header),
-            *("| " + " | ".join(_md_cell(c) if not c.startswith("**") else c for c in cells) + " |" for cells in rows)]
+def md_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
+    return ["| " + " | ".join(md_cell(h) for h in header) + " |", "|" + "---|" * len(header),
+            *("| " + " | ".join(md_cell(c) if not c.startswith("**") else c for c in cells) + " |" for cells in rows)]
 
 
 def render_markdown(sections: Sequence[TaskSection], *, title: str = "seqvision: RNN or Transformer?",
@@ -1621,25 +1623,26 @@ def render_markdown(sections: Sequence[TaskSection], *, title: str = "seqvision:
     out += ["", METHOD.format(resamples=resamples, alpha=ALPHA), "",
             f"Scale: accuracies and content metrics are fractions in [0, 1]; caption metrics are {CAPTION_SCALE}. "
             "All numbers are on the test split. Frames and examples with images: `report.html`; every number: "
-            "`summary.json`; what the trainings cost (time, throughput, memory): `runinfo.md`.", ""]
+            "`summary.json`; what the trainings cost (time, throughput, memory): `runinfo.md`.", "",
+            "The seed's table, measured: [study.md](study.md) — `make study` (docs/study.md).", ""]
     for s in sections:
         out += [f"## {TITLES.get(s.task, s.task)}", ""]
         out += [f"- {line}" for line in s.verdict]
         header, rows = runs_table(s.task, s.runs)
         out += ["", "### Runs", ""]
-        out += _md_table(header, [[f"**{_md_cell(c[0])}**", f"**{_md_cell(c[1])}**", *c[2:]] if not r.ok else c
+        out += md_table(header, [[f"**{md_cell(c[0])}**", f"**{md_cell(c[1])}**", *c[2:]] if not r.ok else c
                                   for r, c in rows])
         for title_text, header, rows in metric_tables(s.task, s.runs):
             out += ["", f"### {title_text}", ""]
-            out += _md_table(header, [cells for _, cells in rows])
+            out += md_table(header, [cells for _, cells in rows])
         if s.ceilings:
             out += ["", "### Per-template oracle ceiling of CIDEr-D", "",
                     "CIDEr-D of captions with perfect content, written in one sentence template each.", ""]
-            out += _md_table(["Template", "CIDEr-D"], [[k, f"{v:.3f}"] for k, v in s.ceilings.items()])
+            out += md_table(["Template", "CIDEr-D"], [[k, f"{v:.3f}"] for k, v in s.ceilings.items()])
         header, rows = comparison_rows(s.stats)
         if rows:
             out += ["", "### Comparisons", ""]
-            out += _md_table(header, rows)
+            out += md_table(header, rows)
         out.append("")
         for fig in s.figures:
             out += [f"![{fig.caption}](figures/{fig.name})", ""]
@@ -1648,11 +1651,11 @@ def render_markdown(sections: Sequence[TaskSection], *, title: str = "seqvision:
             for ex in s.examples:
                 truth = ex.truth[0] if s.task == "activity" else " / ".join(ex.truth[:3])
                 out.append(f"- `{ex.item_id}` ({ex.verdict}) — {'true class' if s.task == 'activity' else 'references'}: "
-                           f"{_md_cell(truth)}")
+                           f"{md_cell(truth)}")
                 for name, text, correct, score in ex.outputs:
                     mark = "" if correct is None else ("✓ " if correct else "✗ ")
                     score_text = "" if score is None else f" ({score:.2f})"
-                    out.append(f"  - {name}: {mark}{_md_cell(text)}{score_text}")
+                    out.append(f"  - {name}: {mark}{md_cell(text)}{score_text}")
                 if ex.attention is not None:
                     out.append(f"  - attention of {s.best}: ![{ex.attention.caption}](figures/{ex.attention.name})")
             out.append("")
@@ -1678,11 +1681,11 @@ figure{margin:1em 0}figure img{max-width:100%}figcaption{color:#555;font-size:12
 """
 
 
-def _data_uri(png: bytes) -> str:
+def data_uri(png: bytes) -> str:
     return "data:image/png;base64," + base64.b64encode(png).decode("ascii")
 
 
-def _esc(text: Any) -> str:
+def esc(text: Any) -> str:
     return html.escape(str(text), quote=True)
 
 

@@ -724,6 +724,66 @@ def publish_comparison(
 
 
 # --------------------------------------------------------------------------------------------------------
+# The study (docs/study.md): one parent run "study" per rendering of the measured table, one child run per cell.
+
+STUDY_EXPERIMENT = "seqvision-study"
+STUDY_RUN_NAME = "study"
+
+
+class StudyCell(NamedTuple):
+    """One cell of the study's table as a child run: ``name`` ("compute/RNNs") is its run name; ``artifacts`` are
+    logged under ``study/``."""
+
+    name: str
+    tags: Mapping[str, Any]
+    metrics: Mapping[str, float]
+    artifacts: Sequence[str | Path] = ()
+
+
+def publish_study(
+    cells: Sequence[StudyCell],
+    *,
+    repo_root: str | Path,
+    files: Sequence[str | Path] = (),
+    folders: Mapping[str, str | Path] | None = None,
+    tags: Mapping[str, Any] | None = None,
+) -> tuple[str, dict[str, str]]:
+    """A new parent run ``study`` in experiment ``seqvision-study`` with ``files`` (artifact path ``report/``) and
+    ``folders`` (``{artifact path: folder}``), and one FINISHED child run per cell (explicit ``parent_run_id``: no
+    fluent run stack, so it works from any thread); then the parent is ended FINISHED (FAILED, and the error
+    re-raised, when any of it fails). Neither ``$SEQVISION_PARENT_RUN_ID`` nor ``$MLFLOW_RUN_ID`` applies: those
+    hand over the comparison's runs. Returns (parent run id, ``{cell name: child run id}``)."""
+    root = Path(repo_root)
+    uri = tracking_uri(root)
+    check_tracking(uri)
+    client = _client(uri)
+    data_dvc = root / DATA_DVC
+    lineage = lineage_tags(repo_root=root, data_dvc=data_dvc if data_dvc.is_file() else None)
+    with _reaching(uri):
+        experiment = _experiment_id(client, STUDY_EXPERIMENT, uri)
+        parent = client.create_run(experiment, run_name=STUDY_RUN_NAME,
+                                   tags=_stringify({**lineage, "seqvision.stage": "study", **(tags or {})}))
+    parent_id = parent.info.run_id
+    children: dict[str, str] = {}
+    with Tracker(client, parent_id) as tracker:
+        for path in files:
+            tracker.log_artifact(path, "report")
+        for artifact_path, folder in (folders or {}).items():
+            if Path(folder).is_dir():
+                tracker.log_artifact(folder, artifact_path)
+        for cell in cells:
+            with _reaching(uri):
+                run = client.create_run(experiment, run_name=cell.name, tags={
+                    PARENT_TAG: parent_id, **_stringify({**lineage, "seqvision.stage": "study", **cell.tags})})
+            with Tracker(client, run.info.run_id) as child:
+                child.log_epoch(cell.metrics, step=0)
+                for path in cell.artifacts:
+                    child.log_artifact(path, "study")
+            children[cell.name] = run.info.run_id
+    return parent_id, children
+
+
+# --------------------------------------------------------------------------------------------------------
 # The model registry: the best model of each task, loadable with one call.
 
 BEST_ALIAS = "best"

@@ -8,5 +8,8 @@ bias: accuracy vs training-set size).
 - ``parallelism`` row 2: critical paths, thread speedups, the GPU token-budget run
 - ``bias``        row 4: trainings on nested training subsets, crossovers, samples to a target accuracy
 - ``presets``     ``StudyConfig`` and the ci / default / gpu presets
-- ``figures``, ``run``, ``__main__``  PNGs, JSON outputs, ``python -m seqvision.study``
+- ``params``      params.yaml's ``study:`` section -> ``StudyConfig``
+- ``run``         the row registry (``ROWS``), one row -> ``{row}.json``, figures, ``run_study``
+- ``report``      "The seed's table, measured": study.md, study.html, the cells as MLflow child runs
+- ``figures``, ``__main__``  PNGs, ``python -m seqvision.study``
 """

@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-from pathlib import Path
 
 from seqvision.config import (
     ConfigError,
@@ -27,7 +26,7 @@ from seqvision.config import (
 from seqvision.study.bias import summary_lines
 from seqvision.study.complexity import describe
 from seqvision.study.presets import PRESETS, StudyConfig
-from seqvision.study.run import ROWS, run_study
+from seqvision.study.run import ROWS, check_inputs, run_study
 
 
 def parse_config(args: argparse.Namespace) -> StudyConfig:
@@ -35,16 +34,11 @@ def parse_config(args: argparse.Namespace) -> StudyConfig:
     return from_mapping(StudyConfig, merge(to_dict(PRESETS[args.preset]), overrides_from_args(args)), where="study")
 
 
-def training_params(path: str, config: StudyConfig) -> Params:
-    """The pipeline's params for row 4, read once, after checking that its inputs exist (before any row runs:
+def training_params(path: str, config: StudyConfig, rows: list[str]) -> Params:
+    """The pipeline's params for the training rows, read once, after checking their inputs (before any row runs:
     rows 2 and 3 take minutes). Raises ``ConfigError`` naming what is missing."""
     params = load_params(path)
-    labels = Path(config.bias_activity_dir or params.data.activity_dir)
-    for needed in (Path(config.bias_features) / "index.json", Path(config.bias_features) / "videos-train.npy",
-                   labels / "classInd.txt"):
-        if not needed.is_file():
-            raise ConfigError(f"{needed}: missing; the inductive_bias row needs the features stage's output "
-                              "(--bias-features) and the activity label lists (--bias-activity-dir)")
+    check_inputs(rows, config, params)
     return params
 
 
@@ -55,7 +49,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--preset", choices=sorted(PRESETS), default="default",
                         help="ci: seconds; default: make study on 2 CPU cores (rows 2-3 ~5 min, row 4 ~25 min); "
                              "gpu: CUDA, bfloat16")
-    parser.add_argument("--rows", nargs="+", choices=ROWS, default=list(ROWS), help="which rows to run")
+    parser.add_argument("--rows", nargs="+", choices=list(ROWS), default=list(ROWS), help="which rows to run")
     parser.add_argument("--params", default="params.yaml",
                         help="the pipeline's params file: row 4's training protocol, model sections and label lists")
     parser.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
@@ -63,7 +57,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         config = parse_config(args)
-        params = training_params(args.params, config) if "inductive_bias" in args.rows else None
+        params = training_params(args.params, config, args.rows) if any(ROWS[r].trains for r in args.rows) else None
     except ConfigError as err:
         parser.error(str(err))
     start = time.perf_counter()

@@ -1,5 +1,12 @@
-"""Run rows 2, 3 and 4 of the study and write their results: ``{row}.json`` per row, ``compute.png``,
-``parallelism.png``, ``inductive_bias.png``.
+"""The study's rows, one registry entry each, and what runs them: ``{row}.json`` per row, one figure per row of the
+seed's table (``compute.png`` holds the compute and streaming panels: both are its compute-and-memory row).
+
+- :data:`ROWS`           row name -> :class:`Row` (its runner, whether it trains on the pipeline's features, its figure)
+- :func:`check_inputs`   what the training rows read exists, before any row runs
+- :func:`run_row`        one row -> ``{row}.json`` (a training row also keeps its trainings in ``{row}/``)
+- :func:`load_results`   the row JSONs of a folder back as :class:`RowResult` (:meth:`RowResult.from_json`)
+- :func:`write_figures`  every figure the results allow, drawn from the results alone
+- :func:`run_study`      rows in order, then their figures (``python -m seqvision.study``)
 
 The JSON of a row is :meth:`RowResult.to_json`: config, environment, every cell with its repeats (or seeds), every
 fit or comparison with its interval and verdict, and the table cells ({column, quantity, claim, measured, verdict}).
@@ -7,49 +14,120 @@ fit or comparison with its interval and verdict, and the table cells ({column, q
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import json
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 
-from seqvision.config import Params
+from seqvision.config import ConfigError, Params
 from seqvision.io import write_json
+from seqvision.study import complexity
 from seqvision.study.bias import run_inductive_bias
+from seqvision.study.bias import COLUMNS as BIAS_COLUMNS
 from seqvision.study.complexity import Log, RowResult, run_compute, run_streaming
 from seqvision.study.figures import plot_compute, plot_inductive_bias, plot_parallelism
 from seqvision.study.parallelism import run_parallelism
 from seqvision.study.presets import StudyConfig
 
-ROWS = ("compute", "streaming", "parallelism", "inductive_bias")
+Plot = Callable[[Mapping[str, RowResult], Path], None]
 
 
-def run_study(config: StudyConfig, out_dir: str | Path, *, rows: Sequence[str] = ROWS, params: Params | None = None,
-              log: Log = None) -> dict[str, RowResult]:
-    """Run ``rows`` (any of :data:`ROWS`) and write their JSON and figures to ``out_dir``.
+@dataclass(frozen=True)
+class Row:
+    """One row of the study.
 
-    ``compute.png`` holds the compute and streaming panels (both are row 3 of the table); it is drawn when
-    "compute" runs, with the streaming panels when "streaming" runs too. "inductive_bias" trains with the
-    pipeline's ``params`` (required for it) and keeps its trainings in ``out_dir/inductive_bias/``.
+    ``run(config, *, log)`` measures it; a row that ``trains`` runs as ``run(config, *, params, work_dir, log)``
+    with the pipeline's params, on the features stage's output, and keeps its trainings in ``work_dir``.
+    ``plot(results, path)`` draws its figure from the results of the rows run (None: drawn in another row's
+    figure). ``seed_row`` names the row of the seed's table it measures; ``columns`` maps each column of the table
+    to the variants whose measurements make that cell.
     """
+
+    run: Callable[..., RowResult]
+    seed_row: str
+    trains: bool = False
+    plot: Plot | None = None
+    columns: Mapping[str, tuple[str, ...]] = field(default_factory=lambda: dict(complexity.COLUMNS))
+
+
+# In the order they run (python -m seqvision.study, the all-rows flow); the report orders them as the seed's table.
+ROWS: dict[str, Row] = {
+    "compute": Row(run_compute, "compute & memory",
+                   plot=lambda results, path: plot_compute(results["compute"], results.get("streaming"), path)),
+    "streaming": Row(run_streaming, "compute & memory"),  # its panels are in compute.png
+    "parallelism": Row(run_parallelism, "parallelizability",
+                       plot=lambda results, path: plot_parallelism(results["parallelism"], path)),
+    "inductive_bias": Row(run_inductive_bias, "inductive bias", trains=True, columns=BIAS_COLUMNS,
+                          plot=lambda results, path: plot_inductive_bias(results["inductive_bias"], path)),
+}
+TRAINING_ROWS = tuple(name for name, row in ROWS.items() if row.trains)
+
+
+def check_rows(rows: Sequence[str]) -> None:
+    """``ConfigError`` for a row name that is not in :data:`ROWS`."""
     unknown = [r for r in rows if r not in ROWS]
     if unknown:
-        raise ValueError(f"unknown study row {unknown[0]!r}; expected some of {', '.join(ROWS)}")
-    if "inductive_bias" in rows and params is None:
-        raise ValueError("the inductive_bias row trains with the pipeline's params: pass params")
-    out = Path(out_dir)
-    results: dict[str, RowResult] = {}
-    runners = {"compute": run_compute, "streaming": run_streaming, "parallelism": run_parallelism}
-    for row in ROWS:
-        if row not in rows:
-            continue
-        if row == "inductive_bias":
-            assert params is not None
-            results[row] = run_inductive_bias(config, params=params, work_dir=out / row, log=log)
-        else:
-            results[row] = runners[row](config, log=log)
-        write_json(out / f"{row}.json", results[row].to_json())
-    if "compute" in results:
-        plot_compute(results["compute"], results.get("streaming"), out / "compute.png")
-    if "parallelism" in results:
-        plot_parallelism(results["parallelism"], out / "parallelism.png")
-    if "inductive_bias" in results:
-        plot_inductive_bias(results["inductive_bias"], out / "inductive_bias.png")
+        raise ConfigError(f"unknown study row {unknown[0]!r}; expected some of {', '.join(ROWS)}")
+
+
+def check_inputs(rows: Sequence[str], config: StudyConfig, params: Params) -> None:
+    """Before any row runs (rows 2 and 3 take minutes): ``ConfigError`` naming the first input a training row of
+    ``rows`` needs and does not find (row 4: the features stage's output and the activity label lists)."""
+    if "inductive_bias" in rows:
+        labels = Path(config.bias_activity_dir or params.data.activity_dir)
+        for needed in (Path(config.bias_features) / "index.json", Path(config.bias_features) / "videos-train.npy",
+                       labels / "classInd.txt"):
+            if not needed.is_file():
+                raise ConfigError(f"{needed}: missing; the inductive_bias row needs the features stage's output "
+                                  "(study knob bias_features) and the activity label lists (data.activity_dir or "
+                                  "the knob bias_activity_dir)")
+
+
+def run_row(name: str, config: StudyConfig, out_dir: str | Path, *, params: Params | None = None,
+            log: Log = None) -> RowResult:
+    """Run row ``name`` and write ``out_dir/{name}.json``; a training row (``params`` required) keeps its trainings
+    in ``out_dir/{name}/``."""
+    check_rows([name])
+    row, out = ROWS[name], Path(out_dir)
+    if row.trains:
+        if params is None:
+            raise ValueError(f"the {name} row trains with the pipeline's params: pass params")
+        result = row.run(config, params=params, work_dir=out / name, log=log)
+    else:
+        result = row.run(config, log=log)
+    write_json(out / f"{name}.json", result.to_json())
+    return result
+
+
+def load_results(folder: str | Path, rows: Sequence[str] = tuple(ROWS)) -> dict[str, RowResult]:
+    """``{row: RowResult}`` for every ``folder/{row}.json`` of ``rows`` that exists, in :data:`ROWS` order."""
+    found = {}
+    for name in ROWS:
+        path = Path(folder) / f"{name}.json"
+        if name in rows and path.is_file():
+            found[name] = RowResult.from_json(json.loads(path.read_text()))
+    return found
+
+
+def write_figures(results: Mapping[str, RowResult], out_dir: str | Path) -> dict[str, Path]:
+    """``{row: out_dir/{row}.png}`` for every row in ``results`` that draws a figure."""
+    written = {}
+    for name, row in ROWS.items():
+        if name in results and row.plot is not None:
+            path = Path(out_dir) / f"{name}.png"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            row.plot(results, path)
+            written[name] = path
+    return written
+
+
+def run_study(config: StudyConfig, out_dir: str | Path, *, rows: Sequence[str] = tuple(ROWS),
+              params: Params | None = None, log: Log = None) -> dict[str, RowResult]:
+    """Run ``rows`` (any of :data:`ROWS`, in its order) one after another, then write their figures to ``out_dir``."""
+    check_rows(rows)
+    if any(ROWS[r].trains for r in rows) and params is None:
+        raise ValueError(f"the {', '.join(r for r in rows if ROWS[r].trains)} row trains with the pipeline's params: "
+                         "pass params")
+    results = {name: run_row(name, config, out_dir, params=params, log=log) for name in ROWS if name in rows}
+    write_figures(results, out_dir)
     return results

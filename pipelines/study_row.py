@@ -1,0 +1,101 @@
+"""study_row stage: one row of the seed's table, measured (docs/study.md) -> ``{out}/{row}.json``.
+
+    python -m pipelines.study_row compute --params params.yaml --out artifacts/study                 # study@compute
+    python -m pipelines.study_row inductive_bias --params params.yaml --features artifacts/features \\
+        --out artifacts/study                                                                  # study_trained@...
+
+A row of ``seqvision.study.run.ROWS`` with params.yaml's ``study:`` section (a preset and knobs over it). A training
+row (row 4) trains on ``--features`` with the ``train``, ``models`` and ``data.activity_dir`` / ``activity_split``
+params and keeps its trainings in ``{out}/{row}/``. The row's figure and MLflow runs are the study_report stage's
+(pipelines/study_report.py); ``python -m pipelines.study`` runs every row, then the report.
+
+Exit status: 0 done; 1 the row failed; 2 bad arguments, params or inputs (one line on stderr, before anything runs).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from prefect import flow, get_run_logger
+
+from pipelines.common import add_params_argument, read_params, resolve_params, run_main
+from seqvision.config import ConfigError, Params
+from seqvision.study.params import study_config
+from seqvision.study.presets import StudyConfig
+from seqvision.study.run import ROWS, check_inputs, check_rows, run_row
+
+
+def row_config(params: Params, row: str, *, params_path: str, features: str | None, check: bool = True
+               ) -> StudyConfig:
+    """The study's config for ``row`` from ``params``, with its inputs checked (``check``): ``ConfigError`` naming the
+    params file and key, or the missing input. ``features`` (the features stage's folder) replaces the training rows'
+    knob bias_features."""
+    check_rows([row])
+    try:
+        config = study_config(params.study)
+    except ConfigError as err:
+        raise ConfigError(f"{params_path}: {err}") from None
+    if ROWS[row].trains:
+        if features is not None:
+            config = config.replace(bias_features=features)
+        if check:
+            check_inputs([row], config, params)
+    return config
+
+
+@flow(name="study-row", flow_run_name="study-{row}")
+def study_row_flow(*, row: str, params: Params | str = "params.yaml", params_path: str = "params.yaml",
+                   out: str = "artifacts/study", features: str | None = None) -> dict[str, Any]:
+    """Row ``row`` -> ``{out}/{row}.json`` (a training row's trainings in ``{out}/{row}/``). ``params``: the validated
+    params (``params_path`` names their file in errors), or a params file, read once here (a deployment run);
+    ``features``: a training row's input folder (default: the study's knob). Returns the row's table cells."""
+    logger = get_run_logger()
+    if not isinstance(params, Params):
+        params_path = str(params)
+    params = resolve_params(params)
+    config = row_config(params, row, params_path=params_path, features=features)
+    started = time.perf_counter()
+    result = run_row(row, config, out, params=params if ROWS[row].trains else None, log=logger.info)
+    for cell in result.table:
+        logger.info(f"{row}: {cell['column']} {cell['quantity']}: claim {cell['claim']} -> {cell['verdict']}")
+    return {"row": row, "json": str(Path(out) / f"{row}.json"), "table": [dict(t) for t in result.table],
+            "seconds": time.perf_counter() - started}
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m pipelines.study_row", description=__doc__.split("\n\n", 1)[1],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("row", choices=list(ROWS), help="the row")
+    add_params_argument(parser, sections="study; a training row also train, models and data.activity_dir/"
+                                         "activity_split")
+    parser.add_argument("--out", default="artifacts/study", help="the rows' JSON (and trainings) folder "
+                                                                   "(default: %(default)s)")
+    parser.add_argument("--features", default=None,
+                        help="the features stage's folder a training row trains on (default: the study's knob "
+                             "bias_features)")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+
+    def work() -> int:
+        params = read_params(args)
+        row_config(params, args.row, params_path=args.params, features=args.features)  # before Prefect starts
+        done = study_row_flow(row=args.row, params=params, params_path=args.params, out=args.out,
+                              features=args.features)
+        for cell in done["table"]:
+            print(f"study_row: {args.row}: {cell['column']} {cell['quantity']}: claim {cell['claim']} -> "
+                  f"{cell['verdict']}")
+        print(f"study_row: {args.row} in {done['seconds']:.0f} s -> {done['json']}")
+        return 0
+
+    return run_main("study_row", work, debug=args.debug)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
