@@ -83,11 +83,11 @@ def check_deployment(deployment: str) -> None:
 @flow(name="study")
 def study_flow(*, params: Params | str = "params.yaml", params_path: str = "params.yaml", rows: list[str] | None = None,
                out: str = "artifacts/study", reports: str = "reports", features: str | None = None,
-               deployment: str | None = None, row_timeout_s: float = DEFAULT_ROW_TIMEOUT_S, mlflow: bool = True,
+               encoder: str | None = None, deployment: str | None = None, row_timeout_s: float = DEFAULT_ROW_TIMEOUT_S, mlflow: bool = True,
                repo_root: str = ".") -> dict[str, Any] | State:
     """``rows`` (default: all of ``ROWS``), then the report of whatever rows are in ``out``. Locally each row is a
     subflow run in this process, one after another; with ``deployment`` each is a run of it, all at once
-    (``params_path``, ``out`` and ``features`` then resolve on the workers). A failed row does not stop the others;
+    (``params_path``, ``out``, ``features`` and ``encoder`` then resolve on the workers). A failed row does not stop the others;
     the flow then ends Failed naming it, after the report."""
     logger = get_run_logger()
     if not isinstance(params, Params):
@@ -97,19 +97,22 @@ def study_flow(*, params: Params | str = "params.yaml", params_path: str = "para
     if not rows:
         raise ConfigError("no study row to run")
     for row in rows:  # every row's config and inputs, before any row runs
-        row_config(params, row, params_path=params_path, features=features, check=deployment is None)
+        row_config(params, row, params_path=params_path, features=features, encoder=encoder,
+                   check=deployment is None)
     failed: dict[str, str] = {}
     if deployment is None:
         for row in rows:
             try:
-                study_row_flow(row=row, params=params, params_path=params_path, out=out, features=features)
+                study_row_flow(row=row, params=params, params_path=params_path, out=out, features=features,
+                               encoder=encoder)
             except Exception as err:  # noqa: BLE001 - the other rows go on; the flow ends Failed below
                 failed[row] = f"{type(err).__name__}: {err}"
                 logger.error(f"{row} failed: {failed[row]}")
     else:
         check_deployment(deployment)
         bounded = deployed_rows_flow.with_options(task_runner=ThreadPoolTaskRunner(max_workers=len(rows)))
-        parameters = {"params": params_path, "out": out, **({"features": features} if features else {})}
+        parameters = {"params": params_path, "out": out, **({"features": features} if features else {}),
+                      **({"encoder": encoder} if encoder else {})}
         failed = bounded(rows, deployment, parameters, row_timeout_s)
     summary = study_report_flow(rows=out, out=reports, mlflow=mlflow, repo_root=repo_root)
     summary["failed"] = failed
@@ -134,6 +137,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--features", default=None,
                         help="the features stage's folder the training rows train on (default: the study's knob "
                              "bias_features)")
+    parser.add_argument("--encoder", default=None,
+                        help="the encoder stage's encoder.pt the long_range row encodes its clips with (default: the "
+                             "study's knob long_encoder)")
     parser.add_argument("--deployment", default=None, metavar="FLOW/DEPLOYMENT",
                         help="run each row as a run of this deployment of the row flow, e.g. study-row/study-row "
                              "(default: here, one after another)")
@@ -153,10 +159,12 @@ def main(argv: list[str] | None = None) -> int:
         params = read_params(args)
         rows = args.rows or list(ROWS)
         for row in rows:  # every error a user can fix, before any work (a deployed row's inputs are the worker's)
-            row_config(params, row, params_path=args.params, features=args.features, check=args.deployment is None)
+            row_config(params, row, params_path=args.params, features=args.features, encoder=args.encoder,
+                       check=args.deployment is None)
         try:
             summary = study_flow(params=params, params_path=args.params, rows=rows, out=args.out,
-                                 reports=args.reports, features=args.features, deployment=args.deployment,
+                                 reports=args.reports, features=args.features, encoder=args.encoder,
+                                 deployment=args.deployment,
                                  row_timeout_s=args.row_timeout_s, mlflow=args.mlflow, repo_root=args.repo_root)
         except FailedRun as err:
             raise StageFailed(str(err)) from None

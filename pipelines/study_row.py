@@ -2,11 +2,12 @@
 
     python -m pipelines.study_row compute --params params.yaml --out artifacts/study                 # study@compute
     python -m pipelines.study_row inductive_bias --params params.yaml --features artifacts/features \\
-        --out artifacts/study                                                                  # study_trained@...
+        --encoder artifacts/encoder/encoder.pt --out artifacts/study                           # study_trained@...
 
 A row of ``seqvision.study.run.ROWS`` with params.yaml's ``study:`` section (a preset and knobs over it). A training
-row (row 4) trains on ``--features`` with the ``train``, ``models`` and ``data.activity_dir`` / ``activity_split``
-params and keeps its trainings in ``{out}/{row}/``. The row's figure and MLflow runs are the study_report stage's
+row trains with the ``train`` and ``models`` params and keeps its trainings in ``{out}/{row}/``: row 4 on
+``--features`` with the ``data.activity_dir`` / ``activity_split`` labels, row 1 on long-range clips it renders
+(``synth`` params) and encodes with ``--encoder``. The row's figure and MLflow runs are the study_report stage's
 (pipelines/study_report.py); ``python -m pipelines.study`` runs every row, then the report.
 
 Exit status: 0 done; 1 the row failed; 2 bad arguments, params or inputs (one line on stderr, before anything runs).
@@ -29,11 +30,11 @@ from seqvision.study.presets import StudyConfig
 from seqvision.study.run import ROWS, check_inputs, check_rows, run_row
 
 
-def row_config(params: Params, row: str, *, params_path: str, features: str | None, check: bool = True
-               ) -> StudyConfig:
+def row_config(params: Params, row: str, *, params_path: str, features: str | None, encoder: str | None = None,
+               check: bool = True) -> StudyConfig:
     """The study's config for ``row`` from ``params``, with its inputs checked (``check``): ``ConfigError`` naming the
     params file and key, or the missing input. ``features`` (the features stage's folder) replaces the training rows'
-    knob bias_features."""
+    knob bias_features, ``encoder`` (the encoder stage's ``encoder.pt``) the knob long_encoder."""
     check_rows([row])
     try:
         config = study_config(params.study)
@@ -42,6 +43,8 @@ def row_config(params: Params, row: str, *, params_path: str, features: str | No
     if ROWS[row].trains:
         if features is not None:
             config = config.replace(bias_features=features)
+        if encoder is not None:
+            config = config.replace(long_encoder=encoder)
         if check:
             check_inputs([row], config, params)
     return config
@@ -49,7 +52,8 @@ def row_config(params: Params, row: str, *, params_path: str, features: str | No
 
 @flow(name="study-row", flow_run_name="study-{row}")
 def study_row_flow(*, row: str, params: Params | str = "params.yaml", params_path: str = "params.yaml",
-                   out: str = "artifacts/study", features: str | None = None) -> dict[str, Any]:
+                   out: str = "artifacts/study", features: str | None = None, encoder: str | None = None
+                   ) -> dict[str, Any]:
     """Row ``row`` -> ``{out}/{row}.json`` (a training row's trainings in ``{out}/{row}/``). ``params``: the validated
     params (``params_path`` names their file in errors), or a params file, read once here (a deployment run);
     ``features``: a training row's input folder (default: the study's knob). Returns the row's table cells."""
@@ -57,7 +61,7 @@ def study_row_flow(*, row: str, params: Params | str = "params.yaml", params_pat
     if not isinstance(params, Params):
         params_path = str(params)
     params = resolve_params(params)
-    config = row_config(params, row, params_path=params_path, features=features)
+    config = row_config(params, row, params_path=params_path, features=features, encoder=encoder)
     started = time.perf_counter()
     result = run_row(row, config, out, params=params if ROWS[row].trains else None, log=logger.info)
     for cell in result.table:
@@ -77,6 +81,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--features", default=None,
                         help="the features stage's folder a training row trains on (default: the study's knob "
                              "bias_features)")
+    parser.add_argument("--encoder", default=None,
+                        help="the encoder stage's encoder.pt the long_range row encodes its clips with (default: the "
+                             "study's knob long_encoder)")
     return parser.parse_args(argv)
 
 
@@ -85,9 +92,10 @@ def main(argv: list[str] | None = None) -> int:
 
     def work() -> int:
         params = read_params(args)
-        row_config(params, args.row, params_path=args.params, features=args.features)  # before Prefect starts
+        row_config(params, args.row, params_path=args.params, features=args.features,  # before Prefect starts
+                   encoder=args.encoder)
         done = study_row_flow(row=args.row, params=params, params_path=args.params, out=args.out,
-                              features=args.features)
+                              features=args.features, encoder=args.encoder)
         for cell in done["table"]:
             print(f"study_row: {args.row}: {cell['column']} {cell['quantity']}: claim {cell['claim']} -> "
                   f"{cell['verdict']}")

@@ -9,11 +9,9 @@ import json
 
 import numpy as np
 import pytest
-import torch
 import yaml
 
 from seqvision.config import SplitSizes, SynthConfig, load_params
-from seqvision.encoders import SmallCNN, SmallCNNConfig, encoder_state
 from seqvision.study.complexity import RowResult
 from seqvision.study.figures import plot_long_range
 from seqvision.study.fit import VERDICTS
@@ -31,7 +29,7 @@ from seqvision.study.measure import Cell
 from seqvision.study.presets import PRESETS, StudyConfig
 from seqvision.synth.events import clip_states
 from seqvision.synth.items import item_keys, video_spec
-from tests.tiny import TINY_MODELS, TINY_TRAIN, TINY_UNMATCHED
+from tests.tiny import TINY_MODELS, TINY_TRAIN, TINY_UNMATCHED, tiny_encoder
 
 # --------------------------------------------------------------------------------------------------------
 # Data
@@ -148,23 +146,16 @@ def test_a_control_above_its_chance_is_flagged():
 # A tiny row
 
 
-@pytest.fixture
-def tiny_encoder(tmp_path):
-    torch.manual_seed(0)
-    path = tmp_path / "encoder.pt"
-    torch.save(encoder_state(SmallCNN(SmallCNNConfig(feature_dim=40, width=4, slot_dim=4))), path)
-    return path
-
-
 @pytest.mark.slow
 @pytest.mark.integration
-def test_a_tiny_row_trains_every_cell_and_tests_longer_clips(tiny_encoder, tmp_path):
+def test_a_tiny_row_trains_every_cell_and_tests_longer_clips(tmp_path):
     params_path = tmp_path / "params.yaml"
     params_path.write_text(yaml.safe_dump({"train": TINY_TRAIN | {"seeds": 1},
                                            "models": TINY_MODELS | TINY_UNMATCHED}))
     params = load_params(params_path)
     families = ("gru", "transformer")
-    config = dataclasses.replace(PRESETS["ci"], long_encoder=str(tiny_encoder), long_families=families,
+    config = dataclasses.replace(PRESETS["ci"], long_encoder=str(tiny_encoder(tmp_path / "encoder.pt")),
+                                 long_families=families,
                                  long_control_family="gru")
     result = run_long_range(config, params=params, work_dir=tmp_path / "row")
     data = json.loads(json.dumps(result.to_json()))

@@ -14,12 +14,13 @@ from pipelines import study, study_report, study_row
 from seqvision.study.fit import VERDICTS
 from seqvision.study.report import SEED_TABLE, TITLE, table_cells
 from seqvision.study.run import ROWS, load_results
-from tests.tiny import TINY_MODELS, TINY_TRAIN, TINY_UNMATCHED
+from tests.tiny import TINY_MODELS, TINY_TRAIN, TINY_UNMATCHED, tiny_encoder
 
 # The ci preset, cut further: three variants per timing row and three families for row 4 (~half the cells).
 STUDY = {"preset": "ci", "overrides": {
     "variants": ["lstm", "transformer", "mingru"], "parallel_variants": ["lstm", "mingru"], "stream_steps": 2,
-    "bias_families": ["gru", "transformer", "mingru"]}}
+    "bias_families": ["gru", "transformer", "mingru"], "long_families": ["gru", "transformer"],
+    "long_control_family": "gru"}}
 
 
 def write_params(path: Path, labels: Path, study_section: dict) -> Path:
@@ -39,7 +40,7 @@ def tiny_study(tiny_artifacts, tmp_path_factory, prefect_harness):
         patch.delenv("MLFLOW_RUN_ID", raising=False)
         code = study.main(["--params", str(params), "--out", str(root / "artifacts" / "study"),
                            "--reports", str(root / "reports"), "--features", str(tiny_artifacts.features),
-                           "--repo-root", str(root)])
+                           "--encoder", str(tiny_encoder(root / "encoder.pt")), "--repo-root", str(root)])
     return root, code
 
 

@@ -52,7 +52,8 @@ TINY_PIPELINE_PARAMS = {
     "report": {"compute_meteor": "never"},
     # The study's stages (dvc.yaml study@, study_trained@): the ci preset, two variants, two families.
     "study": {"preset": "ci", "overrides": {"variants": ["lstm", "transformer"], "parallel_variants": ["lstm"],
-                                            "stream_steps": 2, "bias_families": ["lstm", "transformer"]}},
+                                            "stream_steps": 2, "bias_families": ["lstm", "transformer"],
+                                            "long_families": ["lstm", "transformer"]}},
 }
 
 
@@ -157,3 +158,15 @@ def train_tiny(artifacts: TinyArtifacts, task: str, family: str, out_dir: Path, 
     return out_dir / "best.pt"
 
 
+
+
+def tiny_encoder(path: Path) -> Path:
+    """A tiny random frame encoder saved as the encoder stage saves one (``encoder.pt``): what the study's long-range
+    row encodes its rendered clips with. 40-d features, seed 0."""
+    import torch
+
+    from seqvision.encoders import SmallCNN, SmallCNNConfig, encoder_state
+
+    torch.manual_seed(0)
+    torch.save(encoder_state(SmallCNN(SmallCNNConfig(feature_dim=40, width=4, slot_dim=4))), path)
+    return path

@@ -82,10 +82,10 @@ class StudyConfig:
                                           "model families trained at every distance", choices=MODEL_FAMILIES)
     long_control_family: str = knob("lstm", "the family trained on the last-frames and shuffled-frames controls "
                                     "(the bag-of-frames control is meanpool)", choices=MODEL_FAMILIES)
-    long_train_clips: int = knob(600, "long-range clips in the train split (rendered once, cropped per distance)",
+    long_train_clips: int = knob(480, "long-range clips in the train split (rendered once, cropped per distance)",
                                  low=6)
-    long_val_clips: int = knob(100, "long-range clips in the val split (early stopping)", low=1)
-    long_test_clips: int = knob(150, "long-range clips in the test split", low=1)
+    long_val_clips: int = knob(80, "long-range clips in the val split (early stopping)", low=1)
+    long_test_clips: int = knob(120, "long-range clips in the test split", low=1)
     long_seeds: int = knob(3, "training seeds per (family, distance): train.seed + k", low=1, high=100)
     long_epochs: int = knob(0, "train.epochs cap (0: params.yaml's)", low=0, high=10_000)
     long_length_distance: int = knob(8, "length generalisation: the models trained at this distance (one of "

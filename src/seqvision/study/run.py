@@ -25,7 +25,9 @@ from seqvision.study import complexity
 from seqvision.study.bias import run_inductive_bias
 from seqvision.study.bias import COLUMNS as BIAS_COLUMNS
 from seqvision.study.complexity import Log, RowResult, run_compute, run_streaming
-from seqvision.study.figures import plot_compute, plot_inductive_bias, plot_parallelism
+from seqvision.study.figures import plot_compute, plot_inductive_bias, plot_long_range, plot_parallelism
+from seqvision.study.longrange import COLUMNS as LONG_COLUMNS
+from seqvision.study.longrange import run_long_range
 from seqvision.study.parallelism import run_parallelism
 from seqvision.study.presets import StudyConfig
 
@@ -59,6 +61,8 @@ ROWS: dict[str, Row] = {
                        plot=lambda results, path: plot_parallelism(results["parallelism"], path)),
     "inductive_bias": Row(run_inductive_bias, "inductive bias", trains=True, columns=BIAS_COLUMNS,
                           plot=lambda results, path: plot_inductive_bias(results["inductive_bias"], path)),
+    "long_range": Row(run_long_range, "long-range dependencies", trains=True, columns=LONG_COLUMNS,
+                      plot=lambda results, path: plot_long_range(results["long_range"], path)),
 }
 TRAINING_ROWS = tuple(name for name, row in ROWS.items() if row.trains)
 
@@ -72,7 +76,11 @@ def check_rows(rows: Sequence[str]) -> None:
 
 def check_inputs(rows: Sequence[str], config: StudyConfig, params: Params) -> None:
     """Before any row runs (rows 2 and 3 take minutes): ``ConfigError`` naming the first input a training row of
-    ``rows`` needs and does not find (row 4: the features stage's output and the activity label lists)."""
+    ``rows`` needs and does not find (row 4: the features stage's output and the activity label lists; row 1: the
+    encoder)."""
+    if "long_range" in rows and not Path(config.long_encoder).is_file():
+        raise ConfigError(f"{config.long_encoder}: missing; the long_range row encodes its clips with the encoder "
+                          "stage's output (study knob long_encoder)")
     if "inductive_bias" in rows:
         labels = Path(config.bias_activity_dir or params.data.activity_dir)
         for needed in (Path(config.bias_features) / "index.json", Path(config.bias_features) / "videos-train.npy",
