@@ -31,7 +31,7 @@ INTRO = ("Each cell of the lecture's table, measured (method and verdict rules: 
          "the measurement bears the claim out: agrees, disagrees, depends on ..., or inconclusive.")
 # What each row measures, in the table's "measured" column (a row not named here shows its name).
 ROW_LABELS = {"compute": "training step", "streaming": "streaming decoding", "parallelism": "threads",
-              "inductive_bias": "accuracy vs training clips"}
+              "inductive_bias": "accuracy vs training clips", "long_range": "accuracy vs distance"}
 
 
 class TableCell(NamedTuple):
@@ -57,7 +57,8 @@ def _finite(values: Mapping[str, Any]) -> dict[str, float]:
 def cell_metrics(result: RowResult, variants: Sequence[str]) -> dict[str, float]:
     """The numbers behind a cell, for ``variants``: every fitted exponent with its interval
     (``{metric}.{variant}.exponent/.low/.high``), every thread speedup (``speedup.{variant}.n{N}``, row 2) and every
-    difference from the Transformer (``top_1_minus_transformer.{family}.clips{n}``, ``.low/.high/.p``, row 4)."""
+    difference from the Transformer (``top_1_minus_transformer.{family}.clips{n}``, ``.low/.high/.p``, row 4) and every
+    fall from the shortest to the longest distance (``top_1_longest_minus_shortest.{family}``, row 1)."""
     out: dict[str, Any] = {}
     for finding in result.findings:
         if finding.variant in variants and finding.fit is not None:
@@ -68,6 +69,11 @@ def cell_metrics(result: RowResult, variants: Sequence[str]) -> dict[str, float]
         if speedup["variant"] in variants:
             name = f"speedup.{speedup['variant']}.n{speedup['n']}"
             out |= {name: speedup["speedup"], f"{name}.low": speedup["low"], f"{name}.high": speedup["high"]}
+    for family, drop in result.extra.get("drops", {}).items():  # row 1: accuracy at the longest - the shortest D
+        if family in variants:
+            name = f"top_1_longest_minus_shortest.{family}"
+            out |= {name: drop["difference"], f"{name}.low": drop["interval"][0], f"{name}.high": drop["interval"][1],
+                    f"{name}.p": drop["p_value"]}
     for family, rows in result.extra.get("comparisons", {}).items():
         if family not in variants:
             continue
@@ -154,6 +160,12 @@ def _settings(result: RowResult, environment: Mapping[str, Any] | None) -> str:
             + f"; every number: `{result.row}.json`.")
 
 
+def notes(name: str, result: RowResult) -> list[str]:
+    """What the row found beside its verdicts (:attr:`Row.notes`), one line each."""
+    found = ROWS[name].notes
+    return found(result) if found is not None else []
+
+
 def render_markdown(results: Mapping[str, RowResult], *, figures: Mapping[str, str],
                     environments: Mapping[str, Mapping[str, Any]] | None = None) -> str:
     """``study.md``: the summary table, then per row of the seed's table its figure and, per cell, the claim, what
@@ -177,6 +189,7 @@ def render_markdown(results: Mapping[str, RowResult], *, figures: Mapping[str, s
             for entry in result.table:
                 out.append(f"- **{entry['column']}, {entry['quantity']}**: claim {entry['claim']}; measured "
                            f"{entry['measured']} → **{entry['verdict']}**")
+            out += [f"- {line}" for line in notes(name, result)]
             out.append("")
     return "\n".join(out) + "\n"
 
@@ -205,6 +218,7 @@ def render_html(results: Mapping[str, RowResult], *, figures: Mapping[str, Path]
                        '<ul class="verdict">')
             out += [f"<li><b>{esc(e['column'])}, {esc(e['quantity'])}</b>: claim {esc(e['claim'])}; measured "
                     f"{esc(e['measured'])} → <b>{esc(e['verdict'])}</b></li>" for e in result.table]
+            out += [f"<li>{esc(line)}</li>" for line in notes(name, result)]
             out.append("</ul>")
         out.append("</section>")
     out.append("</body></html>\n")

@@ -23,11 +23,13 @@ from seqvision.config import ConfigError, Params
 from seqvision.io import write_json
 from seqvision.study import complexity
 from seqvision.study.bias import run_inductive_bias
+from seqvision.study.bias import summary_lines as bias_notes
 from seqvision.study.bias import COLUMNS as BIAS_COLUMNS
 from seqvision.study.complexity import Log, RowResult, run_compute, run_streaming
 from seqvision.study.figures import plot_compute, plot_inductive_bias, plot_long_range, plot_parallelism
 from seqvision.study.longrange import COLUMNS as LONG_COLUMNS
 from seqvision.study.longrange import run_long_range
+from seqvision.study.longrange import summary_lines as long_notes
 from seqvision.study.parallelism import run_parallelism
 from seqvision.study.presets import StudyConfig
 
@@ -41,7 +43,7 @@ class Row:
     ``run(config, *, log)`` measures it; a row that ``trains`` runs as ``run(config, *, params, work_dir, log)``
     with the pipeline's params, on the features stage's output, and keeps its trainings in ``work_dir``.
     ``plot(results, path)`` draws its figure from the results of the rows run (None: drawn in another row's
-    figure). ``seed_row`` names the row of the seed's table it measures; ``columns`` maps each column of the table
+    figure); ``notes(result)`` lists what the row found beside its verdicts (crossovers, controls...). ``seed_row`` names the row of the seed's table it measures; ``columns`` maps each column of the table
     to the variants whose measurements make that cell.
     """
 
@@ -50,6 +52,7 @@ class Row:
     trains: bool = False
     plot: Plot | None = None
     columns: Mapping[str, tuple[str, ...]] = field(default_factory=lambda: dict(complexity.COLUMNS))
+    notes: Callable[[RowResult], list[str]] | None = None  # findings beside the verdicts, one line each
 
 
 # In the order they run (python -m seqvision.study, the all-rows flow); the report orders them as the seed's table.
@@ -60,9 +63,10 @@ ROWS: dict[str, Row] = {
     "parallelism": Row(run_parallelism, "parallelizability",
                        plot=lambda results, path: plot_parallelism(results["parallelism"], path)),
     "inductive_bias": Row(run_inductive_bias, "inductive bias", trains=True, columns=BIAS_COLUMNS,
-                          plot=lambda results, path: plot_inductive_bias(results["inductive_bias"], path)),
+                          plot=lambda results, path: plot_inductive_bias(results["inductive_bias"], path),
+                          notes=bias_notes),
     "long_range": Row(run_long_range, "long-range dependencies", trains=True, columns=LONG_COLUMNS,
-                      plot=lambda results, path: plot_long_range(results["long_range"], path)),
+                      plot=lambda results, path: plot_long_range(results["long_range"], path), notes=long_notes),
 }
 TRAINING_ROWS = tuple(name for name, row in ROWS.items() if row.trains)
 
