@@ -2,7 +2,9 @@
 
     python -m pipelines.study_row compute --params params.yaml --out artifacts/study                 # study@compute
     python -m pipelines.study_row inductive_bias --params params.yaml --features artifacts/features \\
-        --encoder artifacts/encoder/encoder.pt --out artifacts/study                           # study_trained@...
+        --out artifacts/study                                                        # study_trained@inductive_bias
+    python -m pipelines.study_row long_range --params params.yaml --encoder artifacts/encoder/encoder.pt \\
+        --out artifacts/study                                                        # study_long_range
 
 A row of ``seqvision.study.run.ROWS`` with params.yaml's ``study:`` section (a preset and knobs over it). A training
 row trains with the ``train`` and ``models`` params and keeps its trainings in ``{out}/{row}/``: row 4 on

@@ -107,7 +107,8 @@ def test_default_parameters_are_the_paths_dvc_passes():
 
 def test_the_study_row_deployment_runs_what_the_study_stages_run():
     """Its defaults are what dvc.yaml's study_trained@ stages pass (the timing rows pass the same minus --features,
-    which they ignore), and `python -m pipelines.study --deployment` fills in every row the registry has."""
+    which they ignore; study_long_range passes --encoder, whose default is the study knob's), and
+    `python -m pipelines.study --deployment` fills in every row the registry has."""
     from seqvision.study.run import ROWS
 
     deployment = load_deployments()["study-row"]
@@ -118,9 +119,10 @@ def test_the_study_row_deployment_runs_what_the_study_stages_run():
         if key != "features":
             assert f"--{key} {value}" in commands["study"], f"study-row.{key}: dvc.yaml passes something else"
     stages = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
-    staged = {*stages["study"]["foreach"], *stages["study_trained"]["foreach"]}
-    assert staged == set(ROWS), "every row of seqvision.study.run.ROWS is one study@ or study_trained@ stage"
-    assert set(stages["study_trained"]["foreach"]) == {name for name, row in ROWS.items() if row.trains}
+    assert "--encoder artifacts/encoder/encoder.pt" in commands["study_long_range"]
+    staged = {*stages["study"]["foreach"], *stages["study_trained"]["foreach"], "long_range"}
+    assert staged == set(ROWS), "every row of seqvision.study.run.ROWS is one study stage"
+    assert {*stages["study_trained"]["foreach"], "long_range"} == {name for name, row in ROWS.items() if row.trains}
 
 
 def test_pools_schedule_and_working_directory():

@@ -43,8 +43,9 @@ class Row:
     ``run(config, *, log)`` measures it; a row that ``trains`` runs as ``run(config, *, params, work_dir, log)``
     with the pipeline's params, on the features stage's output, and keeps its trainings in ``work_dir``.
     ``plot(results, path)`` draws its figure from the results of the rows run (None: drawn in another row's
-    figure); ``notes(result)`` lists what the row found beside its verdicts (crossovers, controls...). ``seed_row`` names the row of the seed's table it measures; ``columns`` maps each column of the table
-    to the variants whose measurements make that cell.
+    figure); ``notes(result)`` lists what the row found beside its verdicts (crossovers, controls...). ``seed_row``
+    names the row of the seed's table it measures; ``columns`` maps each column of the table to the variants whose
+    measurements make that cell.
     """
 
     run: Callable[..., RowResult]
