@@ -32,7 +32,7 @@ from prefect.task_runners import ThreadPoolTaskRunner
 
 from pipelines.common import StageFailed, add_params_argument, read_params, resolve_params, run_main
 from pipelines.study_report import print_summary, study_report_flow
-from pipelines.study_row import row_config, study_row_flow
+from pipelines.study_row import add_row_arguments, row_config, study_row_flow
 from seqvision.config import ConfigError, Params
 from seqvision.study.run import ROWS
 
@@ -130,16 +130,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                                          "activity_split")
     parser.add_argument("--rows", nargs="+", choices=list(ROWS), default=None,
                         help=f"rows to run (default: all of {' '.join(ROWS)})")
-    parser.add_argument("--out", default="artifacts/study", help="the rows' JSON (and trainings) folder "
-                                                                   "(default: %(default)s)")
+    add_row_arguments(parser)
     parser.add_argument("--reports", default="reports", help="report folder: study.md, study.html, study/ "
                                                                "(default: %(default)s)")
-    parser.add_argument("--features", default=None,
-                        help="the features stage's folder the training rows train on (default: the study's knob "
-                             "bias_features)")
-    parser.add_argument("--encoder", default=None,
-                        help="the encoder stage's encoder.pt the long_range row encodes its clips with (default: the "
-                             "study's knob long_encoder)")
     parser.add_argument("--deployment", default=None, metavar="FLOW/DEPLOYMENT",
                         help="run each row as a run of this deployment of the row flow, e.g. study-row/study-row "
                              "(default: here, one after another)")

@@ -72,20 +72,26 @@ def study_row_flow(*, row: str, params: Params | str = "params.yaml", params_pat
             "seconds": time.perf_counter() - started}
 
 
+def add_row_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--out``, ``--features`` and ``--encoder``: where rows write, and the training rows' inputs (this flow's and
+    the all-rows flow's)."""
+    parser.add_argument("--out", default="artifacts/study", help="the rows' JSON (and trainings) folder "
+                                                                   "(default: %(default)s)")
+    parser.add_argument("--features", default=None,
+                        help="the features stage's folder the inductive_bias row trains on (default: the study's "
+                             "knob bias_features)")
+    parser.add_argument("--encoder", default=None,
+                        help="the encoder stage's encoder.pt the long_range row encodes its clips with (default: the "
+                             "study's knob long_encoder)")
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m pipelines.study_row", description=__doc__.split("\n\n", 1)[1],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("row", choices=list(ROWS), help="the row")
     add_params_argument(parser, sections="study; a training row also train, models and data.activity_dir/"
                                          "activity_split")
-    parser.add_argument("--out", default="artifacts/study", help="the rows' JSON (and trainings) folder "
-                                                                   "(default: %(default)s)")
-    parser.add_argument("--features", default=None,
-                        help="the features stage's folder a training row trains on (default: the study's knob "
-                             "bias_features)")
-    parser.add_argument("--encoder", default=None,
-                        help="the encoder stage's encoder.pt the long_range row encodes its clips with (default: the "
-                             "study's knob long_encoder)")
+    add_row_arguments(parser)
     return parser.parse_args(argv)
 
 

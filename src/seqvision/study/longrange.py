@@ -124,16 +124,12 @@ def _encode_clips(synth: Any, numbers: Sequence[int], encoder_path: str, out_pat
         spec = video_spec(synth, key)
         record = video_record(synth, key, spec)
         features.append(extract_features(encoder, video_frames(synth, key, spec)[None], batch_size=512)[0])
-        name = _class_name(record.label)
+        name = EVENT_CLASSES[record.label]
         records.append({"id": key.file_name.rsplit(".", 1)[0], "file_name": key.file_name, "split": key.split,
                         "label": LONG_RANGE_CLASSES.index(name),
                         "visible_frames": record.metadata["long_range"]["visible_frames"]})
     np.save(out_path, np.stack(features))
     return records
-
-
-def _class_name(label: int) -> str:
-    return EVENT_CLASSES[label]
 
 
 @dataclass(frozen=True)
@@ -234,6 +230,7 @@ class Prepared:
     length_distances: Mapping[int, int]
     num_frames: Mapping[int, int]
     num_clips: Mapping[str, int]
+    test_ids: Sequence[str]  # in the features folders' row order
 
 
 def prepare(config: StudyConfig, params: Params, *, encoder_path: str | Path, work_dir: str | Path,
@@ -260,7 +257,7 @@ def prepare(config: StudyConfig, params: Params, *, encoder_path: str | Path, wo
                        description=f"the clips at distance {distance}, frames shuffled within each clip")
     return Prepared(work / "labels", folders, lengths,
                     {d: clip_length(d, main_event_frames) for d in sorted({*config.long_distances, *lengths.values()})},
-                    {s: len(clips.records[s]) for s in SPLITS})
+                    {s: len(clips.records[s]) for s in SPLITS}, [r["id"] for r in clips.records["test"]])
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -506,7 +503,7 @@ def run_long_range(config: StudyConfig, *, params: Params, work_dir: str | Path,
             f"distances and 3 controls x 2 distances, {config.long_seeds} seeds each) on "
             f"{prepared.num_clips['train']} training clips, {workers} at a time")
     results = run_trainings([s for _, s in planned], workers=workers, timeout_s=config.long_timeout_s, log=log)
-    test_ids = [r["id"] for r in _records(prepared.labels, "test")]
+    test_ids = list(prepared.test_ids)
     cells = []
     runs = list(dict.fromkeys(run for run, _ in planned))
     for run in runs:
@@ -567,10 +564,3 @@ def gradients(config: StudyConfig, planned: Sequence[tuple[Run, TrainingSpec]], 
         out[run.family] = {"distance": top, "frames": prepared.num_frames[top],
                            "visible": [top, prepared.num_frames[top] - 1 - top], **profile}
     return out
-
-
-def _records(labels: Path, split: str) -> list[dict[str, str]]:
-    """The ids of a split's list, in list order (the order the features folders use)."""
-    lines = (labels / f"{split}list01.txt").read_text(encoding="utf-8").split()
-    return [{"id": name.rsplit(".", 1)[0]} for name in lines[0::2]]
-
