@@ -1,9 +1,10 @@
 """``python -m seqvision.study --out DIR [--preset ci|default|gpu] [--rows ...] [--params FILE] [--<knob> V ...]``.
 
-Runs rows 2 (parallelism), 3 (compute and memory vs N, and streaming) and 4 (inductive bias: accuracy vs
-training-set size) of the seed's table and writes ``DIR/{compute,streaming,parallelism,inductive_bias}.json`` and
-``DIR/{compute,parallelism,inductive_bias}.png``. Row 4 trains on the features stage's output with the training
-protocol and model sections of ``--params``. Every knob of :class:`seqvision.study.presets.StudyConfig` is a flag
+Runs the rows of the seed's table (``seqvision.study.run.ROWS``): 1 (long-range dependencies: accuracy vs distance),
+2 (parallelism), 3 (compute and memory vs N, and streaming) and 4 (inductive bias: accuracy vs training-set size),
+and writes ``DIR/{row}.json`` and one figure per row. Rows 1 and 4 train with the training protocol and model
+sections of ``--params``: row 4 on the features stage's output, row 1 on long-range clips it renders and encodes
+with the encoder stage's output. Every knob of :class:`seqvision.study.presets.StudyConfig` is a flag
 that overrides the preset. Method: docs/study.md.
 """
 
@@ -23,9 +24,9 @@ from seqvision.config import (
     overrides_from_args,
     to_dict,
 )
-from seqvision.study.bias import summary_lines
 from seqvision.study.complexity import describe
 from seqvision.study.presets import PRESETS, StudyConfig
+from seqvision.study.report import notes
 from seqvision.study.run import ROWS, check_inputs, run_study
 
 
@@ -47,11 +48,12 @@ def main(argv: list[str] | None = None) -> int:
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--out", required=True, help="folder for the JSON results and PNG figures")
     parser.add_argument("--preset", choices=sorted(PRESETS), default="default",
-                        help="ci: seconds; default: make study on 2 CPU cores (rows 2-3 ~5 min, row 4 ~25 min); "
+                        help="ci: seconds; default: make study on 2 CPU cores (47 min measured, docs/study.md); "
                              "gpu: CUDA, bfloat16")
     parser.add_argument("--rows", nargs="+", choices=list(ROWS), default=list(ROWS), help="which rows to run")
     parser.add_argument("--params", default="params.yaml",
-                        help="the pipeline's params file: row 4's training protocol, model sections and label lists")
+                        help="the pipeline's params file: rows 1 and 4's training protocol and model sections, row 4's "
+                             "label lists, row 1's synth section")
     parser.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
     add_config_arguments(parser, StudyConfig)
     args = parser.parse_args(argv)
@@ -69,9 +71,8 @@ def main(argv: list[str] | None = None) -> int:
             print(line)
         for cell in result.table:
             print(f"{cell['column']} {cell['quantity']}: claim {cell['claim']} -> {cell['verdict']}")
-        if result.row == "inductive_bias":
-            for line in summary_lines(result):
-                print(line)
+        for line in notes(result.row, result):
+            print(line)
     print(f"study: {', '.join(results)} in {time.perf_counter() - start:.0f} s -> {args.out}")
     return 0
 
