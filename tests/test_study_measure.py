@@ -135,3 +135,34 @@ def test_a_killed_study_process_leaves_no_cell_running(tmp_path):
     while _alive(cell) and time.monotonic() < deadline:
         time.sleep(0.2)
     assert not _alive(cell), "the cell kept running after the study process was killed"
+
+
+_MAIN_SCRIPT = """
+import os, sys
+from seqvision.study.measure import run_isolated
+
+if __name__ == "__mp_main__":  # what a cell's process would run if it imported the caller's script again
+    open(sys.argv[1] + ".reran", "w").close()
+
+def from_main():
+    return "main"
+
+if __name__ == "__main__":
+    assert run_isolated(os.getpid) != os.getpid()  # a worker from an importable module
+    assert not os.path.exists(sys.argv[1] + ".reran"), "the cell ran the caller's main module again"
+    assert "__file__" in vars(sys.modules["__main__"]) and __spec__ is None
+    assert run_isolated(from_main) == "main"  # a worker defined in the script still works (main is imported)
+    assert os.path.exists(sys.argv[1] + ".reran")
+    print("ok")
+"""
+
+
+def test_a_cell_does_not_rerun_the_callers_main_module(tmp_path):
+    # A stage's main module imports Prefect: re-importing it in every cell cost 2-3 s per cell (25 of the study's
+    # timing rows' 25 minutes).
+    script = tmp_path / "stage.py"
+    script.write_text(_MAIN_SCRIPT)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO / "src"), str(REPO)])}
+    done = subprocess.run([sys.executable, str(script), str(tmp_path / "marker")], env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr
