@@ -12,16 +12,8 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from seqvision.mingru import MinGRUActivityClassifier
 from seqvision.rnn import RNNActivityClassifier
-from seqvision.study.cells import (
-    VARIANTS,
-    ModelSizes,
-    StepSpec,
-    StreamSpec,
-    build_variant,
-    run_cells,
-    step_cell,
-    stream_cell,
-)
+from seqvision.study.cells import StepSpec, StreamSpec, build_variant, run_cells, step_cell, stream_cell
+from seqvision.study.variants import VARIANTS, ModelSizes
 from seqvision.study.measure import Cell, run_isolated
 from seqvision.study.parallelism import (
     critical_path,

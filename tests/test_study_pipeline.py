@@ -174,6 +174,16 @@ def test_check_params_validates_the_study_section(tmp_path, capsys):
     assert check_params.main(["--params", str(path), "--out", str(tmp_path / "valid.txt")]) == 0
 
 
+def test_check_params_does_not_import_torch():
+    # The gate runs before every stage of dvc repro: importing the study's row code for its presets cost it ~5 s.
+    import subprocess
+    import sys
+
+    code = "import json, sys, pipelines.check_params; print(json.dumps('torch' in sys.modules))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert json.loads(out) is False
+
+
 def test_the_registry_is_what_the_report_and_the_stages_know():
     assert set(ROWS) >= {"compute", "streaming", "parallelism", "inductive_bias"}
     assert {row.seed_row for row in ROWS.values()} <= set(SEED_TABLE)

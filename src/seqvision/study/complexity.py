@@ -21,11 +21,12 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from seqvision.study.cells import StepSpec, StreamSpec, family_of, run_cells, step_cell, stream_cell
+from seqvision.study.cells import StepSpec, StreamSpec, run_cells, step_cell, stream_cell
 from seqvision.config import to_dict
 from seqvision.study.fit import PowerFit, Verdict, combine, fit_power_law, verdict
 from seqvision.study.measure import Cell, environment
 from seqvision.study.presets import StudyConfig
+from seqvision.study.variants import family_of
 
 Log = Callable[[str], None] | None
 

@@ -13,7 +13,7 @@ import matplotlib.pyplot as plt  # noqa: E402  (after choosing the backend)
 import numpy as np  # noqa: E402
 
 from seqvision.io import atomic_path  # noqa: E402
-from seqvision.study.cells import VARIANTS  # noqa: E402
+from seqvision.study.variants import VARIANTS  # noqa: E402
 from seqvision.study.complexity import Finding, RowResult  # noqa: E402
 from seqvision.study.measure import Cell  # noqa: E402
 

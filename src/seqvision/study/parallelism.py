@@ -22,7 +22,8 @@ from typing import Any
 import torch
 
 from seqvision.config import to_dict
-from seqvision.study.cells import ModelSizes, StepSpec, family_of, run_cells, step_cell
+from seqvision.study.cells import StepSpec, run_cells, step_cell
+from seqvision.study.variants import ModelSizes, family_of
 from seqvision.study.complexity import COLUMNS, Finding, Log, RowResult, analyse
 from seqvision.study.fit import ratio_interval
 from seqvision.study.measure import Cell

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from seqvision.config import MODEL_FAMILIES, knob
-from seqvision.study.cells import VARIANTS, ModelSizes
+from seqvision.study.variants import VARIANTS, ModelSizes
 
 MAIN_VARIANTS = ("rnn", "lstm", "gru", "transformer", "transformer_naive", "mingru")
 LADDER = (16, 32, 64, 128, 256, 512, 1024, 2048, 4096)
