@@ -25,6 +25,7 @@ from seqvision.config import (
     to_dict,
 )
 from seqvision.study.complexity import describe
+from seqvision.study.figures import write_figures
 from seqvision.study.presets import PRESETS, StudyConfig
 from seqvision.study.report import notes
 from seqvision.study.run import ROWS, check_inputs, run_study
@@ -66,6 +67,7 @@ def main(argv: list[str] | None = None) -> int:
     log = None if args.quiet else (lambda line: print(f"[{time.perf_counter() - start:7.1f} s] {line}",
                                                       file=sys.stderr, flush=True))
     results = run_study(config, args.out, rows=args.rows, params=params, log=log)
+    write_figures(results, args.out)
     for result in results.values():
         for line in describe(result.findings):
             print(line)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 import matplotlib
@@ -164,7 +164,7 @@ def plot_long_range(result: RowResult, path: str | Path) -> None:
     grey with their chance levels (left); the models trained at ``long_length_distance`` tested on clips 2x and 4x as
     long (middle); the gradient reaching each frame of the longest clips, trained and at initialisation (right)."""
     extra = result.extra
-    fig, (ax, gen, grad) = plt.subplots(1, 3, figsize=(18, 5), gridspec_kw={"width_ratios": [3, 2, 2]})
+    fig, (ax, gen, grad) = plt.subplots(1, 3, figsize=(18, 6.2), gridspec_kw={"width_ratios": [3, 2, 2]})
     curves = extra["curves"]
     families = [f for f in result.config.get("long_families", ()) if f in curves]
     controls = sorted(v for v in curves if v.startswith("control:"))
@@ -188,9 +188,9 @@ def plot_long_range(result: RowResult, path: str | Path) -> None:
                label=f"order-blind ceiling ({extra['chance']['shuffled']:g}: the pair, not its direction)")
     _n_axis(ax, sorted(distances))
     ax.set(xlabel="distance D (frames between the labelled event and either end)", ylabel="test top-1 accuracy",
-           title="Long-range dependencies: accuracy vs distance (bands: 95% interval over seeds)", ylim=(0, 1))
+           title="Long-range dependencies: accuracy vs distance\n(bands: 95% interval over seeds)", ylim=(0, 1))
     ax.grid(True, which="both", alpha=0.25)
-    ax.legend(fontsize=7, loc="lower left")
+    ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.13), ncol=4)  # below: the curves stay visible
 
     lengths = extra["length_generalisation"]
     for variant in [f for f in families if f in lengths]:
@@ -206,9 +206,9 @@ def plot_long_range(result: RowResult, path: str | Path) -> None:
     gen.axhline(1 / extra["num_classes"], color="k", ls=":", lw=0.8)
     gen.axhline(extra["chance"]["shuffled"], color="k", ls="-.", lw=0.8)
     gen.set(xlabel="test clip length (frames; trained at the first)", ylabel="test top-1 accuracy (mean of seeds)",
-            title="Train at N frames, test at 2N and 4N", ylim=(0, 1))
+            title="Length generalisation:\ntrained at N frames, tested at 2N and 4N", ylim=(0, 1))
     gen.grid(True, which="both", alpha=0.25)
-    gen.legend(fontsize=7, loc="lower left")
+    gen.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.13), ncol=3)
 
     for family, found in extra.get("gradients", {}).items():
         color = COLORS.get(family, "0.35")
@@ -221,8 +221,33 @@ def plot_long_range(result: RowResult, path: str | Path) -> None:
         grad.axvspan(*found["visible"], color="0.85", lw=0)
     grad.set(yscale="log", xlabel="frame t (grey: the labelled object visible)",
              ylabel="mean ||dL/dc_t|| / its largest value",
-             title="Gradient reaching frame t at the largest D (solid: trained, dotted: at init)")
+             title="Gradient reaching frame t at the largest D\n(solid: trained, dotted: at initialisation)")
     grad.grid(True, which="both", alpha=0.25)
     if extra.get("gradients"):
-        grad.legend(fontsize=7, loc="lower right")
+        grad.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.13), ncol=3)
     _save(fig, path)
+
+
+# --------------------------------------------------------------------------------------------------------
+# One figure per row of the seed's table (the report's; the rows' stages never import this module)
+
+Plot = Callable[[Mapping[str, RowResult], Path], None]
+
+PLOTS: dict[str, Plot] = {  # row -> its figure; streaming's panels are in compute.png (one compute-and-memory row)
+    "compute": lambda results, path: plot_compute(results["compute"], results.get("streaming"), path),
+    "parallelism": lambda results, path: plot_parallelism(results["parallelism"], path),
+    "inductive_bias": lambda results, path: plot_inductive_bias(results["inductive_bias"], path),
+    "long_range": lambda results, path: plot_long_range(results["long_range"], path),
+}
+
+
+def write_figures(results: Mapping[str, RowResult], out_dir: str | Path) -> dict[str, Path]:
+    """``{row: out_dir/{row}.png}`` for every row in ``results`` that draws a figure (:data:`PLOTS`)."""
+    written = {}
+    for name, plot in PLOTS.items():
+        if name in results:
+            path = Path(out_dir) / f"{name}.png"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            plot(results, path)
+            written[name] = path
+    return written

@@ -16,7 +16,8 @@ from seqvision.io import write_text
 from seqvision.report import CSS, data_uri, esc, html_table, md_table
 from seqvision.tracking import StudyCell
 from seqvision.study.complexity import RowResult
-from seqvision.study.run import ROWS, write_figures
+from seqvision.study.figures import write_figures
+from seqvision.study.run import ROWS
 
 TITLE = "The seed's table, measured"
 # The lecture's table, top to bottom (docs/study.md): each row of the study measures one of these.

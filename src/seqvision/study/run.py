@@ -1,12 +1,12 @@
 """The study's rows, one registry entry each, and what runs them: ``{row}.json`` per row, one figure per row of the
-seed's table (``compute.png`` holds the compute and streaming panels: both are its compute-and-memory row).
+seed's table drawn by :mod:`seqvision.study.figures` (the report's, not the rows': a figure change reruns only the
+report).
 
 - :data:`ROWS`           row name -> :class:`Row` (its runner, whether it trains on the pipeline's features, its figure)
 - :func:`check_inputs`   what the training rows read exists, before any row runs
 - :func:`run_row`        one row -> ``{row}.json`` (a training row also keeps its trainings in ``{row}/``)
 - :func:`load_results`   the row JSONs of a folder back as :class:`RowResult` (:meth:`RowResult.from_json`)
-- :func:`write_figures`  every figure the results allow, drawn from the results alone
-- :func:`run_study`      rows in order, then their figures (``python -m seqvision.study``)
+- :func:`run_study`      rows in order (``python -m seqvision.study``, which then draws the figures)
 
 The JSON of a row is :meth:`RowResult.to_json`: config, environment, every cell with its repeats (or seeds), every
 fit or comparison with its interval and verdict, and the table cells ({column, quantity, claim, measured, verdict}).
@@ -26,15 +26,11 @@ from seqvision.study.bias import run_inductive_bias
 from seqvision.study.bias import summary_lines as bias_notes
 from seqvision.study.bias import COLUMNS as BIAS_COLUMNS
 from seqvision.study.complexity import Log, RowResult, run_compute, run_streaming
-from seqvision.study.figures import plot_compute, plot_inductive_bias, plot_long_range, plot_parallelism
 from seqvision.study.longrange import COLUMNS as LONG_COLUMNS
 from seqvision.study.longrange import run_long_range
 from seqvision.study.longrange import summary_lines as long_notes
 from seqvision.study.parallelism import run_parallelism
 from seqvision.study.presets import StudyConfig
-
-Plot = Callable[[Mapping[str, RowResult], Path], None]
-
 
 @dataclass(frozen=True)
 class Row:
@@ -42,8 +38,7 @@ class Row:
 
     ``run(config, *, log)`` measures it; a row that ``trains`` runs as ``run(config, *, params, work_dir, log)``
     with the pipeline's params, on the features stage's output, and keeps its trainings in ``work_dir``.
-    ``plot(results, path)`` draws its figure from the results of the rows run (None: drawn in another row's
-    figure); ``notes(result)`` lists what the row found beside its verdicts (crossovers, controls...). ``seed_row``
+    ``notes(result)`` lists what the row found beside its verdicts (crossovers, controls...). ``seed_row``
     names the row of the seed's table it measures; ``columns`` maps each column of the table to the variants whose
     measurements make that cell.
     """
@@ -51,23 +46,17 @@ class Row:
     run: Callable[..., RowResult]
     seed_row: str
     trains: bool = False
-    plot: Plot | None = None
     columns: Mapping[str, tuple[str, ...]] = field(default_factory=lambda: dict(complexity.COLUMNS))
     notes: Callable[[RowResult], list[str]] | None = None  # findings beside the verdicts, one line each
 
 
 # In the order they run (python -m seqvision.study, the all-rows flow); the report orders them as the seed's table.
 ROWS: dict[str, Row] = {
-    "compute": Row(run_compute, "compute & memory",
-                   plot=lambda results, path: plot_compute(results["compute"], results.get("streaming"), path)),
-    "streaming": Row(run_streaming, "compute & memory"),  # its panels are in compute.png
-    "parallelism": Row(run_parallelism, "parallelizability",
-                       plot=lambda results, path: plot_parallelism(results["parallelism"], path)),
-    "inductive_bias": Row(run_inductive_bias, "inductive bias", trains=True, columns=BIAS_COLUMNS,
-                          plot=lambda results, path: plot_inductive_bias(results["inductive_bias"], path),
-                          notes=bias_notes),
-    "long_range": Row(run_long_range, "long-range dependencies", trains=True, columns=LONG_COLUMNS,
-                      plot=lambda results, path: plot_long_range(results["long_range"], path), notes=long_notes),
+    "compute": Row(run_compute, "compute & memory"),
+    "streaming": Row(run_streaming, "compute & memory"),
+    "parallelism": Row(run_parallelism, "parallelizability"),
+    "inductive_bias": Row(run_inductive_bias, "inductive bias", trains=True, columns=BIAS_COLUMNS, notes=bias_notes),
+    "long_range": Row(run_long_range, "long-range dependencies", trains=True, columns=LONG_COLUMNS, notes=long_notes),
 }
 TRAINING_ROWS = tuple(name for name, row in ROWS.items() if row.trains)
 
@@ -122,25 +111,11 @@ def load_results(folder: str | Path, rows: Sequence[str] = tuple(ROWS)) -> dict[
     return found
 
 
-def write_figures(results: Mapping[str, RowResult], out_dir: str | Path) -> dict[str, Path]:
-    """``{row: out_dir/{row}.png}`` for every row in ``results`` that draws a figure."""
-    written = {}
-    for name, row in ROWS.items():
-        if name in results and row.plot is not None:
-            path = Path(out_dir) / f"{name}.png"
-            path.parent.mkdir(parents=True, exist_ok=True)
-            row.plot(results, path)
-            written[name] = path
-    return written
-
-
 def run_study(config: StudyConfig, out_dir: str | Path, *, rows: Sequence[str] = tuple(ROWS),
               params: Params | None = None, log: Log = None) -> dict[str, RowResult]:
-    """Run ``rows`` (any of :data:`ROWS`, in its order) one after another, then write their figures to ``out_dir``."""
+    """Run ``rows`` (any of :data:`ROWS`, in its order) one after another, each into ``out_dir/{row}.json``."""
     check_rows(rows)
     if any(ROWS[r].trains for r in rows) and params is None:
         raise ValueError(f"the {', '.join(r for r in rows if ROWS[r].trains)} row trains with the pipeline's params: "
                          "pass params")
-    results = {name: run_row(name, config, out_dir, params=params, log=log) for name in ROWS if name in rows}
-    write_figures(results, out_dir)
-    return results
+    return {name: run_row(name, config, out_dir, params=params, log=log) for name in ROWS if name in rows}
