@@ -12,7 +12,7 @@ import pytest
 import torch
 import yaml
 
-from seqvision.config import SplitSizes, SynthConfig, load_params
+from seqvision.config import Params, SplitSizes, SynthConfig, TrainConfig, load_params
 from seqvision.study.complexity import RowResult
 from seqvision.study.figures import plot_long_range
 from seqvision.study.fit import VERDICTS
@@ -22,6 +22,7 @@ from seqvision.study.longrange import (
     CHANCE,
     ORDER_BLIND,
     Clips,
+    Prepared,
     analyse,
     clip_length,
     constant_clip_mean,
@@ -30,6 +31,7 @@ from seqvision.study.longrange import (
     length_test_distances,
     run_long_range,
     synth_config,
+    training_specs,
 )
 from seqvision.study.measure import Cell
 from seqvision.study.presets import PRESETS, StudyConfig
@@ -107,6 +109,26 @@ def test_length_generalisation_tests_clips_two_and_four_times_as_long():
     assert [clip_length(d, 12) for d in distances.values()] == [68, 136]
     with pytest.raises(ValueError, match="long_length_distance"):
         StudyConfig(long_distances=(8, 16), long_length_distance=4)
+
+
+def test_the_steps_budget_gives_every_training_the_comparisons_optimizer_steps(tmp_path):
+    # 480 clips at batch 64 are 8 steps an epoch, the comparison's 1,200 are 19: 15 epochs -> 36, patience 3 -> 7.
+    params = Params(train=TrainConfig(epochs=15, patience=3, batch_size=64),
+                    synth=SynthConfig(videos=SplitSizes(train=1200, val=150, test=150)))
+    distances = {2: 17, 4: 42}
+    prepared = Prepared(labels=tmp_path, folders={(kind, d): tmp_path for kind in ("clips", "last_frames", "shuffled")
+                                                  for d in (8, 64, *distances.values())},
+                        length_distances=distances, num_frames={}, num_clips={}, test_ids=())
+    config = StudyConfig(long_train_clips=480, long_distances=(8, 64), long_length_distance=8)
+    schedules = {(spec.train_config.epochs, spec.train_config.patience)
+                 for _, spec in training_specs(config, params, prepared, tmp_path)}
+    assert schedules == {(36, 7)}
+    steps_per_epoch = -(-480 // 64)
+    assert 36 * steps_per_epoch >= 15 * -(-1200 // 64)  # at least the comparison's steps
+    as_they_are = training_specs(config.replace(long_budget="epochs"), params, prepared, tmp_path)
+    assert {(s.train_config.epochs, s.train_config.patience) for _, s in as_they_are} == {(15, 3)}
+    capped = training_specs(config.replace(long_epochs=10), params, prepared, tmp_path)
+    assert {(s.train_config.epochs, s.train_config.patience) for _, s in capped} == {(24, 7)}
 
 
 # --------------------------------------------------------------------------------------------------------

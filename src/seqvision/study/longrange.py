@@ -51,7 +51,7 @@ from seqvision.features import load_encoder
 from seqvision.metrics import seed_summary
 from seqvision.models import build_from_checkpoint
 from seqvision.runtime import usable_cores
-from seqvision.study.bias import SizePoint, TrainingSpec, compare, run_trainings
+from seqvision.study.bias import SizePoint, TrainingSpec, compare, run_trainings, scaled_schedule
 from seqvision.study.complexity import Finding, Log, RowResult
 from seqvision.study.fit import Verdict, combine
 from seqvision.study.measure import Cell, CellError, run_isolated
@@ -288,10 +288,15 @@ def plan_runs(config: StudyConfig) -> list[Run]:
 def training_specs(config: StudyConfig, params: Params, prepared: Prepared, work_dir: Path
                    ) -> list[tuple[Run, TrainingSpec]]:
     """One :class:`TrainingSpec` per (run, seed), in :func:`plan_runs` order; the runs of the families at
-    ``long_length_distance`` are also tested on the longer clips."""
+    ``long_length_distance`` are also tested on the longer clips. With ``long_budget="steps"`` every training gets
+    at least the optimizer steps of the comparison's training on ``synth.videos.train`` clips (epochs and patience
+    scaled, :func:`~seqvision.study.bias.scaled_schedule`)."""
     train = params.train
     if config.long_epochs:
         train = dataclasses.replace(train, epochs=config.long_epochs)
+    if config.long_budget == "steps" and config.long_train_clips < params.synth.videos.train:
+        train = scaled_schedule(train, items=config.long_train_clips, full_items=params.synth.videos.train,
+                                equal_steps=True)
     out = []
     for run in plan_runs(config):
         extra: tuple[tuple[str, str], ...] = ()

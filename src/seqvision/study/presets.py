@@ -87,7 +87,11 @@ class StudyConfig:
     long_val_clips: int = knob(80, "long-range clips in the val split (early stopping)", low=1)
     long_test_clips: int = knob(120, "long-range clips in the test split", low=1)
     long_seeds: int = knob(3, "training seeds per (family, distance): train.seed + k", low=1, high=100)
-    long_epochs: int = knob(0, "train.epochs cap (0: params.yaml's)", low=0, high=10_000)
+    long_epochs: int = knob(0, "train.epochs cap (0: params.yaml's), before long_budget scales it", low=0,
+                            high=10_000)
+    long_budget: str = knob("steps", "steps: every training gets the comparison's optimizer steps (train.epochs and "
+                            "train.patience scaled by synth.videos.train / long_train_clips, as row 4's bias_budget); "
+                            "epochs: train.epochs and train.patience as they are", choices=("steps", "epochs"))
     long_length_distance: int = knob(8, "length generalisation: the models trained at this distance (one of "
                                      "long_distances) are also tested on clips 2x and 4x as long", low=0)
     long_encoder: str = knob("artifacts/encoder/encoder.pt", "the frame encoder (the encoder stage's output)")
@@ -143,7 +147,7 @@ PRESETS: dict[str, StudyConfig] = {
         parallel_n_values=(32,), gpu_n_values=(64, 128), gpu_tokens=256, feature_dim=16, hidden_size=16,
         num_heads=2, cell_timeout_s=120.0, bias_fractions=(0.5, 1.0), bias_seeds=1, bias_epochs=2,
         bias_timeout_s=120.0, long_distances=(2, 4), long_length_distance=2, long_train_clips=24, long_val_clips=6,
-        long_test_clips=12, long_seeds=2, long_epochs=2, long_timeout_s=120.0,
+        long_test_clips=12, long_seeds=2, long_epochs=2, long_budget="epochs", long_timeout_s=120.0,
     ),
     "default": StudyConfig(),
     "gpu": StudyConfig(
