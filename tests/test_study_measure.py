@@ -158,8 +158,8 @@ if __name__ == "__main__":
 
 
 def test_a_cell_does_not_rerun_the_callers_main_module(tmp_path):
-    # A stage's main module imports Prefect: re-importing it in every cell cost 2-3 s per cell (make study: 47 min
-    # with it, 23 without).
+    # A stage's main module imports Prefect: re-importing it in every cell cost 2-3 s per cell (the study's timing
+    # rows: 25 min with it, 3 without).
     script = tmp_path / "stage.py"
     script.write_text(_MAIN_SCRIPT)
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO / "src"), str(REPO)])}

@@ -191,9 +191,9 @@ def _main_not_rerun(fn: Callable[..., Any]) -> Iterator[None]:
 
     multiprocessing's spawn and forkserver children import the parent's main module (as ``__mp_main__``) before
     unpickling the target. A stage's main module (``pipelines/study_row.py``) imports Prefect, so every cell paid
-    2-3 s for an import it never used (a no-op cell: 2.2 s, 0.1 s without it); make study took 47 min with it, 23
-    without (the timing rows 25 min and 3 min; docs/study.md). The cell workers are functions of importable modules; the main module is hidden
-    from ``spawn.get_preparation_data`` only while the process starts."""
+    2-3 s for an import it never used (a no-op cell: 2.2 s, 0.1 s without it; the study's timing rows took 25 min
+    with it, 3 without: docs/study.md). The cell workers are functions of importable modules; the main module is
+    hidden from ``spawn.get_preparation_data`` only while the process starts."""
     main = sys.modules.get("__main__")
     if main is None or getattr(fn, "__module__", None) == "__main__":
         yield

@@ -2,7 +2,7 @@
 seed's table drawn by :mod:`seqvision.study.figures` (the report's, not the rows': a figure change reruns only the
 report).
 
-- :data:`ROWS`           row name -> :class:`Row` (its runner, whether it trains on the pipeline's features, its figure)
+- :data:`ROWS`           row name -> :class:`Row` (its runner, whether it trains, its table columns and notes)
 - :func:`check_inputs`   what the training rows read exists, before any row runs
 - :func:`run_row`        one row -> ``{row}.json`` (a training row also keeps its trainings in ``{row}/``)
 - :func:`load_results`   the row JSONs of a folder back as :class:`RowResult` (:meth:`RowResult.from_json`)
@@ -31,6 +31,7 @@ from seqvision.study.longrange import run_long_range
 from seqvision.study.longrange import summary_lines as long_notes
 from seqvision.study.parallelism import run_parallelism
 from seqvision.study.presets import StudyConfig
+
 
 @dataclass(frozen=True)
 class Row:
