@@ -83,10 +83,11 @@ def nested_subsets(labels: Mapping[str, int], fractions: Sequence[float], *, see
 def scaled_schedule(train: TrainConfig, *, items: int, full_items: int, equal_steps: bool) -> TrainConfig:
     """``train`` for a subset of ``items`` of the ``full_items`` training clips: with ``equal_steps``, epochs and
     patience multiplied by (steps per epoch on the full set) / (steps per epoch on the subset), so the subset gets
-    at least the full set's optimizer steps and the same patience in steps; else unchanged."""
-    if not equal_steps:
-        return train
+    at least the full set's optimizer steps and the same patience in steps; else, or when the subset has at least as
+    many steps per epoch, unchanged (never fewer epochs than ``train`` asks for)."""
     ratio = math.ceil(full_items / train.batch_size) / math.ceil(items / train.batch_size)
+    if not equal_steps or ratio <= 1:
+        return train
     return dataclasses.replace(train, epochs=math.ceil(train.epochs * ratio), patience=round(train.patience * ratio))
 
 

@@ -294,9 +294,8 @@ def training_specs(config: StudyConfig, params: Params, prepared: Prepared, work
     train = params.train
     if config.long_epochs:
         train = dataclasses.replace(train, epochs=config.long_epochs)
-    if config.long_budget == "steps" and config.long_train_clips < params.synth.videos.train:
-        train = scaled_schedule(train, items=config.long_train_clips, full_items=params.synth.videos.train,
-                                equal_steps=True)
+    train = scaled_schedule(train, items=config.long_train_clips, full_items=params.synth.videos.train,
+                            equal_steps=config.long_budget == "steps")
     out = []
     for run in plan_runs(config):
         extra: tuple[tuple[str, str], ...] = ()
