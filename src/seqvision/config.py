@@ -426,8 +426,8 @@ class MinGRUModelConfig:
     embed_size: int = knob(128, "word embedding size (captioning)", low=1, high=16_384)
     dropout: float = knob(0.2, "dropout on inputs, between layers and before the output layer", low=0.0, high=0.9)
     attention: bool = knob(True, "captioning: attention over grid cells / encoder outputs, queried by h_t")
-    scan: str = knob("parallel", "parallel: log-space scan (Heinsen 2023); sequential: the step loop (same maths)",
-                     choices=("parallel", "sequential"))
+    scan: str = knob("parallel", "parallel: chunked prefix scan (mingru.parallel_scan); sequential: the step loop "
+                     "(same maths)", choices=("parallel", "sequential"))
 
 
 @dataclass(frozen=True)
