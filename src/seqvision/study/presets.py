@@ -76,7 +76,7 @@ class StudyConfig:
     bias_timeout_s: float = knob(1800.0, "a training's process is stopped after this long (recorded as failed)",
                                  low=1.0)
     # Row 1: long-range dependencies (accuracy vs the distance D the label must be carried; docs/study.md)
-    long_distances: tuple[int, ...] = knob((8, 16, 32, 64), "distances D: frames between the labelled event "
+    long_distances: tuple[int, ...] = knob((4, 8, 16, 32), "distances D: frames between the labelled event "
                                            "and either end of the clip (clips have 2D + 2*4 + E - 2 frames)")
     long_families: tuple[str, ...] = knob(("rnn", "lstm", "gru", "transformer", "mingru"),
                                           "model families trained at every distance", choices=MODEL_FAMILIES)
