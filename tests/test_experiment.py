@@ -225,7 +225,7 @@ def test_changed_params_or_inputs_start_afresh(artifacts, tmp_path):
 
     fresh = train_one("activity", "lstm", data=data, train_config=train_config, models_config=models_config, lr=0.02,
                            out_dir=out, log=notes.append)
-    assert fresh.resumed_from_epoch == 0 and any("other params or inputs" in n for n in notes)
+    assert fresh.resumed_from_epoch == 0 and any("other params, inputs or code" in n for n in notes)
 
     # num_workers, device & co. do not change the maths: still resumable
     workers, _ = configs(log_every=2)
@@ -234,6 +234,20 @@ def test_changed_params_or_inputs_start_afresh(artifacts, tmp_path):
     # and --no-resume always starts afresh
     assert train_one("activity", "lstm", data=data, train_config=workers, models_config=models_config, lr=0.02,
                           out_dir=out, resume=False, log=notes.append).resumed_from_epoch == 0
+
+
+def test_changed_code_starts_afresh(artifacts, tmp_path, monkeypatch):
+    """DVC reruns a training stage when its code changed and keeps its checkpoints (persist): a finished last.pt of
+    the old code must not be resumed from, or the stage would hand back the old model under the new code."""
+    data = load("activity", artifacts)
+    train_config, models_config = configs()
+    kwargs = {"data": data, "train_config": train_config, "models_config": models_config, "out_dir": tmp_path / "out"}
+    train_one("activity", "lstm", log=lambda _: None, **kwargs)
+    monkeypatch.setattr(experiment, "code_digest", lambda: "the code after an edit")
+    notes: list[str] = []
+    again = train_one("activity", "lstm", log=notes.append, **kwargs)
+    assert again.resumed_from_epoch == 0 and again.epochs_run == 2
+    assert any("other params, inputs or code" in n for n in notes)
 
 
 def test_bad_names_and_missing_inputs_give_clear_errors(artifacts, tmp_path):

@@ -20,10 +20,12 @@ Plain functions, in the order the stage calls them:
                                differ on every run (``io.write_runinfo``; DVC ignores the file)
 
 Resuming: ``last.pt`` records a fingerprint of everything that decides the result (task, family, effective model
-config, the train knobs that change the maths, and the content of the input files). ``resume=True`` continues from
+config, the train knobs that change the maths, the content of the input files, and the code: every module of the
+``seqvision`` package). ``resume=True`` continues from
 ``last.pt`` only when the fingerprint matches and both checkpoints verify; otherwise it starts afresh (saying why),
-so a stage rerun by DVC after its params or inputs changed never continues someone else's run, and a corrupted
-checkpoint is never resumed from or left as an output.
+so a stage rerun by DVC after its params, inputs or code changed never continues someone else's run (DVC keeps
+the stage's checkpoints, ``persist: true``), and a corrupted checkpoint is never resumed from or left as an
+output.
 
 Tracking goes through a :class:`seqvision.tracking.TrackerLike` that the caller opens
 (:func:`seqvision.tracking.open_training_run`); nothing here needs MLflow itself.
@@ -37,6 +39,7 @@ from __future__ import annotations
 import collections
 import copy
 import dataclasses
+import functools
 import hashlib
 import json
 import shutil
@@ -306,10 +309,24 @@ def input_blind_metric(data: TaskData) -> float:
 # Resume fingerprint
 
 
+@functools.cache
+def code_digest() -> str:
+    """SHA-256 over the source of every module of the ``seqvision`` package (paths and contents, sorted): a change
+    to any of them may change a training's result. Coarser than a training's imports, which errs towards
+    starting afresh: an interrupted run resumes only under the code that started it."""
+    root = Path(__file__).resolve().parent
+    digest = hashlib.sha256()
+    for path in sorted(root.rglob("*.py")):
+        digest.update(path.relative_to(root).as_posix().encode())
+        digest.update(path.read_bytes())
+    return digest.hexdigest()
+
+
 def fingerprint(task: str, family: str, config: Any, train_config: TrainConfig, inputs: Sequence[Path], *,
                 encoder: nn.Module | None = None) -> str:
     """SHA-256 over what decides a training's result: names, effective model config, the train knobs that change
-    the maths (not ``device``, ``num_workers`` & co., which fit allows to change on resume) and input contents."""
+    the maths (not ``device``, ``num_workers`` & co., which fit allows to change on resume), input contents and
+    the code (:func:`code_digest`)."""
     train_knobs = {k: v for k, v in to_dict(train_config).items() if k not in _RESUMABLE_CHANGES}
     blob = {
         "task": task,
@@ -317,6 +334,7 @@ def fingerprint(task: str, family: str, config: Any, train_config: TrainConfig, 
         "model": to_dict(config),
         "train": train_knobs,
         "inputs": [file_digest(p) for p in inputs],
+        "code": code_digest(),
     }
     if encoder is not None:  # fine-tuning: the starting encoder decides the result too (only then in the blob,
         # so fingerprints of feature-based runs stay what they were)
@@ -345,7 +363,7 @@ def _resume_point(out_dir: Path, expected: str, log: Any) -> int | None:
         log(f"{err}; it is not resumed from: starting afresh")
         return None
     if last.get("fingerprint") != expected:
-        log(f"{last_path}: written for other params or inputs; starting afresh")
+        log(f"{last_path}: written for other params, inputs or code; starting afresh")
         return None
     if last["best_epoch"] is None:
         return int(last["epoch"])
