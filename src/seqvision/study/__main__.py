@@ -49,8 +49,8 @@ def main(argv: list[str] | None = None) -> int:
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--out", required=True, help="folder for the JSON results and PNG figures")
     parser.add_argument("--preset", choices=sorted(PRESETS), default="default",
-                        help="ci: seconds; default: make study on 2 CPU cores (30 min measured, docs/study.md); "
-                             "gpu: CUDA, bfloat16")
+                        help="ci: seconds; default: make study on 2 CPU cores (27 min from a fresh clone, "
+                             "docs/study.md); gpu: CUDA, bfloat16")
     parser.add_argument("--rows", nargs="+", choices=list(ROWS), default=list(ROWS), help="which rows to run")
     parser.add_argument("--params", default="params.yaml",
                         help="the pipeline's params file: rows 1 and 4's training protocol and model sections, row 4's "

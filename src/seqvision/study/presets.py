@@ -3,8 +3,9 @@
 - ``ci``:      every variant on a three-point ladder with tiny models, two repeats; row 4 on two training fractions,
                one seed, two epochs; row 1 on two distances, 42 clips, two seeds, two epochs: seconds, for tests and
                CI (rows 1 and 4 on the tiny test artifacts and a tiny encoder).
-- ``default``: ``make study`` on a 2-core CPU: 30 minutes on a quiet machine (rows 2 and 3 about 3 minutes, row 4's
-               108 trainings 8, row 1's 78 trainings at equal optimizer steps and its clips 18; docs/study.md).
+- ``default``: ``make study`` on a 2-core CPU: 27 minutes on a fresh clone of a quiet machine, installation and data
+               included (rows 2 and 3 about 3 minutes, row 4's 108 trainings 7, row 1's 78 trainings at equal
+               optimizer steps and its clips 13; docs/study.md).
 - ``gpu``:     longer sequences, a wider two-layer model, bfloat16 autocast, on CUDA (not run on the development
                machine, which has no GPU).
 """
