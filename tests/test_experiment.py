@@ -225,7 +225,7 @@ def test_changed_params_or_inputs_start_afresh(artifacts, tmp_path):
 
     fresh = train_one("activity", "lstm", data=data, train_config=train_config, models_config=models_config, lr=0.02,
                            out_dir=out, log=notes.append)
-    assert fresh.resumed_from_epoch == 0 and any("other params, inputs or code" in n for n in notes)
+    assert fresh.resumed_from_epoch == 0 and any("other params or inputs" in n for n in notes)
 
     # num_workers, device & co. do not change the maths: still resumable
     workers, _ = configs(log_every=2)
@@ -243,11 +243,15 @@ def test_changed_code_starts_afresh(artifacts, tmp_path, monkeypatch):
     train_config, models_config = configs()
     kwargs = {"data": data, "train_config": train_config, "models_config": models_config, "out_dir": tmp_path / "out"}
     train_one("activity", "lstm", log=lambda _: None, **kwargs)
+    before = checkpoint.load(tmp_path / "out" / "last.pt")["fingerprint"]
     monkeypatch.setattr(experiment, "code_digest", lambda: "the code after an edit")
     notes: list[str] = []
     again = train_one("activity", "lstm", log=notes.append, **kwargs)
     assert again.resumed_from_epoch == 0 and again.epochs_run == 2
-    assert any("other params, inputs or code" in n for n in notes)
+    assert any("written by other code" in n for n in notes)
+    # the code is checked beside the checkpoints, not inside them: an edit elsewhere does not change their bytes
+    assert checkpoint.load(tmp_path / "out" / "last.pt")["fingerprint"] == before
+    assert json.loads((tmp_path / "out" / "runinfo.json").read_text())["code"] == "the code after an edit"
 
 
 def test_bad_names_and_missing_inputs_give_clear_errors(artifacts, tmp_path):

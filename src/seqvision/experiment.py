@@ -19,13 +19,13 @@ Plain functions, in the order the stage calls them:
    ``runinfo.json``            the :data:`RUN_FIELDS` and fit's per-epoch times: measurements of this run, which
                                differ on every run (``io.write_runinfo``; DVC ignores the file)
 
-Resuming: ``last.pt`` records a fingerprint of everything that decides the result (task, family, effective model
-config, the train knobs that change the maths, the content of the input files, and the code: every module of the
-``seqvision`` package). ``resume=True`` continues from
-``last.pt`` only when the fingerprint matches and both checkpoints verify; otherwise it starts afresh (saying why),
-so a stage rerun by DVC after its params, inputs or code changed never continues someone else's run (DVC keeps
-the stage's checkpoints, ``persist: true``), and a corrupted checkpoint is never resumed from or left as an
-output.
+Resuming: ``last.pt`` records a fingerprint of everything in the params and inputs that decides the result (task,
+family, effective model config, the train knobs that change the maths, the content of the input files), and the
+run's ``runinfo.json`` the code that started it (:func:`code_digest`: every module of the ``seqvision`` package;
+kept out of the checkpoints, so their bytes do not change with an unrelated edit). ``resume=True`` continues from
+``last.pt`` only when both match and both checkpoints verify; otherwise it starts afresh (saying why), so a stage
+rerun by DVC after its params, inputs or code changed never continues someone else's run (DVC keeps the stage's
+checkpoints, ``persist: true``), and a corrupted checkpoint is never resumed from or left as an output.
 
 Tracking goes through a :class:`seqvision.tracking.TrackerLike` that the caller opens
 (:func:`seqvision.tracking.open_training_run`); nothing here needs MLflow itself.
@@ -324,9 +324,9 @@ def code_digest() -> str:
 
 def fingerprint(task: str, family: str, config: Any, train_config: TrainConfig, inputs: Sequence[Path], *,
                 encoder: nn.Module | None = None) -> str:
-    """SHA-256 over what decides a training's result: names, effective model config, the train knobs that change
-    the maths (not ``device``, ``num_workers`` & co., which fit allows to change on resume), input contents and
-    the code (:func:`code_digest`)."""
+    """SHA-256 over what in the params and inputs decides a training's result: names, effective model config, the
+    train knobs that change the maths (not ``device``, ``num_workers`` & co., which fit allows to change on
+    resume) and input contents. The code is checked beside it (:func:`code_digest`, in ``runinfo.json``)."""
     train_knobs = {k: v for k, v in to_dict(train_config).items() if k not in _RESUMABLE_CHANGES}
     blob = {
         "task": task,
@@ -334,7 +334,6 @@ def fingerprint(task: str, family: str, config: Any, train_config: TrainConfig, 
         "model": to_dict(config),
         "train": train_knobs,
         "inputs": [file_digest(p) for p in inputs],
-        "code": code_digest(),
     }
     if encoder is not None:  # fine-tuning: the starting encoder decides the result too (only then in the blob,
         # so fingerprints of feature-based runs stay what they were)
@@ -350,7 +349,8 @@ def _resume_point(out_dir: Path, expected: str, log: Any) -> int | None:
     """The epoch to continue from, or None for a fresh start (outputs of another run are then removed).
 
     Resumable: ``last.pt`` verifies (:func:`seqvision.checkpoint.load`) and carries ``expected`` as its
-    fingerprint, and ``best.pt`` verifies too. A missing or corrupt ``best.pt`` is restored from ``last.pt`` when
+    fingerprint, the run's ``runinfo.json`` names this code (:func:`code_digest`; a run without it, e.g. outputs
+    checked out by DVC, is not resumed), and ``best.pt`` verifies too. A missing or corrupt ``best.pt`` is restored from ``last.pt`` when
     the last epoch was the best one; otherwise the best weights are lost and the run starts afresh. A corrupt
     checkpoint is never resumed from and never left behind as an output; ``log`` says which case applied.
     """
@@ -363,7 +363,10 @@ def _resume_point(out_dir: Path, expected: str, log: Any) -> int | None:
         log(f"{err}; it is not resumed from: starting afresh")
         return None
     if last.get("fingerprint") != expected:
-        log(f"{last_path}: written for other params, inputs or code; starting afresh")
+        log(f"{last_path}: written for other params or inputs; starting afresh")
+        return None
+    if read_runinfo(out_dir).get("code") != code_digest():
+        log(f"{last_path}: written by other code (or its runinfo.json is gone); starting afresh")
         return None
     if last["best_epoch"] is None:
         return int(last["epoch"])
@@ -514,6 +517,7 @@ def run(
         resumed_from = _resume_point(out_dir, key, log) if resume else None
         if resumed_from is None:
             _clear_outputs(out_dir)
+            write_runinfo(out_dir, code=code_digest())  # what a later resume checks
         else:
             log(f"resuming from {out_dir / 'last.pt'} (epoch {resumed_from})")
     # DDP: every rank follows rank 0's decision, and only once its clean-up is done (they all read last.pt).
