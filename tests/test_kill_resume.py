@@ -51,7 +51,9 @@ pytestmark = [pytest.mark.slow, pytest.mark.integration, pytest.mark.xdist_group
 TASK, FAMILY = "video_captioning", "gru"
 EPOCHS = 3
 TRAIN_ITEMS, VAL_ITEMS, TEST_ITEMS, FRAMES, DIM = 480, 64, 16, 8, 32
-TRAIN = {"epochs": EPOCHS, "batch_size": 16, "device": "cpu", "deterministic": True, "patience": 0, "seeds": 1,
+# Batch 4: 120 steps an epoch, a few seconds of training, so that the flow test can kill it mid-epoch after its MLflow
+# run opened (open_run took ~8 s beside a 3-s training on a busy machine at batch 16, and the training ended first).
+TRAIN = {"epochs": EPOCHS, "batch_size": 4, "device": "cpu", "deterministic": True, "patience": 0, "seeds": 1,
          "scheduled_sampling": 0.25, "log_every": 5, "num_workers": 0, "seed": 0}
 GRU = {"lr": 0.01, "hidden_size": 64, "embed_size": 32, "dropout": 0.2, "attention": True}
 SEED = Path("train") / "seed0"  # where the stage trains its one seed, under --out
