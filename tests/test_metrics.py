@@ -183,6 +183,7 @@ def test_cider_d_matches_an_independent_numpy_computation() -> None:
     assert 0.5 < expected < 10
     got = caption_scores(CIDER_HYPS, CIDER_REFS, meteor="never")["cider_d"]
     assert got == pytest.approx(expected, rel=1e-9)
+    assert metrics.cider_d(CIDER_HYPS, CIDER_REFS) == got  # the validation metric: the same number, bit for bit
 
     # Clipping is active: without np.minimum the repeated "a dog" of item y would score higher.
     unclipped = dict(CIDER_HYPS, y="a dog runs")

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from seqvision import checkpoint
-from seqvision.blocks import ModelDims, center_clip
+from seqvision.blocks import ModelDims, caption_loss, center_clip
 from seqvision.config import TASKS, ModelsConfig
 from seqvision.models import MODELS, RECURRENT_FAMILIES, build_from_checkpoint, build_model, count_parameters, fit_to_budget, model_spec
 from seqvision.vocab import BOS_ID as BOS
@@ -276,6 +276,39 @@ def test_step_matches_teacher_forcing_and_survives_beam_reordering(task, family,
             step_logits, state = model.step(tokens[order, t], state, memory)
             real = tokens[order, t + 1] != PAD
             torch.testing.assert_close(step_logits[real], logits[order, t][real], rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("family", RECURRENT_FAMILIES)
+@pytest.mark.parametrize("task", CAPTIONING)
+def test_packed_attention_decoder_has_the_step_loops_loss_and_gradients(task, family):
+    """The attention decoder's teacher forcing computes only real positions (rows sorted longest first): its loss
+    and gradients are those of feeding every position of the padded batch through ``step``, whatever the order of
+    the rows, and its logits are zero on padding."""
+    model = make(task, family).eval()  # eval: no dropout, so both paths see the same maths
+    visual, lengths = visual_batch(task)
+    tokens, token_lengths = caption_batch()
+    perm = torch.tensor([2, 0, 1])  # shortest caption first, longest in the middle
+    visual, lengths, tokens, token_lengths = visual[perm], lengths[perm], tokens[perm], token_lengths[perm]
+    params = list(model.parameters())
+
+    logits, loss = model(visual, lengths, tokens, token_lengths)
+    grads = torch.autograd.grad(loss, params, allow_unused=True)
+    memory = model.encode(visual, lengths)
+    state = model.init_state(memory)
+    steps = []
+    for t in range(tokens.size(1) - 1):
+        step_logits, state = model.step(tokens[:, t], state, memory)
+        steps.append(step_logits)
+    reference = caption_loss(torch.stack(steps, dim=1), tokens[:, 1:])
+    reference_grads = torch.autograd.grad(reference, params, allow_unused=True)
+
+    torch.testing.assert_close(loss, reference)
+    for name, g, r in zip([n for n, _ in model.named_parameters()], grads, reference_grads):
+        assert (g is None) == (r is None), name
+        if g is not None:
+            torch.testing.assert_close(g, r, rtol=1e-5, atol=1e-7, msg=name)
+    padding = tokens[:, 1:] == PAD
+    assert padding.any() and torch.equal(logits[padding], torch.zeros_like(logits[padding]))
 
 
 @pytest.mark.parametrize("family", FAMILIES)

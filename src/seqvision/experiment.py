@@ -60,7 +60,7 @@ from seqvision.datasets import VisualStore, make_loader, task_dataset, task_spec
 from seqvision.decode import decode
 from seqvision.io import atomic_path, file_digest, read_runinfo, write_json, write_runinfo, write_text
 from seqvision.results import test_dir, train_dir
-from seqvision.metrics import caption_scores
+from seqvision.metrics import cider_d
 from seqvision.runtime import resolve_device, seed_everything
 from seqvision.train import _RESUMABLE_CHANGES, ACCURACY, ValidationMetric, fit
 from seqvision.vocab import Vocab, load_split
@@ -267,7 +267,7 @@ def caption_cider(vocab: Vocab, decoding: EvaluateConfig, *, max_items: int = CI
     test split is (``decoding``: the ``evaluate`` section's beam size, length penalty and maximum length), so the
     checkpoint is chosen with the decoder it is tested with."""
 
-    def cider_d(model: nn.Module, loader: DataLoader, device: torch.device) -> float:
+    def val_cider_d(model: nn.Module, loader: DataLoader, device: torch.device) -> float:
         hypotheses: dict[str, str] = {}
         for batch in loader:
             batch = batch.to(device)
@@ -279,9 +279,9 @@ def caption_cider(vocab: Vocab, decoding: EvaluateConfig, *, max_items: int = CI
                 break
         keep = list(hypotheses)[:max_items]
         hypotheses = {i: hypotheses[i] for i in keep}
-        return float(caption_scores(hypotheses, _references(loader.dataset, keep), meteor="never")["cider_d"])
+        return cider_d(hypotheses, _references(loader.dataset, keep))
 
-    return ValidationMetric("cider_d", cider_d, higher_is_better=True)
+    return ValidationMetric("cider_d", val_cider_d, higher_is_better=True)
 
 
 def validation_metric(data: TaskData, decoding: EvaluateConfig | None = None) -> ValidationMetric:
@@ -302,7 +302,7 @@ def input_blind_metric(data: TaskData) -> float:
         return sum(val.labels[i] == data.constant_prediction for i in val.ids) / len(val.ids)
     keep = list(val.ids)[:CIDER_VAL_ITEMS]
     hypotheses = {i: str(data.constant_prediction) for i in keep}
-    return float(caption_scores(hypotheses, _references(val, keep), meteor="never")["cider_d"])
+    return cider_d(hypotheses, _references(val, keep))
 
 
 # --------------------------------------------------------------------------------------------------------

@@ -110,21 +110,9 @@ def caption_scores(
     from pycocoevalcap.cider.cider import Cider
     from pycocoevalcap.rouge.rouge import Rouge
 
-    if set(hypotheses) != set(references):
-        missing = sorted(map(str, set(references) - set(hypotheses)))[:5]
-        extra = sorted(map(str, set(hypotheses) - set(references)))[:5]
-        raise ValueError(f"hypotheses and references must cover the same ids; missing {missing}, extra {extra}")
-    if not hypotheses:
-        raise ValueError("no captions to score")
-    empty = [key for key, refs in references.items() if len(refs) == 0]
-    if empty:
-        raise ValueError(f"items without references: {sorted(map(str, empty))[:5]}")
     if meteor not in ("auto", "always", "never"):
         raise ValueError(f"meteor must be 'auto', 'always' or 'never', got {meteor!r}")
-
-    keys = list(references)  # the scorers iterate gts.keys(); keep one order for both dicts
-    gts = {key: [ptb_tokenize(r) for r in references[key]] for key in keys}
-    res = {key: [ptb_tokenize(hypotheses[key])] for key in keys}
+    keys, gts, res = _tokenized(hypotheses, references)
 
     bleu, _ = Bleu(4).compute_score(gts, res, verbose=0)  # option="closest", coco-caption's choice
     cider, cider_items = Cider().compute_score(gts, res)  # CIDEr-D: n=4, sigma=6, clipped, idf from these refs
@@ -148,6 +136,34 @@ def caption_scores(
         "rouge_l": float(rouge),
         "cider_d": float(cider),
     }
+
+
+def _tokenized(
+    hypotheses: Mapping[Any, str], references: Mapping[Any, Sequence[str]]
+) -> tuple[list[Any], dict[Any, list[str]], dict[Any, list[str]]]:
+    """(keys, gts, res) for the coco-caption scorers, PTB-tokenized; checks that both cover the same ids."""
+    if set(hypotheses) != set(references):
+        missing = sorted(map(str, set(references) - set(hypotheses)))[:5]
+        extra = sorted(map(str, set(hypotheses) - set(references)))[:5]
+        raise ValueError(f"hypotheses and references must cover the same ids; missing {missing}, extra {extra}")
+    if not hypotheses:
+        raise ValueError("no captions to score")
+    empty = [key for key, refs in references.items() if len(refs) == 0]
+    if empty:
+        raise ValueError(f"items without references: {sorted(map(str, empty))[:5]}")
+    keys = list(references)  # the scorers iterate gts.keys(); keep one order for both dicts
+    gts = {key: [ptb_tokenize(r) for r in references[key]] for key in keys}
+    res = {key: [ptb_tokenize(hypotheses[key])] for key in keys}
+    return keys, gts, res
+
+
+def cider_d(hypotheses: Mapping[Any, str], references: Mapping[Any, Sequence[str]]) -> float:
+    """CIDEr-D alone, the value :func:`caption_scores` returns under ``"cider_d"`` (the captioners' validation
+    metric, scored every epoch: BLEU and ROUGE-L besides it cost more than CIDEr-D itself)."""
+    from pycocoevalcap.cider.cider import Cider
+
+    _, gts, res = _tokenized(hypotheses, references)
+    return float(Cider().compute_score(gts, res)[0])
 
 
 def item_cider_d(records: Mapping[Any, Mapping[str, Any]]) -> dict[Any, float]:

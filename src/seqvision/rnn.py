@@ -201,28 +201,43 @@ class RecurrentDecoder(nn.Module):
         return self.attend.keys(values)
 
     def forward(self, tokens: Tensor, lengths: Tensor, state: State, memory: tuple[Tensor, ...]) -> Tensor:
-        """Teacher forcing: tokens (B, L) fed from ``state`` -> logits (B, L, V).
+        """Teacher forcing: tokens (B, L) fed from ``state`` -> logits (B, L, V), zero past each row's length.
 
         Without attention the whole sequence runs packed through cuDNN. With attention the context at step t
-        depends on h_{t-1}, so the steps run one by one through :meth:`step` (padding sits after the real
-        tokens, so in either path no real position ever sees it).
+        depends on h_{t-1}, so the steps run one by one; like a packed sequence, step t computes only the rows
+        whose caption is still going (rows sorted longest first, so they are a prefix of the batch), and the
+        embedding and the output layer run once over all real positions. Padding is never computed, so no real
+        position sees it; the loss ignores the zero logits left there.
         """
         B, L = tokens.shape
-        if self.context == "attention":
-            logits = []
-            for t in range(L):
-                step_logits, state = self.step(tokens[:, t], state, memory)
-                logits.append(step_logits)
-            return torch.stack(logits, dim=1)  # (B, L, V)
         x = self.drop(self.embed(tokens))  # (B, L, E)
+        if self.context == "attention":
+            return self._attend_packed(x, lengths, state, memory)
         if self.context == "fixed":
             x = torch.cat([x, memory[0].unsqueeze(1).expand(B, L, -1)], dim=-1)  # (B, L, E + Dc)
         out, _ = run_packed(self.rnn, x, lengths, _to_layer_first(state))  # (B, L, H)
         return self.out(self.drop(out))  # (B, L, V)
 
-    def step(self, prev: Tensor, state: State, memory: tuple[Tensor, ...]) -> tuple[Tensor, State]:
-        """One step: prev tokens (B,) -> (logits (B, V), new state)."""
-        x = self.drop(self.embed(prev))  # (B, E)
+    def _attend_packed(self, x: Tensor, lengths: Tensor, state: State, memory: tuple[Tensor, ...]) -> Tensor:
+        """The attention path of :meth:`forward`: x (B, L, E) embedded inputs -> logits (B, L, V)."""
+        B, L, _ = x.shape
+        order = torch.argsort(lengths, descending=True, stable=True)  # (B,) longest first
+        active = (lengths[order].unsqueeze(0) > torch.arange(L, device=lengths.device).unsqueeze(1)).sum(1)
+        x, state = x[order], tuple(s[order] for s in state)
+        memory = tuple(m[order] for m in memory)
+        features = []  # per step t: (n_t, H + Dv) for the n_t rows still going
+        for t, n in enumerate(active.tolist()):
+            if n == 0:
+                break
+            out, state = self._cell(x[:n, t], tuple(s[:n] for s in state), tuple(m[:n] for m in memory))
+            features.append(out)
+        rows = torch.cat([order[: f.size(0)] for f in features])  # original row of each computed position
+        cols = torch.cat([torch.full((f.size(0),), t, device=x.device) for t, f in enumerate(features)])
+        logits = self.out(self.drop(torch.cat(features)))  # (real positions, V)
+        return logits.new_zeros(B, L, logits.size(-1)).index_put((rows, cols), logits)
+
+    def _cell(self, x: Tensor, state: State, memory: tuple[Tensor, ...]) -> tuple[Tensor, State]:
+        """One recurrent step on embedded inputs x (B, E) -> (input of the output layer (B, H [+ Dv]), state)."""
         ctx = None
         if self.context == "attention":
             values, mask, keys = memory
@@ -235,7 +250,12 @@ class RecurrentDecoder(nn.Module):
         out = out.squeeze(1)  # (B, H)
         if ctx is not None:
             out = torch.cat([out, ctx], dim=-1)  # (B, H + Dv)
-        return self.out(self.drop(out)), _to_batch_first(hidden)
+        return out, _to_batch_first(hidden)
+
+    def step(self, prev: Tensor, state: State, memory: tuple[Tensor, ...]) -> tuple[Tensor, State]:
+        """One step: prev tokens (B,) -> (logits (B, V), new state)."""
+        out, state = self._cell(self.drop(self.embed(prev)), state, memory)
+        return self.out(self.drop(out)), state
 
 
 class InitState(nn.Module):
