@@ -232,7 +232,7 @@ def test_a_training_run_carries_its_test_metrics_parameter_count_and_dataset_inp
                "content_event_f1": seed_summary([0.5, 0.7]), "bleu_4": seed_summary([0.1, 0.2])}
     (out / "metrics.json").write_text(json.dumps(metrics))
     with tracker:
-        stage.log_run.fn(tracker, str(out), 2, metrics)
+        stage.log_run(tracker, str(out), 2, metrics)
 
     run = client.get_run(tracker.run_id)
     for name in ("cider_d", "content_event_f1", "bleu_4"):  # coco and content metrics, per seed and mean
