@@ -10,7 +10,8 @@ each seed's best epoch and predicts the test split) or ``data.activity_dir`` / `
 params.yaml (``pipelines.train_args.TrainParams``), once; the whole file is validated first.
 
 Seeds ``train.seed`` .. ``train.seed + train.seeds - 1`` train as parallel worker processes
-(``pipelines.train_worker``): one per CUDA device, else up to two per CPU core (``--parallel`` to choose), each into
+(``pipelines.train_worker``, forked from ``pipelines.seed_server``, which has their imports done once): one per CUDA
+device, else up to two per CPU core (``--parallel`` to choose), each into
 ``--out/train/seed{k}`` (checkpoints, history) and ``--out/test/seed{k}`` (test predictions and metrics). The stage then writes, over seeds, the
 mean and 95% interval of every test metric (``metrics.json``), every seed's summary (``summary.json``), the
 learning curves (``learning_curve.json``) and, for activity, the confusion rows (``plots/``): docs/design.md. With
@@ -47,8 +48,14 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import torch
-from prefect import flow, get_run_logger, task
+from pipelines import seed_server
+
+if __name__ == "__main__" and not {"-h", "--help"} & set(sys.argv[1:]):
+    # The seeds' fork server imports torch and the worker (about 3 s) while this process imports its own.
+    seed_server.start()
+
+import torch  # noqa: E402 - after the fork server's start, on purpose
+from prefect import flow, get_run_logger, task  # noqa: E402
 from prefect.cache_policies import NO_CACHE
 
 import pipelines
@@ -93,23 +100,25 @@ def worker_args(task_name: str, model: str, *, seed_index: int, out: str, params
     return args
 
 
-def worker_command(nproc_per_node: int, args: list[str]) -> list[str]:
-    """One worker process with this interpreter, or torchrun with ``nproc_per_node`` of them through
-    ``pipelines.ddp_launch``: a free port on 127.0.0.1 only (concurrent trainings on one machine do not collide,
-    and nothing listens on the machine's other interfaces)."""
+def start_worker(nproc_per_node: int, args: list[str], env: dict[str, str]) -> Any:
+    """One seed's worker, its stdout and stderr merged into ``.stdout``: forked from the seed server
+    (``pipelines.seed_server``, the imports done once per stage), or, for DDP, torchrun with ``nproc_per_node``
+    fresh processes through ``pipelines.ddp_launch``: a free port on 127.0.0.1 only (concurrent trainings on one
+    machine do not collide, and nothing listens on the machine's other interfaces)."""
     if nproc_per_node == 1:
-        return [sys.executable, "-m", "pipelines.train_worker", *args]
-    return [sys.executable, "-m", "pipelines.ddp_launch", f"--nproc-per-node={nproc_per_node}",
-            "-m", "pipelines.train_worker", *args]
+        return seed_server.ForkedWorker(args, env)
+    command = [sys.executable, "-m", "pipelines.ddp_launch", f"--nproc-per-node={nproc_per_node}",
+               "-m", "pipelines.train_worker", *args]
+    return subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
 
 
-def stream(command: list[str], *, env: dict[str, str], log: Callable[[str], Any],
-           redraw: Callable[[str], Any] | None = None, keep: int = 40) -> tuple[int, str]:
-    """Run ``command``, passing each output line (stdout and stderr merged) to ``log`` as it comes, and each
-    progress-bar redraw (text ended by a carriage return) to ``redraw`` instead; return (exit status, its last
-    ``keep`` lines). The child is stopped if this process is interrupted."""
+def stream(proc: Any, *, log: Callable[[str], Any], redraw: Callable[[str], Any] | None = None,
+           keep: int = 40) -> tuple[int, str]:
+    """Follow a started worker (``Popen`` or :class:`pipelines.seed_server.ForkedWorker`), passing each output line
+    to ``log`` as it comes, and each progress-bar redraw (text ended by a carriage return) to ``redraw`` instead;
+    return (exit status, its last ``keep`` lines). The worker is stopped if this process is interrupted."""
     tail: collections.deque[str] = collections.deque(maxlen=keep)
-    with subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT) as proc:
+    with proc:
         CHILDREN.add(proc)  # stopped by run_main if the stage is interrupted while this thread waits
         try:
             assert proc.stdout is not None
@@ -162,7 +171,7 @@ def train_seed(seed_index: int, args: list[str], nproc_per_node: int, slots: que
     try:
         where = "cpu" if slot is None else f"CUDA_VISIBLE_DEVICES={slot}"
         logger.info(f"seed {seed_index} on {where}")
-        status, tail = stream(worker_command(nproc_per_node, args), env=worker_env(slot),
+        status, tail = stream(start_worker(nproc_per_node, args, worker_env(slot)),
                               log=lambda line: logger.info(f"seed {seed_index}: {line}"),
                               redraw=redraw_on_stderr(f"seed {seed_index}: "))
     finally:

@@ -56,7 +56,10 @@ try:
     if model == os.environ.get("COMPARE_TEST_CRASH"):
         crash = ("import sys; print('train_worker: error: activity/' + sys.argv[1] + ' seed 0: RuntimeError: "
                  "simulated crash', file=sys.stderr); sys.exit(1)")
-        train.worker_command = lambda n, args: [sys.executable, "-c", crash, model]
+        import subprocess
+
+        train.start_worker = lambda n, args, env: subprocess.Popen(
+            [sys.executable, "-c", crash, model], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     code = train.main(argv)
 finally:
     note("end")

@@ -90,6 +90,10 @@ class RecordingTracker:
     def log_epoch(self, metrics, *, step: int) -> None:
         self.epochs.append((step, dict(metrics)))
 
+    def log_steps(self, rows) -> None:
+        for step, metrics in rows:
+            self.log_epoch(metrics, step=step)
+
     def log_artifact(self, path, artifact_path=None) -> None:
         self.artifacts.append(Path(path))
 
@@ -428,6 +432,43 @@ def test_the_same_seed_twice_is_identical_and_two_seeds_differ(artifacts, tmp_pa
         weights[name] = checkpoint.load(tmp_path / name / "last.pt")["model"]
     assert all(torch.equal(weights["first"][k], weights["again"][k]) for k in weights["first"])
     assert not all(torch.equal(weights["first"][k], weights["other"][k]) for k in weights["first"])
+
+
+def test_a_forked_seed_worker_writes_the_bytes_of_a_fresh_interpreter(artifacts, tmp_path):
+    """The stage forks its seeds from a fork server that has their imports done (pipelines.seed_server): a forked
+    seed writes, byte for byte, the files of ``python -m pipelines.train_worker`` in a fresh interpreter, and its
+    output lines and exit status reach the stage as a subprocess's do (a bad input: status 2, one error line)."""
+    import subprocess
+    import sys
+
+    from pipelines import seed_server
+    from pipelines import train as stage
+
+    params = write_params(tmp_path / "params.yaml", seeds=1, epochs=2)
+    args = ["--task", "video_captioning", "--model", "gru", "--params", str(params), "--seed-index", "0",
+            "--features", str(artifacts["features"]), "--tokens", str(artifacts["tokens"]), "--no-tracking",
+            "--no-progress", "--threads", "1"]
+    env = stage.worker_env(None)
+    lines: list[str] = []
+    status, _ = stage.stream(seed_server.ForkedWorker([*args, "--out", str(tmp_path / "forked")], env),
+                             log=lines.append)
+    assert status == 0 and any("train_worker: video_captioning/gru seed 0: val cider_d" in line for line in lines)
+    fresh = subprocess.run([sys.executable, "-m", "pipelines.train_worker", *args, "--out", str(tmp_path / "fresh")],
+                           env=env, capture_output=True, text=True, timeout=600)
+    assert fresh.returncode == 0, fresh.stderr
+
+    def files(root: Path) -> dict[str, bytes]:  # runinfo.json holds the timings, which differ between any two runs
+        return {str(p.relative_to(root)): p.read_bytes().replace(str(root).encode(), b"OUT")
+                for p in sorted(root.rglob("*")) if p.is_file() and p.name != io.RUNINFO}
+
+    forked, fresh_files = files(tmp_path / "forked"), files(tmp_path / "fresh")
+    assert "train/seed0/best.pt" in forked and "test/seed0/predictions.jsonl" in forked
+    assert forked.keys() == fresh_files.keys()
+    assert [name for name in forked if forked[name] != fresh_files[name]] == []
+
+    status, tail = stage.stream(seed_server.ForkedWorker(
+        [*args, "--features", str(tmp_path / "no-features"), "--out", str(tmp_path / "bad")], env), log=lines.append)
+    assert status == 2 and "train_worker: error:" in tail and "no-features" in tail
 
 
 def test_a_corrupt_checkpoint_is_never_resumed_from_nor_kept(artifacts, tmp_path):

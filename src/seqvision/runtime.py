@@ -6,11 +6,40 @@ drift apart between stages.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
+import sys
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import numpy as np
 import torch
+
+
+@contextlib.contextmanager
+def main_not_rerun(fn: Callable[..., Any]) -> Iterator[None]:
+    """Start a multiprocessing child without running the caller's ``__main__`` module again in it, unless ``fn``
+    (the child's target) lives there.
+
+    multiprocessing's spawn and forkserver children import the parent's main module (as ``__mp_main__``) before
+    unpickling the target. A stage's main module (``pipelines/study_row.py``, ``pipelines/train.py``) imports
+    Prefect, so every child paid 1-3 s for an import it never used (a no-op study cell: 2.2 s, 0.1 s without it;
+    docs/study.md). The targets are functions of importable modules; the main module is hidden from
+    ``spawn.get_preparation_data`` only while the process starts."""
+    main = sys.modules.get("__main__")
+    if main is None or getattr(fn, "__module__", None) == "__main__":
+        yield
+        return
+    saved = {name: main.__dict__[name] for name in ("__spec__", "__file__") if name in main.__dict__}
+    main.__spec__ = None
+    main.__dict__.pop("__file__", None)
+    try:
+        yield
+    finally:
+        main.__dict__.update(saved)
+        if "__spec__" not in saved:
+            main.__dict__.pop("__spec__", None)
 
 
 def resolve_device(name: str | torch.device) -> torch.device:

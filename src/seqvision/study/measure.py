@@ -34,6 +34,8 @@ from typing import Any
 
 import torch
 
+from seqvision.runtime import main_not_rerun
+
 # Imported once in the fork server, so that fresh cell processes start in milliseconds instead of the ~4 s an
 # ``import torch`` takes, and the 4.6 s of the first ``torch.optim.AdamW(...)``, which imports torch._dynamo
 # (measured on the 2-core development machine).
@@ -185,30 +187,6 @@ def _child(conn: Any, parent: int, fn: Callable[..., Any], args: tuple[Any, ...]
     conn.close()
 
 
-@contextlib.contextmanager
-def _main_not_rerun(fn: Callable[..., Any]) -> Iterator[None]:
-    """Start a cell without running the caller's ``__main__`` module again in it, unless ``fn`` lives there.
-
-    multiprocessing's spawn and forkserver children import the parent's main module (as ``__mp_main__``) before
-    unpickling the target. A stage's main module (``pipelines/study_row.py``) imports Prefect, so every cell paid
-    2-3 s for an import it never used (a no-op cell: 2.2 s, 0.1 s without it; the study's timing rows took 25 min
-    with it, 3 without: docs/study.md). The cell workers are functions of importable modules; the main module is
-    hidden from ``spawn.get_preparation_data`` only while the process starts."""
-    main = sys.modules.get("__main__")
-    if main is None or getattr(fn, "__module__", None) == "__main__":
-        yield
-        return
-    saved = {name: main.__dict__[name] for name in ("__spec__", "__file__") if name in main.__dict__}
-    main.__spec__ = None
-    main.__dict__.pop("__file__", None)
-    try:
-        yield
-    finally:
-        main.__dict__.update(saved)
-        if "__spec__" not in saved:
-            main.__dict__.pop("__spec__", None)
-
-
 def run_isolated(fn: Callable[..., Any], /, *args: Any, timeout_s: float = 600.0, **kwargs: Any) -> Any:
     """``fn(*args, **kwargs)`` in a fresh process forked from a fork server that has torch imported; its result.
 
@@ -219,7 +197,7 @@ def run_isolated(fn: Callable[..., Any], /, *args: Any, timeout_s: float = 600.0
     ctx.set_forkserver_preload(PRELOAD)
     receive, send = ctx.Pipe(duplex=False)
     process = ctx.Process(target=_child, args=(send, os.getpid(), fn, args, kwargs), daemon=True)
-    with _main_not_rerun(fn):
+    with main_not_rerun(fn):
         process.start()
     send.close()
     try:
