@@ -60,7 +60,7 @@ notebook: $(STAMP) ## run notebooks/walkthrough.ipynb on the last demo's artifac
 	$(PY) scripts/run_notebook.py --root . --out notebooks/executed/walkthrough.ipynb
 
 bench: $(STAMP) ## run the speed benchmarks (results: docs/benchmarks.md)
-	@for b in benchmarks/extract.py benchmarks/train_loop.py benchmarks/scan.py; do echo "== $$b"; $(PY) $$b || exit 1; done
+	@for b in benchmarks/extract.py benchmarks/train_loop.py benchmarks/scan.py benchmarks/decoder.py; do echo "== $$b"; $(PY) $$b || exit 1; done
 
 bench-pipeline: $(STAMP) ## orchestration share of a forced dvc repro, no-op repro, param-change reruns (runs the whole pipeline)
 	$(PY) benchmarks/pipeline.py --docs docs/benchmarks.md --dvc-args "$(DEMO_STAGES)"

@@ -29,6 +29,7 @@ from pipelines.common import (
     add_data_arguments,
     add_params_argument,
     data_value,
+    exit_fast,
     run_main,
 )
 from seqvision.baselines import BASELINES, PREFIX, run_baselines
@@ -134,4 +135,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_fast(main())  # pipelines.common: skips the interpreter teardown

@@ -14,6 +14,7 @@ the traceback.
 from __future__ import annotations
 
 import argparse
+import atexit
 import dataclasses
 import logging
 import os
@@ -25,7 +26,7 @@ import time
 import traceback
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 from seqvision.annotations import AnnotationError
 from seqvision.checkpoint import CorruptCheckpoint
@@ -165,6 +166,29 @@ def quiet_usage_tracebacks() -> None:
         for handler in logger.handlers:
             if not any(isinstance(f, _NoUsageTracebacks) for f in handler.filters):
                 handler.addFilter(_NoUsageTracebacks())
+
+
+def exit_fast(status: int) -> NoReturn:
+    """End a stage process with ``status`` as a normal exit would, minus the interpreter's teardown.
+
+    Non-daemon threads are joined and the exit handlers run (Prefect's log shipping, logging's flush,
+    multiprocessing's), the standard streams are flushed; then the process ends without freeing every module
+    one by one, which took 1.6 s after the last exit handler in a train stage that had imported torch, Prefect and
+    MLflow (measured 2026-12-04), 25 times per demo. Files the stage wrote are closed by then (``with`` blocks,
+    atomic writes).
+    """
+    try:
+        for thread in threading.enumerate():
+            if thread is not threading.current_thread() and not thread.daemon:
+                thread.join()
+        atexit._run_exitfuncs()
+    finally:
+        for stream in (sys.stdout, sys.stderr):
+            try:
+                stream.flush()
+            except (OSError, ValueError):
+                pass
+        os._exit(status)
 
 
 def run_main(stage: str, work: Callable[[], int], *, debug: bool = False, lifeline: bool = True) -> int:

@@ -32,7 +32,7 @@ from prefect.states import Failed, State
 from seqvision import annotations, frames
 from seqvision.config import ConfigError, DataConfig, ExtractConfig, load_params
 
-from pipelines.common import IO_RETRIES, add_data_arguments, add_params_argument, read_params, run_main
+from pipelines.common import IO_RETRIES, add_data_arguments, add_params_argument, exit_fast, read_params, run_main
 
 
 def check_inputs(data: DataConfig) -> None:
@@ -183,4 +183,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_fast(main())  # pipelines.common: skips the interpreter teardown

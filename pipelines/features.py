@@ -36,7 +36,7 @@ from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 from tqdm.auto import tqdm
 
-from pipelines.common import IO_RETRIES, add_params_argument, require_files, run_main
+from pipelines.common import IO_RETRIES, add_params_argument, exit_fast, require_files, run_main
 from seqvision import attributes, features
 from seqvision.config import ConfigError, EncoderConfig, load_params
 from seqvision.encoders import RandomWeightsWarning
@@ -217,4 +217,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_fast(main())  # pipelines.common: skips the interpreter teardown

@@ -38,7 +38,7 @@ from typing import Any
 from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
-from pipelines.common import IO_RETRIES, run_main
+from pipelines.common import IO_RETRIES, exit_fast, run_main
 from seqvision import report, tracking
 from seqvision.config import MODEL_FAMILIES, TASKS
 
@@ -250,4 +250,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_fast(main())  # pipelines.common: skips the interpreter teardown

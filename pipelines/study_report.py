@@ -21,7 +21,7 @@ from typing import Any
 from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
-from pipelines.common import IO_RETRIES, StageFailed, run_main
+from pipelines.common import IO_RETRIES, StageFailed, exit_fast, run_main
 from seqvision import tracking
 from seqvision.study.report import mlflow_cells, read_environments, write_report
 from seqvision.study.run import ROWS, load_results
@@ -110,4 +110,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_fast(main())  # pipelines.common: skips the interpreter teardown

@@ -25,7 +25,7 @@ from typing import Any
 
 from prefect import flow, get_run_logger
 
-from pipelines.common import add_params_argument, read_params, resolve_params, run_main
+from pipelines.common import add_params_argument, exit_fast, read_params, resolve_params, run_main
 from seqvision.config import ConfigError, Params
 from seqvision.study.params import study_config
 from seqvision.study.presets import StudyConfig
@@ -114,4 +114,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_fast(main())  # pipelines.common: skips the interpreter teardown

@@ -21,7 +21,7 @@ from seqvision import annotations
 from seqvision.config import ConfigError, DataConfig, TokenizeConfig, load_params
 from seqvision.vocab import tokenize_corpus, write_corpus
 
-from pipelines.common import IO_RETRIES, add_data_arguments, add_params_argument, read_params, run_main
+from pipelines.common import IO_RETRIES, add_data_arguments, add_params_argument, exit_fast, read_params, run_main
 
 
 @task(**IO_RETRIES, cache_policy=NO_CACHE)  # DVC decides what reruns, not a Prefect cache
@@ -128,4 +128,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_fast(main())  # pipelines.common: skips the interpreter teardown

@@ -59,7 +59,7 @@ from prefect import flow, get_run_logger, task  # noqa: E402
 from prefect.cache_policies import NO_CACHE
 
 import pipelines
-from pipelines.common import CHILDREN, DEBUG_ENV, StageFailed, run_main
+from pipelines.common import CHILDREN, DEBUG_ENV, StageFailed, exit_fast, run_main
 from pipelines.train_args import TrainParams, add_arguments, check_inputs, read_train_params
 from seqvision import experiment, tracking
 from seqvision.io import RUNINFO, read_runinfo, write_runinfo
@@ -402,4 +402,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_fast(main())  # pipelines.common: skips the interpreter teardown

@@ -58,3 +58,26 @@ def test_a_bad_annotation_file_is_one_line_without_tracebacks(tmp_path: Path) ->
     output = proc.stdout + proc.stderr
     assert f"tokenize: error: {bad}: top level.sentences: expected list, got 5" in output
     assert "Traceback" not in output, output
+
+
+def test_exit_fast_keeps_what_a_normal_exit_does(tmp_path: Path) -> None:
+    """exit_fast skips the interpreter's teardown but not the exit's duties: a non-daemon thread finishes, exit
+    handlers run, buffered output reaches the pipe, and the status is the one given."""
+    import textwrap
+
+    script = textwrap.dedent(f"""
+        import atexit, pathlib, sys, threading, time
+        from pipelines.common import exit_fast
+        out = pathlib.Path({str(tmp_path)!r})
+        def late():
+            time.sleep(0.3)
+            (out / "thread").write_text("done")
+        threading.Thread(target=late).start()
+        atexit.register(lambda: (out / "atexit").write_text("ran"))
+        sys.stdout.write("buffered, no newline")
+        exit_fast(3)
+    """)
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 3, done.stderr
+    assert done.stdout == "buffered, no newline"
+    assert (tmp_path / "thread").read_text() == "done" and (tmp_path / "atexit").read_text() == "ran"

@@ -51,9 +51,10 @@ pytestmark = [pytest.mark.slow, pytest.mark.integration, pytest.mark.xdist_group
 TASK, FAMILY = "video_captioning", "gru"
 EPOCHS = 3
 TRAIN_ITEMS, VAL_ITEMS, TEST_ITEMS, FRAMES, DIM = 480, 64, 16, 8, 32
-# Batch 4: 120 steps an epoch, a few seconds of training, so that the flow test can kill it mid-epoch after its MLflow
-# run opened (open_run took ~8 s beside a 3-s training on a busy machine at batch 16, and the training ended first).
-TRAIN = {"epochs": EPOCHS, "batch_size": 4, "device": "cpu", "deterministic": True, "patience": 0, "seeds": 1,
+# Batch 2: 240 steps an epoch, about 3 s each here, so that both tests can kill the training mid-epoch after its MLflow
+# run opened (open_run took ~8 s beside a 3-s training on a busy machine at batch 16, and the training ended first;
+# the seeds, forked with their imports done, now start at once: 1.3-1.6 s an epoch at batch 4 was too close).
+TRAIN = {"epochs": EPOCHS, "batch_size": 2, "device": "cpu", "deterministic": True, "patience": 0, "seeds": 1,
          "scheduled_sampling": 0.25, "log_every": 5, "num_workers": 0, "seed": 0}
 GRU = {"lr": 0.01, "hidden_size": 64, "embed_size": 32, "dropout": 0.2, "attention": True}
 SEED = Path("train") / "seed0"  # where the stage trains its one seed, under --out
@@ -399,10 +400,13 @@ def test_dvc_repro_killed_mid_epoch_resumes_from_the_persisted_checkpoint(inputs
     cmd = [str(BIN / "dvc"), "repro", "--single-item", stage]
     out = repo / "artifacts" / "runs" / TASK / FAMILY / SEED
 
-    def into_next_epoch(epoch: int, _: str) -> bool:
-        # The stage's stderr is no terminal, so no progress bar: wait 40% of the last epoch's training time
-        # after its checkpoint (runinfo.json, with the epoch's times, is written right after last.pt), i.e. into
-        # the next epoch's loop.
+    def into_next_epoch(epoch: int, text: str) -> bool:
+        # Once the MLflow child run exists (the seeds, forked with their imports done, can reach epoch 1 before it
+        # opens): the stage's stderr is no terminal, so no progress bar: wait 40% of the last epoch's training
+        # time after its checkpoint (runinfo.json, with the epoch's times, is written right after last.pt), i.e.
+        # into the next epoch's loop.
+        if not re.search(r"Task run 'open_run-[^']*' - Finished in state Completed", text):
+            return False
         timed = read_runinfo(out).get("epochs") or [{}]
         if timed[-1].get("epoch") != epoch:
             return False
