@@ -105,8 +105,9 @@ class StageFailed(RuntimeError):
     and why, and there is no traceback here to offer."""
 
 
-# Processes a stage started (the train stage's seed workers): stopped when the stage is interrupted.
-CHILDREN: set[subprocess.Popen] = set()
+# Processes a stage started (the train stage's seed workers: Popen, or pipelines.seed_server.ForkedWorker with the
+# same interface): stopped when the stage is interrupted.
+CHILDREN: set[Any] = set()
 PARENT_POLL_S = 1.0
 _FOLLOWING = False
 

@@ -100,15 +100,17 @@ def worker_args(task_name: str, model: str, *, seed_index: int, out: str, params
     return args
 
 
-def start_worker(nproc_per_node: int, args: list[str], env: dict[str, str]) -> Any:
-    """One seed's worker, its stdout and stderr merged into ``.stdout``: forked from the seed server
-    (``pipelines.seed_server``, the imports done once per stage), or, for DDP, torchrun with ``nproc_per_node``
-    fresh processes through ``pipelines.ddp_launch``: a free port on 127.0.0.1 only (concurrent trainings on one
-    machine do not collide, and nothing listens on the machine's other interfaces)."""
-    if nproc_per_node == 1:
+def start_worker(nproc_per_node: int, args: list[str], env: dict[str, str], *, fork: bool = True) -> Any:
+    """One seed's worker, its stdout and stderr merged into ``.stdout``: on CPU (``fork``) forked from the seed
+    server (``pipelines.seed_server``, the imports done once per stage); on a GPU a fresh interpreter (a process
+    forked after CUDA initialised cannot use it, and what torch's imports touch is not ours to promise); for DDP,
+    torchrun with ``nproc_per_node`` fresh processes through ``pipelines.ddp_launch``: a free port on 127.0.0.1 only
+    (concurrent trainings on one machine do not collide, and nothing listens on the machine's other interfaces)."""
+    if nproc_per_node == 1 and fork:
         return seed_server.ForkedWorker(args, env)
-    command = [sys.executable, "-m", "pipelines.ddp_launch", f"--nproc-per-node={nproc_per_node}",
-               "-m", "pipelines.train_worker", *args]
+    command = [sys.executable, "-m", "pipelines.train_worker", *args] if nproc_per_node == 1 else [
+        sys.executable, "-m", "pipelines.ddp_launch", f"--nproc-per-node={nproc_per_node}",
+        "-m", "pipelines.train_worker", *args]
     return subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
 
 
@@ -171,7 +173,7 @@ def train_seed(seed_index: int, args: list[str], nproc_per_node: int, slots: que
     try:
         where = "cpu" if slot is None else f"CUDA_VISIBLE_DEVICES={slot}"
         logger.info(f"seed {seed_index} on {where}")
-        status, tail = stream(start_worker(nproc_per_node, args, worker_env(slot)),
+        status, tail = stream(start_worker(nproc_per_node, args, worker_env(slot), fork=slot is None),
                               log=lambda line: logger.info(f"seed {seed_index}: {line}"),
                               redraw=redraw_on_stderr(f"seed {seed_index}: "))
     finally:

@@ -58,7 +58,7 @@ try:
                  "simulated crash', file=sys.stderr); sys.exit(1)")
         import subprocess
 
-        train.start_worker = lambda n, args, env: subprocess.Popen(
+        train.start_worker = lambda n, args, env, fork=True: subprocess.Popen(
             [sys.executable, "-c", crash, model], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     code = train.main(argv)
 finally:

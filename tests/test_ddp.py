@@ -309,7 +309,7 @@ def test_failed_torchrun_fails_the_stage_marks_the_run_failed_and_exits_1(cli_en
     script = (f"import json, os, sys; json.dump({{k: os.environ.get(k) for k in ('MLFLOW_RUN_ID', "
               f"'MLFLOW_TRACKING_URI')}}, open({str(seen)!r}, 'w')); "
               "print('error: rank 1 crashed'); sys.exit(3)")
-    monkeypatch.setattr(stage, "start_worker", lambda n, worker_args, env: subprocess.Popen(
+    monkeypatch.setattr(stage, "start_worker", lambda n, worker_args, env, fork=True: subprocess.Popen(
         [sys.executable, "-c", script], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT))
     code = stage.main([*args, "--task", "activity", "--out", str(tmp_path / "o"), "--nproc-per-node", "2"])
     assert code == 1

@@ -438,9 +438,6 @@ def test_a_forked_seed_worker_writes_the_bytes_of_a_fresh_interpreter(artifacts,
     """The stage forks its seeds from a fork server that has their imports done (pipelines.seed_server): a forked
     seed writes, byte for byte, the files of ``python -m pipelines.train_worker`` in a fresh interpreter, and its
     output lines and exit status reach the stage as a subprocess's do (a bad input: status 2, one error line)."""
-    import subprocess
-    import sys
-
     from pipelines import seed_server
     from pipelines import train as stage
 
@@ -453,9 +450,10 @@ def test_a_forked_seed_worker_writes_the_bytes_of_a_fresh_interpreter(artifacts,
     status, _ = stage.stream(seed_server.ForkedWorker([*args, "--out", str(tmp_path / "forked")], env),
                              log=lines.append)
     assert status == 0 and any("train_worker: video_captioning/gru seed 0: val cider_d" in line for line in lines)
-    fresh = subprocess.run([sys.executable, "-m", "pipelines.train_worker", *args, "--out", str(tmp_path / "fresh")],
-                           env=env, capture_output=True, text=True, timeout=600)
-    assert fresh.returncode == 0, fresh.stderr
+    # What a GPU seed gets: a fresh interpreter (fork=False)
+    fresh_status, fresh_tail = stage.stream(stage.start_worker(1, [*args, "--out", str(tmp_path / "fresh")], env,
+                                                               fork=False), log=lambda _: None)
+    assert fresh_status == 0, fresh_tail
 
     def files(root: Path) -> dict[str, bytes]:  # runinfo.json holds the timings, which differ between any two runs
         return {str(p.relative_to(root)): p.read_bytes().replace(str(root).encode(), b"OUT")
