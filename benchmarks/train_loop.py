@@ -40,7 +40,9 @@ from typing import Any
 import torch
 
 from seqvision import models, train
+from seqvision.blocks import ModelDims
 from seqvision.config import MODEL_FAMILIES, load_params
+from seqvision.runtime import configure_backends, resolve_device, seed_everything
 from seqvision.datasets import CaptionBatch, ClipBatch
 from seqvision.io import replace_markdown_section
 
@@ -108,16 +110,16 @@ def measure_one(task: str, family: str, *, params: Path, batches: int, repeats: 
     """Both loops on one (task, family); returns samples/s, ratio and memory (run in its own process)."""
     startup_rss = rss_mb()
     loaded = load_params(params)
-    config, models_config = loaded["train"], loaded["models"]
-    device = train.resolve_device(config.device)
-    train.configure_backends(device, deterministic=config.deterministic)
-    train.seed_everything(config.seed)
+    config, family_config = loaded.train, loaded.models.family(family)
+    device = resolve_device(config.device)
+    configure_backends(device, deterministic=config.deterministic)
+    seed_everything(config.seed)
     model = models.build_model(
-        task, family, getattr(models_config, family), feature_dim=FEATURE_DIM, tbptt_steps=config.tbptt_steps,
-        vocab_size=VOCAB.get(task), num_classes=CLASSES if task == "activity" else None,
+        task, family, family_config,
+        dims=ModelDims(FEATURE_DIM, vocab_size=VOCAB.get(task, 0), num_classes=CLASSES if task == "activity" else 0),
     ).to(device)
     data = make_batches(task, count=batches, batch_size=config.batch_size, device=device)
-    optimizer = train.make_optimizer(model, config, device=device)
+    optimizer = train.make_optimizer(model, config, lr=family_config.lr, device=device)
     scheduler = train.make_scheduler(optimizer, config, total_steps=(3 * repeats + 3) * batches)
     kwargs = train.training_kwargs(model, config)
 
