@@ -55,6 +55,7 @@ from prefect.runtime import flow_run as current_run
 from prefect.states import Failed, State
 from prefect.task_runners import ThreadPoolTaskRunner
 
+import pipelines
 from pipelines import baselines as baselines_stage
 from pipelines import extract as extract_stage
 from pipelines import features as features_stage
@@ -77,8 +78,6 @@ from seqvision.runtime import parallel_slots
 
 # The train stage's command line as dvc.yaml runs it (the interpreter running this flow, so a venv carries over).
 TRAIN_COMMAND: tuple[str, ...] = (sys.executable, "-m", "pipelines.train")
-# The folder holding the `pipelines` package: child processes import it from there whatever their PYTHONPATH.
-CODE_ROOT = Path(__file__).resolve().parents[1]
 STATUS_FILE = "compare.json"
 DEFAULT_TRAIN_TIMEOUT_S = 12 * 3600.0  # a bound on every wait; one training of the default params takes minutes
 
@@ -280,7 +279,7 @@ def train_environment(settings: TrainSettings, slot: str | None) -> dict[str, st
     tracking store, the Prefect server and the code, and the one device it may use."""
     env = dict(os.environ)
     env.pop(tracking.RUN_ID_ENV, None)  # each training creates its own child run
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(CODE_ROOT), env.get("PYTHONPATH", "")) if p)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(pipelines.CODE_ROOT), env.get("PYTHONPATH", "")) if p)
     if settings.parent_run_id:
         env[tracking.PARENT_RUN_ENV] = settings.parent_run_id
     if settings.tracking_uri:

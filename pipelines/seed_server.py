@@ -8,7 +8,7 @@ imports, so the two overlap) and every seed is a fork of it: docs/benchmarks.md,
 
 :class:`ForkedWorker` has the interface of ``subprocess.Popen`` that the stage uses (``stdout``, ``poll``, ``wait``,
 ``terminate``, ``kill``), so it streams and stops a forked seed as it did a subprocess; ``torchrun`` (DDP) keeps
-its own processes. This module imports only the standard library: the stage imports it before torch.
+its own processes. This module imports only the standard library and the (torch-free) package root: the stage imports it before torch.
 """
 
 from __future__ import annotations
@@ -24,13 +24,13 @@ import signal
 import subprocess
 import sys
 from multiprocessing.context import ForkServerContext
-from pathlib import Path
 from typing import Any, BinaryIO
+
+from pipelines import CODE_ROOT
 
 # What the fork server imports for its children: the worker module (torch, seqvision) and what torch.optim loads
 # lazily on the first optimizer.
 PRELOAD = ["pipelines.train_worker", "torch._dynamo"]
-_CODE_ROOT = str(Path(__file__).resolve().parent.parent)  # the folder holding `pipelines`
 
 
 def start() -> ForkServerContext:
@@ -39,8 +39,8 @@ def start() -> ForkServerContext:
     Returns at once: the server imports in the background, and the first fork waits for it."""
     from multiprocessing import forkserver
 
-    if _CODE_ROOT not in sys.path:  # the server and its children import `pipelines` from this checkout
-        sys.path.insert(0, _CODE_ROOT)
+    if str(CODE_ROOT) not in sys.path:  # the server and its children import `pipelines` from this checkout
+        sys.path.insert(0, str(CODE_ROOT))
     ctx = multiprocessing.get_context("forkserver")
     ctx.set_forkserver_preload(PRELOAD)
     forkserver.ensure_running()

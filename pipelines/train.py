@@ -66,8 +66,6 @@ from seqvision.io import RUNINFO, read_runinfo, write_runinfo
 from seqvision.config import ConfigError, TrainConfig, load_params
 from seqvision.runtime import parallel_slots, resolve_device
 
-# The folder holding the `pipelines` package: worker processes import it from there whatever their PYTHONPATH.
-CODE_ROOT = Path(pipelines.__file__).resolve().parent.parent
 
 
 def check_nproc(nproc_per_node: int, train_config: TrainConfig) -> None:
@@ -157,7 +155,7 @@ def redraw_on_stderr(prefix: str) -> Callable[[str], None]:
 def worker_env(slot: str | None) -> dict[str, str]:
     """A worker's environment: this process's, the checkout importable, unbuffered output, and its one device."""
     env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(CODE_ROOT), env.get("PYTHONPATH")) if p)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(pipelines.CODE_ROOT), env.get("PYTHONPATH")) if p)
     env["PYTHONUNBUFFERED"] = "1"  # stream the workers' lines as they come, not when their buffers fill
     if slot is not None:
         env["CUDA_VISIBLE_DEVICES"] = slot

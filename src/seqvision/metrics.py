@@ -175,8 +175,8 @@ def item_cider_d(records: Mapping[Any, Mapping[str, Any]]) -> dict[Any, float]:
     keys = [k for k, r in records.items() if r.get("references")]
     if not keys:
         return {}
-    gts = {k: [ptb_tokenize(str(c)) for c in records[k]["references"]] for k in keys}
-    res = {k: [ptb_tokenize(str(records[k].get("hypothesis", "")))] for k in keys}
+    _, gts, res = _tokenized({k: str(records[k].get("hypothesis", "")) for k in keys},
+                             {k: [str(c) for c in records[k]["references"]] for k in keys})
     _, scores = Cider().compute_score(gts, res)
     return {k: float(s) for k, s in zip(keys, scores)}
 
