@@ -42,11 +42,8 @@ DEMO_STAGES ?= report
 
 demo: $(STAMP) ## generate data/ if absent, then run the comparison (dvc repro report; not the study)
 	@if [ ! -d data/annotations ]; then $(MAKE) --no-print-directory data; fi
-	@# The Prefect server (about 5 s to start) only when some stage will run: `dvc status -q` exits 0 when none will.
-	@if $(VENV)/bin/dvc status -q --with-deps $(DEMO_STAGES) >/dev/null 2>&1; then \
-	  echo "dvc status: every stage is up to date, nothing to run"; \
-	else echo "scripts/with-prefect-server $(VENV)/bin/dvc repro $(DEMO_STAGES)"; \
-	  scripts/with-prefect-server $(VENV)/bin/dvc repro $(DEMO_STAGES); fi
+	@# The Prefect server starts beside DVC; only a stage that runs waits for it (scripts/with-prefect-server).
+	scripts/with-prefect-server $(VENV)/bin/dvc repro $(DEMO_STAGES)
 	@echo ""
 	@echo "Report:  $(abspath reports/report.html)  (self-contained; also reports/report.md)"
 	@echo "Metrics: dvc metrics show    Plots: dvc plots show"

@@ -28,13 +28,13 @@ stage code: process starts and ends, and the Prefect server's own records of the
    the way to 5%); the wall time includes starting and stopping the shared Prefect server, as ``make demo``.
 
    DVC runs one stage at a time, so the wall time splits exactly into: the server's start (until
-   scripts/with-prefect-server says it is up), DVC's start-up (until the first stage process starts), then per
-   stage process *start-up* (process start to its flow run's start: interpreter start, imports, arguments and
-   params, the flow run's creation), *in the flow* (its flow run, split into work and the rest: the Prefect task
-   engine, flow-body code, orchestration tasks, seed workers' start-up and exit), *exit* (flow run end to process
-   end: the stage's last lines and interpreter exit) and *DVC after the stage* (until the next stage process
-   starts: hashing and caching the outputs, rewriting dvc.lock, checking and spawning the next stage), and
-   finally the server's stop (after DVC's last line).
+   scripts/with-prefect-server starts it beside DVC; a stage's wait for it is in that stage's start-up), DVC's
+   start-up (until the first stage process starts), then per stage process *start-up* (process start to its flow
+   run's start: interpreter start, imports, arguments and params, the flow run's creation), *in the flow* (its flow
+   run, split into work and the rest: the Prefect task engine, flow-body code, orchestration tasks, seed workers'
+   start-up and exit), *exit* (flow run end to process end: the stage's last lines and interpreter exit) and *DVC
+   after the stage* (until the next stage process starts: hashing and caching the outputs, rewriting dvc.lock,
+   checking and spawning the next stage), and finally the server's stop (after DVC's last line).
 2. **No-op repro**: with everything up to date (``dvc status`` clean; else this part is skipped and says
    why), ``dvc repro`` and ``scripts/with-prefect-server dvc repro``, ``--repeats`` times each, interleaved;
    best and median. A no-op starts no stage process, so the first is DVC alone (load the pipeline, check
@@ -85,7 +85,9 @@ TARGET_SHARE = 0.20  # issue #10: <= 20% now, on the way to 5%
 TARGET_NOOP_S = 1.5
 ORCHESTRATION_TAG = "orchestration"  # Prefect tasks that are bookkeeping, not work (pipelines/train.py)
 SAME_OUTPUT_STAGES = ("check_params",)  # same output bytes for every valid params file: nothing reruns below them
-SERVER_READY = "Prefect server for this run:"  # what scripts/with-prefect-server prints once the server answers
+# What scripts/with-prefect-server prints as it starts the server beside the command (the first stage that runs a
+# flow waits for it: that wait is in the stage's start-up).
+SERVER_READY = "Prefect server for this run:"
 RUNNING = re.compile(r"^Running stage '([^']+)'")
 BIN = Path(sys.executable).parent
 

@@ -24,6 +24,7 @@ import sys
 import threading
 import time
 import traceback
+import urllib.request
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, NoReturn
@@ -34,6 +35,11 @@ from seqvision.config import ConfigError, DataConfig, Params, from_mapping, load
 
 DATA_KEYS = tuple(f.name for f in dataclasses.fields(DataConfig))
 DEBUG_ENV = "SEQVISION_DEBUG"
+# Set by scripts/with-prefect-server, which starts its Prefect server beside the command instead of before it:
+# the server's log, and its pid. A stage waits for the server's /health before its work (wait_for_prefect_server).
+SERVER_LOG_ENV = "SEQVISION_PREFECT_SERVER_LOG"
+SERVER_PID_ENV = "SEQVISION_PREFECT_SERVER_PID"
+SERVER_WAIT_S = 300.0  # a busy 2-core machine took ~20 s to start one
 
 # Errors that mean "fix your arguments, params or inputs" (exit 2), not "the run went wrong" (exit 1).
 USAGE_ERRORS: tuple[type[BaseException], ...] = (
@@ -125,6 +131,48 @@ def stop_children(timeout: float = 30.0) -> None:
             proc.kill()
 
 
+def wait_for_prefect_server(timeout_s: float = SERVER_WAIT_S, poll_s: float = 0.1) -> None:
+    """Block until the Prefect server that scripts/with-prefect-server started answers ``/health``; no-op without it.
+
+    The wrapper starts the server beside its command rather than before it, so a ``dvc repro`` with nothing to run
+    does not wait ~5 s for a server nobody uses, and a stage's own imports overlap the server's start. Raises
+    :class:`StageFailed`, naming the server's log, when the server exits or does not answer in ``timeout_s``."""
+    log, url = os.environ.get(SERVER_LOG_ENV), os.environ.get("PREFECT_API_URL")
+    if not log or not url:
+        return
+    pid = int(os.environ.get(SERVER_PID_ENV) or 0)
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            with urllib.request.urlopen(f"{url}/health", timeout=2):
+                return
+        except OSError:
+            pass
+        if pid and not _alive(pid):
+            raise StageFailed(f"the Prefect server for this run ({url}) exited before it answered; see {log}")
+        if time.monotonic() > deadline:
+            raise StageFailed(f"the Prefect server for this run ({url}) did not answer in {timeout_s:.0f} s; "
+                              f"see {log}")
+        time.sleep(poll_s)
+
+
+def _alive(pid: int) -> bool:
+    """Whether process ``pid`` runs (a zombie, dead but not yet reaped by its parent, does not)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        if Path("/proc/self/stat").exists():
+            return False
+        try:  # no /proc (macOS): ask the kernel, which counts a zombie as alive
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return False
+        except PermissionError:
+            pass
+        return True
+    return stat.rsplit(")", 1)[1].split()[0] not in ("Z", "X")
+
+
 def _interrupt(signum: int, frame: Any) -> None:
     raise KeyboardInterrupt(f"signal {signum}")
 
@@ -201,6 +249,7 @@ def run_main(stage: str, work: Callable[[], int], *, debug: bool = False, lifeli
     if not debug:
         quiet_usage_tracebacks()
     try:
+        wait_for_prefect_server()
         return work()
     except KeyboardInterrupt:
         stop_children()

@@ -81,3 +81,53 @@ def test_exit_fast_keeps_what_a_normal_exit_does(tmp_path: Path) -> None:
     assert done.returncode == 3, done.stderr
     assert done.stdout == "buffered, no newline"
     assert (tmp_path / "thread").read_text() == "done" and (tmp_path / "atexit").read_text() == "ran"
+
+
+def test_a_stage_waits_for_the_server_started_beside_it_and_names_its_log_when_it_dies(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """scripts/with-prefect-server starts its server beside the command: a stage waits for /health before its
+    work, and a server that died makes the stage fail at once, naming the server's log."""
+    import http.server
+    import threading
+
+    from pipelines.common import SERVER_LOG_ENV, SERVER_PID_ENV, StageFailed, run_main, wait_for_prefect_server
+
+    class Health(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:  # noqa: N802 - the handler API
+            self.send_response(200 if self.path == "/api/health" else 404)
+            self.end_headers()
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    # A port nothing listens on yet: the server "starts" 0.5 s after the stage begins to wait.
+    server = http.server.HTTPServer(("127.0.0.1", 0), Health)
+    port = server.server_address[1]
+    server.server_close()
+    log = tmp_path / "server.log"
+    monkeypatch.setenv("PREFECT_API_URL", f"http://127.0.0.1:{port}/api")
+    monkeypatch.setenv(SERVER_LOG_ENV, str(log))
+    monkeypatch.setenv(SERVER_PID_ENV, str(os.getpid()))  # alive throughout
+
+    def start_late() -> None:
+        import time
+        time.sleep(0.5)
+        late = http.server.HTTPServer(("127.0.0.1", port), Health)
+        threading.Thread(target=late.serve_forever, daemon=True).start()
+        started.append(late)
+
+    started: list = []
+    threading.Thread(target=start_late, daemon=True).start()
+    assert run_main("demo", lambda: 0 if started else 7, lifeline=False) == 0  # the work ran after /health
+    started[0].shutdown()
+    started[0].server_close()
+
+    # The server exited (a reaped child here) before answering: the stage stops at once and names the log.
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    monkeypatch.setenv(SERVER_PID_ENV, str(dead.pid))
+    with pytest.raises(StageFailed, match=f"exited before it answered; see {log}"):
+        wait_for_prefect_server(timeout_s=60)
+    # Without the wrapper's variables there is nothing to wait for.
+    monkeypatch.delenv(SERVER_LOG_ENV)
+    wait_for_prefect_server(timeout_s=0)
