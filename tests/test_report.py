@@ -832,3 +832,28 @@ def test_report_flow_cli(tmp_path, monkeypatch, prefect_harness, capsys):
     assert str(tmp_path / "reports" / "summary.json") in out
     run = MlflowClient(tracking_uri=tracking.tracking_uri(tmp_path)).get_run(parent)
     assert run.info.status == "FINISHED" and run.data.metrics["activity.gru.top1"] == pytest.approx(0.875)
+
+
+def test_the_summary_names_a_baseline_only_when_the_best_model_does_not_beat_it(tmp_path):
+    """A baseline as good as every model is a headline caveat (the summary says so); one the best model beats
+    significantly is left to the task's section."""
+    tree = build_tree(tmp_path)
+    refs = json.loads(next(tmp_path.rglob("video/references-test.json")).read_text())
+    test = VIDEO_IDS["test"]
+    beaten = report.build_sections(report.load_runs(runs_dir=tree["runs"], baselines_dir=tree["eval"],
+                                                    tasks=("video_captioning",)), resamples=300)
+    video = beaten[0]
+    assert video.stats.primary == "cider_d"
+    comparison = next(c for c in video.stats.comparisons if c.b == "baseline_frequent_caption")
+    assert comparison.symbol == ">"  # gru copies a reference, the baseline says "nothing moves"
+    assert not any("baseline" in text for _, text in report.summary_lines(beaten))
+    assert any("best baseline" in line for line in video.verdict)  # the section still states it
+
+    # A retrieval baseline that returns a reference: no model is above it.
+    write_captions(tree["eval"] / "video_captioning" / "baseline_nearest_neighbour",
+                   [{"id": i, "hypothesis": refs[i][0], "references": refs[i], "score": -1.0} for i in test])
+    tied = report.build_sections(report.load_runs(runs_dir=tree["runs"], baselines_dir=tree["eval"],
+                                                  tasks=("video_captioning",)), resamples=300)
+    lines = [text for _, text in report.summary_lines(tied)]
+    assert any(text.startswith("The best model is not significantly different from the best baseline on CIDEr-D: "
+                               "baseline_nearest_neighbour") for text in lines), lines

@@ -759,7 +759,9 @@ def ranking(metric: str, runs: Sequence[Run], stats: TaskStats) -> str | None:
     return f"Ranking on {METRIC_LABELS.get(metric, metric)} (adjacent pairs): {text}."
 
 
-def baseline_verdict(runs: Sequence[Run], stats: TaskStats) -> str | None:
+def baseline_verdict(runs: Sequence[Run], stats: TaskStats, *, unless_above: bool = False) -> str | None:
+    """The best model against the best baseline on the primary metric. With ``unless_above`` (the summary), None
+    when the model is significantly above it: the summary names a baseline only when it is not beaten."""
     metric = stats.primary
     if metric is None:
         return None
@@ -770,6 +772,8 @@ def baseline_verdict(runs: Sequence[Run], stats: TaskStats) -> str | None:
     best, base = models[0], baselines[0]
     label = METRIC_LABELS.get(metric, metric)
     c = _find(stats, metric, best.name, base.name, "pairs")
+    if unless_above and (c is None or c.symbol == ">"):
+        return None
     if c is None:
         return f"Best baseline on {label}: {base.name} {base.value(metric):.3f} (not compared: no per-item scores)."
     if c.symbol == "<":
@@ -1450,11 +1454,13 @@ def _frame_store(frames_dir: str | Path | None, task: str) -> Any:
 
 
 def summary_lines(sections: Sequence[TaskSection]) -> list[tuple[str, str]]:
-    """(task, sentence) of the report's summary: each task's headline verdict, then its caveats."""
+    """(task, sentence) of the report's summary: each task's headline verdict, then its caveats (a baseline the
+    best model does not significantly beat, sizes off the budget, runs not converged)."""
     out = []
     for s in sections:
         out.append((s.task, s.verdict[0]))
-        for line in (size_note(s.task, s.runs), convergence_verdict(s.runs)):
+        for line in (baseline_verdict(s.runs, s.stats, unless_above=True), size_note(s.task, s.runs),
+                     convergence_verdict(s.runs)):
             if line:
                 out.append((s.task, line))
         if s.task == "activity" and s.stats.primary:
