@@ -115,7 +115,7 @@ def markdown(cells: list[dict], grid: list[tuple[int, float]], chosen: tuple[int
 def apply(params_path: Path, chosen: tuple[int, float]) -> None:
     text = params_path.read_text(encoding="utf-8")
     for key, value in (("beam_size", f"{chosen[0]}"), ("length_penalty", f"{chosen[1]:.1f}")):
-        text, count = re.subn(rf"(?ms)(^evaluate:\n(?:  .*\n|#.*\n)*?  {key}: )[^\n]*", lambda m: m.group(1) + value,
+        text, count = re.subn(rf"(?m)(^evaluate:\n(?:  .*\n|#.*\n)*?  {key}: )[^\n]*", lambda m: m.group(1) + value,
                               text, count=1)
         if count != 1:
             raise SystemExit(f"{params_path}: no evaluate.{key} line to rewrite")

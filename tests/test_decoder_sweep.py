@@ -34,9 +34,11 @@ def test_every_checkpoint_weighs_the_same_and_a_wider_beam_must_earn_its_cost():
 def test_apply_rewrites_the_evaluate_section_only(tmp_path):
     params = tmp_path / "params.yaml"
     params.write_text("train:\n  beam_size: 7\n# How every captioner decodes\nevaluate:\n  beam_size: 3\n"
-                      "  length_penalty: 0.0\n  max_length: 30\nreport:\n  compute_meteor: auto\n", encoding="utf-8")
+                      "  length_penalty: 0.0\n  max_length: 30\nreport:\n  compute_meteor: auto\n  length_penalty: 9\n",
+                      encoding="utf-8")
     sweep.apply(params, (5, 0.6))
     loaded = yaml.safe_load(params.read_text(encoding="utf-8"))
     assert loaded["evaluate"] == {"beam_size": 5, "length_penalty": 0.6, "max_length": 30}
     assert loaded["train"] == {"beam_size": 7}
+    assert loaded["report"]["length_penalty"] == 9  # the same key in a later section stays
     assert "# How every captioner decodes" in params.read_text(encoding="utf-8")
