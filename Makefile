@@ -51,7 +51,7 @@ demo: $(STAMP) ## generate data/ if absent, then run the comparison (dvc repro r
 	@echo "Study:   make study (the seed's table, measured: reports/study.html; not part of make demo)"
 
 test: $(STAMP) ## run the whole test suite
-	$(PY) -m pytest -n 2 --dist loadgroup
+	$(PY) -m pytest -n 2 --dist loadgroup --durations=15
 
 notebook: $(STAMP) ## run notebooks/walkthrough.ipynb on the last demo's artifacts -> notebooks/executed/walkthrough.ipynb
 	$(PY) scripts/run_notebook.py --root . --out notebooks/executed/walkthrough.ipynb

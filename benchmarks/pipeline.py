@@ -754,7 +754,8 @@ def full_markdown(run: FullRun) -> str:
     between = sum(s.between_s for s in run.stages)
     verdict = "met" if run.share <= TARGET_SHARE else "MISSED"
     server = ("no Prefect server started (PREFECT_API_URL was set)" if run.server_start_s is None
-              else f"Prefect server start {run.server_start_s:.1f} s")
+              else f"Prefect server started beside DVC {run.server_start_s:.1f} s (the first stage's wait for it is in "
+                   "its start-up)")
     removed = (f"{run.removed} persistent outputs (training checkpoints) were removed first, so every training ran "
                "from epoch 0, as on a fresh clone." if run.removed else
                "No persistent outputs were removed first (none there, or `--keep-persistent`).")

@@ -14,8 +14,8 @@ nothing here reads them).
 ``models.<family>.lr`` is one value for all three tasks, so the lr chosen for a family is the one with the best
 mean over tasks of the cell's score divided by the best score of any cell of that task (1.0 = the best cell of
 every task). The table and the choice replace the "## Learning rate" section of ``--docs``; ``--apply`` also
-writes the chosen values into params.yaml (comments kept). Every family gets the same grid, the same epochs and
-the same seeds: no family gets more tuning than another.
+writes the chosen values into params.yaml (every other line, comments included, kept). Every family gets the
+same grid, the same epochs and the same seeds: no family gets more tuning than another.
 """
 
 from __future__ import annotations
@@ -93,7 +93,7 @@ def choose(cells: list[dict], families: list[str], tasks: list[str],
            lrs: list[float]) -> dict[str, tuple[float, float]]:
     """``{family: (lr, mean normalised score)}``: the seed means of each cell, divided by the task's best mean."""
     means = {key: value["mean"] for key, value in summarise(cells).items()}
-    best = {t: max(v for (task, _, _), v in means.items() if task == t) for t in tasks}
+    best = {t: max(v for (task, _, _), v in means.items() if task == t) or 1.0 for t in tasks}  # all 0: no scale
     chosen = {}
     for family in families:
         scores = {lr: sum(means[t, family, lr] / best[t] for t in tasks) / len(tasks) for lr in lrs}
@@ -121,7 +121,8 @@ def markdown(cells: list[dict], chosen: dict, tasks: list[str], lrs: list[float]
             for lr in lrs:
                 cell = table[task, family, lr]
                 mark = f" *{cell['capped']}" if cell["capped"] else ""
-                values.append(f"{cell['mean']:.3f} ± {cell['sd']:.3f}{mark}")
+                spread = f" ± {cell['sd']:.3f}" if cell["n"] > 1 else ""
+                values.append(f"{cell['mean']:.3f}{spread}{mark}")
             lines.append(f"| {family} | " + " | ".join(values) + " |")
         lines.append("")
     lines += ["Chosen (`models.<family>.lr` in params.yaml; the mean over tasks of the cell's seed mean / the best "
@@ -180,13 +181,14 @@ def main(argv: list[str] | None = None) -> int:
                 t, f, lr, seed = jobs[job]
                 try:
                     cell = job.result()
-                except RuntimeError as err:  # one cell failing must not hide the others' progress
+                except Exception as err:  # noqa: BLE001 - one cell failing must not hide the others' progress
                     failed.append(str(err).splitlines()[0])
                     print(f"[{k}/{len(jobs)}] FAILED {err}", flush=True)
                     continue
                 cells.append(cell)
                 print(f"[{k}/{len(jobs)}] {t} {f} lr {lr:g} seed {seed}: val {cell['metric']} {cell['val']:.3f} "
                       f"(best epoch {cell['best_epoch']} of {cell['epochs_run']})", flush=True)
+    out.mkdir(parents=True, exist_ok=True)
     (out / "cells.json").write_text(json.dumps(cells, indent=1), encoding="utf-8")
     if failed:
         print(f"lr_sweep: error: {len(failed)} of {len(grid)} cells have no result (rerun: finished cells resume):",

@@ -378,7 +378,6 @@ def test_every_param_a_stage_reads_is_exactly_its_params_list(tmp_path: Path, mo
     assert not problems, "dvc.yaml params drifted from what the stages read:\n" + "\n".join(problems)
 
 
-
 def test_dvc_lock_has_no_entry_of_a_stage_dvc_yaml_no_longer_has() -> None:
     """DVC keeps a removed stage's dvc.lock entry for ever; every no-op `dvc repro` then parses it (15 stale
     evaluate@* entries were 20% of the lock). Delete such an entry when its stage goes."""

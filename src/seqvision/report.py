@@ -761,7 +761,8 @@ def ranking(metric: str, runs: Sequence[Run], stats: TaskStats) -> str | None:
 
 def baseline_verdict(runs: Sequence[Run], stats: TaskStats, *, unless_above: bool = False) -> str | None:
     """The best model against the best baseline on the primary metric. With ``unless_above`` (the summary), None
-    when the model is significantly above it: the summary names a baseline only when it is not beaten."""
+    when the model is significantly above it (without per-item scores to test: when its mean is higher), so the
+    summary names a baseline only when it is not beaten."""
     metric = stats.primary
     if metric is None:
         return None
@@ -772,7 +773,7 @@ def baseline_verdict(runs: Sequence[Run], stats: TaskStats, *, unless_above: boo
     best, base = models[0], baselines[0]
     label = METRIC_LABELS.get(metric, metric)
     c = _find(stats, metric, best.name, base.name, "pairs")
-    if unless_above and (c is None or c.symbol == ">"):
+    if unless_above and (c.symbol == ">" if c is not None else best.value(metric) > base.value(metric)):
         return None
     if c is None:
         return f"Best baseline on {label}: {base.name} {base.value(metric):.3f} (not compared: no per-item scores)."
