@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import atexit
 import dataclasses
+import faulthandler
 import logging
 import os
 import signal
@@ -40,6 +41,7 @@ DEBUG_ENV = "SEQVISION_DEBUG"
 SERVER_LOG_ENV = "SEQVISION_PREFECT_SERVER_LOG"
 SERVER_PID_ENV = "SEQVISION_PREFECT_SERVER_PID"
 SERVER_WAIT_S = 300.0  # a busy 2-core machine took ~20 s to start one
+EXIT_STACKS_AFTER_S = 30.0  # exit_fast: a stage still exiting after this long prints every thread's stack
 
 # Errors that mean "fix your arguments, params or inputs" (exit 2), not "the run went wrong" (exit 1).
 USAGE_ERRORS: tuple[type[BaseException], ...] = (
@@ -226,12 +228,15 @@ def exit_fast(status: int) -> NoReturn:
     MLflow (measured 2026-12-04), 25 times per demo. Files the stage wrote are closed by then (``with`` blocks,
     atomic writes).
     """
+    # A stage that hangs here says where: every thread's stack on stderr after EXIT_STACKS_AFTER_S.
+    faulthandler.dump_traceback_later(EXIT_STACKS_AFTER_S, exit=False)
     try:
         for thread in threading.enumerate():
             if thread is not threading.current_thread() and not thread.daemon:
                 thread.join()
         atexit._run_exitfuncs()
     finally:
+        faulthandler.cancel_dump_traceback_later()
         for stream in (sys.stdout, sys.stderr):
             try:
                 stream.flush()
