@@ -1,6 +1,6 @@
 """One learning-rate sweep per model family, on the validation split, the same for every family.
 
-    python scripts/lr_sweep.py [--lrs 0.002 0.004 0.008 0.016] [--seeds 3] [--tasks ...] [--models ...]
+    python scripts/lr_sweep.py [--lrs 0.002 ... 0.032] [--seeds 3] [--tasks ...] [--models ...]
                                [--parallel 2] [--out artifacts/sweep] [--docs docs/tuning.md] [--apply]
 
 Run it from the repository root after ``dvc repro features tokenize`` (it reads ``artifacts/features`` and
@@ -146,7 +146,7 @@ def apply(params_path: Path, chosen: dict) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--lrs", type=float, nargs="+", default=[0.002, 0.004, 0.008, 0.016])
+    parser.add_argument("--lrs", type=float, nargs="+", default=[0.002, 0.004, 0.008, 0.016, 0.032])
     parser.add_argument("--seeds", type=int, default=3, help="seeds per cell (default 3)")
     parser.add_argument("--tasks", nargs="+", default=list(TASKS), choices=TASKS)
     parser.add_argument("--models", nargs="+", default=list(FAMILIES), choices=FAMILIES)
