@@ -433,14 +433,15 @@ class MinGRUModelConfig:
 @dataclass(frozen=True)
 class ModelsConfig:
     """One sub-mapping per family, so DVC retrains only the family whose knobs changed. The lr of each family is
-    the one scripts/lr_sweep.py chose on validation (docs/tuning.md)."""
+    the one scripts/lr_sweep.py chose on validation (docs/tuning.md); ``--apply`` writes params.yaml, and these
+    defaults must repeat it (tests/test_config.py)."""
 
-    rnn: RecurrentModelConfig = knob(RecurrentModelConfig(lr=4e-3), "vanilla (tanh) RNN family")
-    lstm: RecurrentModelConfig = knob(RecurrentModelConfig(lr=4e-3), "LSTM family")
-    gru: RecurrentModelConfig = knob(RecurrentModelConfig(), "GRU family")
-    transformer: TransformerModelConfig = knob(TransformerModelConfig(lr=4e-3), "Transformer family")
-    meanpool: MeanPoolModelConfig = knob(MeanPoolModelConfig(lr=4e-3), "order-blind mean-pool family")
-    mingru: MinGRUModelConfig = knob(MinGRUModelConfig(), "minGRU family (parallel-scan RNN)")
+    rnn: RecurrentModelConfig = knob(RecurrentModelConfig(lr=8e-3), "vanilla (tanh) RNN family")
+    lstm: RecurrentModelConfig = knob(RecurrentModelConfig(lr=8e-3), "LSTM family")
+    gru: RecurrentModelConfig = knob(RecurrentModelConfig(lr=1.6e-2), "GRU family")
+    transformer: TransformerModelConfig = knob(TransformerModelConfig(lr=8e-3), "Transformer family")
+    meanpool: MeanPoolModelConfig = knob(MeanPoolModelConfig(lr=1.6e-2), "order-blind mean-pool family")
+    mingru: MinGRUModelConfig = knob(MinGRUModelConfig(lr=8e-3), "minGRU family (parallel-scan RNN)")
     match_params: ParamBudgets = knob(
         ParamBudgets(), "per task: resize every family's hidden_size to this many parameters, or off"
     )
