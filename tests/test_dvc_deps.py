@@ -1,22 +1,23 @@
 """dvc.yaml lists exactly what each stage reads, so DVC reruns exactly what changed.
 
-- Code: the first-party modules a stage's command imports, transitively, lazy (in-function) imports included, and
-  the modules it starts as processes (``-m pipelines.train_worker`` under torchrun), found statically from the source.
-  Every one must be a dependency of the stage, and no other first-party module may be.
+- Code: a stage depends on ``artifacts/code/{module}.txt``, which the ``code`` stage writes for the module its
+  command runs (pipelines/code_deps.py): the SHA-256 of every first-party source file that module imports,
+  transitively, lazy (in-function) imports included, and of the modules it starts as processes
+  (``-m pipelines.train_worker`` under torchrun), found statically from the source. The code stage depends on every
+  first-party source file; no stage lists one directly.
 - Params: the params.yaml keys a stage reads, recorded while the stage's own ``dvc.yaml`` command runs in-process
   on the tiny synthetic preset (every stage of the pipeline in order, six train@ stages that cover
   every family and task: ``COVERING_TRAINS``). Every key read must be covered by the
   stage's ``params`` (``train`` covers ``train.lr``), and every listed entry must be read by it.
 
-The checkers are plain functions, tested on the drifts they exist to catch (a module or a param missing).
+The checkers and the import closure are plain functions, tested on the drifts they exist to catch (a module or a
+param missing, a fingerprint not depended on).
 """
 
 from __future__ import annotations
 
-import ast
 import contextlib
 import dataclasses
-import functools
 import importlib
 import shlex
 import sys
@@ -26,12 +27,13 @@ from pathlib import Path
 import pytest
 import yaml
 
+from pipelines import code_deps
 from tests.tiny import TINY_PIPELINE_PARAMS
 
 REPO = Path(__file__).resolve().parents[1]
 WHOLE_FILE = "*"  # a params entry that tracks the whole file
-FIRST_PARTY = ("seqvision", "pipelines")
-SOURCE_ROOTS = {"seqvision": REPO / "src", "pipelines": REPO}
+CODE_STAGE = "code"  # writes {CODE_DIR}/{module}.txt, the fingerprint of what `python -m module` runs
+CODE_DIR = "artifacts/code"
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -44,6 +46,7 @@ class Stage:
     cmd: str
     deps: tuple[str, ...]  # paths, as listed
     params: tuple[str, ...]  # params.yaml keys, as listed
+    outs: tuple[str, ...] = ()  # paths, as listed (metrics and plots included)
 
     @property
     def module(self) -> str:
@@ -73,97 +76,38 @@ def dvc_stages(root: Path = REPO) -> list[Stage]:
                     params += list(dep.params) or [WHOLE_FILE]  # `- params.yaml:` with no keys: every key
                 else:
                     deps.append(str(dep.def_path))
-            stages.append(Stage(stage.addressing, stage.cmd, tuple(deps), tuple(params)))
+            outs = tuple(str(out.def_path) for out in stage.outs)
+            stages.append(Stage(stage.addressing, stage.cmd, tuple(deps), tuple(params), outs))
     return stages
 
 
 # --------------------------------------------------------------------------------------------------------
-# The import closure
+# Code: every stage depends on the fingerprint of the module it runs (pipelines/code_deps.py)
 
 
-def module_file(name: str) -> Path | None:
-    """The source file of a first-party module (a package's __init__.py), or None when there is none."""
-    top = name.split(".")[0]
-    if top not in SOURCE_ROOTS:
-        return None
-    base = SOURCE_ROOTS[top].joinpath(*name.split("."))
-    for path in (base.with_suffix(".py"), base / "__init__.py"):
-        if path.is_file():
-            return path
-    return None
+def code_problems(stage: Stage, code_stage: Stage) -> list[str]:
+    """What dvc.yaml gets wrong about ``stage``'s code: the fingerprint of the module it runs missing from its deps
+    or not written by the code stage, and first-party source files listed directly (they are the fingerprint's)."""
+    fingerprint = f"{CODE_DIR}/{stage.module}.txt"
+    problems = []
+    if fingerprint not in stage.deps:
+        problems.append(f"{stage.name}: runs {stage.module} but does not depend on {fingerprint}")
+    if stage.module not in code_stage.argv or fingerprint not in code_stage.outs:
+        problems.append(f"{stage.name}: runs {stage.module}, which the {CODE_STAGE} stage does not fingerprint "
+                        f"(add it to its command and its outs)")
+    problems += [f"{stage.name}: lists {dep} in deps; its code is in {fingerprint}" for dep in stage.deps
+                 if dep.endswith(".py") and dep.split("/")[0] in ("pipelines", "src")]
+    return problems
 
 
-def _is_type_checking(node: ast.AST) -> bool:
-    test = getattr(node, "test", None)
-    return isinstance(node, ast.If) and (
-        (isinstance(test, ast.Name) and test.id == "TYPE_CHECKING")
-        or (isinstance(test, ast.Attribute) and test.attr == "TYPE_CHECKING"))
-
-
-@functools.cache
-def imported_modules(name: str) -> frozenset[str]:
-    """First-party modules that module ``name`` imports anywhere in its body (not under ``if TYPE_CHECKING``), or
-    names as a whole string (``"pipelines.train_worker"``: a module it runs as a process)."""
-    path = module_file(name)
-    assert path is not None, name
-    package = name if path.name == "__init__.py" else name.rpartition(".")[0]
-    found: set[str] = set()
-    skip: set[int] = set()
-    tree = ast.parse(path.read_text(encoding="utf-8"), str(path))
-    for node in ast.walk(tree):
-        if _is_type_checking(node):
-            skip.update(id(child) for child in ast.walk(node))
-    for node in ast.walk(tree):
-        if id(node) in skip:
-            continue
-        if isinstance(node, ast.Import):
-            found.update(alias.name for alias in node.names)
-        elif isinstance(node, ast.ImportFrom):
-            base = node.module or ""
-            if node.level:
-                parent = package.split(".")
-                parent = parent[: len(parent) - node.level + 1]
-                base = ".".join([*parent, base] if base else parent)
-            found.add(base)
-            found.update(f"{base}.{alias.name}" for alias in node.names)  # `from pkg import module`
-        elif isinstance(node, ast.Constant) and isinstance(node.value, str) and node.value.count(".") >= 1:
-            found.add(node.value)
-    return frozenset(m for m in found if m.split(".")[0] in FIRST_PARTY and module_file(m) is not None)
-
-
-@functools.cache
-def import_closure(entry: str) -> frozenset[Path]:
-    """Source files of ``entry`` and every first-party module it reaches, parent packages' __init__.py included."""
-    seen: set[str] = set()
-    todo = [entry]
-    while todo:
-        name = todo.pop()
-        parts = name.split(".")
-        for k in range(1, len(parts) + 1):  # importing a.b.c runs a/__init__.py and a/b/__init__.py first
-            parent = ".".join(parts[:k])
-            if parent not in seen and module_file(parent) is not None:
-                seen.add(parent)
-                todo.append(parent)
-        if name not in seen:
-            seen.add(name)
-        todo.extend(m for m in imported_modules(name) if m not in seen)
-    return frozenset(module_file(m) for m in seen) - {None}  # type: ignore[return-value]
-
-
-def code_problems(stage: Stage) -> list[str]:
-    """What dvc.yaml gets wrong about ``stage``'s code: first-party source files it runs but does not list, and
-    listed first-party source files it never runs."""
-    needed = {str(p.relative_to(REPO)) for p in import_closure(stage.module)}
-    listed = set(stage.deps)
+def code_stage_problems(code_stage: Stage, root: Path = REPO) -> list[str]:
+    """The code stage must depend on every first-party source file (a new module included), so any edit reruns it."""
+    sources = [p.relative_to(root).as_posix() for top in ("pipelines", "src/seqvision") for p in (root / top).rglob("*.py")]
 
     def covered(path: str) -> bool:
-        return any(path == dep or path.startswith(dep.rstrip("/") + "/") for dep in listed)
+        return any(path == dep or path.startswith(dep.rstrip("/") + "/") for dep in code_stage.deps)
 
-    problems = [f"{stage.name}: imports {path} but does not list it in deps" for path in sorted(needed)
-                if not covered(path)]
-    source_deps = {d for d in listed if d.endswith(".py")}
-    problems += [f"{stage.name}: lists {path} in deps but never imports it" for path in sorted(source_deps - needed)]
-    return problems
+    return [f"{CODE_STAGE}: does not depend on {path}" for path in sorted(sources) if not covered(path)]
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -253,7 +197,7 @@ def recorded_param_reads() -> Iterator[set[str]]:
         return params
 
     patched = [m for m in list(sys.modules.values())
-               if getattr(m, "__name__", "").startswith(FIRST_PARTY) and getattr(m, "load_params", None) is real_load]
+               if getattr(m, "__name__", "").startswith(code_deps.FIRST_PARTY) and getattr(m, "load_params", None) is real_load]
     try:
         for cls in classes:
             cls.__getattribute__ = make(cls)  # type: ignore[method-assign]
@@ -271,27 +215,102 @@ def recorded_param_reads() -> Iterator[set[str]]:
 # Tests
 
 
-def test_every_module_a_stage_runs_is_exactly_its_dependency_list() -> None:
-    problems = [p for stage in dvc_stages() for p in code_problems(stage)]
+def test_every_stage_depends_on_the_fingerprint_of_the_code_it_runs() -> None:
+    stages = dvc_stages()
+    code_stage = next(s for s in stages if s.name == CODE_STAGE)
+    problems = code_stage_problems(code_stage)
+    problems += [p for stage in stages if stage is not code_stage for p in code_problems(stage, code_stage)]
+    entries = {s.module for s in stages if s is not code_stage}
+    problems += [f"{CODE_STAGE}: fingerprints {m}, which no stage runs" for m in sorted(set(code_stage.argv) - entries)
+                 if m.startswith("pipelines.")]
     assert not problems, "dvc.yaml deps drifted from the code:\n" + "\n".join(problems)
 
 
 def test_the_checkers_catch_the_drifts_they_exist_for() -> None:
     stages = {s.name: s for s in dvc_stages()}
-    captioner = stages["train@video_captioning-gru"]
-    assert "src/seqvision/vocab.py" in captioner.deps  # a fixed drift: test captions are decoded with it
-    without = dataclasses.replace(captioner, deps=tuple(d for d in captioner.deps if d != "src/seqvision/vocab.py"))
-    assert code_problems(without) == [
-        "train@video_captioning-gru: imports src/seqvision/vocab.py but does not list it in deps"]
-    train = stages["train@activity-lstm"]
-    extra = dataclasses.replace(train, deps=(*train.deps, "src/seqvision/report.py"))
-    assert code_problems(extra) == ["train@activity-lstm: lists src/seqvision/report.py in deps but never imports it"]
+    code_stage, captioner = stages[CODE_STAGE], stages["train@video_captioning-gru"]
+    fingerprint = f"{CODE_DIR}/pipelines.train.txt"
+    without = dataclasses.replace(captioner, deps=tuple(d for d in captioner.deps if d != fingerprint))
+    assert code_problems(without, code_stage) == [
+        f"train@video_captioning-gru: runs pipelines.train but does not depend on {fingerprint}"]
+    unwritten = dataclasses.replace(code_stage, outs=tuple(o for o in code_stage.outs if o != fingerprint))
+    assert code_problems(captioner, unwritten) == [
+        "train@video_captioning-gru: runs pipelines.train, which the code stage does not fingerprint (add it to its "
+        "command and its outs)"]
+    listed = dataclasses.replace(captioner, deps=(*captioner.deps, "src/seqvision/report.py"))
+    assert code_problems(listed, code_stage) == [
+        f"train@video_captioning-gru: lists src/seqvision/report.py in deps; its code is in {fingerprint}"]
+    narrow = dataclasses.replace(code_stage, deps=("pipelines",))
+    assert "code: does not depend on src/seqvision/vocab.py" in code_stage_problems(narrow)
+    # The drifts #10 found by reading: test captions are decoded with vocab.py and checkpoints loaded by train.py
+    # (the old evaluate stages), and fine-tuning reads the frames through features.py and encoders.py.
+    closure = {p.relative_to(REPO).as_posix() for p in code_deps.import_closure("pipelines.train", REPO)}
+    for path in ("src/seqvision/vocab.py", "src/seqvision/train.py", "src/seqvision/features.py",
+                 "src/seqvision/encoders.py", "pipelines/train_worker.py"):
+        assert path in closure, path
     # A training resized by a family-name budget would read that family's section too (the old match_params):
+    train = stages["train@activity-lstm"]
     reads = {"train.lr", "models.lstm.hidden_size", "models.transformer.hidden_size"}
     assert param_problems(dataclasses.replace(train, params=("train", "models.lstm")), reads) == [
         "train@activity-lstm: reads params.yaml models.transformer.hidden_size but does not list it in params"]
     assert param_problems(dataclasses.replace(train, params=("train", "models.lstm", "encoder")), reads - {
         "models.transformer.hidden_size"}) == ["train@activity-lstm: lists params.yaml encoder but never reads it"]
+
+
+def _package(root: Path, files: dict[str, str]) -> Path:
+    for rel, text in files.items():
+        path = root / rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text)
+    return root
+
+
+def test_the_closure_follows_lazy_imports_and_started_modules_but_not_type_checking(tmp_path: Path) -> None:
+    root = _package(tmp_path, {
+        "pipelines/__init__.py": "",
+        "pipelines/stage.py": "from seqvision import a\n\ndef main():\n    from seqvision.sub import b\n"
+                              "    return ['python', '-m', 'pipelines.worker']\n",
+        "pipelines/worker.py": "from . import helper\n",
+        "pipelines/helper.py": "",
+        "src/seqvision/__init__.py": "",
+        "src/seqvision/a.py": "from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    from seqvision import typed\n",
+        "src/seqvision/typed.py": "",
+        "src/seqvision/unused.py": "",
+        "src/seqvision/sub/__init__.py": "",
+        "src/seqvision/sub/b.py": "import numpy\nfrom ..a import TYPE_CHECKING\n",
+    })
+    closure = {p.relative_to(root).as_posix() for p in code_deps.import_closure("pipelines.stage", root)}
+    assert closure == {"pipelines/__init__.py", "pipelines/stage.py", "pipelines/worker.py", "pipelines/helper.py",
+                       "src/seqvision/__init__.py", "src/seqvision/a.py", "src/seqvision/sub/__init__.py",
+                       "src/seqvision/sub/b.py"}
+    with pytest.raises(ModuleNotFoundError, match="pipelines.nope"):
+        code_deps.import_closure("pipelines.nope", root)
+
+
+def test_a_fingerprint_changes_exactly_when_a_file_it_covers_does(tmp_path: Path) -> None:
+    files = {"pipelines/__init__.py": "", "pipelines/one.py": "from seqvision import shared\n",
+             "pipelines/two.py": "import seqvision.other\n", "src/seqvision/__init__.py": "",
+             "src/seqvision/shared.py": "X = 1\n", "src/seqvision/other.py": "Y = 1\n"}
+
+    def fingerprints(root: Path) -> dict[str, str]:
+        paths = code_deps.write_fingerprints(["pipelines.one", "pipelines.two"], root / "out", root=root)
+        return {p.name: p.read_text() for p in paths}
+
+    before = fingerprints(_package(tmp_path / "a", files))
+    edited = fingerprints(_package(tmp_path / "b", {**files, "src/seqvision/shared.py": "X = 2\n"}))
+    assert edited["pipelines.one.txt"] != before["pipelines.one.txt"]
+    assert edited["pipelines.two.txt"] == before["pipelines.two.txt"]
+    lines = before["pipelines.one.txt"].splitlines()
+    assert [line.split("  ")[1] for line in lines] == ["pipelines/__init__.py", "pipelines/one.py",
+                                                       "src/seqvision/__init__.py", "src/seqvision/shared.py"]
+    assert all(len(line.split("  ")[0]) == 64 for line in lines)  # sha256sum's format: `sha256sum -c` reads it
+
+
+def test_the_code_stage_cli_refuses_an_unknown_module_and_writes_nothing(tmp_path: Path, capsys) -> None:
+    assert code_deps.main(["--root", str(REPO), "--out", str(tmp_path / "code"), "pipelines.train",
+                           "pipelines.nope"]) == 2
+    assert "pipelines.nope" in capsys.readouterr().err
+    assert not (tmp_path / "code").exists()
 
 
 def test_recorder_sees_reads_by_project_code_only(tmp_path: Path) -> None:

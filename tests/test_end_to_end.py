@@ -306,8 +306,8 @@ def _children(runs: list[Any], parent_id: str) -> list[Any]:
 def test_full_repro_runs_every_stage_and_mlflow_holds_the_comparison(scratch: Scratch, first_repro: str) -> None:
     root = scratch.root
     stages = set(_run([DVC, "stage", "list", "--name-only"], root, scratch.env).stdout.split())
-    # check_params .. features, the trainings, baselines and report, a stage per study row and study_report
-    assert len(stages) == 5 + len(TASKS) * len(FAMILIES) + 2 + len(STUDY_ROWS) + 1, sorted(stages)
+    # code, check_params .. features, the trainings, baselines and report, a stage per study row and study_report
+    assert len(stages) == 6 + len(TASKS) * len(FAMILIES) + 2 + len(STUDY_ROWS) + 1, sorted(stages)
     assert _ran(first_repro) == stages
     for name in ("report.html", "report.md"):
         assert (root / "reports" / name).stat().st_size > 0

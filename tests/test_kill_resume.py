@@ -36,6 +36,7 @@ import pytest
 import torch
 import yaml
 
+from pipelines.code_deps import write_fingerprints
 from seqvision import checkpoint
 from seqvision.io import file_digest, read_runinfo
 from seqvision.config import TokenizeConfig
@@ -357,8 +358,8 @@ def test_flow_killed_mid_epoch_resumes_and_matches_an_uninterrupted_run(inputs: 
 
 def scratch_repo(root: Path, inputs: Inputs) -> Path:
     """This checkout's pipeline (dvc.yaml, params.yaml with the tiny train and gru sections, the code the train
-    stage depends on) in a fresh git + DVC repo, with the fake artifacts where the features and tokenize
-    stages would have written them."""
+    stage runs) in a fresh git + DVC repo, with the fake artifacts where the features and tokenize stages would have
+    written them, and the train stage's code fingerprint where the code stage writes it."""
     repo = root / "repo"
     # tracked and new (not ignored) files, as tests/test_pipeline.py copies: the working tree is what runs
     tracked = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard", "dvc.yaml",
@@ -378,6 +379,7 @@ def scratch_repo(root: Path, inputs: Inputs) -> Path:
     shutil.copytree(inputs.tokens, repo / "artifacts" / "tokens")
     # A dependency of every train stage, read only with train.finetune_encoder (off here): any bytes do.
     (repo / "artifacts" / "params").mkdir(parents=True)  # check_params' marker, a dependency of every stage
+    write_fingerprints(["pipelines.train"], repo / "artifacts" / "code", root=repo)  # the code stage's output
     (repo / "artifacts" / "params" / "valid.txt").write_text("params.yaml is valid\n")
     (repo / "artifacts" / "encoder").mkdir(parents=True)
     (repo / "artifacts" / "encoder" / "encoder.pt").write_bytes(b"unused unless train.finetune_encoder")
