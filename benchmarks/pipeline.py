@@ -36,10 +36,11 @@ stage code: process starts and ends, and the Prefect server's own records of the
    after the stage* (until the next stage process starts: hashing and caching the outputs, rewriting dvc.lock,
    checking and spawning the next stage), and finally the server's stop (after DVC's last line).
 2. **No-op repro**: with everything up to date (``dvc status`` clean; else this part is skipped and says
-   why), ``dvc repro`` and ``scripts/with-prefect-server dvc repro``, ``--repeats`` times each, interleaved;
-   best and median. A no-op starts no stage process, so the first is DVC alone (load the pipeline, check
-   every stage's dependencies and outputs) and the second adds the Prefect server's start and stop that
-   ``make demo`` pays even when nothing runs. Target ≤ 1.5 s for both.
+   why), ``dvc repro`` (every stage, the study's included) and, with ``--dvc-args``, ``dvc repro <dvc-args>``
+   (``make demo``'s: ``report``), each alone and through ``scripts/with-prefect-server``, ``--repeats`` times each,
+   interleaved; best and median. A no-op starts no stage process, so plain ``dvc repro`` is DVC alone (load the
+   pipeline, check every stage's dependencies and outputs) and the wrapper adds the Prefect server's start and
+   stop that ``make demo`` pays even when nothing runs. Target ≤ 1.5 s for each.
 3. **Param change**: ``--param`` (an integer under ``models.<model>``) + 1 in params.yaml, then ``dvc status``
    (the stages whose recorded params or dependencies differ) and ``dvc repro --dry --downstream
    --force-downstream`` on those (they and everything downstream of them: a retrained checkpoint changes
@@ -643,9 +644,15 @@ def out_of_date() -> dict[str, Any]:
     return json.loads(run_quiet(dvc("status", "--json")).stdout or "{}")
 
 
-def time_noop(repeats: int) -> list[NoopRun]:
-    commands = {"`dvc repro`": dvc("repro"),
-                "`scripts/with-prefect-server dvc repro`": ["scripts/with-prefect-server", *dvc("repro")]}
+def time_noop(repeats: int, dvc_args: Sequence[str] = ()) -> list[NoopRun]:
+    """``dvc repro`` (every stage) and, with ``dvc_args``, ``dvc repro <dvc_args>`` (``make demo``'s), each alone and
+    through scripts/with-prefect-server, ``repeats`` times, interleaved."""
+    targets = [[], list(dvc_args)] if dvc_args else [[]]
+    commands = {}
+    for args in targets:
+        shown = " ".join(["dvc repro", *map(shlex.quote, args)])
+        commands[f"`{shown}`"] = dvc("repro", *args)
+        commands[f"`scripts/with-prefect-server {shown}`"] = ["scripts/with-prefect-server", *dvc("repro", *args)]
     seconds: dict[str, list[float]] = {label: [] for label in commands}
     for _ in range(repeats):  # interleaved, so background load hits both alike
         for label, command in commands.items():
@@ -702,9 +709,25 @@ def bump_integer(text: str, path: Sequence[str], delta: int = 1) -> tuple[str, i
     raise KeyError(f"params.yaml: no {'.'.join(path)}")
 
 
-def expected_reruns(stages: list[str], model: str) -> list[str]:
-    return sorted(s for s in stages if s in ("report", *SAME_OUTPUT_STAGES)
-                  or (stage_kind(s) == "train" and s.endswith(f"-{model}")))
+def expected_reruns(stages: list[str], model: str, whole_models: Sequence[str] = ()) -> list[str]:
+    """The stages a change of ``models.<model>`` should rerun: :data:`SAME_OUTPUT_STAGES`, that family's trainings,
+    the report, and ``whole_models`` (stages that read the whole ``models`` section: the study rows that train every
+    family) with, when there are any, the study report drawn from them."""
+    expected = {s for s in stages if s in ("report", *SAME_OUTPUT_STAGES)
+                or (stage_kind(s) == "train" and s.endswith(f"-{model}"))}
+    expected |= set(whole_models)
+    if whole_models and "study_report" in stages:
+        expected.add("study_report")
+    return sorted(expected)
+
+
+def stages_reading(section: str) -> list[str]:
+    """The stages whose dvc.yaml ``params`` list ``section`` as a whole (``models``, not ``models.gru``)."""
+    from dvc.repo import Repo
+
+    with Repo(".") as repo:
+        return sorted(stage.addressing for stage in repo.index.stages for dep in stage.deps
+                      if section in (getattr(dep, "params", None) or ()))
 
 
 def would_rerun(changed: list[str]) -> list[str]:
@@ -739,7 +762,8 @@ def check_param_change(param: str, *, before: dict[str, Any], params_file: Path 
     finally:
         params_file.write_bytes(original)
     stages = [line.split()[0] for line in run_quiet(dvc("stage", "list")).stdout.splitlines() if line.strip()]
-    return ParamChange(param, old, new, changed, would_run, expected_reruns(stages, path[1]), sorted(before))
+    return ParamChange(param, old, new, changed, would_run, expected_reruns(stages, path[1], stages_reading("models")),
+                       sorted(before))
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -832,10 +856,10 @@ def noop_markdown(noop: list[NoopRun] | str) -> str:
     repeats = len(noop[0].seconds) if noop else 0
     server = ("PREFECT_API_URL was set, so the wrapper started no server and the rows differ only by noise"
               if os.environ.get("PREFECT_API_URL") else
-              "the second adds starting and stopping the Prefect server (what `make demo` pays when nothing changed)")
+              "starting and stopping the Prefect server (what `make demo` pays when nothing changed)")
     return ("\n".join(lines) + f"\n\n{repeats} interleaved repeats with every stage up to date: no stage process "
-            f"starts, so the first row is DVC alone (loading the pipeline, checking every dependency and output); "
-            f"{server}.\n")
+            f"starts, so a plain `dvc repro` row is DVC alone (loading the pipeline, checking every dependency and "
+            f"output); the scripts/with-prefect-server rows add: {server}.\n")
 
 
 def param_markdown(change: ParamChange | str) -> str:
@@ -936,7 +960,7 @@ def main(argv: list[str] | None = None) -> int:
                                          f"{', …' if len(dirty) > 5 else ''}); a repro would run them")
         else:
             print(f"no-op repro, {args.repeats} x 2", file=sys.stderr, flush=True)
-            noop = time_noop(args.repeats)
+            noop = time_noop(args.repeats, shlex.split(args.dvc_args))
         print(f"param change: {args.param}", file=sys.stderr, flush=True)
         try:
             change: ParamChange | str = check_param_change(args.param, before=dirty)
