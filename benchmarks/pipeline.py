@@ -73,7 +73,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -476,18 +476,33 @@ def stage_kind(stage: str) -> str:
     return stage.split("@", 1)[0]
 
 
-def name_processes(stage_procs: list[Proc], stage_lines: list[tuple[str, float]], slack: float = 1.0) -> list[str]:
+def name_processes(stage_procs: list[Proc], stage_lines: list[tuple[str, float]], slack: float = 1.0,
+                   modules: Mapping[str, str] | None = None) -> list[str]:
     """Each stage process's DVC stage: the last "Running stage" line before it started (``slack``: our reader
-    may see a line a little after DVC wrote it)."""
+    may see a line a little after DVC wrote it) of a stage that runs the process's module (``modules``:
+    {stage: module}, when known; a short stage such as check_params can end less than ``slack`` before the next
+    stage's line)."""
+    modules = modules or {}
     names = []
     for p in stage_procs:
-        before = [name for name, at in stage_lines if at <= p.started_at + slack]
+        before = [name for name, at in stage_lines if at <= p.started_at + slack
+                  and modules.get(name, p.module) == p.module]
         names.append(before[-1] if before else p.module)
     return names
 
 
+def stage_modules() -> dict[str, str]:
+    """{stage: the module its command runs with ``python -m``} for every stage of dvc.yaml."""
+    from dvc.repo import Repo
+
+    with Repo(".") as repo:
+        found = {stage.addressing: shlex.split(stage.cmd) for stage in repo.index.stages if getattr(stage, "cmd", None)}
+    return {name: argv[2] for name, argv in found.items() if argv[:2] == ["python", "-m"] and len(argv) > 2}
+
+
 def attribute(procs: list[Proc], records: PrefectRecords, *, startup_s: dict[str, float],
-              stage_lines: list[tuple[str, float]], last_line_at: float) -> list[StageRun]:
+              stage_lines: list[tuple[str, float]], last_line_at: float,
+              modules: Mapping[str, str] | None = None) -> list[StageRun]:
     """Split each stage process's life (``procs``: stage processes and their workers) with the flow and task
     runs it ran. ``startup_s``: a worker module's start-up (:func:`time_startup`); ``last_line_at``: DVC's last
     output line, where the last stage's *DVC after* ends."""
@@ -495,7 +510,7 @@ def attribute(procs: list[Proc], records: PrefectRecords, *, startup_s: dict[str
     stage_procs = sorted((p for p in procs if p.ppid not in watched and p.ended_at is not None),
                          key=lambda p: p.started_at)
     runs = []
-    for p, name in zip(stage_procs, name_processes(stage_procs, stage_lines), strict=True):
+    for p, name in zip(stage_procs, name_processes(stage_procs, stage_lines, modules=modules), strict=True):
         assert p.ended_at is not None
         flows = [f for f in records.flows if p.started_at <= f.started_at <= p.ended_at]
         ids = {f.id for f in flows}
@@ -548,9 +563,9 @@ class FullRun:
 
 
 def analyse(streamed: Streamed, procs: list[Proc], records: PrefectRecords, *, startup_s: dict[str, float],
-            command: str, log: Path, removed: int = 0) -> FullRun:
+            command: str, log: Path, removed: int = 0, modules: Mapping[str, str] | None = None) -> FullRun:
     stages = attribute(procs, records, startup_s=startup_s, stage_lines=streamed.stage_lines,
-                       last_line_at=streamed.last_line_at)
+                       last_line_at=streamed.last_line_at, modules=modules)
     ready = streamed.server_ready_at
     first = stages[0].started_at if stages else streamed.last_line_at
     seen = {s.stage for s in stages}
@@ -618,7 +633,8 @@ def run_full(dvc_args: list[str], *, log: Path, keep_persistent: bool = False) -
            "tasks": [dataclasses.asdict(t) for t in records.tasks], "unfinished": records.unfinished,
            "worker_startup_s": startup, "streamed": dataclasses.asdict(streamed)}
     log.with_name(log.name + ".records.json").write_text(json.dumps(raw, indent=1), encoding="utf-8")
-    return analyse(streamed, procs, records, startup_s=startup, command=shown, log=log, removed=len(removed))
+    return analyse(streamed, procs, records, startup_s=startup, command=shown, log=log, removed=len(removed),
+                   modules=stage_modules())
 
 
 # --------------------------------------------------------------------------------------------------------

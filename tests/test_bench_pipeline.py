@@ -124,3 +124,16 @@ def test_expected_reruns_are_the_params_check_the_models_trainings_and_the_repor
     assert bench.expected_reruns(study, "gru", ["study_long_range", "study_trained@inductive_bias"]) == [
         "check_params", "report", "study_long_range", "study_report", "study_trained@inductive_bias",
         "train@activity-gru", "train@video_captioning-gru"]
+
+
+def test_a_short_stage_is_named_by_its_module_not_by_the_next_stages_line(bench: ModuleType) -> None:
+    def proc(pid: int, module: str, start: float) -> object:
+        return bench.Proc(pid, 1, ("python", "-m", module), T0 + start, T0 + start + 0.2)
+
+    procs = [proc(10, "pipelines.code_deps", 0.5), proc(11, "pipelines.check_params", 1.5),
+             proc(12, "pipelines.extract", 2.3)]
+    # check_params ends 0.2 s after its start and DVC runs the next stage 0.5 s later, within the reader's slack.
+    lines = [("code", T0 + 0.4), ("check_params", T0 + 1.4), ("extract", T0 + 2.2)]
+    modules = {"code": "pipelines.code_deps", "check_params": "pipelines.check_params", "extract": "pipelines.extract"}
+    assert bench.name_processes(procs, lines, modules=modules) == ["code", "check_params", "extract"]
+    assert bench.name_processes(procs, lines)[1] == "extract"  # what the time alone said

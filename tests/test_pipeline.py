@@ -93,6 +93,14 @@ def test_repro_runs_data_stages_then_is_a_noop_then_reruns_only_what_changed(scr
     log = _repro(root, env, "extract", "tokenize")
     assert _ran(log) == {"check_params", "tokenize"}, log  # the gate reruns on any change; its output is the same
 
+    # A code edit reruns the stages that run the edited file (tokenize imports vocab.py; extract does not), after
+    # the code stage that fingerprints it (pipelines/code_deps.py).
+    vocab = root / "src" / "seqvision" / "vocab.py"
+    vocab.write_text(vocab.read_text() + "\n# an edit\n")
+    log = _repro(root, env, "extract", "tokenize")
+    assert _ran(log) == {"code", "tokenize"}, log
+    assert _ran(_repro(root, env, "extract", "tokenize")) == set()
+
 
 @pytest.mark.parametrize(("section", "key", "value", "named"), [
     ("extract", "num_frames", "four", "extract.num_frames"),  # a typo in a value the stage reads
