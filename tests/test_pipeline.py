@@ -99,6 +99,9 @@ def test_repro_runs_data_stages_then_is_a_noop_then_reruns_only_what_changed(scr
     vocab.write_text(vocab.read_text() + "\n# an edit\n")
     log = _repro(root, env, "extract", "tokenize")
     assert _ran(log) == {"code", "tokenize"}, log
+    # Bytecode is not code to DVC (.dvcignore): Python writes it on import, differently per version.
+    (root / "src" / "seqvision" / "__pycache__").mkdir(exist_ok=True)
+    (root / "src" / "seqvision" / "__pycache__" / "vocab.cpython-311.pyc").write_bytes(b"not the source")
     assert _ran(_repro(root, env, "extract", "tokenize")) == set()
 
 
