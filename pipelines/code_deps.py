@@ -5,9 +5,10 @@
 For each entry module (what a dvc.yaml stage runs with ``python -m``): the first-party source files it runs, found
 statically from the source. That is the module, every ``seqvision``/``pipelines`` module it imports, transitively,
 lazy (in-function) imports included, every module it starts as a process (a dotted name in a string, as
-``-m pipelines.train_worker`` under torchrun), and the ``__init__.py`` of their packages; imports under
-``if TYPE_CHECKING`` are left out (they never run). One line per file, ``<sha256>  <path>`` sorted by path, as
-``sha256sum`` writes it (``sha256sum -c artifacts/code/pipelines.train.txt`` checks a checkout against it).
+``-m pipelines.train_worker`` under torchrun), a package's ``__main__.py`` (what ``-m package`` runs), and the
+``__init__.py`` of their packages; imports in the body of ``if TYPE_CHECKING:`` are left out (it never runs, its
+``else:`` does). One line per file, ``<sha256>  <path>`` sorted by path, as ``sha256sum`` writes it
+(``sha256sum -c artifacts/code/pipelines.train.txt`` checks a checkout against it).
 
 Why: a stage depends on its entry module's file here instead of listing its ~40 source files by hand. This stage
 depends on the ``pipelines`` and ``src/seqvision`` folders, so it reruns on any change there (a fraction of a
@@ -46,7 +47,7 @@ def module_file(name: str, root: Path) -> Path | None:
     if top not in roots:
         return None
     base = roots[top].joinpath(*name.split("."))
-    for path in (base.with_suffix(".py"), base / "__init__.py"):
+    for path in (base / "__init__.py", base.with_suffix(".py")):  # a package wins over a module, as in Python
         if path.is_file():
             return path
     return None
@@ -61,7 +62,7 @@ def _is_type_checking(node: ast.AST) -> bool:
 
 @functools.cache
 def imported_modules(name: str, root: Path) -> frozenset[str]:
-    """First-party modules that module ``name`` imports anywhere in its body (not under ``if TYPE_CHECKING``), or
+    """First-party modules that module ``name`` imports anywhere (not in the body of ``if TYPE_CHECKING:``), or
     names as a whole string (``"pipelines.train_worker"``: a module it runs as a process)."""
     path = module_file(name, root)
     if path is None:
@@ -71,8 +72,8 @@ def imported_modules(name: str, root: Path) -> frozenset[str]:
     skip: set[int] = set()
     tree = ast.parse(path.read_text(encoding="utf-8"), str(path))
     for node in ast.walk(tree):
-        if _is_type_checking(node):
-            skip.update(id(child) for child in ast.walk(node))
+        if _is_type_checking(node):  # its body never runs; an `else:` branch does
+            skip.update(id(child) for stmt in node.body for child in ast.walk(stmt))
     for node in ast.walk(tree):
         if id(node) in skip:
             continue
@@ -87,7 +88,7 @@ def imported_modules(name: str, root: Path) -> frozenset[str]:
             found.add(base)
             found.update(f"{base}.{alias.name}" for alias in node.names)  # `from pkg import module`
         elif isinstance(node, ast.Constant) and isinstance(node.value, str) and node.value.count(".") >= 1:
-            found.add(node.value)
+            found.update((node.value, f"{node.value}.__main__"))  # `-m package` runs its __main__.py
     return frozenset(m for m in found if m.split(".")[0] in FIRST_PARTY and module_file(m, root) is not None)
 
 
@@ -97,7 +98,7 @@ def import_closure(entry: str, root: Path) -> frozenset[Path]:
     if module_file(entry, root) is None:
         raise ModuleNotFoundError(f"no first-party module {entry} under {root}")
     seen: set[str] = set()
-    todo = [entry]
+    todo = [entry, *([f"{entry}.__main__"] if module_file(f"{entry}.__main__", root) else [])]  # `-m package`
     while todo:
         name = todo.pop()
         parts = name.split(".")

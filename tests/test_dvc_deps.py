@@ -101,13 +101,20 @@ def code_problems(stage: Stage, code_stage: Stage) -> list[str]:
 
 
 def code_stage_problems(code_stage: Stage, root: Path = REPO) -> list[str]:
-    """The code stage must depend on every first-party source file (a new module included), so any edit reruns it."""
-    sources = [p.relative_to(root).as_posix() for top in ("pipelines", "src/seqvision") for p in (root / top).rglob("*.py")]
+    """The code stage must depend on every first-party source file (a new module included), so any edit reruns it,
+    and DVC must see each one: a file that ``.dvcignore`` hides from DVC is not part of a folder's hash."""
+    from dvc.repo import Repo
+
+    sources = [p.relative_to(root).as_posix() for top in ("pipelines", "src/seqvision") for p in (root / top).rglob("*.py")
+               if "__pycache__" not in p.parts]
 
     def covered(path: str) -> bool:
         return any(path == dep or path.startswith(dep.rstrip("/") + "/") for dep in code_stage.deps)
 
-    return [f"{CODE_STAGE}: does not depend on {path}" for path in sorted(sources) if not covered(path)]
+    with Repo(str(root)) as repo:
+        hidden = {path for path in sources if repo.dvcignore.is_ignored_file(str(root / path))}
+    return ([f"{CODE_STAGE}: does not depend on {path}" for path in sorted(sources) if not covered(path)]
+            + [f"{CODE_STAGE}: .dvcignore hides {path} from DVC" for path in sorted(hidden)])
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -226,7 +233,7 @@ def test_every_stage_depends_on_the_fingerprint_of_the_code_it_runs() -> None:
     assert not problems, "dvc.yaml deps drifted from the code:\n" + "\n".join(problems)
 
 
-def test_the_checkers_catch_the_drifts_they_exist_for() -> None:
+def test_the_checkers_catch_the_drifts_they_exist_for(tmp_path: Path) -> None:
     stages = {s.name: s for s in dvc_stages()}
     code_stage, captioner = stages[CODE_STAGE], stages["train@video_captioning-gru"]
     fingerprint = f"{CODE_DIR}/pipelines.train.txt"
@@ -242,6 +249,12 @@ def test_the_checkers_catch_the_drifts_they_exist_for() -> None:
         f"train@video_captioning-gru: lists src/seqvision/report.py in deps; its code is in {fingerprint}"]
     narrow = dataclasses.replace(code_stage, deps=("pipelines",))
     assert "code: does not depend on src/seqvision/vocab.py" in code_stage_problems(narrow)
+    # A broad ignore pattern (runinfo.* for the run measurements) would hide a source file named like them.
+    root = _package(tmp_path, {".dvc/config": "[core]\n    no_scm = true\n", ".dvcignore": "runinfo.*\n", "pipelines/__init__.py": "",
+                               "src/seqvision/__init__.py": "", "src/seqvision/runinfo.py": ""})
+    assert code_stage_problems(code_stage, root) == ["code: .dvcignore hides src/seqvision/runinfo.py from DVC"]
+    (root / ".dvcignore").write_text((REPO / ".dvcignore").read_text())
+    assert code_stage_problems(code_stage, root) == []
     # The drifts #10 found by reading: test captions are decoded with vocab.py and checkpoints loaded by train.py
     # (the old evaluate stages), and fine-tuning reads the frames through features.py and encoders.py.
     closure = {p.relative_to(REPO).as_posix() for p in code_deps.import_closure("pipelines.train", REPO)}
@@ -273,18 +286,34 @@ def test_the_closure_follows_lazy_imports_and_started_modules_but_not_type_check
         "pipelines/worker.py": "from . import helper\n",
         "pipelines/helper.py": "",
         "src/seqvision/__init__.py": "",
-        "src/seqvision/a.py": "from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    from seqvision import typed\n",
+        "src/seqvision/a.py": "from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    from seqvision import typed\n"
+                              "else:\n    from seqvision import untyped\n",
         "src/seqvision/typed.py": "",
+        "src/seqvision/untyped.py": "",
         "src/seqvision/unused.py": "",
         "src/seqvision/sub/__init__.py": "",
-        "src/seqvision/sub/b.py": "import numpy\nfrom ..a import TYPE_CHECKING\n",
+        "src/seqvision/sub/b.py": "import numpy\nfrom ..a import TYPE_CHECKING\nfrom seqvision import both\n",
+        "src/seqvision/both.py": "",  # shadowed: Python imports the package both/
+        "src/seqvision/both/__init__.py": "",
     })
     closure = {p.relative_to(root).as_posix() for p in code_deps.import_closure("pipelines.stage", root)}
     assert closure == {"pipelines/__init__.py", "pipelines/stage.py", "pipelines/worker.py", "pipelines/helper.py",
-                       "src/seqvision/__init__.py", "src/seqvision/a.py", "src/seqvision/sub/__init__.py",
-                       "src/seqvision/sub/b.py"}
+                       "src/seqvision/__init__.py", "src/seqvision/a.py", "src/seqvision/untyped.py",
+                       "src/seqvision/sub/__init__.py", "src/seqvision/sub/b.py", "src/seqvision/both/__init__.py"}
     with pytest.raises(ModuleNotFoundError, match="pipelines.nope"):
         code_deps.import_closure("pipelines.nope", root)
+
+
+def test_a_package_run_with_dash_m_includes_its_main(tmp_path: Path) -> None:
+    root = _package(tmp_path, {
+        "pipelines/__init__.py": "", "pipelines/stage.py": "CMD = ['python', '-m', 'seqvision.tool']\n",
+        "src/seqvision/__init__.py": "", "src/seqvision/tool/__init__.py": "",
+        "src/seqvision/tool/__main__.py": "from seqvision import cli\n", "src/seqvision/cli.py": ""})
+    tool = {"src/seqvision/__init__.py", "src/seqvision/tool/__init__.py", "src/seqvision/tool/__main__.py",
+            "src/seqvision/cli.py"}
+    assert {p.relative_to(root).as_posix() for p in code_deps.import_closure("seqvision.tool", root)} == tool
+    assert {p.relative_to(root).as_posix() for p in code_deps.import_closure("pipelines.stage", root)} == {
+        "pipelines/__init__.py", "pipelines/stage.py", *tool}
 
 
 def test_a_fingerprint_changes_exactly_when_a_file_it_covers_does(tmp_path: Path) -> None:
