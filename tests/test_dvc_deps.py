@@ -233,6 +233,18 @@ def test_every_stage_depends_on_the_fingerprint_of_the_code_it_runs() -> None:
     assert not problems, "dvc.yaml deps drifted from the code:\n" + "\n".join(problems)
 
 
+def test_the_study_report_depends_on_every_rows_json_and_nothing_else_of_the_study() -> None:
+    """It reads ``{row}.json`` of every row (and logs those to MLflow), not the rows' trainings: their ~1,800 files
+    would be walked on every no-op ``dvc repro`` for nothing."""
+    from seqvision.study.run import ROWS, row_file
+
+    stages = {s.name: s for s in dvc_stages()}
+    rows = {row_file("artifacts/study", row).as_posix() for row in ROWS}
+    assert {d for d in stages["study_report"].deps if not d.startswith(CODE_DIR)} == rows
+    written = {o for s in stages.values() if s.name != "study_report" for o in s.outs}
+    assert rows <= written, sorted(rows - written)
+
+
 def test_the_checkers_catch_the_drifts_they_exist_for(tmp_path: Path) -> None:
     stages = {s.name: s for s in dvc_stages()}
     code_stage, captioner = stages[CODE_STAGE], stages["train@video_captioning-gru"]

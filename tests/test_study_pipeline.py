@@ -130,6 +130,8 @@ def test_the_tiny_study_is_one_mlflow_parent_with_a_child_per_cell(tiny_study):
     assert any(k.startswith("speedup.lstm.n") for k in by_name["parallelism/RNNs"].data.metrics)
     parent_files = {a.path for a in client.list_artifacts(parent.info.run_id, "report")}
     assert {"report/study.md", "report/study.html"} <= parent_files
+    # The rows' JSON, which the report is drawn from, and not their trainings' folders (checkpoints).
+    assert {a.path for a in client.list_artifacts(parent.info.run_id, "rows")} == {f"rows/{r}.json" for r in results}
 
 
 @pytest.mark.slow

@@ -754,11 +754,11 @@ def publish_study(
     cells: Sequence[StudyCell],
     *,
     repo_root: str | Path,
-    files: Sequence[str | Path] = (),
+    files: Mapping[str, Sequence[str | Path]] | None = None,
     folders: Mapping[str, str | Path] | None = None,
     tags: Mapping[str, Any] | None = None,
 ) -> tuple[str, dict[str, str]]:
-    """A new parent run ``study`` in experiment ``seqvision-study`` with ``files`` (artifact path ``report/``) and
+    """A new parent run ``study`` in experiment ``seqvision-study`` with ``files`` (``{artifact path: files}``) and
     ``folders`` (``{artifact path: folder}``), and one FINISHED child run per cell (explicit ``parent_run_id``: no
     fluent run stack, so it works from any thread); then the parent is ended FINISHED (FAILED, and the error
     re-raised, when any of it fails). Neither ``$SEQVISION_PARENT_RUN_ID`` nor ``$MLFLOW_RUN_ID`` applies: those
@@ -776,8 +776,9 @@ def publish_study(
     parent_id = parent.info.run_id
     children: dict[str, str] = {}
     with Tracker(client, parent_id) as tracker:
-        for path in files:
-            tracker.log_artifact(path, "report")
+        for artifact_path, paths in (files or {}).items():
+            for path in paths:
+                tracker.log_artifact(path, artifact_path)
         for artifact_path, folder in (folders or {}).items():
             if Path(folder).is_dir():
                 tracker.log_artifact(folder, artifact_path)

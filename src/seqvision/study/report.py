@@ -17,7 +17,7 @@ from seqvision.report import CSS, data_uri, esc, html_table, md_table
 from seqvision.tracking import StudyCell
 from seqvision.study.complexity import RowResult
 from seqvision.study.figures import write_figures
-from seqvision.study.run import ROWS
+from seqvision.study.run import ROWS, row_file
 
 TITLE = "The seed's table, measured"
 # The lecture's table, top to bottom (docs/study.md): each row of the study measures one of these.
@@ -116,7 +116,7 @@ def mlflow_cells(results: Mapping[str, RowResult], *, figures: Mapping[str, Path
             tags |= {f"{key}.{e['quantity'].replace(' ', '_')}": e[key] for e in cell.entries}
         figure = figures.get(cell.row) or next(
             (path for row, path in figures.items() if ROWS[row].seed_row == ROWS[cell.row].seed_row), None)
-        artifacts = [Path(rows_dir) / f"{cell.row}.json", *([figure] if figure else [])]
+        artifacts = [row_file(rows_dir, cell.row), *([figure] if figure else [])]
         out.append(StudyCell(cell.name, tags, cell.metrics, artifacts))
     return out
 
@@ -228,7 +228,7 @@ def render_html(results: Mapping[str, RowResult], *, figures: Mapping[str, Path]
 
 def read_environments(folder: str | Path, rows: Sequence[str]) -> dict[str, dict[str, Any]]:
     """``{row: environment}`` from ``folder/{row}.json`` (:meth:`RowResult.from_json` does not keep it)."""
-    return {row: json.loads((Path(folder) / f"{row}.json").read_text()).get("environment", {}) for row in rows}
+    return {row: json.loads(row_file(folder, row).read_text()).get("environment", {}) for row in rows}
 
 
 class StudyReport(NamedTuple):

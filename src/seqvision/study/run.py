@@ -15,7 +15,7 @@ fit or comparison with its interval and verdict, and the table cells ({column, q
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -98,15 +98,25 @@ def run_row(name: str, config: StudyConfig, out_dir: str | Path, *, params: Para
         result = row.run(config, params=params, work_dir=out / name, log=log)
     else:
         result = row.run(config, log=log)
-    write_json(out / f"{name}.json", result.to_json())
+    write_json(row_file(out, name), result.to_json())
     return result
+
+
+def row_file(folder: str | Path, row: str) -> Path:
+    """Where row ``row``'s JSON lives in ``folder`` (the stages' ``artifacts/study``): ``{folder}/{row}.json``."""
+    return Path(folder) / f"{row}.json"
+
+
+def row_files(folder: str | Path, rows: Iterable[str]) -> list[Path]:
+    """The JSON files of ``rows`` in ``folder`` (:func:`row_file`)."""
+    return [row_file(folder, row) for row in rows]
 
 
 def load_results(folder: str | Path, rows: Sequence[str] = tuple(ROWS)) -> dict[str, RowResult]:
     """``{row: RowResult}`` for every ``folder/{row}.json`` of ``rows`` that exists, in :data:`ROWS` order."""
     found = {}
     for name in ROWS:
-        path = Path(folder) / f"{name}.json"
+        path = row_file(folder, name)
         if name in rows and path.is_file():
             found[name] = RowResult.from_json(json.loads(path.read_text()))
     return found
