@@ -233,19 +233,16 @@ def test_every_stage_depends_on_the_fingerprint_of_the_code_it_runs() -> None:
     assert not problems, "dvc.yaml deps drifted from the code:\n" + "\n".join(problems)
 
 
-def test_the_study_is_tracked_by_its_rows_json_alone() -> None:
-    """Each row stage writes ``{row}.json``, and study_report depends on those (and logs them to MLflow). The training
-    rows' scratch folders ``{row}/`` are no stage's output or dependency: DVC would walk their ~2,000 files on every
-    no-op ``dvc repro`` (0.2 s) and copy their checkpoints into its cache on every run."""
+def test_the_study_report_depends_on_every_rows_json_and_nothing_else_of_the_study() -> None:
+    """It reads ``{row}.json`` of every row (and logs those to MLflow), not the rows' trainings: their ~1,800 files
+    would be walked on every no-op ``dvc repro`` for nothing."""
     from seqvision.study.run import ROWS, row_file
 
     stages = {s.name: s for s in dvc_stages()}
     rows = {row_file("artifacts/study", row).as_posix() for row in ROWS}
     assert {d for d in stages["study_report"].deps if not d.startswith(CODE_DIR)} == rows
-    study = {o for s in stages.values() for o in s.outs if o.startswith("artifacts/study")}
-    assert study == rows
-    read = {d for s in stages.values() for d in s.deps if d.startswith("artifacts/study")}
-    assert read == rows
+    written = {o for s in stages.values() if s.name != "study_report" for o in s.outs}
+    assert rows <= written, sorted(rows - written)
 
 
 def test_the_checkers_catch_the_drifts_they_exist_for(tmp_path: Path) -> None:

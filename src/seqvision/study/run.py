@@ -15,7 +15,6 @@ fit or comparison with its interval and verdict, and the table cells ({column, q
 from __future__ import annotations
 
 import json
-import shutil
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -89,16 +88,13 @@ def check_inputs(rows: Sequence[str], config: StudyConfig, params: Params) -> No
 
 def run_row(name: str, config: StudyConfig, out_dir: str | Path, *, params: Params | None = None,
             log: Log = None) -> RowResult:
-    """Run row ``name`` and write ``out_dir/{name}.json``; a training row (``params`` required) trains in
-    ``out_dir/{name}/``, its scratch: emptied first, left for inspection, not a DVC output (the JSON holds every
-    number the report uses)."""
+    """Run row ``name`` and write ``out_dir/{name}.json``; a training row (``params`` required) keeps its trainings
+    in ``out_dir/{name}/``."""
     check_rows([name])
     row, out = ROWS[name], Path(out_dir)
     if row.trains:
         if params is None:
             raise ValueError(f"the {name} row trains with the pipeline's params: pass params")
-        if (out / name).exists():  # an earlier run's trainings: DVC does not remove them, as it does its outputs
-            shutil.rmtree(out / name)
         result = row.run(config, params=params, work_dir=out / name, log=log)
     else:
         result = row.run(config, log=log)
