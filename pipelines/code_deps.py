@@ -98,7 +98,7 @@ def import_closure(entry: str, root: Path) -> frozenset[Path]:
     if module_file(entry, root) is None:
         raise ModuleNotFoundError(f"no first-party module {entry} under {root}")
     seen: set[str] = set()
-    todo = [entry, *([f"{entry}.__main__"] if module_file(f"{entry}.__main__", root) else [])]  # `-m package`
+    todo = [m for m in (entry, f"{entry}.__main__") if module_file(m, root)]  # `-m package` runs its __main__.py
     while todo:
         name = todo.pop()
         parts = name.split(".")

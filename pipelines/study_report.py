@@ -24,7 +24,7 @@ from prefect.cache_policies import NO_CACHE
 from pipelines.common import IO_RETRIES, StageFailed, exit_fast, run_main
 from seqvision import tracking
 from seqvision.study.report import mlflow_cells, read_environments, write_report
-from seqvision.study.run import ROWS, load_results, row_files
+from seqvision.study.run import ROWS, load_results, row_file
 
 REPORT_FILES = ("study.md", "study.html")
 FIGURES = "study"  # {out}/study/{row}.png
@@ -46,7 +46,7 @@ def publish(rendered: dict[str, Any], rows_dir: str, repo_root: str) -> tuple[st
     results, written = rendered["results"], rendered["written"]
     cells = mlflow_cells(results, figures=written.figures, rows_dir=rows_dir)
     # The rows' JSON, which the report is drawn from; not their trainings' folders (hundreds of MB of checkpoints).
-    files = {"report": [written.markdown, written.html], "rows": row_files(rows_dir, results)}
+    files = {"report": [written.markdown, written.html], "rows": [row_file(rows_dir, r) for r in results]}
     return tracking.publish_study(
         cells, repo_root=repo_root, files=files,
         folders={"report/study": Path(written.markdown).parent / FIGURES},

@@ -262,8 +262,9 @@ def test_the_checkers_catch_the_drifts_they_exist_for(tmp_path: Path) -> None:
     narrow = dataclasses.replace(code_stage, deps=("pipelines",))
     assert "code: does not depend on src/seqvision/vocab.py" in code_stage_problems(narrow)
     # A broad ignore pattern (runinfo.* for the run measurements) would hide a source file named like them.
-    root = _package(tmp_path, {".dvc/config": "[core]\n    no_scm = true\n", ".dvcignore": "runinfo.*\n", "pipelines/__init__.py": "",
-                               "src/seqvision/__init__.py": "", "src/seqvision/runinfo.py": ""})
+    root = _package(tmp_path, {".dvc/config": "[core]\n    no_scm = true\n", ".dvcignore": "runinfo.*\n",
+                               "pipelines/__init__.py": "", "src/seqvision/__init__.py": "",
+                               "src/seqvision/runinfo.py": ""})
     assert code_stage_problems(code_stage, root) == ["code: .dvcignore hides src/seqvision/runinfo.py from DVC"]
     (root / ".dvcignore").write_text((REPO / ".dvcignore").read_text())
     assert code_stage_problems(code_stage, root) == []

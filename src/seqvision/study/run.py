@@ -15,7 +15,7 @@ fit or comparison with its interval and verdict, and the table cells ({column, q
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -105,11 +105,6 @@ def run_row(name: str, config: StudyConfig, out_dir: str | Path, *, params: Para
 def row_file(folder: str | Path, row: str) -> Path:
     """Where row ``row``'s JSON lives in ``folder`` (the stages' ``artifacts/study``): ``{folder}/{row}.json``."""
     return Path(folder) / f"{row}.json"
-
-
-def row_files(folder: str | Path, rows: Iterable[str]) -> list[Path]:
-    """The JSON files of ``rows`` in ``folder`` (:func:`row_file`)."""
-    return [row_file(folder, row) for row in rows]
 
 
 def load_results(folder: str | Path, rows: Sequence[str] = tuple(ROWS)) -> dict[str, RowResult]:
