@@ -486,3 +486,45 @@ def test_a_real_server_that_dies_during_a_run(tmp_path, monkeypatch):
     assert "does not answer (" in _one_line(err, uri)
     with pytest.raises(tracking.TrackingUnavailableError):
         tracking.check_tracking(uri)
+
+
+def test_a_dataset_another_run_inserted_first_is_linked_on_the_second_try(repo, client, tmp_path, monkeypatch):
+    """Parallel trainings of one comparison log the same folders: MLflow's SQL store can look a dataset up, lose the
+    insert to another run and fail on the unique key (seen in tests/test_compare.py). That is retried once; any other
+    error is not."""
+    import sqlalchemy
+    from mlflow.exceptions import MlflowException
+
+    parent = tracking.start_parent("comparison", "cmp-race", repo_root=repo)
+    tracker = tracking.start_child(parent_run_id=parent, run_name="race", repo_root=repo)
+    folder = tmp_path / "features"
+    folder.mkdir()
+    (folder / "train.npy").write_bytes(b"x")
+
+    def lost_race() -> MlflowException:  # what MLflow's managed session raises for a sqlalchemy IntegrityError
+        cause = sqlalchemy.exc.IntegrityError("INSERT INTO datasets", {}, Exception(
+            "UNIQUE constraint failed: datasets.experiment_id, datasets.name, datasets.digest"))
+        err = MlflowException(message=cause)
+        err.__cause__ = cause
+        return err
+
+    original, calls = tracker.client.log_inputs, []
+
+    def log_inputs(run_id, datasets=None, **kwargs):
+        calls.append(run_id)
+        if len(calls) == 1:
+            raise lost_race()
+        return original(run_id, datasets=datasets, **kwargs)
+
+    monkeypatch.setattr(tracker.client, "log_inputs", log_inputs)
+    tracker.log_datasets({"features": folder}, repo_root=repo)
+    assert len(calls) == 2
+    assert {i.dataset.name for i in client.get_run(tracker.run_id).inputs.dataset_inputs} == {
+        "features/train", "features/val", "features/test"}
+
+    calls.clear()
+    monkeypatch.setattr(tracker.client, "log_inputs", lambda *a, **k: calls.append(1) or (_ for _ in ()).throw(
+        MlflowException("RESOURCE_DOES_NOT_EXIST: no such run")))
+    with pytest.raises(MlflowException, match="no such run"):
+        tracker.log_datasets({"features": folder}, repo_root=repo)
+    assert calls == [1]

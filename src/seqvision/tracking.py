@@ -343,6 +343,14 @@ def start_child(
     return tracker
 
 
+def _lost_insert_race(err: BaseException) -> bool:
+    """Whether MLflow failed on a unique key that another writer filled first: its SQL store's IntegrityError
+    (wrapped in an MlflowException), or a server's answer naming one (sqlite or PostgreSQL backend)."""
+    text = str(err)
+    return (type(err.__cause__).__name__ == "IntegrityError" or "UNIQUE constraint failed" in text
+            or "duplicate key value violates unique constraint" in text)
+
+
 def _stringify(values: Mapping[str, Any]) -> dict[str, str]:
     return {str(k): str(v) for k, v in values.items()}
 
@@ -444,7 +452,14 @@ class Tracker:
             for split, context in SPLIT_CONTEXTS
         ]
         with _reaching(self._uri):
-            self.client.log_inputs(self.run_id, datasets=inputs)
+            try:
+                self.client.log_inputs(self.run_id, datasets=inputs)
+            except Exception as err:
+                if not _lost_insert_race(err):
+                    raise
+                # Parallel trainings of one comparison read the same folders: MLflow looked a dataset up, another
+                # run inserted it, then this insert hit the unique key. It exists now, so a second try links it.
+                self.client.log_inputs(self.run_id, datasets=inputs)
         return hashes
 
     def finish(self, status: str = "FINISHED") -> None:
