@@ -23,7 +23,8 @@ help: ## list the targets
 
 $(STAMP): pyproject.toml constraints.txt
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet --disable-pip-version-check -c constraints.txt -e '.[dev]'
+	@# uv, with pip's indexes and constraints; pip when uv cannot (scripts/install.py)
+	$(PY) scripts/install.py
 	@touch $(STAMP)
 
 install: $(STAMP) ## create .venv and install the pinned set

@@ -17,6 +17,9 @@ from seqvision.study.report import SEED_TABLE, TITLE, table_cells
 from seqvision.study.run import ROWS, load_results
 from tests.tiny import TINY_MODELS, TINY_TRAIN, TINY_UNMATCHED, tiny_encoder
 
+# One xdist worker runs the module: the tiny study (module fixture, ~20-30 s) is built once, not once per worker.
+pytestmark = pytest.mark.xdist_group("study_pipeline")
+
 # The ci preset, cut further: three variants per timing row and three families for row 4 (~half the cells).
 STUDY = {"preset": "ci", "overrides": {
     "variants": ["lstm", "transformer", "mingru"], "parallel_variants": ["lstm", "mingru"], "stream_steps": 2,
