@@ -53,7 +53,11 @@ def test_peak_memory_sees_a_200_mb_tensor_in_a_fresh_process(method):
     assert used == method
     assert 195 * MB <= peak < 230 * MB, f"{peak / MB:.1f} MB"  # pages freed before the block may be reused
     nothing, _ = run_isolated(hold_tensor, 0, method)
-    assert nothing < 8 * MB, f"{nothing / MB:.1f} MB for an empty block"
+    # The baseline is subtracted: the cell process holds ~370 MB (torch). An empty block read 3.6-3.9 MB alone and
+    # 9.6-10.0 MB once in a full parallel suite (fresh clone, 2026-12-05; not reproduced alone or under CPU load,
+    # cause not pinned down: probably heap pages that malloc_trim returned and the block touched again).
+    # Hence the slack.
+    assert nothing < 16 * MB, f"{nothing / MB:.1f} MB for an empty block"
 
 
 def test_only_the_reset_high_water_mark_sees_an_allocation_below_an_earlier_peak():
