@@ -4,7 +4,7 @@ interpreter that runs this script (``make install``: the project's ``.venv``).
     .venv/bin/python scripts/install.py [--pip]
 
 It installs with uv (pinned below, itself installed with pip first): the same packages as pip from the same
-places, in 43 s instead of 2 min 29 s on a fresh 2-core machine (docs/benchmarks.md, "Installation"), because
+places, in 48 s instead of 2 min 29 s on a fresh 2-core machine (docs/benchmarks.md, "Installation"), because
 uv unpacks the multi-GB torch and CUDA wheels in parallel. uv does not read pip's configuration, so the
 index, extra indexes, find-links folders, constraint files and certificate that pip would use here (``pip
 config list``: files and ``PIP_*`` variables) are handed to it, and it picks from every index as pip does.
@@ -24,7 +24,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 UV = "uv==0.13.9"
 # pip option -> uv option; the list-valued ones take several whitespace-separated values, as in pip.
-URL_OPTIONS = {"index-url": "--index-url", "extra-index-url": "--extra-index-url", "find-links": "--find-links",
+UV_OPTIONS = {"index-url": "--index-url", "extra-index-url": "--extra-index-url", "find-links": "--find-links",
                "constraint": "--constraint", "trusted-host": "--allow-insecure-host"}
 LIST_OPTIONS = {"extra-index-url", "find-links", "constraint", "trusted-host"}
 # Where pip reads an option, strongest first: PIP_* variables, then the install and global sections of its files.
@@ -47,7 +47,7 @@ def pip_config(listing: str) -> dict[str, str]:
 def uv_arguments(config: dict[str, str]) -> tuple[list[str], dict[str, str]]:
     """The uv options and environment variables that give uv what pip's ``config`` gives pip."""
     args: list[str] = []
-    for option, flag in URL_OPTIONS.items():
+    for option, flag in UV_OPTIONS.items():
         values = config.get(option, "").split() if option in LIST_OPTIONS else [config.get(option, "")]
         args += [part for value in values if value for part in (flag, value)]
     if config.get("no-index", "").lower() in {"1", "true", "yes", "on"}:
