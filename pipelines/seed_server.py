@@ -8,25 +8,22 @@ imports, so the two overlap) and every seed is a fork of it: docs/benchmarks.md,
 
 :class:`ForkedWorker` has the interface of ``subprocess.Popen`` that the stage uses (``stdout``, ``poll``, ``wait``,
 ``terminate``, ``kill``), so it streams and stops a forked seed as it did a subprocess; ``torchrun`` (DDP) keeps
-its own processes. This module imports only the standard library and the (torch-free) package root: the stage imports it before torch.
+its own processes. This module imports only the standard library, the package roots and :mod:`seqvision.forkserver`
+(all torch-free): the stage imports it before torch.
 """
 
 from __future__ import annotations
 
-import atexit
-import contextlib
 import gc
 import io
-import multiprocessing
-import multiprocessing.forkserver
 import os
-import signal
 import subprocess
 import sys
 from multiprocessing.context import ForkServerContext
 from typing import Any, BinaryIO
 
 from pipelines import CODE_ROOT
+from seqvision import forkserver
 
 # What the fork server imports for its children: the worker module (torch, seqvision) and what torch.optim loads
 # lazily on the first optimizer.
@@ -34,34 +31,12 @@ PRELOAD = ["pipelines.train_worker", "torch._dynamo"]
 
 
 def start() -> ForkServerContext:
-    """The fork-server context, its server started (at most once per process) with :data:`PRELOAD` imported.
-
-    Returns at once: the server imports in the background, and the first fork waits for it."""
-    from multiprocessing import forkserver
-
+    """The fork-server context, its server started (at most once per process) with :data:`PRELOAD` imported and
+    ended when this process exits (:mod:`seqvision.forkserver`). Returns at once: the server imports in the
+    background, and the first fork waits for it."""
     if str(CODE_ROOT) not in sys.path:  # the server and its children import `pipelines` from this checkout
         sys.path.insert(0, str(CODE_ROOT))
-    ctx = multiprocessing.get_context("forkserver")
-    ctx.set_forkserver_preload(PRELOAD)
-    forkserver.ensure_running()
-    global _STOP_REGISTERED
-    if not _STOP_REGISTERED:
-        atexit.register(_stop_server)
-        _STOP_REGISTERED = True
-    return ctx  # type: ignore[return-value]
-
-
-_STOP_REGISTERED = False
-
-
-def _stop_server() -> None:
-    """At exit: end the fork server at once. Left alone it notices this process is gone and exits by tearing down
-    a whole torch interpreter, 1-2 s of CPU taken from the next stage. Its children, the seeds, have finished (or
-    stop themselves when their parent goes: pipelines.common.follow_parent)."""
-    pid = getattr(getattr(multiprocessing.forkserver, "_forkserver", None), "_forkserver_pid", None)
-    if pid:
-        with contextlib.suppress(OSError):
-            os.kill(pid, signal.SIGKILL)
+    return forkserver.start(PRELOAD)
 
 
 class ForkedWorker:

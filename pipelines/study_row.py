@@ -23,7 +23,15 @@ import time
 from pathlib import Path
 from typing import Any
 
-from prefect import flow, get_run_logger
+from seqvision import forkserver
+from seqvision.study import PRELOAD
+
+if __name__ == "__main__" and not {"-h", "--help"} & set(sys.argv[1:]):
+    # The cells' fork server imports torch (about 3 s) while this process imports its own: the row's first cell
+    # does not wait for it.
+    forkserver.start(PRELOAD)
+
+from prefect import flow, get_run_logger  # noqa: E402 - after the fork server's start, on purpose
 
 from pipelines.common import add_params_argument, exit_fast, read_params, resolve_params, run_main
 from seqvision.config import ConfigError, Params

@@ -19,7 +19,6 @@ import contextlib
 import ctypes
 import gc
 import math
-import multiprocessing
 import os
 import platform
 import resource
@@ -34,12 +33,9 @@ from typing import Any
 
 import torch
 
+from seqvision import forkserver
 from seqvision.runtime import main_not_rerun
-
-# Imported once in the fork server, so that fresh cell processes start in milliseconds instead of the ~4 s an
-# ``import torch`` takes, and the 4.6 s of the first ``torch.optim.AdamW(...)``, which imports torch._dynamo
-# (measured on the 2-core development machine).
-PRELOAD = ["torch", "torch._dynamo", "seqvision.models", "seqvision.mingru", "seqvision.study.cells"]
+from seqvision.study import PRELOAD
 
 
 class CellError(RuntimeError):
@@ -193,8 +189,7 @@ def run_isolated(fn: Callable[..., Any], /, *args: Any, timeout_s: float = 600.0
     ``fn`` and its arguments must be picklable (a module-level function). Raises :class:`CellError` when the
     call raises, the process dies (e.g. killed for memory) or runs past ``timeout_s`` (then it is killed).
     """
-    ctx = multiprocessing.get_context("forkserver")
-    ctx.set_forkserver_preload(PRELOAD)
+    ctx = forkserver.start(PRELOAD)  # once per process; ended when it exits
     receive, send = ctx.Pipe(duplex=False)
     process = ctx.Process(target=_child, args=(send, os.getpid(), fn, args, kwargs), daemon=True)
     with main_not_rerun(fn):
