@@ -71,7 +71,7 @@ from pipelines.common import (
 )
 from seqvision import tracking
 from seqvision.config import MODEL_FAMILIES, TASKS, ConfigError, DataConfig, Params
-from seqvision.datasets import task_spec
+from seqvision.tasks import task_spec
 from seqvision.features import require_metadata
 from seqvision.io import write_json
 from seqvision.runtime import parallel_slots

@@ -51,20 +51,21 @@ from typing import Any
 from pipelines import seed_server
 
 if __name__ == "__main__" and not {"-h", "--help"} & set(sys.argv[1:]):
-    # The seeds' fork server imports torch and the worker (about 3 s) while this process imports its own.
+    # The seeds' fork server imports torch and the worker (about 3 s) while this process imports its own. This
+    # process does not import torch on a machine without a GPU driver (seqvision.runtime.visible_gpus): the seeds
+    # train in the workers, and what it does here (slots, MLflow, the seeds' aggregate) needs none.
     seed_server.start()
 
-import torch  # noqa: E402 - after the fork server's start, on purpose
-from prefect import flow, get_run_logger, task  # noqa: E402
+from prefect import flow, get_run_logger, task  # noqa: E402 - after the fork server's start, on purpose
 from prefect.cache_policies import NO_CACHE
 
 import pipelines
 from pipelines.common import CHILDREN, DEBUG_ENV, StageFailed, exit_fast, run_main
 from pipelines.train_args import TrainParams, add_arguments, check_inputs, read_train_params
-from seqvision import experiment, tracking
+from seqvision import results, tracking
 from seqvision.io import RUNINFO, read_runinfo, write_runinfo
-from seqvision.config import ConfigError, TrainConfig, load_params
-from seqvision.runtime import parallel_slots, resolve_device
+from seqvision.config import ConfigError, TrainConfig, check_names, load_params, tracked_params
+from seqvision.runtime import default_threads, parallel_slots, visible_gpus
 
 
 
@@ -76,9 +77,12 @@ def check_nproc(nproc_per_node: int, train_config: TrainConfig) -> None:
     if train_config.batch_size % nproc_per_node:
         raise ConfigError(f"train.batch_size ({train_config.batch_size}) is the global batch and must divide by "
                           f"--nproc-per-node ({nproc_per_node})")
-    cuda = resolve_device(train_config.device).type == "cuda"
-    if cuda and nproc_per_node > torch.cuda.device_count():  # NCCL refuses two ranks on one GPU
-        raise ConfigError(f"--nproc-per-node {nproc_per_node} but only {torch.cuda.device_count()} GPU(s)")
+    gpus = visible_gpus() if train_config.device != "cpu" else []
+    if train_config.device.startswith("cuda") and not gpus:
+        raise ConfigError(f"device {train_config.device!r} requested, but no CUDA device is visible (use 'auto' or "
+                          "'cpu')")
+    if gpus and nproc_per_node > len(gpus):  # NCCL refuses two ranks on one GPU
+        raise ConfigError(f"--nproc-per-node {nproc_per_node} but only {len(gpus)} GPU(s)")
 
 
 def worker_args(task_name: str, model: str, *, seed_index: int, out: str, params_path: str, params: TrainParams,
@@ -209,7 +213,7 @@ def read_folders(task_name: str, params: TrainParams, *, features: str, tokens: 
 
 @task(cache_policy=NO_CACHE)
 def aggregate(out: str, seeds: int, budget: int | None) -> dict[str, Any]:
-    return experiment.aggregate(out, seeds=seeds, budget=budget)
+    return results.aggregate(out, seeds=seeds, budget=budget)
 
 
 def log_run(tracker: Any, out: str, seeds: int, metrics: dict[str, Any]) -> None:
@@ -219,9 +223,10 @@ def log_run(tracker: Any, out: str, seeds: int, metrics: dict[str, Any]) -> None
     summary = json.loads((Path(out) / "summary.json").read_text(encoding="utf-8"))
     measured = read_runinfo(out).get("seeds", [])
     resumed = {f"seqvision.seed{k}.resumed_from_epoch": m.get("resumed_from_epoch") for k, m in enumerate(measured)}
-    tracker.set_tags({"seqvision.seeds": seeds, **resumed, **tracking.runtime_tags(summary["seeds"][0]["device"])})
+    runtime = measured[0].get("runtime_tags", {}) if measured else {}  # the device and torch of seed 0's worker
+    tracker.set_tags({"seqvision.seeds": seeds, **resumed, **runtime})
     rows: list[tuple[int, dict[str, Any]]] = []  # logged in one go: a store transaction per call
-    for k, (trained, _) in enumerate(experiment.seed_folders(out, seeds)):
+    for k, (trained, _) in enumerate(results.seed_folders(out, seeds)):
         for row in json.loads((trained / "history.json").read_text(encoding="utf-8")):
             named = {(f"val_{summary['metric']}" if key == "val_metric" else key): value for key, value in row.items()}
             rows.append((row["epoch"], {f"seed{k}/{key}": value for key, value in named.items() if key != "epoch"}))
@@ -243,8 +248,8 @@ def log_run(tracker: Any, out: str, seeds: int, metrics: dict[str, Any]) -> None
 
 
 def tracked(task_name: str, model: str, params: TrainParams) -> dict[str, Any]:
-    flat = experiment.tracked_params(task_name, model, train_config=params.train, model_config=params.model_config,
-                                     budget=params.budget)
+    flat = tracked_params(task_name, model, train_config=params.train, model_config=params.model_config,
+                          budget=params.budget)
     if params.decoding is not None:
         flat.update({f"evaluate.{k}": v for k, v in (("beam_size", params.decoding.beam_size),
                                                       ("length_penalty", params.decoding.length_penalty),
@@ -273,6 +278,7 @@ def train_flow(
     repo_root: str | None = None,
     nproc_per_node: int = 1,
     parallel: int | None = None,
+    threads: int | None = None,
 ) -> dict[str, Any]:
     """Train ``model`` on ``task`` over ``train.seeds`` seeds into ``out``; returns ``metrics.json``'s content.
 
@@ -280,9 +286,10 @@ def train_flow(
     (a deployment run; ``activity_dir`` / ``activity_split`` then override its ``data:`` values). The workers read
     ``params_path`` themselves. ``repo_root`` (default: the current directory, where DVC runs stages) anchors the
     MLflow store and the parent-run file. ``parallel``: seeds at once (default: one per GPU, else per CPU core).
+    ``threads``: the CPU threads the seeds share (``--threads``; default: torch's, ``runtime.default_threads``).
     """
     logger = get_run_logger()
-    experiment.check_names(task, model)
+    check_names(task, model)
     if params is None:
         loaded = load_params(params_path)
         activity = task == "activity"
@@ -301,7 +308,8 @@ def train_flow(
                                                                   wanted=parallel, per_core=2)
     # CPU: one torch thread per worker (fastest for these small models, docs/benchmarks.md), more when there are
     # more cores than seeds; under torchrun the ranks share them.
-    threads = max(1, torch.get_num_threads() // max(len(slots_list), nproc_per_node)) if slots_list[0] is None else 1
+    cpu_threads = threads or default_threads()
+    threads = max(1, cpu_threads // max(len(slots_list), nproc_per_node)) if slots_list[0] is None else 1
     slots: queue.Queue = queue.Queue()
     for slot in slots_list:
         slots.put(slot)
@@ -387,13 +395,11 @@ def main(argv: list[str] | None = None) -> int:
         root = Path.cwd().resolve()
         if args.tracking:
             tracking.check_tracking(tracking.tracking_uri(root))
-        if args.threads:
-            torch.set_num_threads(args.threads)
         train_flow(
             args.task, args.model, out=args.out, params=params, params_path=args.params, features=args.features,
             tokens=args.tokens, frames=args.frames, encoder=args.encoder, metadata=args.metadata,
             resume=args.resume, tracking=args.tracking, progress=args.progress, repo_root=str(root),
-            nproc_per_node=args.nproc_per_node, parallel=args.parallel,
+            nproc_per_node=args.nproc_per_node, parallel=args.parallel, threads=args.threads or None,
         )
         print(f"train: {describe(args.out)} -> {args.out} ({time.perf_counter() - started:.1f} s in this process)")
         return 0

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from seqvision.config import MODEL_FAMILIES, TASKS, ConfigError, EvaluateConfig, TrainConfig, load_params
-from seqvision.datasets import task_spec
+from seqvision.tasks import task_spec
 
 from pipelines.common import add_data_arguments, add_params_argument, data_value
 

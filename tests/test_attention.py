@@ -17,7 +17,8 @@ from seqvision.attention import (
     word_attention_module,
 )
 from seqvision.blocks import ModelDims
-from seqvision.datasets import VisualStore, task_spec
+from seqvision.datasets import VisualStore
+from seqvision.tasks import task_spec
 from seqvision.decode import greedy_decode
 from seqvision.encoders import SmallCNN, SmallCNNConfig
 from seqvision.mingru import DotAttention

@@ -14,6 +14,7 @@ from types import SimpleNamespace
 from unittest import mock
 
 import pytest
+import torch
 import yaml
 
 from pipelines import compare
@@ -278,8 +279,8 @@ def test_trainings_never_exceed_the_bound_and_each_gets_its_own_device(tmp_path,
 def test_slots_follow_the_devices_and_cores(monkeypatch):
     from seqvision import runtime
 
-    monkeypatch.setattr(runtime.torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(runtime.torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "3,5")
     # GPUs: one training per device, its seeds one after another there
     assert compare.training_slots(None, train_device="auto", num_trainings=15, seeds=3) == (["3", "5"], 1)
@@ -293,7 +294,7 @@ def test_slots_follow_the_devices_and_cores(monkeypatch):
     assert compare.training_slots(None, train_device="cpu", num_trainings=15, seeds=1) == ([None] * 6, 1)
     assert compare.training_slots(None, train_device="cpu", num_trainings=1, seeds=3) == ([None], 3)
     assert compare.training_slots(None, train_device="cpu", num_trainings=4, seeds=4) == ([None], 4)
-    monkeypatch.setattr(runtime.torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert compare.training_slots(2, train_device="auto", num_trainings=15, seeds=3) == ([None], 2)
     assert compare.training_slots(2, train_device="auto", num_trainings=15, seeds=1) == ([None, None], 1)
     with pytest.raises(ConfigError, match="no CUDA device"):
@@ -306,7 +307,7 @@ def test_cpu_seeds_share_the_cores_up_to_two_per_core(monkeypatch):
     """The train stage's seeds (per_core=2): 3 seeds on 2 cores run at once instead of as 2 then 1."""
     from seqvision import runtime
 
-    monkeypatch.setattr(runtime.torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     monkeypatch.setattr(runtime, "usable_cores", lambda: 2)
     assert runtime.parallel_slots(3, device="auto", per_core=2) == [None] * 3
     assert runtime.parallel_slots(6, device="auto", per_core=2) == [None] * 4

@@ -14,7 +14,8 @@ from seqvision import baselines as bl
 from seqvision import evaluate as ev
 from seqvision import io, metrics
 from seqvision.config import EvaluateConfig
-from seqvision.datasets import VisualStore, task_spec
+from seqvision.datasets import VisualStore
+from seqvision.tasks import task_spec
 from seqvision.decode import beam_search
 from seqvision.results import load_activity_labels, reversal_pairs_for, write_activity_outputs, write_caption_outputs
 from seqvision.vocab import Vocab, load_references

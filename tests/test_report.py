@@ -70,7 +70,7 @@ def write_model(runs: Path, task: str, family: str, seeds: list, write, *, param
                 converged: list[bool] | None = None, best_epochs: list[int] | None = None, epochs: int = 6,
                 extra: dict | None = None) -> Path:
     """A train stage's outputs: test/seed{k}/ by ``write(folder, seeds[k])``, then metrics.json (each numeric seed
-    metric as metrics.seed_summary), summary.json and learning_curve.json over the seeds (experiment.aggregate's
+    metric as metrics.seed_summary), summary.json and learning_curve.json over the seeds (results.aggregate's
     layout)."""
     folder = runs / task / family
     n = len(seeds)
@@ -88,7 +88,7 @@ def write_model(runs: Path, task: str, family: str, seeds: list, write, *, param
     summary = {"task": task, "family": family, "num_parameters": params, "budget": budget, "metric": "accuracy",
                "seeds": seed_summaries, "num_seeds": n, "converged_seeds": sum(converged)}
     (folder / "summary.json").write_text(json.dumps(summary))
-    # The measurements and MLflow ids: runinfo.json (experiment.aggregate, pipelines.train.stamp_run_ids).
+    # The measurements and MLflow ids: runinfo.json (results.aggregate, pipelines.train.stamp_run_ids).
     (folder / "runinfo.json").write_text(json.dumps({
         "seeds": [{"train_time_s": 10.0, "samples_per_s": 100.0 + k, "peak_memory_mb": 300.0} for k in range(n)],
         "train_time_s": 10.0 * n, **(extra or {})}))

@@ -25,7 +25,8 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from seqvision.datasets import VisualStore, task_dataset, task_spec
+from seqvision.datasets import VisualStore, task_dataset
+from seqvision.tasks import task_spec
 from seqvision.results import (
     BASELINES,
     PREFIX,

@@ -399,6 +399,22 @@ MODEL_FAMILIES = ("rnn", "lstm", "gru", "transformer", "meanpool", "mingru")
 TASKS = ("activity", "image_captioning", "video_captioning")
 
 
+def check_names(task: str, family: str) -> None:
+    """Raise ``ValueError`` naming the allowed values unless ``task`` and ``family`` exist."""
+    if task not in TASKS:
+        raise ValueError(f"unknown task {task!r}; expected one of {', '.join(TASKS)}")
+    if family not in MODEL_FAMILIES:
+        raise ValueError(f"unknown model family {family!r}; expected one of {', '.join(MODEL_FAMILIES)}")
+
+
+def tracked_params(task: str, family: str, *, train_config: TrainConfig, model_config: Any,
+                   budget: int | None) -> dict[str, Any]:
+    """The params one training depends on, flat (``train.lr``, ``models.lstm.hidden_size``, ...): what its MLflow
+    run records and its lineage hash covers."""
+    return flatten({"train": to_dict(train_config),
+                    "models": {family: to_dict(model_config), "match_params": {task: budget or "off"}}})
+
+
 @dataclass(frozen=True)
 class ParamBudgets:
     """``models.match_params``: one parameter budget per task (the families differ in their fixed costs, e.g. a

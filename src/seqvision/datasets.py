@@ -24,9 +24,7 @@ single-process batch of that step.
 
 from __future__ import annotations
 
-import json
 import math
-import re
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal, NamedTuple
@@ -38,9 +36,8 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 
 from seqvision import distributed, io
 from seqvision.io import ordered_entries, shard_name
+from seqvision.tasks import Kind, task_spec
 from seqvision.vocab import load_references, load_split
-
-Kind = Literal["videos", "images"]
 _MASK64 = (1 << 64) - 1
 
 
@@ -399,36 +396,7 @@ class ImageCaptionDataset(_CaptionDataset):
 
 
 # --------------------------------------------------------------------------------------------------------
-# Tasks: which records, captions and dataset each task reads
-
-
-class TaskSpec(NamedTuple):
-    """What a task reads: its kind of visual record, its caption corpus (``artifacts/tokens/{corpus}``; None for
-    activity, which reads class labels instead) and its dataset class."""
-
-    name: str
-    kind: Kind
-    corpus: str | None
-    dataset: type[ActivityDataset] | type[_CaptionDataset]
-
-    @property
-    def captioning(self) -> bool:
-        return self.corpus is not None
-
-
-TASKS: dict[str, TaskSpec] = {
-    "activity": TaskSpec("activity", "videos", None, ActivityDataset),
-    "image_captioning": TaskSpec("image_captioning", "images", "image", ImageCaptionDataset),
-    "video_captioning": TaskSpec("video_captioning", "videos", "video", VideoCaptionDataset),
-}
-
-
-def task_spec(task: str) -> TaskSpec:
-    """The :class:`TaskSpec` of ``task``; ``ValueError`` naming the tasks otherwise."""
-    try:
-        return TASKS[task]
-    except KeyError:
-        raise ValueError(f"unknown task {task!r}; expected one of {', '.join(TASKS)}") from None
+# Tasks: each task's dataset (what it reads: seqvision.tasks)
 
 
 def task_dataset(
@@ -450,7 +418,8 @@ def task_dataset(
         return ActivityDataset(store, labels)
     if tokens_dir is None:
         raise ValueError(f"{task} datasets need the tokens folder")
-    return spec.dataset(store, Path(tokens_dir) / spec.corpus, train=train, seed=seed)  # type: ignore[call-arg]
+    captions = VideoCaptionDataset if spec.kind == "videos" else ImageCaptionDataset
+    return captions(store, Path(tokens_dir) / spec.corpus, train=train, seed=seed)
 
 
 # --------------------------------------------------------------------------------------------------------

@@ -18,7 +18,8 @@ from torch.utils.data import DataLoader
 
 from seqvision import checkpoint
 from seqvision.config import EvaluateConfig
-from seqvision.datasets import VisualStore, make_loader, task_dataset, task_spec
+from seqvision.datasets import VisualStore, make_loader, task_dataset
+from seqvision.tasks import task_spec
 from seqvision.decode import decode
 from seqvision.models import build_from_checkpoint
 from seqvision.results import (

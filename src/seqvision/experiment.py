@@ -16,8 +16,9 @@ Plain functions, in the order the stage calls them:
    ``learning_curve.json``     ``[{"epoch", "train_loss", "val_loss", "val_metric"}, ...]`` for ``dvc plots``
    ``config.json``             exactly what was trained: task, family, effective model config, train config
    ``summary.json``            headline numbers (see :class:`TrainSummary`), less its :data:`RUN_FIELDS`
-   ``runinfo.json``            the :data:`RUN_FIELDS` and fit's per-epoch times: measurements of this run, which
-                               differ on every run (``io.write_runinfo``; DVC ignores the file)
+   ``runinfo.json``            the :data:`RUN_FIELDS`, fit's per-epoch times and the device and torch version
+                               (``runtime_tags``): measurements of this run, which differ on every run
+                               (``io.write_runinfo``; DVC ignores the file)
 
 Resuming: ``last.pt`` records a fingerprint of everything in the params and inputs that decides the result (task,
 family, effective model config, the train knobs that change the maths, the content of the input files), and the
@@ -54,14 +55,14 @@ from torch.utils.data import DataLoader, Dataset
 
 from seqvision import annotations, checkpoint, distributed, io, models, tracking
 from seqvision.blocks import ModelDims
-from seqvision.config import MODEL_FAMILIES, TASKS, EvaluateConfig, TrainConfig, flatten, to_dict
+from seqvision.config import MODEL_FAMILIES, TASKS, EvaluateConfig, TrainConfig, check_names, flatten, to_dict
 from seqvision.annotations import activity_labels
-from seqvision.datasets import VisualStore, make_loader, task_dataset, task_spec
+from seqvision.datasets import VisualStore, make_loader, task_dataset
 from seqvision.decode import decode
-from seqvision.io import atomic_path, file_digest, read_runinfo, write_json, write_runinfo, write_text
-from seqvision.results import test_dir, train_dir
+from seqvision.io import atomic_path, file_digest, read_runinfo, write_json, write_runinfo
 from seqvision.metrics import cider_d
 from seqvision.runtime import resolve_device, seed_everything
+from seqvision.tasks import task_spec
 from seqvision.train import _RESUMABLE_CHANGES, ACCURACY, ValidationMetric, fit
 from seqvision.vocab import Vocab, load_split
 
@@ -76,8 +77,6 @@ CIDER_VAL_ITEMS = 1000
 OUTPUT_FILES = ("best.pt", "last.pt", "history.json", "learning_curve.json", "config.json", "summary.json",
                 io.RUNINFO)
 
-
-check_names = models.check_names
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -211,14 +210,6 @@ def load_for_training(task: str, *, seed: int, activity_dir: str | Path | None, 
     return load_task_data(task, features_dir=source, tokens_dir=tokens_dir,  # type: ignore[arg-type]
                           activity_dir=activity_dir, activity_split=activity_split, seed=seed,
                           pixel_feature_dim=pixel_dim)
-
-
-def tracked_params(task: str, family: str, *, train_config: TrainConfig, model_config: Any,
-                   budget: int | None) -> dict[str, Any]:
-    """The params one training depends on, flat (``train.lr``, ``models.lstm.hidden_size``, ...): what its MLflow
-    run records and its lineage hash covers."""
-    return flatten({"train": to_dict(train_config),
-                    "models": {family: to_dict(model_config), "match_params": {task: budget or "off"}}})
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -578,7 +569,8 @@ def run(
         write_json(out_dir / "learning_curve.json", learning_curve(result.history))
         fields = dataclasses.asdict(summary)
         write_json(out_dir / "summary.json", {k: v for k, v in fields.items() if k not in RUN_FIELDS})
-        write_runinfo(out_dir, **{k: fields[k] for k in RUN_FIELDS})
+        # runtime_tags: what the training ran on, for the stage's MLflow run (its process does not import torch)
+        write_runinfo(out_dir, **{k: fields[k] for k in RUN_FIELDS}, runtime_tags=tracking.runtime_tags(device))
     tracker.log_epoch({
         f"best_val_{result.metric}": result.best_metric, "best_epoch": result.best_epoch,
         f"input_blind_val_{result.metric}": blind, "num_parameters": num_parameters,
@@ -594,73 +586,8 @@ def run(
 # --------------------------------------------------------------------------------------------------------
 # Over seeds: the stage's own outputs
 
-# Per-seed numbers that describe the run, not its quality: not aggregated into metrics.json.
-_NOT_METRICS = frozenset({"num_items"})
-
-
-def seed_folders(out_dir: str | Path, seeds: int) -> list[tuple[Path, Path]]:
-    """(train folder, test folder) of every seed k < ``seeds`` (``results.train_dir`` / ``results.test_dir``)."""
-    return [(train_dir(out_dir, k), test_dir(out_dir, k)) for k in range(seeds)]
-
-
-def aggregate(out_dir: str | Path, *, seeds: int, budget: int | None) -> dict[str, Any]:
-    """The stage's outputs from its seed folders (every seed must have trained and been evaluated). Seed folders of
-    an earlier run with more seeds are removed first, so the stage's outputs hold exactly these seeds.
-
-
-    ``metrics.json``        every numeric test metric as ``metrics.seed_summary`` (mean, std, 95% t-interval, the
-                            values), plus ``num_seeds``, ``num_parameters`` and ``converged`` (seeds that converged)
-    ``summary.json``        task, family, parameters and budget, model config, every seed's summary
-    ``runinfo.json``        every seed's runinfo.json (less its epochs) and their total ``train_time_s``
-    ``learning_curve.json`` every seed's rows, with a ``seed`` column (``dvc plots``)
-    ``plots/confusion.csv`` activity: every seed's test predictions (``dvc plots`` confusion)
-
-    Returns metrics.json's content."""
-    from seqvision.metrics import seed_summary
-
-    out_dir = Path(out_dir)
-    for part in ("train", "test"):
-        for stale in (out_dir / part).glob("seed*"):
-            if stale.name.removeprefix("seed").isdigit() and int(stale.name.removeprefix("seed")) >= seeds:
-                shutil.rmtree(stale)
-    folders = seed_folders(out_dir, seeds)
-    for trained, tested in folders:
-        for path in (trained / "summary.json", trained / "learning_curve.json", tested / "metrics.json"):
-            if not path.is_file():
-                raise FileNotFoundError(f"{path}: missing; that seed did not finish")
-    summaries = [json.loads((t / "summary.json").read_text(encoding="utf-8")) for t, _ in folders]
-    tests = [json.loads((e / "metrics.json").read_text(encoding="utf-8")) for _, e in folders]
-    keys = [k for k, v in tests[0].items() if k not in _NOT_METRICS and (v is None or isinstance(v, (int, float)))]
-    metrics: dict[str, Any] = {k: seed_summary([t.get(k) for t in tests]) for k in keys}
-    first = summaries[0]
-    metrics.update({"num_seeds": seeds, "num_parameters": first["num_parameters"],
-                    "converged": sum(bool(s["converged"]) for s in summaries)})
-    summary = {
-        "task": first["task"], "family": first["family"], "num_parameters": first["num_parameters"],
-        "budget": budget, "model_config": first["model_config"], "metric": first["metric"],
-        "seeds": summaries, "converged_seeds": metrics["converged"], "num_seeds": seeds,
-    }
-    write_json(out_dir / "metrics.json", metrics)
-    write_json(out_dir / "summary.json", summary)
-    measured = [{k: v for k, v in read_runinfo(t).items() if k != "epochs"} for t, _ in folders]
-    # Replaced, not merged: the file outlives the stage's outputs (it is none), so it may hold an older run's ids.
-    write_json(out_dir / io.RUNINFO, {"seeds": measured,
-                                      "train_time_s": round(sum(m.get("train_time_s") or 0.0 for m in measured), 3)})
-    curve = [{"seed": s["seed"], **row} for (t, _), s in zip(folders, summaries)
-             for row in json.loads((t / "learning_curve.json").read_text(encoding="utf-8"))]
-    write_json(out_dir / "learning_curve.json", curve)
-    plots = out_dir / "plots"
-    plots.mkdir(exist_ok=True)
-    confusion = [(e / "plots" / "confusion.csv") for _, e in folders]
-    if all(p.is_file() for p in confusion):
-        rows = [line for p in confusion for line in p.read_text(encoding="utf-8").splitlines()[1:]]
-        write_text(plots / "confusion.csv", "actual,predicted\n" + "".join(f"{r}\n" for r in rows))
-    return metrics
-
-
 __all__ = [
-    "CIDER_VAL_ITEMS", "FAMILIES", "OUTPUT_FILES", "TASKS", "TaskData", "TrainSummary", "aggregate", "build",
-    "caption_cider", "converged", "seed_folders",
-    "check_names", "dims", "finetune_encoder", "fingerprint", "input_blind_metric", "learning_curve",
-    "load_for_training", "load_task_data", "run", "sized_config", "tracked_params", "validation_metric",
+    "CIDER_VAL_ITEMS", "FAMILIES", "OUTPUT_FILES", "TASKS", "TaskData", "TrainSummary", "build", "caption_cider",
+    "converged", "dims", "finetune_encoder", "fingerprint", "input_blind_metric", "learning_curve",
+    "load_for_training", "load_task_data", "run", "sized_config", "validation_metric",
 ]

@@ -37,7 +37,7 @@ import os
 import re
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
-from typing import Any, Literal, NamedTuple, Protocol
+from typing import Any, NamedTuple, Protocol
 
 import numpy as np
 from PIL import Image, ImageOps
@@ -45,10 +45,10 @@ from tqdm import tqdm
 
 from seqvision import io, sampling, video
 from seqvision.config import ExtractConfig, to_dict
+from seqvision.tasks import Kind
 
 log = logging.getLogger(__name__)
 
-Kind = Literal["videos", "images"]
 SPLITS = ("train", "val", "test")
 SHARD_NAME = re.compile(r"^(videos|images)-(train|val|test)-\d{3}\.npy$")
 

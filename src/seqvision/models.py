@@ -24,11 +24,11 @@ from torch import nn
 from seqvision.blocks import ModelDims
 from seqvision.config import (
     MODEL_FAMILIES,
-    TASKS,
     MeanPoolModelConfig,
     MinGRUModelConfig,
     RecurrentModelConfig,
     TransformerModelConfig,
+    check_names,
 )
 from seqvision.encoders import PixelFeatures, encoder_from_checkpoint, encoder_state
 from seqvision.meanpool import MeanPoolCaptioner, MeanPoolClassifier
@@ -73,14 +73,6 @@ SECTIONS: dict[str, type] = {
     "meanpool": MeanPoolModelConfig,
     "mingru": MinGRUModelConfig,
 }
-
-
-def check_names(task: str, family: str) -> None:
-    """Raise ``ValueError`` naming the allowed values unless ``task`` and ``family`` exist."""
-    if task not in TASKS:
-        raise ValueError(f"unknown task {task!r}; expected one of {', '.join(TASKS)}")
-    if family not in MODELS:
-        raise ValueError(f"unknown model family {family!r}; expected one of {', '.join(MODELS)}")
 
 
 def family_config(family: str, config: Any = None) -> Any:

@@ -1213,7 +1213,8 @@ def _attention_model(task: str, path: Path, *, features_dir: str | Path | None, 
     attention or an input is absent or unreadable (the report goes on without the figures)."""
     from seqvision import checkpoint
     from seqvision.attention import word_attention_module
-    from seqvision.datasets import VisualStore, task_spec
+    from seqvision.datasets import VisualStore
+    from seqvision.tasks import task_spec
     from seqvision.models import build_from_checkpoint
     from seqvision.vocab import Vocab
 
@@ -1446,7 +1447,8 @@ def build_sections(
 def _frame_store(frames_dir: str | Path | None, task: str) -> Any:
     if frames_dir is None or not (Path(frames_dir) / "index.json").is_file():
         return None
-    from seqvision.datasets import VisualStore, task_spec
+    from seqvision.datasets import VisualStore
+    from seqvision.tasks import task_spec
 
     try:
         return VisualStore(frames_dir, kind=task_spec(task).kind, split="test")

@@ -1,5 +1,6 @@
 """The evaluation output layout, shared by the models' evaluation (``evaluate.py``), the non-learned baselines
-(``baselines.py``) and the report: predictions, metrics and details of one system on the test split.
+(``baselines.py``) and the report: predictions, metrics and details of one system on the test split; and a
+training stage's outputs over its seeds (:func:`aggregate`). Torch-free: the train stage's main process uses it.
 
 Output folder (``artifacts/eval/{task}/{model}/``, ``artifacts/eval/{task}/baseline_{name}/``)::
 
@@ -29,12 +30,13 @@ from __future__ import annotations
 import csv
 import io
 import json
+import shutil
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
 
 from seqvision import annotations, metrics
-from seqvision.io import write_json, write_runinfo, write_text
+from seqvision.io import RUNINFO, read_runinfo, write_json, write_runinfo, write_text
 from seqvision.synth.events import REVERSAL_PAIRS
 
 PREDICTIONS, METRICS, DETAILS, PLOTS, CONFUSION_CSV = (
@@ -177,7 +179,6 @@ def _reset_plots(out_dir: Path) -> None:
     stale.unlink(missing_ok=True)
 
 
-
 def train_dir(run_dir: str | Path, seed_index: int) -> Path:
     """Where seed ``seed_index`` of a training (``artifacts/runs/{task}/{model}``) keeps its checkpoints, history
     and summary: ``{run_dir}/train/seed{k}`` (DVC keeps them across reruns, so a killed seed resumes)."""
@@ -196,3 +197,69 @@ BASELINES: dict[str, tuple[str, ...]] = {
     "video_captioning": ("frequent_caption", "nearest_neighbour"),
 }
 PREFIX = "baseline_"
+
+
+# --------------------------------------------------------------------------------------------------------
+# A training stage's outputs over its seeds
+
+
+# Per-seed numbers that describe the run, not its quality: not aggregated into metrics.json.
+_NOT_METRICS = frozenset({"num_items"})
+
+
+def seed_folders(out_dir: str | Path, seeds: int) -> list[tuple[Path, Path]]:
+    """(train folder, test folder) of every seed k < ``seeds`` (``results.train_dir`` / ``results.test_dir``)."""
+    return [(train_dir(out_dir, k), test_dir(out_dir, k)) for k in range(seeds)]
+
+
+def aggregate(out_dir: str | Path, *, seeds: int, budget: int | None) -> dict[str, Any]:
+    """The stage's outputs from its seed folders (every seed must have trained and been evaluated). Seed folders of
+    an earlier run with more seeds are removed first, so the stage's outputs hold exactly these seeds.
+
+
+    ``metrics.json``        every numeric test metric as ``metrics.seed_summary`` (mean, std, 95% t-interval, the
+                            values), plus ``num_seeds``, ``num_parameters`` and ``converged`` (seeds that converged)
+    ``summary.json``        task, family, parameters and budget, model config, every seed's summary
+    ``runinfo.json``        every seed's runinfo.json (less its epochs) and their total ``train_time_s``
+    ``learning_curve.json`` every seed's rows, with a ``seed`` column (``dvc plots``)
+    ``plots/confusion.csv`` activity: every seed's test predictions (``dvc plots`` confusion)
+
+    Returns metrics.json's content."""
+    out_dir = Path(out_dir)
+    for part in ("train", "test"):
+        for stale in (out_dir / part).glob("seed*"):
+            if stale.name.removeprefix("seed").isdigit() and int(stale.name.removeprefix("seed")) >= seeds:
+                shutil.rmtree(stale)
+    folders = seed_folders(out_dir, seeds)
+    for trained, tested in folders:
+        for path in (trained / "summary.json", trained / "learning_curve.json", tested / "metrics.json"):
+            if not path.is_file():
+                raise FileNotFoundError(f"{path}: missing; that seed did not finish")
+    summaries = [json.loads((t / "summary.json").read_text(encoding="utf-8")) for t, _ in folders]
+    tests = [json.loads((e / "metrics.json").read_text(encoding="utf-8")) for _, e in folders]
+    keys = [k for k, v in tests[0].items() if k not in _NOT_METRICS and (v is None or isinstance(v, (int, float)))]
+    stats: dict[str, Any] = {k: metrics.seed_summary([t.get(k) for t in tests]) for k in keys}
+    first = summaries[0]
+    stats.update({"num_seeds": seeds, "num_parameters": first["num_parameters"],
+                  "converged": sum(bool(s["converged"]) for s in summaries)})
+    summary = {
+        "task": first["task"], "family": first["family"], "num_parameters": first["num_parameters"],
+        "budget": budget, "model_config": first["model_config"], "metric": first["metric"],
+        "seeds": summaries, "converged_seeds": stats["converged"], "num_seeds": seeds,
+    }
+    write_json(out_dir / "metrics.json", stats)
+    write_json(out_dir / "summary.json", summary)
+    measured = [{k: v for k, v in read_runinfo(t).items() if k != "epochs"} for t, _ in folders]
+    # Replaced, not merged: the file outlives the stage's outputs (it is none), so it may hold an older run's ids.
+    write_json(out_dir / RUNINFO, {"seeds": measured,
+                                   "train_time_s": round(sum(m.get("train_time_s") or 0.0 for m in measured), 3)})
+    curve = [{"seed": s["seed"], **row} for (t, _), s in zip(folders, summaries)
+             for row in json.loads((t / "learning_curve.json").read_text(encoding="utf-8"))]
+    write_json(out_dir / "learning_curve.json", curve)
+    plots = out_dir / "plots"
+    plots.mkdir(exist_ok=True)
+    confusion = [(e / "plots" / "confusion.csv") for _, e in folders]
+    if all(p.is_file() for p in confusion):
+        rows = [line for p in confusion for line in p.read_text(encoding="utf-8").splitlines()[1:]]
+        write_text(plots / "confusion.csv", "actual,predicted\n" + "".join(f"{r}\n" for r in rows))
+    return stats

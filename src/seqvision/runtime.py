@@ -1,7 +1,9 @@
 """Where and how a process computes: device choice, seeds, deterministic kernels, CPU threads.
 
 The one owner of these decisions for every stage (training, evaluation, encoder, features), so they cannot
-drift apart between stages.
+drift apart between stages. torch is imported where a function needs it, not with the module: the train stage's
+main process plans its seeds' slots (:func:`parallel_slots`) without torch on a machine without a GPU driver
+(:func:`visible_gpus`), which saves it an ``import torch`` (about 1.3 s of CPU per stage).
 """
 
 from __future__ import annotations
@@ -11,10 +13,14 @@ import os
 import random
 import sys
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import numpy as np
-import torch
+if TYPE_CHECKING:
+    import torch
+
+# What a GPU driver leaves on Linux: NVIDIA's kernel module, its control device, WSL's GPU paravirtualisation, and
+# ROCm's compute device (torch.cuda also drives AMD GPUs). Without any of them torch sees no CUDA device.
+GPU_DRIVER_PATHS = ("/proc/driver/nvidia", "/dev/nvidiactl", "/dev/dxg", "/dev/kfd")
 
 
 @contextlib.contextmanager
@@ -44,6 +50,8 @@ def main_not_rerun(fn: Callable[..., Any]) -> Iterator[None]:
 
 def resolve_device(name: str | torch.device) -> torch.device:
     """``"auto"`` -> CUDA when available, else CPU. Asking for ``"cuda"`` without one is a ``ValueError``."""
+    import torch
+
     if isinstance(name, torch.device):
         return name
     if name == "auto":
@@ -55,6 +63,9 @@ def resolve_device(name: str | torch.device) -> torch.device:
 
 def seed_everything(seed: int) -> None:
     """Seed python, numpy and torch (CPU and every CUDA device). Call before building the model too."""
+    import numpy as np
+    import torch
+
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)  # also seeds all CUDA devices
@@ -70,6 +81,8 @@ def configure_backends(device: torch.device, *, deterministic: bool, compile_mod
     ``CUBLAS_WORKSPACE_CONFIG`` is required by cuBLAS for reproducible results (CUDA >= 10.2); it must be
     set before the first cuBLAS call, hence here, before the model runs.
     """
+    import torch
+
     if deterministic:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
     if compile_model or not hasattr(torch._C, "_set_deterministic_algorithms"):
@@ -90,8 +103,20 @@ def configure_backends(device: torch.device, *, deterministic: bool, compile_mod
             torch.backends.cudnn.allow_tf32 = True
 
 
+def gpu_driver_present() -> bool:
+    """Whether torch might see a CUDA device: always off Linux; on Linux, when a GPU driver left a trace
+    (:data:`GPU_DRIVER_PATHS`) or torch is imported already (then asking it is free)."""
+    return (not sys.platform.startswith("linux") or "torch" in sys.modules
+            or any(os.path.exists(path) for path in GPU_DRIVER_PATHS))
+
+
 def visible_gpus() -> list[str]:
-    """The CUDA devices this process may use, as CUDA_VISIBLE_DEVICES entries (index or UUID)."""
+    """The CUDA devices this process may use, as CUDA_VISIBLE_DEVICES entries (index or UUID). Without a GPU driver
+    (:func:`gpu_driver_present`) none, and torch is not imported."""
+    if not gpu_driver_present():
+        return []
+    import torch
+
     count = torch.cuda.device_count() if torch.cuda.is_available() else 0
     inherited = os.environ.get("CUDA_VISIBLE_DEVICES")
     if inherited is not None:  # a child must name the *physical* device, not its index among the visible ones
@@ -105,6 +130,13 @@ def usable_cores() -> int:
         return len(os.sched_getaffinity(0))
     except AttributeError:  # not Linux
         return os.cpu_count() or 1
+
+
+def default_threads() -> int:
+    """torch's default number of CPU threads, without importing torch: ``OMP_NUM_THREADS`` when set, else the usable
+    cores."""
+    value = os.environ.get("OMP_NUM_THREADS", "").strip()
+    return int(value) if value.isdigit() and int(value) > 0 else usable_cores()
 
 
 def parallel_slots(jobs: int, *, device: str, wanted: int | None = None, per_core: int = 1) -> list[str | None]:
