@@ -23,13 +23,12 @@ import time
 from pathlib import Path
 from typing import Any
 
-from seqvision import forkserver
-from seqvision.study import PRELOAD
+from seqvision.study import cellserver
 
 if __name__ == "__main__" and not {"-h", "--help"} & set(sys.argv[1:]):
     # The cells' fork server imports torch (about 3 s) while this process imports its own: the row's first cell
     # does not wait for it.
-    forkserver.start(PRELOAD)
+    cellserver.start()
 
 from prefect import flow, get_run_logger  # noqa: E402 - after the fork server's start, on purpose
 

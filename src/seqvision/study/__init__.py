@@ -2,6 +2,7 @@
 (parallelism), 3 (compute and memory vs N) and 4 (inductive bias: accuracy vs training-set size).
 
 - ``measure``     peak memory, fresh processes, the :class:`~seqvision.study.measure.Cell` record
+- ``cellserver``  the fork server the cells are forked from (torch-free: a row's stage starts it first)
 - ``variants``    the model variants and their one width (torch-free: ``check_params`` reads them)
 - ``cells``       the cell workers (training step, streaming step), interleaved repeats
 - ``fit``         power-law fits with bootstrap intervals, verdicts
@@ -16,9 +17,3 @@
 - ``figures``     one PNG per row (``PLOTS``, ``write_figures``): the report's, never imported by a row's stage
 - ``__main__``    ``python -m seqvision.study``
 """
-
-# What the cells' fork server imports once (``measure.run_isolated``), so that a fresh cell process starts in
-# milliseconds instead of the ~4 s an ``import torch`` takes, and the 4.6 s of the first ``torch.optim.AdamW(...)``,
-# which imports torch._dynamo (measured on the 2-core development machine). Here, torch-free: a stage starts the
-# server before its own imports (pipelines/study_row.py).
-PRELOAD = ["torch", "torch._dynamo", "seqvision.models", "seqvision.mingru", "seqvision.study.cells"]

@@ -33,9 +33,8 @@ from typing import Any
 
 import torch
 
-from seqvision import forkserver
 from seqvision.runtime import main_not_rerun
-from seqvision.study import PRELOAD
+from seqvision.study import cellserver
 
 
 class CellError(RuntimeError):
@@ -189,7 +188,7 @@ def run_isolated(fn: Callable[..., Any], /, *args: Any, timeout_s: float = 600.0
     ``fn`` and its arguments must be picklable (a module-level function). Raises :class:`CellError` when the
     call raises, the process dies (e.g. killed for memory) or runs past ``timeout_s`` (then it is killed).
     """
-    ctx = forkserver.start(PRELOAD)  # once per process; ended when it exits
+    ctx = cellserver.start()  # once per process; ended when it exits
     receive, send = ctx.Pipe(duplex=False)
     process = ctx.Process(target=_child, args=(send, os.getpid(), fn, args, kwargs), daemon=True)
     with main_not_rerun(fn):
