@@ -28,7 +28,7 @@ import subprocess
 import sys
 import time
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -124,6 +124,7 @@ class Servers:
     mlflow_uri: str
     prefect_api_url: str
     mlflow_artifacts: Path
+    wait_ready: Callable[[], None]  # returns once both answer /health; the scratch repository is built meanwhile
 
 
 def _start(args: list[str], *, cwd: Path, env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
@@ -158,9 +159,13 @@ def servers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Servers]:
              "--port", prefect_url.rsplit(":", 1)[1].removesuffix("/api")],
             cwd=base, env=env, log=base / "prefect.log",
         ))
-        _wait_healthy(f"{mlflow_uri}/health", started[0], base / "mlflow.log", timeout=SERVER_START_TIMEOUT_S)
-        _wait_healthy(f"{prefect_url}/health", started[1], base / "prefect.log", timeout=SERVER_START_TIMEOUT_S)
-        yield Servers(mlflow_uri=mlflow_uri, prefect_api_url=prefect_url, mlflow_artifacts=artifacts)
+
+        def wait_ready() -> None:
+            _wait_healthy(f"{mlflow_uri}/health", started[0], base / "mlflow.log", timeout=SERVER_START_TIMEOUT_S)
+            _wait_healthy(f"{prefect_url}/health", started[1], base / "prefect.log", timeout=SERVER_START_TIMEOUT_S)
+
+        yield Servers(mlflow_uri=mlflow_uri, prefect_api_url=prefect_url, mlflow_artifacts=artifacts,
+                      wait_ready=wait_ready)
     finally:
         for proc in started:
             _stop(proc)
@@ -267,6 +272,7 @@ def _ran(log: str) -> set[str]:
 @pytest.fixture(scope="module")
 def first_repro(scratch: Scratch) -> str:
     """The log of the full `dvc repro` (shared: it is the expensive part)."""
+    scratch.servers.wait_ready()  # they started before the scratch repository was built
     return _repro(scratch, timeout=REPRO_TIMEOUT_S)
 
 
