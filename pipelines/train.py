@@ -71,13 +71,13 @@ from seqvision.runtime import default_threads, parallel_slots, visible_gpus
 
 def check_nproc(nproc_per_node: int, train_config: TrainConfig) -> None:
     """Raise ``ConfigError`` unless ``nproc_per_node`` processes can share ``train_config``'s work: at least one,
-    a global batch that divides evenly, and (on CUDA) one GPU each."""
+    a global batch that divides evenly, a visible GPU when the device names CUDA, and (on CUDA) one GPU each."""
     if nproc_per_node < 1:
         raise ConfigError(f"--nproc-per-node must be >= 1, got {nproc_per_node}")
     if train_config.batch_size % nproc_per_node:
         raise ConfigError(f"train.batch_size ({train_config.batch_size}) is the global batch and must divide by "
                           f"--nproc-per-node ({nproc_per_node})")
-    gpus = visible_gpus() if train_config.device != "cpu" else []
+    gpus = visible_gpus(ask_torch=train_config.device.startswith("cuda")) if train_config.device != "cpu" else []
     if train_config.device.startswith("cuda") and not gpus:
         raise ConfigError(f"device {train_config.device!r} requested, but no CUDA device is visible (use 'auto' or "
                           "'cpu')")
@@ -223,7 +223,11 @@ def log_run(tracker: Any, out: str, seeds: int, metrics: dict[str, Any]) -> None
     summary = json.loads((Path(out) / "summary.json").read_text(encoding="utf-8"))
     measured = read_runinfo(out).get("seeds", [])
     resumed = {f"seqvision.seed{k}.resumed_from_epoch": m.get("resumed_from_epoch") for k, m in enumerate(measured)}
-    runtime = measured[0].get("runtime_tags", {}) if measured else {}  # the device and torch of seed 0's worker
+    # What seed 0's worker ran on (its runinfo.json); else the device and torch version in its summary.
+    first = summary["seeds"][0]
+    runtime = (measured[0].get("runtime_tags") if measured else None) or {
+        key: value for key, value in (("seqvision.device", first.get("device")),
+                                      ("seqvision.torch_version", first.get("torch_version"))) if value is not None}
     tracker.set_tags({"seqvision.seeds": seeds, **resumed, **runtime})
     rows: list[tuple[int, dict[str, Any]]] = []  # logged in one go: a store transaction per call
     for k, (trained, _) in enumerate(results.seed_folders(out, seeds)):
@@ -286,7 +290,7 @@ def train_flow(
     (a deployment run; ``activity_dir`` / ``activity_split`` then override its ``data:`` values). The workers read
     ``params_path`` themselves. ``repo_root`` (default: the current directory, where DVC runs stages) anchors the
     MLflow store and the parent-run file. ``parallel``: seeds at once (default: one per GPU, else per CPU core).
-    ``threads``: the CPU threads the seeds share (``--threads``; default: torch's, ``runtime.default_threads``).
+    ``threads``: the CPU threads the seeds share (``--threads``; default ``runtime.default_threads``).
     """
     logger = get_run_logger()
     check_names(task, model)

@@ -169,3 +169,10 @@ def test_huge_integer_for_a_float_knob_is_an_error_not_a_crash(tmp_path: Path) -
     path = _write(tmp_path, "models:\n  lstm:\n    lr: " + "9" * 400 + "\n")
     with pytest.raises(ConfigError, match="models.lstm.lr: expected a finite number"):
         load_params(path)
+
+
+def test_the_task_specs_are_the_configs_tasks():
+    from seqvision import config, tasks
+
+    assert tuple(tasks.TASKS) == config.TASKS
+    assert all(spec.name == name for name, spec in tasks.TASKS.items())

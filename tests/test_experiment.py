@@ -458,6 +458,21 @@ def test_the_train_stage_process_plans_its_seeds_without_torch():
     assert planned["torch"] is planned["driver"]  # torch is asked only where a GPU driver might give it a device
 
 
+def test_check_nproc_names_what_cannot_share_the_work(monkeypatch):
+    from pipelines import train as stage
+    from seqvision.config import ConfigError
+
+    if not torch.cuda.is_available():
+        with pytest.raises(ConfigError, match="device 'cuda' requested, but no CUDA device is visible"):
+            stage.check_nproc(1, TrainConfig(device="cuda"))
+    monkeypatch.setattr(stage, "visible_gpus", lambda ask_torch=False: ["0"])
+    with pytest.raises(ConfigError, match="--nproc-per-node 2 but only 1 GPU"):
+        stage.check_nproc(2, TrainConfig(device="auto", batch_size=8))
+    with pytest.raises(ConfigError, match="must divide by --nproc-per-node"):
+        stage.check_nproc(3, TrainConfig(device="cpu", batch_size=8))
+    stage.check_nproc(2, TrainConfig(device="cpu", batch_size=8))  # gloo on CPU: any number of ranks
+
+
 def test_a_forked_seed_worker_writes_the_bytes_of_a_fresh_interpreter(artifacts, tmp_path):
     """The stage forks its seeds from a fork server that has their imports done (pipelines.seed_server): a forked
     seed writes, byte for byte, the files of ``python -m pipelines.train_worker`` in a fresh interpreter, and its

@@ -242,6 +242,8 @@ def test_a_training_run_carries_its_test_metrics_parameter_count_and_dataset_inp
     assert run.data.metrics["num_parameters"] == 1234 and run.data.params["num_parameters"] == "1234"
     assert [m.step for m in client.get_metric_history(run.info.run_id, "seed1/val_cider_d")] == [1, 2]
     assert run.data.tags["seqvision.seed1.resumed_from_epoch"] == "1"  # from the stage's runinfo.json
+    # No runtime_tags in the seeds' runinfo (the workers write them): the device of seed 0's summary
+    assert run.data.tags["seqvision.device"] == "cpu" and "seqvision.torch_version" not in run.data.tags
 
     logged = {(i.dataset.name, i.dataset.digest, {t.key: t.value for t in i.tags}["mlflow.data.context"],
                json.loads(i.dataset.source)["uri"]) for i in run.inputs.dataset_inputs}

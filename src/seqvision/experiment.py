@@ -78,7 +78,6 @@ OUTPUT_FILES = ("best.pt", "last.pt", "history.json", "learning_curve.json", "co
                 io.RUNINFO)
 
 
-
 # --------------------------------------------------------------------------------------------------------
 # Data
 
@@ -582,9 +581,6 @@ def run(
     tracker.log_artifact(out_dir / "best.pt")
     return summary
 
-
-# --------------------------------------------------------------------------------------------------------
-# Over seeds: the stage's own outputs
 
 __all__ = [
     "CIDER_VAL_ITEMS", "FAMILIES", "OUTPUT_FILES", "TASKS", "TaskData", "TrainSummary", "build", "caption_cider",

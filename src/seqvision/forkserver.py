@@ -11,15 +11,15 @@ This module imports only the standard library, so a stage can start the server b
 
 from __future__ import annotations
 
-import atexit
 import contextlib
 import multiprocessing
 import multiprocessing.forkserver
+import multiprocessing.util
 import os
 import signal
 from multiprocessing.context import ForkServerContext
 
-_STOP_REGISTERED = False
+_STOP: multiprocessing.util.Finalize | None = None  # the kill at exit, registered once
 
 
 def start(preload: list[str]) -> ForkServerContext:
@@ -27,19 +27,19 @@ def start(preload: list[str]) -> ForkServerContext:
 
     Returns at once: the server imports in the background, and the first fork waits for it. A process has one fork
     server: the first call's ``preload`` is the one it imports; later calls return the same server."""
-    global _STOP_REGISTERED
+    global _STOP
     ctx = multiprocessing.get_context("forkserver")
     ctx.set_forkserver_preload(preload)
     multiprocessing.forkserver.ensure_running()
-    if not _STOP_REGISTERED:
-        atexit.register(_stop)
-        _STOP_REGISTERED = True
+    if _STOP is None:
+        # A negative priority: after multiprocessing's own exit handling has stopped the daemonic children and
+        # joined the others (killed first, the server would make them look finished, and they would be left running).
+        _STOP = multiprocessing.util.Finalize(None, _stop, exitpriority=-100)
     return ctx  # type: ignore[return-value]
 
 
 def _stop() -> None:
-    """At exit: end the fork server at once. Its children have finished (or stop themselves when their parent goes:
-    ``pipelines.common.follow_parent``, ``seqvision.study.measure``)."""
+    """At exit, after the children: end the fork server at once."""
     pid = getattr(getattr(multiprocessing.forkserver, "_forkserver", None), "_forkserver_pid", None)
     if pid:
         with contextlib.suppress(OSError):

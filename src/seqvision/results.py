@@ -216,7 +216,6 @@ def aggregate(out_dir: str | Path, *, seeds: int, budget: int | None) -> dict[st
     """The stage's outputs from its seed folders (every seed must have trained and been evaluated). Seed folders of
     an earlier run with more seeds are removed first, so the stage's outputs hold exactly these seeds.
 
-
     ``metrics.json``        every numeric test metric as ``metrics.seed_summary`` (mean, std, 95% t-interval, the
                             values), plus ``num_seeds``, ``num_parameters`` and ``converged`` (seeds that converged)
     ``summary.json``        task, family, parameters and budget, model config, every seed's summary

@@ -18,9 +18,10 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     import torch
 
-# What a GPU driver leaves on Linux: NVIDIA's kernel module, its control device, WSL's GPU paravirtualisation, and
-# ROCm's compute device (torch.cuda also drives AMD GPUs). Without any of them torch sees no CUDA device.
-GPU_DRIVER_PATHS = ("/proc/driver/nvidia", "/dev/nvidiactl", "/dev/dxg", "/dev/kfd")
+# What a GPU driver leaves on Linux: NVIDIA's kernel module, its control device, WSL's GPU paravirtualisation,
+# Jetson's (Tegra) memory device and ROCm's compute device (torch.cuda also drives AMD GPUs). Without any of them
+# torch sees no CUDA device; a device named "cuda" asks torch anyway.
+GPU_DRIVER_PATHS = ("/proc/driver/nvidia", "/dev/nvidiactl", "/dev/dxg", "/dev/nvmap", "/dev/kfd")
 
 
 @contextlib.contextmanager
@@ -110,10 +111,10 @@ def gpu_driver_present() -> bool:
             or any(os.path.exists(path) for path in GPU_DRIVER_PATHS))
 
 
-def visible_gpus() -> list[str]:
+def visible_gpus(*, ask_torch: bool = False) -> list[str]:
     """The CUDA devices this process may use, as CUDA_VISIBLE_DEVICES entries (index or UUID). Without a GPU driver
-    (:func:`gpu_driver_present`) none, and torch is not imported."""
-    if not gpu_driver_present():
+    (:func:`gpu_driver_present`) none, and torch is not imported, unless ``ask_torch`` (a device named "cuda")."""
+    if not (ask_torch or gpu_driver_present()):
         return []
     import torch
 
@@ -133,8 +134,9 @@ def usable_cores() -> int:
 
 
 def default_threads() -> int:
-    """torch's default number of CPU threads, without importing torch: ``OMP_NUM_THREADS`` when set, else the usable
-    cores."""
+    """The CPU threads a process may use, without importing torch: ``OMP_NUM_THREADS`` when it is one number, else
+    the usable cores (logical ones). torch's own default can be lower: it counts physical cores on hyperthreaded x86
+    and also reads ``MKL_NUM_THREADS``."""
     value = os.environ.get("OMP_NUM_THREADS", "").strip()
     return int(value) if value.isdigit() and int(value) > 0 else usable_cores()
 
@@ -151,7 +153,7 @@ def parallel_slots(jobs: int, *, device: str, wanted: int | None = None, per_cor
     """
     if wanted is not None and wanted < 1:
         raise ValueError(f"the number of jobs at once must be >= 1, got {wanted}")
-    gpus = visible_gpus() if device != "cpu" else []
+    gpus = visible_gpus(ask_torch=device.startswith("cuda")) if device != "cpu" else []
     if device.startswith("cuda") and not gpus:
         raise ValueError(f"device {device!r}, but no CUDA device is visible")
     count = max(1, min(wanted or (len(gpus) if gpus else per_core * usable_cores()), jobs))
