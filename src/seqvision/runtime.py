@@ -105,7 +105,7 @@ def configure_backends(device: torch.device, *, deterministic: bool, compile_mod
 
 
 def gpu_driver_present() -> bool:
-    """Whether torch might see a CUDA device: always off Linux; on Linux, when a GPU driver left a trace
+    """Whether torch might see a CUDA device: True off Linux; on Linux, when a GPU driver left a trace
     (:data:`GPU_DRIVER_PATHS`) or torch is imported already (then asking it is free)."""
     return (not sys.platform.startswith("linux") or "torch" in sys.modules
             or any(os.path.exists(path) for path in GPU_DRIVER_PATHS))
