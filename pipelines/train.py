@@ -313,14 +313,14 @@ def train_flow(
     # CPU: one torch thread per worker (fastest for these small models, docs/benchmarks.md), more when there are
     # more cores than seeds; under torchrun the ranks share them.
     cpu_threads = threads or default_threads()
-    threads = max(1, cpu_threads // max(len(slots_list), nproc_per_node)) if slots_list[0] is None else 1
+    per_worker = max(1, cpu_threads // max(len(slots_list), nproc_per_node)) if slots_list[0] is None else 1
     slots: queue.Queue = queue.Queue()
     for slot in slots_list:
         slots.put(slot)
     finetune = params.train.finetune_encoder
     if progress is None:  # the workers' stderr is a pipe: decide here, for this process's terminal
         progress = sys.stderr.isatty()
-    logger.info(f"{task}/{model}: {seeds} seed(s), {len(slots_list)} at once, {threads} thread(s) each")
+    logger.info(f"{task}/{model}: {seeds} seed(s), {len(slots_list)} at once, {per_worker} thread(s) each")
     # The flow's thread pool runs the tasks; the slots bound how many seeds train at once. The MLflow run opens
     # while they train.
     inputs = read_folders(task, params, features=features, tokens=tokens, frames=frames)
@@ -328,7 +328,7 @@ def train_flow(
     futures = [train_seed.submit(k, worker_args(
         task, model, seed_index=k, out=out, params_path=params_path, params=params, features=features,
         tokens=tokens, frames=frames if finetune else None, encoder=encoder if finetune else None,
-        metadata=metadata, resume=resume, progress=progress, threads=threads), nproc_per_node, slots)
+        metadata=metadata, resume=resume, progress=progress, threads=per_worker), nproc_per_node, slots)
         for k in range(seeds)]
     errors = []
     for future in futures:

@@ -24,6 +24,8 @@ from typing import Any, Literal, TypeVar
 
 import yaml
 
+from seqvision.tasks import TASKS as _TASK_SPECS
+
 T = TypeVar("T")
 
 
@@ -396,7 +398,7 @@ class MeanPoolModelConfig:
 
 
 MODEL_FAMILIES = ("rnn", "lstm", "gru", "transformer", "meanpool", "mingru")
-TASKS = ("activity", "image_captioning", "video_captioning")
+TASKS = tuple(_TASK_SPECS)  # the task names, in the order of seqvision.tasks (their one definition)
 
 
 def check_names(task: str, family: str) -> None:

@@ -38,6 +38,7 @@ from seqvision import distributed, io
 from seqvision.io import ordered_entries, shard_name
 from seqvision.tasks import Kind, task_spec
 from seqvision.vocab import load_references, load_split
+
 _MASK64 = (1 << 64) - 1
 
 
