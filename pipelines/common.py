@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import atexit
+import contextlib
 import dataclasses
 import faulthandler
 import logging
@@ -26,7 +27,7 @@ import threading
 import time
 import traceback
 import urllib.request
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -158,6 +159,28 @@ def wait_for_prefect_server(timeout_s: float = SERVER_WAIT_S, poll_s: float = 0.
         time.sleep(poll_s)
 
 
+@contextlib.contextmanager
+def without_default_heartbeats() -> Iterator[None]:
+    """Prefect's flow-run heartbeats off while the block runs, unless the user set their frequency
+    (``PREFECT_FLOWS_HEARTBEAT_FREQUENCY``, or its profile/TOML setting); a no-op in a process without Prefect.
+
+    A flow run's heartbeats (every 180 s by default) come from a thread that sleeps in 1-s steps, and the flow's end
+    waits for that sleep to finish: 0.66 s of every stage process whose flow ran 0.4 s (docs/benchmarks.md,
+    "Flow-run heartbeats"). They feed Prefect automations that mark a silent run crashed; a stage under DVC or make
+    ends with its process, which its caller sees. Deployment runs (prefect.yaml) do not come through here and keep
+    them."""
+    if "prefect" not in sys.modules:
+        yield
+        return
+    from prefect.settings import PREFECT_FLOWS_HEARTBEAT_FREQUENCY, get_current_settings, temporary_settings
+
+    if "heartbeat_frequency" in get_current_settings().flows.model_fields_set:
+        yield
+        return
+    with temporary_settings(updates={PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None}):
+        yield
+
+
 def _alive(pid: int) -> bool:
     """Whether process ``pid`` runs (a zombie, dead but not yet reaped by its parent, does not)."""
     try:
@@ -257,7 +280,8 @@ def run_main(stage: str, work: Callable[[], int], *, debug: bool = False, lifeli
         quiet_usage_tracebacks()
     try:
         wait_for_prefect_server()
-        return work()
+        with without_default_heartbeats():
+            return work()
     except KeyboardInterrupt:
         stop_children()
         print(f"{stage}: interrupted", file=sys.stderr)

@@ -15,11 +15,14 @@ import pytest
 
 @pytest.fixture(scope="session")
 def prefect_harness():
-    """One temporary Prefect server per test session (per xdist worker); flow tests request it."""
+    """One temporary Prefect server per test session (per xdist worker); flow tests request it. Flows called
+    directly run without heartbeats, as the stages run them (pipelines.common.without_default_heartbeats)."""
     from prefect.testing.utilities import prefect_test_harness
 
+    from pipelines.common import without_default_heartbeats
+
     # 120 s, not Prefect's 30: on a loaded 2-core machine (CI, or several test workers) the server can take longer.
-    with prefect_test_harness(server_startup_timeout=120):
+    with prefect_test_harness(server_startup_timeout=120), without_default_heartbeats():
         yield
 
 

@@ -135,3 +135,34 @@ def test_a_stage_waits_for_the_server_started_beside_it_and_names_its_log_when_i
     # Without the wrapper's variables there is nothing to wait for.
     monkeypatch.delenv(SERVER_LOG_ENV)
     wait_for_prefect_server(timeout_s=0)
+
+
+def test_a_stage_runs_its_flow_without_heartbeats_unless_the_user_set_their_frequency() -> None:
+    """A flow run's end waits for its heartbeat thread's 1-s sleep (0.66 s a stage, docs/benchmarks.md): run_main
+    turns Prefect's default heartbeats off for the stage's work and restores them after it; a frequency the user
+    set (environment, profile, or settings in code) is kept. In fresh processes: Prefect reads the environment at
+    import, and the test session's harness sets the frequency itself."""
+    import textwrap
+
+    script = textwrap.dedent("""
+        import prefect
+        from prefect.settings import PREFECT_FLOWS_HEARTBEAT_FREQUENCY, get_current_settings, temporary_settings
+        from pipelines.common import run_main
+        seen = []
+        def work():
+            seen.append(get_current_settings().flows.heartbeat_frequency)
+            return 0
+        run_main("demo", work, lifeline=False)
+        seen.append(get_current_settings().flows.heartbeat_frequency)
+        with temporary_settings(updates={PREFECT_FLOWS_HEARTBEAT_FREQUENCY: 60}):
+            run_main("demo", work, lifeline=False)
+        print(seen)
+    """)
+    env = {k: v for k, v in os.environ.items() if "HEARTBEAT_FREQUENCY" not in k}
+    default = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, env=env)
+    assert default.returncode == 0, default.stderr
+    assert default.stdout.strip() == "[None, 180, 60]"  # off in the work, Prefect's default after it, kept when set
+    env["PREFECT_FLOWS_HEARTBEAT_FREQUENCY"] = "45"
+    chosen = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, env=env)
+    assert chosen.returncode == 0, chosen.stderr
+    assert chosen.stdout.strip() == "[45, 45, 60]"
