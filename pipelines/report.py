@@ -37,6 +37,7 @@ from typing import Any
 
 from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
+from prefect.utilities.annotations import quote
 
 from pipelines.common import IO_RETRIES, exit_fast, run_main
 from seqvision import report, tracking
@@ -137,20 +138,22 @@ def report_flow(
     """Write the report; log it on the MLflow parent run. Returns paths, parent run id and counts."""
     logger = get_run_logger()
     loaded = collect(runs, baselines, tasks, models)
-    loaded, note = score_meteor(loaded, meteor)
+    # quote(): the runs and sections go to the tasks as they are; Prefect would otherwise walk every seed's records
+    # in them looking for futures, 0.9 s of each report (docs/benchmarks.md, "Flow-run heartbeats").
+    loaded, note = score_meteor(quote(loaded), meteor)
     logger.info(note)
     for task_name, task_runs in loaded.items():
         absent = [f"{r.name} ({r.status})" for r in task_runs if not r.ok]
         if absent:
             logger.warning(f"{task_name}: not available: {', '.join(absent)}")
-    sections = analyse(loaded, frames, metadata, examples, resamples, seed, features, tokens)
+    sections = analyse(quote(loaded), frames, metadata, examples, resamples, seed, features, tokens)
     for section in sections:
         logger.info(f"{section.task}: {section.verdict[0]}")
         if section.task != "activity" and section.examples:
             shown = len(report.attention_figures(section))
             logger.info(f"{section.task}: attention of {section.best} for {shown} of {len(section.examples)} examples"
                         + ("" if shown else " (no attention in the family, or no checkpoint, features or vocabulary)"))
-    paths = render(sections, out, resamples, seed)
+    paths = render(quote(sections), out, resamples, seed)
     result: dict[str, Any] = {"paths": paths, "parent_run_ids": [], "logged_metrics": 0, "registered": [],
                               "runs": sum(len(v) for v in loaded.values()),
                               "ok": sum(r.ok for v in loaded.values() for r in v)}
@@ -166,8 +169,8 @@ def report_flow(
         return result
     result["parent_run_ids"] = parents
     for parent in parents:
-        result["logged_metrics"] = publish(loaded, sections, paths, parent, str(Path(repo_root).resolve()))
-    result["registered"] = register_best(sections, str(Path(repo_root).resolve()))
+        result["logged_metrics"] = publish(quote(loaded), quote(sections), paths, parent, str(Path(repo_root).resolve()))
+    result["registered"] = register_best(quote(sections), str(Path(repo_root).resolve()))
     return result
 
 
