@@ -168,9 +168,10 @@ def report_flow(
                        "the report is not logged to MLflow")
         return result
     result["parent_run_ids"] = parents
+    root = str(Path(repo_root).resolve())
     for parent in parents:
-        result["logged_metrics"] = publish(quote(loaded), quote(sections), paths, parent, str(Path(repo_root).resolve()))
-    result["registered"] = register_best(quote(sections), str(Path(repo_root).resolve()))
+        result["logged_metrics"] = publish(quote(loaded), quote(sections), paths, parent, root)
+    result["registered"] = register_best(quote(sections), root)
     return result
 
 
