@@ -42,13 +42,16 @@ def test_io_tasks_retry_on_os_errors_only(prefect_harness):
     assert calls["bug"] == 1  # no retry for a non-I/O error
 
 
-def test_a_bad_annotation_file_is_one_line_without_tracebacks(tmp_path: Path) -> None:
-    """#13: the annotation error used to come with ~75 lines of Prefect tracebacks before the clean line."""
+def test_a_bad_annotation_file_is_one_line_without_tracebacks(tmp_path: Path, prefect_harness) -> None:
+    """#13: the annotation error used to come with ~75 lines of Prefect tracebacks before the clean line. The stage
+    reports to the session's Prefect server (without one it would start a temporary server of its own, ~7 s)."""
+    from prefect.settings import PREFECT_API_URL
+
     bad = tmp_path / "msrvtt.json"
     bad.write_text('{"videos": [{"video_id": "v1"}], "sentences": 5}')
     repo = Path(__file__).resolve().parents[1]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(repo / "src"), str(repo)]),
-           "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
+           "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "PREFECT_API_URL": str(PREFECT_API_URL.value())}
     proc = subprocess.run([sys.executable, "-m", "pipelines.tokenize", "--params", str(repo / "params.yaml"),
                            "--video-captions", str(bad), "--video-captions-format", "msrvtt", "--activity-dir", "",
                            "--image-captions-dir", "",
