@@ -77,7 +77,7 @@ def check_nproc(nproc_per_node: int, train_config: TrainConfig) -> None:
     if train_config.batch_size % nproc_per_node:
         raise ConfigError(f"train.batch_size ({train_config.batch_size}) is the global batch and must divide by "
                           f"--nproc-per-node ({nproc_per_node})")
-    gpus = visible_gpus(ask_torch=train_config.device.startswith("cuda")) if train_config.device != "cpu" else []
+    gpus = visible_gpus(train_config.device)
     if train_config.device.startswith("cuda") and not gpus:
         raise ConfigError(f"device {train_config.device!r} requested, but no CUDA device is visible (use 'auto' or "
                           "'cpu')")
@@ -226,8 +226,7 @@ def log_run(tracker: Any, out: str, seeds: int, metrics: dict[str, Any]) -> None
     # What seed 0's worker ran on (its runinfo.json); else the device and torch version in its summary.
     first = summary["seeds"][0]
     runtime = (measured[0].get("runtime_tags") if measured else None) or {
-        key: value for key, value in (("seqvision.device", first.get("device")),
-                                      ("seqvision.torch_version", first.get("torch_version"))) if value is not None}
+        f"seqvision.{key}": first[key] for key in ("device", "torch_version") if first.get(key) is not None}
     tracker.set_tags({"seqvision.seeds": seeds, **resumed, **runtime})
     rows: list[tuple[int, dict[str, Any]]] = []  # logged in one go: a store transaction per call
     for k, (trained, _) in enumerate(results.seed_folders(out, seeds)):
@@ -403,7 +402,7 @@ def main(argv: list[str] | None = None) -> int:
             args.task, args.model, out=args.out, params=params, params_path=args.params, features=args.features,
             tokens=args.tokens, frames=args.frames, encoder=args.encoder, metadata=args.metadata,
             resume=args.resume, tracking=args.tracking, progress=args.progress, repo_root=str(root),
-            nproc_per_node=args.nproc_per_node, parallel=args.parallel, threads=args.threads or None,
+            nproc_per_node=args.nproc_per_node, parallel=args.parallel, threads=args.threads,
         )
         print(f"train: {describe(args.out)} -> {args.out} ({time.perf_counter() - started:.1f} s in this process)")
         return 0

@@ -67,7 +67,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="log the training as a child MLflow run of the comparison (default: on)")
     parser.add_argument("--threads", type=int, default=1,
                         help="torch CPU threads (default 1: these small sequence models run fastest single-"
-                             "threaded on a shared CPU, see docs/benchmarks.md; 0 keeps torch's default)")
+                             "threaded on a shared CPU, see docs/benchmarks.md; 0: the stage shares OMP_NUM_THREADS "
+                             "or the usable cores among its seeds, a worker keeps torch's default)")
     parser.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
                         help="per-epoch progress bar (default: only when stderr is a terminal)")
 

@@ -465,7 +465,7 @@ def test_check_nproc_names_what_cannot_share_the_work(monkeypatch):
     if not torch.cuda.is_available():
         with pytest.raises(ConfigError, match="device 'cuda' requested, but no CUDA device is visible"):
             stage.check_nproc(1, TrainConfig(device="cuda"))
-    monkeypatch.setattr(stage, "visible_gpus", lambda ask_torch=False: ["0"])
+    monkeypatch.setattr(stage, "visible_gpus", lambda device="auto": [] if device == "cpu" else ["0"])  # one GPU
     with pytest.raises(ConfigError, match="--nproc-per-node 2 but only 1 GPU"):
         stage.check_nproc(2, TrainConfig(device="auto", batch_size=8))
     with pytest.raises(ConfigError, match="must divide by --nproc-per-node"):

@@ -25,6 +25,7 @@ from typing import Any, Literal, TypeVar
 import yaml
 
 from seqvision.tasks import TASKS as _TASK_SPECS
+from seqvision.tasks import task_spec
 
 T = TypeVar("T")
 
@@ -403,8 +404,7 @@ TASKS = tuple(_TASK_SPECS)  # the task names, in the order of seqvision.tasks (t
 
 def check_names(task: str, family: str) -> None:
     """Raise ``ValueError`` naming the allowed values unless ``task`` and ``family`` exist."""
-    if task not in TASKS:
-        raise ValueError(f"unknown task {task!r}; expected one of {', '.join(TASKS)}")
+    task_spec(task)
     if family not in MODEL_FAMILIES:
         raise ValueError(f"unknown model family {family!r}; expected one of {', '.join(MODEL_FAMILIES)}")
 

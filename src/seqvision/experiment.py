@@ -16,9 +16,9 @@ Plain functions, in the order the stage calls them:
    ``learning_curve.json``     ``[{"epoch", "train_loss", "val_loss", "val_metric"}, ...]`` for ``dvc plots``
    ``config.json``             exactly what was trained: task, family, effective model config, train config
    ``summary.json``            headline numbers (see :class:`TrainSummary`), less its :data:`RUN_FIELDS`
-   ``runinfo.json``            the :data:`RUN_FIELDS`, fit's per-epoch times and the device and torch version
-                               (``runtime_tags``): measurements of this run, which differ on every run
-                               (``io.write_runinfo``; DVC ignores the file)
+   ``runinfo.json``            the :data:`RUN_FIELDS`, fit's per-epoch times and what it ran on
+                               (``runtime_tags``: device, GPU, torch and CUDA versions): measurements of this
+                               run, which differ on every run (``io.write_runinfo``; DVC ignores the file)
 
 Resuming: ``last.pt`` records a fingerprint of everything in the params and inputs that decides the result (task,
 family, effective model config, the train knobs that change the maths, the content of the input files), and the

@@ -111,10 +111,11 @@ def gpu_driver_present() -> bool:
             or any(os.path.exists(path) for path in GPU_DRIVER_PATHS))
 
 
-def visible_gpus(*, ask_torch: bool = False) -> list[str]:
-    """The CUDA devices this process may use, as CUDA_VISIBLE_DEVICES entries (index or UUID). Without a GPU driver
-    (:func:`gpu_driver_present`) none, and torch is not imported, unless ``ask_torch`` (a device named "cuda")."""
-    if not (ask_torch or gpu_driver_present()):
+def visible_gpus(device: str = "auto") -> list[str]:
+    """The CUDA devices this process may use for ``device`` ("auto", "cpu" or "cuda[:n]"), as CUDA_VISIBLE_DEVICES
+    entries (index or UUID): none for "cpu"; without a GPU driver (:func:`gpu_driver_present`) none, and torch is not
+    imported, unless the device names "cuda"."""
+    if device == "cpu" or not (device.startswith("cuda") or gpu_driver_present()):
         return []
     import torch
 
@@ -153,7 +154,7 @@ def parallel_slots(jobs: int, *, device: str, wanted: int | None = None, per_cor
     """
     if wanted is not None and wanted < 1:
         raise ValueError(f"the number of jobs at once must be >= 1, got {wanted}")
-    gpus = visible_gpus(ask_torch=device.startswith("cuda")) if device != "cpu" else []
+    gpus = visible_gpus(device)
     if device.startswith("cuda") and not gpus:
         raise ValueError(f"device {device!r}, but no CUDA device is visible")
     count = max(1, min(wanted or (len(gpus) if gpus else per_core * usable_cores()), jobs))
