@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import os
+import shutil
+from collections.abc import Callable
+from pathlib import Path
 
 # Offline, quiet tools; set before anything imports prefect or mlflow.
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
@@ -46,3 +49,35 @@ def tiny_checkpoints(tiny_artifacts, tmp_path_factory) -> dict[tuple[str, str], 
     return {(task, family): train_tiny(tiny_artifacts, task, family, root / task / family)
             for task in ("activity", "image_captioning", "video_captioning")
             for family in ("gru", "transformer", "meanpool")}
+
+
+# --------------------------------------------------------------------------------------------------------
+# MLflow stores
+
+
+@pytest.fixture(scope="session")
+def mlflow_template(tmp_path_factory) -> Path:
+    """An empty MLflow sqlite store with its tables created, once per session (per xdist worker). Creating them
+    runs MLflow's alembic migrations, about 3 s on a loaded 2-core machine; copying the file takes milliseconds.
+    Created from its own folder, so the default experiment's artifact location points there, not at the checkout.
+    Copy it (:func:`mlflow_store`), never write it."""
+    from mlflow import MlflowClient
+
+    folder = tmp_path_factory.mktemp("mlflow-template")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.chdir(folder)
+        MlflowClient(tracking_uri=f"sqlite:///{folder / 'mlflow.db'}").search_experiments()
+    return folder / "mlflow.db"
+
+
+@pytest.fixture(scope="session")
+def mlflow_store(mlflow_template) -> Callable[[Path], str]:
+    """``mlflow_store(path)`` puts an empty MLflow store with its tables created at ``path`` (a copy of
+    :func:`mlflow_template`) and returns its absolute sqlite URI, as a fresh store would be after its first use."""
+
+    def make(path: Path) -> str:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(mlflow_template, path)
+        return f"sqlite:///{path}"
+
+    return make

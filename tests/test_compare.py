@@ -137,12 +137,12 @@ def stage_paths(root: Path, run: str) -> dict[str, str]:
 
 
 @pytest.fixture(scope="module")
-def local_run(tiny, prefect_harness) -> dict:
+def local_run(tiny, prefect_harness, mlflow_store) -> dict:
     """One comparison, every stage: activity x {gru, lstm}, two at once, lstm crashing inside its training."""
     root = tiny["root"]
     events = root / "events.jsonl"
     (root / "train_shim.py").write_text(TRAIN_SHIM)
-    uri = f"sqlite:///{root / 'mlflow.db'}"
+    uri = mlflow_store(root / "mlflow.db")
     with pytest.MonkeyPatch.context() as mp:
         mp.chdir(root)  # the repo root of the trainings (lineage, .seqvision/): nothing lands in the checkout
         for key in ENV_KEYS:

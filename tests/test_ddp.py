@@ -259,11 +259,11 @@ def write_params(path: Path) -> Path:
 
 
 @pytest.fixture
-def cli_env(tmp_path, monkeypatch):
+def cli_env(tmp_path, monkeypatch, mlflow_store):
     """A repository-like cwd (parent-run file), a sqlite MLflow store and tiny artifacts in tmp_path."""
     for key in ("MLFLOW_RUN_ID", "SEQVISION_PARENT_RUN_ID"):
         monkeypatch.delenv(key, raising=False)
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    uri = mlflow_store(tmp_path / "mlflow.db")
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     monkeypatch.chdir(tmp_path)
     artifacts = make_artifacts(tmp_path / "artifacts")

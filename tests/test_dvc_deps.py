@@ -396,7 +396,8 @@ def run_stage(stage: Stage) -> None:
 @pytest.mark.slow
 @pytest.mark.integration
 @pytest.mark.xdist_group("dvc_deps")
-def test_every_param_a_stage_reads_is_exactly_its_params_list(tmp_path: Path, monkeypatch, prefect_harness) -> None:
+def test_every_param_a_stage_reads_is_exactly_its_params_list(tmp_path: Path, monkeypatch, prefect_harness,
+                                                               mlflow_store) -> None:
     from seqvision.config import SYNTH_PRESETS, SynthConfig, from_mapping
     from seqvision.synth.generate import generate
     from tests.test_pipeline import copy_repository
@@ -412,7 +413,7 @@ def test_every_param_a_stage_reads_is_exactly_its_params_list(tmp_path: Path, mo
     generate(from_mapping(SynthConfig, {**SYNTH_PRESETS["tiny"], "workers": 1}, where="synth"), tmp_path / "data",
              progress=False)
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_store(tmp_path / "mlflow.db"))
     for key in ("MLFLOW_RUN_ID", "SEQVISION_PARENT_RUN_ID"):
         monkeypatch.delenv(key, raising=False)
 

@@ -1,6 +1,6 @@
 """End to end: the whole `dvc repro` on the tiny preset against a real MLflow server, then what a team does
-with the result: load the registered best models, run the walkthrough notebook, rerun, change one model, push to
-and pull from the DVC remote, `dvc exp run` (also queued).
+with the result: load the registered best models, run the walkthrough notebook, push to and pull from the DVC
+remote, rerun, change one model, `dvc exp run` (also queued).
 
 Everything happens in one scratch copy of the repository (module scope: the full repro is the expensive part,
 so the tests share it and run in file order in one xdist worker). Two servers run for the whole module, on
@@ -434,32 +434,6 @@ def test_walkthrough_notebook_runs_on_the_pipeline_outputs(scratch: Scratch, fir
     assert found and float(found.group(1)) < 1e-2, printed[-2000:]
 
 
-def test_second_repro_is_a_noop_and_one_model_param_reruns_only_that_model(
-    scratch: Scratch, first_repro: str
-) -> None:
-    root, env = scratch.root, scratch.env
-    assert _ran(_repro(scratch)) == set()
-    assert json.loads(_run([DVC, "status", "--json"], root, env).stdout) == {}
-
-    params_path = root / "params.yaml"
-    params = yaml.safe_load(params_path.read_text())
-    params["models"]["gru"]["hidden_size"] = 24
-    params_path.write_text(yaml.safe_dump(params, sort_keys=False))
-    started_ms = int(time.time() * 1000)
-    ran = _ran(_repro(scratch))
-    # ... and the study's training rows, which track the whole models section, and its report
-    expected = {f"train@{task}-gru" for task in TASKS} | {"check_params", "report", "study_report"} | {
-        "study_long_range" if row == "long_range" else f"study_trained@{row}" for row in TRAINING_ROWS}
-    assert ran == expected
-    assert json.loads(_run([DVC, "status", "--json"], root, env).stdout) == {}
-
-    # The three retrainings reached MLflow, with the new size.
-    retrained = [r for r in _all_runs(_client(scratch)) if r.info.start_time >= started_ms
-                 and "mlflow.parentRunId" in r.data.tags]
-    assert sorted(r.info.run_name for r in retrained) == sorted(f"{t}-gru" for t in TASKS)
-    assert all(r.info.status == "FINISHED" and r.data.params["models.gru.hidden_size"] == "24" for r in retrained)
-
-
 def _dvc_files(root: Path) -> dict[str, bytes]:
     """Every file DVC produces or tracks: data/, artifacts/, reports/, less the measurements of the runs
     (runinfo.*, which .dvcignore keeps out of DVC: they stay on the machine that ran the stages)."""
@@ -497,6 +471,33 @@ def test_push_then_pull_into_a_fresh_clone_through_the_default_local_remote(
     assert not list(clone.rglob("runinfo.json"))  # measurements stay where the stages ran (and in MLflow)
 
 
+def test_second_repro_is_a_noop_and_one_model_param_reruns_only_that_model(
+    scratch: Scratch, first_repro: str
+) -> None:
+    root, env = scratch.root, scratch.env
+    assert _ran(_repro(scratch)) == set()
+    assert json.loads(_run([DVC, "status", "--json"], root, env).stdout) == {}
+
+    params_path = root / "params.yaml"
+    params = yaml.safe_load(params_path.read_text())
+    params["models"]["gru"]["hidden_size"] = 24
+    params_path.write_text(yaml.safe_dump(params, sort_keys=False))
+    started_ms = int(time.time() * 1000)
+    ran = _ran(_repro(scratch, "report"))  # make demo's command
+    assert ran == {f"train@{task}-gru" for task in TASKS} | {"check_params", "report"}
+    # The study's training rows track the whole models section, so they are stale now, and nothing else is:
+    # `make study` (or a plain `dvc repro`) would rerun them, then study_report.
+    stale = json.loads(_run([DVC, "status", "--json"], root, env).stdout)
+    assert set(stale) == {"study_long_range" if row == "long_range" else f"study_trained@{row}"
+                          for row in TRAINING_ROWS}, stale
+
+    # The three retrainings reached MLflow, with the new size.
+    retrained = [r for r in _all_runs(_client(scratch)) if r.info.start_time >= started_ms
+                 and "mlflow.parentRunId" in r.data.tags]
+    assert sorted(r.info.run_name for r in retrained) == sorted(f"{t}-gru" for t in TASKS)
+    assert all(r.info.status == "FINISHED" and r.data.params["models.gru.hidden_size"] == "24" for r in retrained)
+
+
 def _exp_names_and_epochs(root: Path, env: dict[str, str]) -> dict[str, int]:
     """``{experiment name: its train.epochs}`` from `dvc exp show --json` (experiments on HEAD)."""
     shown = json.loads(_run([DVC, "exp", "show", "--json"], root, env).stdout)
@@ -521,8 +522,6 @@ def _queue_task_status(root: Path, env: dict[str, str], name: str) -> str | None
 def _child_runs_with_epochs(scratch: Scratch, epochs: int, since_ms: int) -> list[Any]:
     return [r for r in _all_runs(_client(scratch)) if r.info.start_time >= since_ms
             and "mlflow.parentRunId" in r.data.tags and r.data.params.get("train.epochs") == str(epochs)]
-
-
 
 
 def test_exp_run_and_queued_experiments_reach_mlflow(scratch: Scratch, first_repro: str) -> None:

@@ -301,13 +301,14 @@ def test_cli_errors_are_one_line_with_exit_2(artifacts, tmp_path, capsys):
 
 
 @pytest.fixture
-def mlflow_env(tmp_path, monkeypatch):
+def mlflow_env(tmp_path, monkeypatch, mlflow_store):
     for key in ("MLFLOW_RUN_ID", "SEQVISION_PARENT_RUN_ID"):
         monkeypatch.delenv(key, raising=False)
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    uri = mlflow_store(tmp_path / "mlflow.db")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     from mlflow import MlflowClient
 
-    return MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
+    return MlflowClient(tracking_uri=uri)
 
 
 @pytest.mark.slow

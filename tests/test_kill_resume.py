@@ -303,7 +303,7 @@ class Inputs(NamedTuple):
 
 
 @pytest.fixture(scope="module")
-def inputs(tmp_path_factory: pytest.TempPathFactory, prefect_harness) -> Inputs:
+def inputs(tmp_path_factory: pytest.TempPathFactory, prefect_harness, mlflow_template: Path) -> Inputs:
     from prefect.settings import PREFECT_API_URL
 
     root = tmp_path_factory.mktemp("kill")
@@ -316,13 +316,7 @@ def inputs(tmp_path_factory: pytest.TempPathFactory, prefect_harness) -> Inputs:
     # store to the killed and resumed runs.
     reference = Background(train_command(params, features, tokens, "reference", "--no-tracking"), cwd=root,
                            env=stage_env(root, api_url), log=root / "reference.log")
-    # Creating MLflow's sqlite tables takes seconds (mostly fsyncs), once per store: done here, while the
-    # reference trains, and copied into each test's store.
-    from mlflow import MlflowClient
-
-    template = root / "template-mlflow.db"
-    MlflowClient(tracking_uri=f"sqlite:///{template}").search_experiments()
-    yield Inputs(root, params, features, tokens, api_url, root / "reference", reference, template)
+    yield Inputs(root, params, features, tokens, api_url, root / "reference", reference, mlflow_template)
     if reference.proc.poll() is None:
         reference.proc.kill()
         reference.proc.wait(timeout=30)

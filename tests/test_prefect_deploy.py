@@ -330,13 +330,13 @@ async def read_back(deployment_id):
 
 @pytest.mark.integration
 @pytest.mark.slow
-def test_deployed_training_runs_on_a_process_worker_and_logs_to_mlflow(tmp_path):
+def test_deployed_training_runs_on_a_process_worker_and_logs_to_mlflow(tmp_path, mlflow_store):
     from mlflow import MlflowClient
     from prefect.deployments import run_deployment
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
     clock = Clock()
-    mlflow_uri = f"sqlite:///{tmp_path / 'mlflow.db'}"  # tmp_path is absolute: sqlite:////...
+    mlflow_uri = mlflow_store(tmp_path / "mlflow.db")  # tmp_path is absolute: sqlite:////...
     with prefect_services(tmp_path) as (url, env, processes):
         # While the server boots: the tiny inputs, and the MLflow tables (a fresh sqlite store migrates for
         # several seconds; better here than inside the flow run's time limit).

@@ -728,12 +728,12 @@ def test_the_best_model_of_a_task_is_its_first_ranked_family_at_its_best_validat
 
 
 @pytest.mark.slow
-def test_mlflow_parent_gets_the_report_and_every_childs_headline_metric(tmp_path, monkeypatch):
+def test_mlflow_parent_gets_the_report_and_every_childs_headline_metric(tmp_path, monkeypatch, mlflow_store):
     from mlflow import MlflowClient
 
     from seqvision import tracking
 
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_store(tmp_path / "mlflow.db"))
     parent = tracking.start_parent("comparison", "cmp", repo_root=tmp_path)
     children = {}
     for name in ("gru", "meanpool"):
@@ -767,13 +767,13 @@ def test_mlflow_parent_gets_the_report_and_every_childs_headline_metric(tmp_path
 
 @pytest.mark.slow
 def test_attention_figures_are_logged_on_the_child_run_of_the_family_they_show(
-        tmp_path, monkeypatch, tiny_artifacts, tiny_checkpoints):
+        tmp_path, monkeypatch, tiny_artifacts, tiny_checkpoints, mlflow_store):
     from mlflow import MlflowClient
 
     from pipelines import report as report_stage
     from seqvision import tracking
 
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_store(tmp_path / "mlflow.db"))
     parent = tracking.start_parent("comparison", "cmp", repo_root=tmp_path)
     children = {}
     for name in ("image_captioning/transformer", "video_captioning/gru", "video_captioning/meanpool"):
@@ -803,13 +803,13 @@ def test_attention_figures_are_logged_on_the_child_run_of_the_family_they_show(
 
 
 @pytest.mark.slow
-def test_report_flow_cli(tmp_path, monkeypatch, prefect_harness, capsys):
+def test_report_flow_cli(tmp_path, monkeypatch, prefect_harness, capsys, mlflow_store):
     from mlflow import MlflowClient
 
     from pipelines import report as report_cli
     from seqvision import tracking
 
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_store(tmp_path / "mlflow.db"))
     parent = tracking.start_parent("comparison", "cmp", repo_root=tmp_path)
     tree = build_tree(tmp_path, mlflow_ids={"gru": {"mlflow_parent_run_id": parent}})
     with pytest.raises(SystemExit) as exc:

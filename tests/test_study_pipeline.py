@@ -34,12 +34,12 @@ def write_params(path: Path, labels: Path, study_section: dict) -> Path:
 
 
 @pytest.fixture(scope="module")
-def tiny_study(tiny_artifacts, tmp_path_factory, prefect_harness):
+def tiny_study(tiny_artifacts, tmp_path_factory, prefect_harness, mlflow_store):
     """Every row of the registry, then the report, through the all-rows flow; (tmp folder, exit code, stdout)."""
     root = tmp_path_factory.mktemp("study")
     params = write_params(root / "params.yaml", tiny_artifacts.labels, STUDY)
     with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{root / 'mlflow.db'}")
+        patch.setenv("MLFLOW_TRACKING_URI", mlflow_store(root / "mlflow.db"))
         patch.delenv("SEQVISION_PARENT_RUN_ID", raising=False)
         patch.delenv("MLFLOW_RUN_ID", raising=False)
         code = study.main(["--params", str(params), "--out", str(root / "artifacts" / "study"),

@@ -33,9 +33,11 @@ def clean_env(monkeypatch):
 
 
 @pytest.fixture(scope="module")
-def repo(tmp_path_factory) -> Path:
-    """One store for the module: creating the sqlite schema is the slow part."""
-    return tmp_path_factory.mktemp("repo")
+def repo(tmp_path_factory, mlflow_store) -> Path:
+    """One store for the module, its tables already created (the slow part of a new sqlite store)."""
+    root = tmp_path_factory.mktemp("repo")
+    mlflow_store(root / "mlflow.db")  # where tracking.tracking_uri(root) points
+    return root
 
 
 @pytest.fixture
