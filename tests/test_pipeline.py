@@ -64,8 +64,18 @@ def scratch_repo(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[s
     return root, env
 
 
+@pytest.fixture(scope="module")
+def served(scratch_repo: tuple[Path, dict[str, str]], prefect_harness) -> dict[str, str]:
+    """scratch_repo's environment with PREFECT_API_URL set to the test session's Prefect server, so that
+    scripts/with-prefect-server runs the command against it instead of starting a server of its own (seconds of
+    CPU time per start). The first repro of the module starts its own, as `make demo` does."""
+    from prefect.settings import PREFECT_API_URL
+
+    return {**scratch_repo[1], "PREFECT_API_URL": PREFECT_API_URL.value()}
+
+
 def _repro(root: Path, env: dict[str, str], *targets: str) -> str:
-    # One Prefect server for the whole repro, as `make demo` does.
+    # Through the wrapper, as `make demo` runs it: one Prefect server for the whole repro.
     proc = _run(["scripts/with-prefect-server", str(BIN / "dvc"), "repro", *targets], root, env)
     return proc.stdout
 
@@ -74,9 +84,11 @@ def _ran(log: str) -> set[str]:
     return {line.split("'")[1] for line in log.splitlines() if line.startswith("Running stage '")}
 
 
-def test_repro_runs_data_stages_then_is_a_noop_then_reruns_only_what_changed(scratch_repo) -> None:
+def test_repro_runs_data_stages_then_is_a_noop_then_reruns_only_what_changed(scratch_repo, served) -> None:
     root, env = scratch_repo
-    log = _repro(root, env, "extract", "tokenize")
+    first = _run(["scripts/with-prefect-server", str(BIN / "dvc"), "repro", "extract", "tokenize"], root, env)
+    assert "(starting beside the command;" in first.stderr  # the wrapper's own server, as in `make demo`
+    log = first.stdout
     assert {"extract", "tokenize"} <= _ran(log)
     assert (root / "artifacts/frames/index.json").is_file()
     assert (root / "artifacts/tokens/video/vocab.json").is_file()
@@ -84,34 +96,35 @@ def test_repro_runs_data_stages_then_is_a_noop_then_reruns_only_what_changed(scr
     # No stage writes under data/.
     assert not (root / "data" / "artifacts").exists()
 
-    log = _repro(root, env, "extract", "tokenize")
+    log = _repro(root, served, "extract", "tokenize")
     assert _ran(log) == set(), log
 
     params = yaml.safe_load((root / "params.yaml").read_text())
     params["tokenize"]["min_count"] = params["tokenize"]["min_count"] + 1
     (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    log = _repro(root, env, "extract", "tokenize")
+    log = _repro(root, served, "extract", "tokenize")
     assert _ran(log) == {"check_params", "tokenize"}, log  # the gate reruns on any change; its output is the same
 
     # A code edit reruns the stages that run the edited file (tokenize imports vocab.py; extract does not), after
     # the code stage that fingerprints it (pipelines/code_deps.py).
     vocab = root / "src" / "seqvision" / "vocab.py"
     vocab.write_text(vocab.read_text() + "\n# an edit\n")
-    log = _repro(root, env, "extract", "tokenize")
+    log = _repro(root, served, "extract", "tokenize")
     assert _ran(log) == {"code", "tokenize"}, log
     # Bytecode is not code to DVC (.dvcignore): Python writes it on import, differently per version.
     (root / "src" / "seqvision" / "__pycache__").mkdir(exist_ok=True)
     (root / "src" / "seqvision" / "__pycache__" / "vocab.cpython-311.pyc").write_bytes(b"not the source")
-    assert _ran(_repro(root, env, "extract", "tokenize")) == set()
+    assert _ran(_repro(root, served, "extract", "tokenize")) == set()
 
 
 @pytest.mark.parametrize(("section", "key", "value", "named"), [
     ("extract", "num_frames", "four", "extract.num_frames"),  # a typo in a value the stage reads
     ("trian", None, {"epochs": 3}, "trian: unknown section"),  # a section no stage reads
 ])
-def test_a_params_typo_stops_repro_before_any_output_is_deleted(scratch_repo, section, key, value, named) -> None:
-    root, env = scratch_repo
-    _repro(root, env, "extract", "tokenize")
+def test_a_params_typo_stops_repro_before_any_output_is_deleted(scratch_repo, served, section, key, value,
+                                                                named) -> None:
+    root, _ = scratch_repo
+    _repro(root, served, "extract", "tokenize")
     index = (root / "artifacts/frames/index.json").read_bytes()
     path = root / "params.yaml"
     original = path.read_text()
@@ -123,14 +136,14 @@ def test_a_params_typo_stops_repro_before_any_output_is_deleted(scratch_repo, se
     path.write_text(yaml.safe_dump(params, sort_keys=False))
     try:
         proc = subprocess.run(["scripts/with-prefect-server", str(BIN / "dvc"), "repro", "extract", "tokenize"],
-                              cwd=root, env=env, capture_output=True, text=True, timeout=600)
+                              cwd=root, env=served, capture_output=True, text=True, timeout=600)
         assert proc.returncode != 0
         assert named in proc.stdout + proc.stderr
         assert _ran(proc.stdout) == {"check_params"}
         assert (root / "artifacts/frames/index.json").read_bytes() == index  # the last good outputs are kept
     finally:
         path.write_text(original)
-    assert _ran(_repro(root, env, "extract", "tokenize")) == set()  # the lock never saw the typo: nothing to rerun
+    assert _ran(_repro(root, served, "extract", "tokenize")) == set()  # the lock never saw the typo: nothing to rerun
 
 
 def test_bad_params_stop_the_stage_with_one_clear_line(scratch_repo, tmp_path: Path) -> None:
