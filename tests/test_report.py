@@ -819,8 +819,9 @@ def test_report_flow_cli(tmp_path, monkeypatch, prefect_harness, capsys, mlflow_
     assert report_cli.main(["--runs", str(tmp_path / "nope"), "--out", str(tmp_path / "r")]) == 2
     err = capsys.readouterr().err
     assert err.startswith("report: error: ") and err.count("\n") == 1 and "--runs" in err
+    # --meteor never: each METEOR scoring starts a JVM (5-10 s here); the METEOR tests above score it.
     args = ["--runs", str(tree["runs"]), "--baselines", str(tree["eval"]), "--frames", str(tree["frames"]),
-            "--out", str(tmp_path / "reports"), "--repo-root", str(tmp_path), "--resamples", "300"]
+            "--out", str(tmp_path / "reports"), "--repo-root", str(tmp_path), "--resamples", "300", "--meteor", "never"]
     assert report_cli.main([*args, "--metadata", str(tmp_path / "none.json")]) == 2
     assert "--metadata" in capsys.readouterr().err
     assert report_cli.main([*args, "--no-mlflow"]) == 0
