@@ -336,10 +336,10 @@ def test_deployed_training_runs_on_a_process_worker_and_logs_to_mlflow(tmp_path,
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
     clock = Clock()
+    # A store with its tables created (creating them inside the flow run would cost seconds of its time limit).
     mlflow_uri = mlflow_store(tmp_path / "mlflow.db")  # tmp_path is absolute: sqlite:////...
     with prefect_services(tmp_path) as (url, env, processes):
-        # While the server boots: the tiny inputs, and the MLflow tables (a fresh sqlite store migrates for
-        # several seconds; better here than inside the flow run's time limit).
+        # While the server boots: the tiny inputs, and this process's MLflow client.
         artifacts = write_tiny_artifacts(tmp_path / "inputs")._asdict()
         params = write_params(tmp_path / "params.yaml")
         client = MlflowClient(tracking_uri=mlflow_uri)
