@@ -74,10 +74,13 @@ def served(scratch_repo: tuple[Path, dict[str, str]], prefect_harness) -> dict[s
     return {**scratch_repo[1], "PREFECT_API_URL": PREFECT_API_URL.value()}
 
 
+def _repro_args(*targets: str) -> list[str]:
+    """`dvc repro` through the wrapper, as `make demo` runs it: one Prefect server for the whole repro."""
+    return ["scripts/with-prefect-server", str(BIN / "dvc"), "repro", *targets]
+
+
 def _repro(root: Path, env: dict[str, str], *targets: str) -> str:
-    # Through the wrapper, as `make demo` runs it: one Prefect server for the whole repro.
-    proc = _run(["scripts/with-prefect-server", str(BIN / "dvc"), "repro", *targets], root, env)
-    return proc.stdout
+    return _run(_repro_args(*targets), root, env).stdout
 
 
 def _ran(log: str) -> set[str]:
@@ -86,7 +89,7 @@ def _ran(log: str) -> set[str]:
 
 def test_repro_runs_data_stages_then_is_a_noop_then_reruns_only_what_changed(scratch_repo, served) -> None:
     root, env = scratch_repo
-    first = _run(["scripts/with-prefect-server", str(BIN / "dvc"), "repro", "extract", "tokenize"], root, env)
+    first = _run(_repro_args("extract", "tokenize"), root, env)
     assert "(starting beside the command;" in first.stderr  # the wrapper's own server, as in `make demo`
     log = first.stdout
     assert {"extract", "tokenize"} <= _ran(log)
@@ -135,8 +138,8 @@ def test_a_params_typo_stops_repro_before_any_output_is_deleted(scratch_repo, se
         params[section][key] = value
     path.write_text(yaml.safe_dump(params, sort_keys=False))
     try:
-        proc = subprocess.run(["scripts/with-prefect-server", str(BIN / "dvc"), "repro", "extract", "tokenize"],
-                              cwd=root, env=served, capture_output=True, text=True, timeout=600)
+        proc = subprocess.run(_repro_args("extract", "tokenize"), cwd=root, env=served, capture_output=True,
+                              text=True, timeout=600)
         assert proc.returncode != 0
         assert named in proc.stdout + proc.stderr
         assert _ran(proc.stdout) == {"check_params"}
