@@ -7,7 +7,7 @@
         --out artifacts/study                                                        # study_long_range
 
 A row of ``seqvision.study.run.ROWS`` with params.yaml's ``study:`` section (a preset and knobs over it). A training
-row trains with the ``train`` and ``models`` params and keeps its trainings in ``{out}/{row}/``: row 4 on
+row trains with the ``train`` and ``models`` params and packs its trainings into ``{out}/{row}.tar``: row 4 on
 ``--features`` with the ``data.activity_dir`` / ``activity_split`` labels, row 1 on long-range clips it renders
 (``synth`` params) and encodes with ``--encoder``. The row's figure and MLflow runs are the study_report stage's
 (pipelines/study_report.py); ``python -m pipelines.study`` runs every row, then the report.
@@ -63,8 +63,8 @@ def row_config(params: Params, row: str, *, params_path: str, features: str | No
 def study_row_flow(*, row: str, params: Params | str = "params.yaml", params_path: str = "params.yaml",
                    out: str = "artifacts/study", features: str | None = None, encoder: str | None = None
                    ) -> dict[str, Any]:
-    """Row ``row`` -> ``{out}/{row}.json`` (a training row's trainings in ``{out}/{row}/``). ``params``: the validated
-    params (``params_path`` names their file in errors), or a params file, read once here (a deployment run);
+    """Row ``row`` -> ``{out}/{row}.json`` (a training row's trainings in ``{out}/{row}.tar``). ``params``: the
+    validated params (``params_path`` names their file in errors), or a params file, read once here (a deployment run);
     ``features``: a training row's input folder (default: the study's knob). Returns the row's table cells."""
     logger = get_run_logger()
     if not isinstance(params, Params):

@@ -26,6 +26,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tarfile
 import time
 import urllib.request
 from collections.abc import Callable, Iterator
@@ -468,6 +469,8 @@ def test_push_then_pull_into_a_fresh_clone_through_the_default_local_remote(
     status = json.loads(_run([DVC, "status", "--json"], clone, env).stdout)
     assert missing == [], f"{len(missing)} outputs did not come back with dvc pull: {missing[:5]}"
     assert status == {}
+    for row in TRAINING_ROWS:  # the study's trainings came back too, one tar per training row
+        assert tarfile.is_tarfile(clone / "artifacts" / "study" / f"{row}.tar"), row
     assert not list(clone.rglob("runinfo.json"))  # measurements stay where the stages ran (and in MLflow)
 
 

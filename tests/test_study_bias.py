@@ -7,6 +7,7 @@ import collections
 import json
 import math
 import random
+import tarfile
 
 import numpy as np
 import pytest
@@ -203,10 +204,21 @@ def tiny_params(tiny_artifacts, tmp_path):
 @pytest.mark.integration
 def test_a_tiny_row_writes_json_and_figure(tiny_artifacts, tiny_params, tmp_path, capsys):
     out = tmp_path / "study"
+    stale = out / "inductive_bias" / "lstm" / "f0.5" / "seed0" / "test" / "metrics.json"  # an earlier run's cell
+    stale.parent.mkdir(parents=True)
+    stale.write_text("{}")
     families = ("gru", "transformer", "mingru")  # three of the ci preset's six: half the trainings
     code = main(["--out", str(out), "--preset", "ci", "--rows", "inductive_bias", "--quiet", "--params",
                  str(tiny_params), "--bias-features", str(tiny_artifacts.features), "--bias-families", *families])
     assert code == 0
+    # The trainings went into one tar (the earlier run's cell did not); only their measurements stay in the folder.
+    left = {p.name for p in (out / "inductive_bias").rglob("*") if p.is_file()}
+    assert left == {"runinfo.json"} and not stale.parent.exists()
+    with tarfile.open(out / "inductive_bias.tar") as tar:
+        names = tar.getnames()
+        assert not any("runinfo" in n or "/lstm/" in n for n in names) and names == sorted(names)
+        tar.extractall(tmp_path / "unpacked", filter="data")
+    trainings = tmp_path / "unpacked"
     assert (out / "inductive_bias.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert (out / "inductive_bias.png").stat().st_size > 10_000
     row = json.loads((out / "inductive_bias.json").read_text())
@@ -221,10 +233,10 @@ def test_a_tiny_row_writes_json_and_figure(tiny_artifacts, tiny_params, tmp_path
         assert cell["settings"]["epochs_cap"] == {0.5: 3, 1.0: 2}[fraction]
         assert cell["metrics"]["epochs_run"] == [cell["settings"]["epochs_cap"]]  # patience 0: every epoch runs
         assert len(cell["settings"]["test_correct"][0]) == len(TINY_VIDEO_IDS["test"])
-        trained = json.loads((out / "inductive_bias" / family / f"f{fraction:g}" / "seed0" / "train" /
+        trained = json.loads((trainings / "inductive_bias" / family / f"f{fraction:g}" / "seed0" / "train" /
                               "summary.json").read_text())
         assert trained["train_items"] == cell["key"]["train_items"] and trained["family"] == family
-        tested = json.loads((out / "inductive_bias" / family / f"f{fraction:g}" / "seed0" / "test" /
+        tested = json.loads((trainings / "inductive_bias" / family / f"f{fraction:g}" / "seed0" / "test" /
                              "metrics.json").read_text())
         assert tested["top_1"] == cell["metrics"]["top_1"][0] == cell["settings"]["test_correct"][0].count("1") / 8
     assert row["extra"]["chance"] == 1 / len(TINY_CLASSES) and row["extra"]["test_ids"] == sorted(
@@ -237,7 +249,7 @@ def test_a_tiny_row_writes_json_and_figure(tiny_artifacts, tiny_params, tmp_path
     # The whole training set under the ci preset's 2 epochs is the comparison's own training (tests/tiny.py's
     # TINY_TRAIN): the same weights, bit for bit.
     reference = checkpoint.load(train_tiny(tiny_artifacts, "activity", "gru", tmp_path / "reference"))
-    ours = checkpoint.load(out / "inductive_bias" / "gru" / "f1" / "seed0" / "train" / "best.pt")
+    ours = checkpoint.load(trainings / "inductive_bias" / "gru" / "f1" / "seed0" / "train" / "best.pt")
     assert ours["epoch"] == reference["epoch"] and ours["model"].keys() == reference["model"].keys()
     assert all(torch.equal(ours["model"][k], reference["model"][k]) for k in ours["model"])
 

@@ -5,6 +5,8 @@ errors."""
 from __future__ import annotations
 
 import json
+import os
+import tarfile
 from pathlib import Path
 
 import pytest
@@ -14,7 +16,7 @@ from pipelines import study, study_report, study_row
 from seqvision.study.figures import PLOTS
 from seqvision.study.fit import VERDICTS
 from seqvision.study.report import SEED_TABLE, TITLE, table_cells
-from seqvision.study.run import ROWS, load_results
+from seqvision.study.run import ROWS, load_results, pack_trainings, trainings_file
 from tests.tiny import TINY_MODELS, TINY_TRAIN, TINY_UNMATCHED, tiny_encoder
 
 # One xdist worker runs the module: the tiny study (module fixture, ~20-30 s) is built once, not once per worker.
@@ -94,8 +96,10 @@ def test_every_row_of_the_seed_table_is_reported(tiny_study, seed_row):
         for entry in results[name].table:  # every cell of the row, with its verdict, in its section
             assert f"**{entry['column']}, {entry['quantity']}**" in markdown and entry["verdict"] in markdown
     if any(ROWS[name].trains for name in names):
-        trained = [p for name in names for p in (root / "artifacts" / "study" / name).rglob("best.pt")]
-        assert trained, "a training row keeps its trainings in {out}/{row}/"
+        for name in names:
+            with tarfile.open(trainings_file(root / "artifacts" / "study", name)) as tar:
+                assert any(n.startswith(f"{name}/") and n.endswith("/best.pt") for n in tar.getnames()), \
+                    "a training row keeps its trainings in {out}/{row}.tar"
 
 
 @pytest.mark.slow
@@ -195,6 +199,41 @@ def test_the_registry_is_what_the_report_and_the_stages_know():
     assert {row.seed_row for row in ROWS.values()} <= set(SEED_TABLE)
     assert set(PLOTS) == set(ROWS) - {"streaming"}  # streaming's panels are in compute.png
     json.dumps({name: [row.trains, row.seed_row] for name, row in ROWS.items()})
+
+
+def _trainings(folder: Path, *, mtime: int, mode: int) -> dict[str, bytes]:
+    """A training row's folder as the cells leave it: nested seeds, a measurement file, an empty plots folder."""
+    files = {"gru/f1/seed0/train/best.pt": b"weights", "gru/f1/seed0/train/history.json": b"[]",
+             "gru/f1/seed0/test/metrics.json": b"{}", "gru/f1/seed0/test/plots/confusion.csv": b"1,0\n0,1\n",
+             "transformer/f0.5/seed1/train/best.pt": b"other weights"}
+    for rel, data in {**files, "gru/f1/seed0/train/runinfo.json": b'{"epoch_time_s": 0.8}'}.items():
+        path = folder / rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(data)
+        path.chmod(mode)
+        os.utime(path, (mtime, mtime))
+    (folder / "lstm" / "f1" / "seed0" / "test" / "plots").mkdir(parents=True)
+    return files
+
+
+def test_a_training_rows_trainings_pack_into_one_tar_that_hashes_the_same_for_the_same_trainings(tmp_path):
+    packed = []
+    for run, (mtime, mode) in enumerate([(1_000_000, 0o644), (2_000_000, 0o600)]):  # other times and permissions
+        out = tmp_path / f"run{run}"
+        files = _trainings(out / "bias", mtime=mtime, mode=mode)
+        archive = pack_trainings(out, "bias")
+        assert archive == out / "bias.tar"
+        packed.append(archive.read_bytes())
+        # Everything but the measurement left the folder (and its emptied folders with it); tar -xf puts it back.
+        assert [p.relative_to(out).as_posix() for p in sorted((out / "bias").rglob("*"))] == [
+            "bias/gru", "bias/gru/f1", "bias/gru/f1/seed0", "bias/gru/f1/seed0/train",
+            "bias/gru/f1/seed0/train/runinfo.json"]
+        with tarfile.open(archive) as tar:
+            assert tar.getnames() == sorted(f"bias/{rel}" for rel in files)
+            tar.extractall(tmp_path / f"unpacked{run}", filter="data")
+        unpacked = tmp_path / f"unpacked{run}" / "bias"
+        assert {p.relative_to(unpacked).as_posix(): p.read_bytes() for p in unpacked.rglob("*") if p.is_file()} == files
+    assert packed[0] == packed[1]
 
 
 @pytest.mark.slow

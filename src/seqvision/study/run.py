@@ -4,7 +4,8 @@ report).
 
 - :data:`ROWS`           row name -> :class:`Row` (its runner, whether it trains, its table columns and notes)
 - :func:`check_inputs`   what the training rows read exists, before any row runs
-- :func:`run_row`        one row -> ``{row}.json`` (a training row also keeps its trainings in ``{row}/``)
+- :func:`run_row`        one row -> ``{row}.json`` (a training row also keeps its trainings, in ``{row}.tar``)
+- :func:`pack_trainings` a training row's folder -> ``{row}.tar`` (the same trainings, the same bytes)
 - :func:`load_results`   the row JSONs of a folder back as :class:`RowResult` (:meth:`RowResult.from_json`)
 - :func:`run_study`      rows in order (``python -m seqvision.study``, which then draws the figures)
 
@@ -15,12 +16,14 @@ fit or comparison with its interval and verdict, and the table cells ({column, q
 from __future__ import annotations
 
 import json
+import shutil
+import tarfile
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from seqvision.config import ConfigError, Params
-from seqvision.io import write_json
+from seqvision.io import RUNINFO, atomic_path, write_json
 from seqvision.study import complexity
 from seqvision.study.bias import run_inductive_bias
 from seqvision.study.bias import summary_lines as bias_notes
@@ -88,14 +91,21 @@ def check_inputs(rows: Sequence[str], config: StudyConfig, params: Params) -> No
 
 def run_row(name: str, config: StudyConfig, out_dir: str | Path, *, params: Params | None = None,
             log: Log = None) -> RowResult:
-    """Run row ``name`` and write ``out_dir/{name}.json``; a training row (``params`` required) keeps its trainings
-    in ``out_dir/{name}/``."""
+    """Run row ``name`` and write ``out_dir/{name}.json``. A training row (``params`` required) trains in
+    ``out_dir/{name}/``, which it empties first (no cell of an earlier run stays beside this run's JSON), and
+    packs its trainings into ``out_dir/{name}.tar`` (:func:`pack_trainings`)."""
     check_rows([name])
     row, out = ROWS[name], Path(out_dir)
     if row.trains:
         if params is None:
             raise ValueError(f"the {name} row trains with the pipeline's params: pass params")
+        shutil.rmtree(out / name, ignore_errors=True)
+        trainings_file(out, name).unlink(missing_ok=True)
         result = row.run(config, params=params, work_dir=out / name, log=log)
+        archive = pack_trainings(out, name)
+        if log:
+            log(f"{name}: its trainings packed into {archive} ({archive.stat().st_size / 2**20:.0f} MiB; "
+                f"tar -xf {archive} -C {out} unpacks them)")
     else:
         result = row.run(config, log=log)
     write_json(row_file(out, name), result.to_json())
@@ -105,6 +115,38 @@ def run_row(name: str, config: StudyConfig, out_dir: str | Path, *, params: Para
 def row_file(folder: str | Path, row: str) -> Path:
     """Where row ``row``'s JSON lives in ``folder`` (the stages' ``artifacts/study``): ``{folder}/{row}.json``."""
     return Path(folder) / f"{row}.json"
+
+
+def trainings_file(folder: str | Path, row: str) -> Path:
+    """Where training row ``row`` keeps its trainings in ``folder``: ``{folder}/{row}.tar``."""
+    return Path(folder) / f"{row}.tar"
+
+
+def pack_trainings(folder: str | Path, row: str) -> Path:
+    """Move the trainings in ``{folder}/{row}/`` into one uncompressed tar, ``{folder}/{row}.tar``, with members
+    ``{row}/...`` (``tar -xf {row}.tar -C {folder}`` puts them back where they were).
+
+    One file for DVC to hash and check instead of a tree of ~1,100 files in ~450 folders per row: every no-op
+    ``dvc repro`` walked those (docs/benchmarks.md). Members are sorted and carry no times, owners or permissions,
+    so the same trainings pack to the same bytes. The ``runinfo.json`` files (wall-clock times, memory: never
+    hashed, :mod:`seqvision.io`) stay in the folder; everything else leaves it."""
+    folder = Path(folder)
+    names = sorted(p.relative_to(folder).as_posix() for p in (folder / row).rglob("*")
+                   if p.is_file() and p.name != RUNINFO)
+    files = [folder / name for name in names]
+    archive = trainings_file(folder, row)
+    with atomic_path(archive) as tmp, tarfile.open(tmp, "w", format=tarfile.PAX_FORMAT) as tar:
+        for name, path in zip(names, files):
+            info = tarfile.TarInfo(name)
+            info.size, info.mode = path.stat().st_size, 0o644  # mtime 0, uid/gid 0, no owner names: the defaults
+            with open(path, "rb") as f:
+                tar.addfile(info, f)
+    for path in files:
+        path.unlink()
+    for path in sorted((p for p in (folder / row).rglob("*") if p.is_dir()), key=lambda p: -len(p.parts)):
+        if not any(path.iterdir()):
+            path.rmdir()
+    return archive
 
 
 def load_results(folder: str | Path, rows: Sequence[str] = tuple(ROWS)) -> dict[str, RowResult]:
