@@ -1,18 +1,21 @@
-"""study_row stage: one row of the seed's table, measured (docs/study.md) -> ``{out}/{row}.json``.
+"""study_row stage: rows of the seed's table, measured (docs/study.md) -> ``{out}/{row}.json`` each.
 
-    python -m pipelines.study_row compute --params params.yaml --out artifacts/study                 # study@compute
+    python -m pipelines.study_row compute streaming parallelism --params params.yaml \\
+        --out artifacts/study                                                        # study_timing
     python -m pipelines.study_row inductive_bias --params params.yaml --features artifacts/features \\
         --out artifacts/study                                                        # study_trained@inductive_bias
     python -m pipelines.study_row long_range --params params.yaml --encoder artifacts/encoder/encoder.pt \\
         --out artifacts/study                                                        # study_long_range
 
-A row of ``seqvision.study.run.ROWS`` with params.yaml's ``study:`` section (a preset and knobs over it). A training
+Rows of ``seqvision.study.run.ROWS``, one after another (one flow run each), with params.yaml's ``study:`` section (a
+preset and knobs over it); every row's config and inputs are checked before the first runs. A training
 row trains with the ``train`` and ``models`` params and packs its trainings into ``{out}/{row}.tar``: row 4 on
 ``--features`` with the ``data.activity_dir`` / ``activity_split`` labels, row 1 on long-range clips it renders
 (``synth`` params) and encodes with ``--encoder``. The row's figure and MLflow runs are the study_report stage's
 (pipelines/study_report.py); ``python -m pipelines.study`` runs every row, then the report.
 
-Exit status: 0 done; 1 the row failed; 2 bad arguments, params or inputs (one line on stderr, before anything runs).
+Exit status: 0 done; 1 a row failed (the rows after it do not run); 2 bad arguments, params or inputs (one line on
+stderr, before any row runs).
 """
 
 from __future__ import annotations
@@ -95,7 +98,8 @@ def add_row_arguments(parser: argparse.ArgumentParser) -> None:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m pipelines.study_row", description=__doc__.split("\n\n", 1)[1],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("row", choices=list(ROWS), help="the row")
+    parser.add_argument("rows", nargs="+", choices=list(ROWS), metavar="ROW",
+                        help=f"the rows, run in this order (of: {', '.join(ROWS)})")
     add_params_argument(parser, sections="study; a training row also train, models and data.activity_dir/"
                                          "activity_split")
     add_row_arguments(parser)
@@ -107,14 +111,15 @@ def main(argv: list[str] | None = None) -> int:
 
     def work() -> int:
         params = read_params(args)
-        row_config(params, args.row, params_path=args.params, features=args.features,  # before Prefect starts
-                   encoder=args.encoder)
-        done = study_row_flow(row=args.row, params=params, params_path=args.params, out=args.out,
-                              features=args.features, encoder=args.encoder)
-        for cell in done["table"]:
-            print(f"study_row: {args.row}: {cell['column']} {cell['quantity']}: claim {cell['claim']} -> "
-                  f"{cell['verdict']}")
-        print(f"study_row: {args.row} in {done['seconds']:.0f} s -> {done['json']}")
+        for row in args.rows:  # every row's config and inputs, before Prefect starts and before any row runs
+            row_config(params, row, params_path=args.params, features=args.features, encoder=args.encoder)
+        for row in args.rows:
+            done = study_row_flow(row=row, params=params, params_path=args.params, out=args.out,
+                                  features=args.features, encoder=args.encoder)
+            for cell in done["table"]:
+                print(f"study_row: {row}: {cell['column']} {cell['quantity']}: claim {cell['claim']} -> "
+                      f"{cell['verdict']}")
+            print(f"study_row: {row} in {done['seconds']:.0f} s -> {done['json']}")
         return 0
 
     return run_main("study_row", work, debug=args.debug)

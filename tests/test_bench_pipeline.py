@@ -120,7 +120,7 @@ def test_expected_reruns_are_the_params_check_the_models_trainings_and_the_repor
     assert bench.expected_reruns(stages, "gru") == ["check_params", "report", "train@activity-gru",
                                                     "train@video_captioning-gru"]
     # The study rows that train every family (they read the whole models section) rerun too, and so their report.
-    study = [*stages, "study@compute", "study_trained@inductive_bias", "study_long_range", "study_report"]
+    study = [*stages, "study_timing", "study_trained@inductive_bias", "study_long_range", "study_report"]
     assert bench.expected_reruns(study, "gru", ["study_long_range", "study_trained@inductive_bias"]) == [
         "check_params", "report", "study_long_range", "study_report", "study_trained@inductive_bias",
         "train@activity-gru", "train@video_captioning-gru"]

@@ -106,8 +106,8 @@ def test_default_parameters_are_the_paths_dvc_passes():
 
 
 def test_the_study_row_deployment_runs_what_the_study_stages_run():
-    """Its defaults are what dvc.yaml's study_trained@ stages pass (the timing rows pass the same minus --features,
-    which they ignore; study_long_range passes --encoder, whose default is the study knob's), and
+    """Its defaults are what dvc.yaml's study_trained@ stages pass (the timing rows' stage passes the same minus
+    --features, which they ignore; study_long_range passes --encoder, whose default is the study knob's), and
     `python -m pipelines.study --deployment` fills in every row the registry has."""
     from seqvision.study.run import ROWS
 
@@ -117,11 +117,13 @@ def test_the_study_row_deployment_runs_what_the_study_stages_run():
     for key, value in deployment["parameters"].items():
         assert f"--{key} {value}" in commands["study_trained"], f"study-row.{key}: dvc.yaml passes something else"
         if key != "features":
-            assert f"--{key} {value}" in commands["study"], f"study-row.{key}: dvc.yaml passes something else"
+            assert f"--{key} {value}" in commands["study_timing"], f"study-row.{key}: dvc.yaml passes something else"
     stages = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
     assert "--encoder artifacts/encoder/encoder.pt" in commands["study_long_range"]
-    staged = {*stages["study"]["foreach"], *stages["study_trained"]["foreach"], "long_range"}
-    assert staged == set(ROWS), "every row of seqvision.study.run.ROWS is one study stage"
+    timing = stages["study_timing"]["cmd"].split("pipelines.study_row ", 1)[1].split(" --", 1)[0].split()
+    staged = [*timing, *stages["study_trained"]["foreach"], "long_range"]
+    assert sorted(staged) == sorted(ROWS), "every row of seqvision.study.run.ROWS is in one study stage, once"
+    assert {*timing} == {name for name, row in ROWS.items() if not row.trains}
     assert {*stages["study_trained"]["foreach"], "long_range"} == {name for name, row in ROWS.items() if row.trains}
 
 

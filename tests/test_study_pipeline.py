@@ -166,7 +166,9 @@ def test_a_bad_study_section_is_one_line_naming_the_key(tiny_artifacts, tmp_path
         err = capsys.readouterr().err
         assert err.startswith(f"study_row: error: {params}: {expected}") and err.count("\n") == 1, err
     params = write_params(tmp_path / "params.yaml", tiny_artifacts.labels, STUDY)
-    assert study_row.main(["inductive_bias", "--params", str(params), "--features", str(tmp_path / "nowhere")]) == 2
+    # Several rows: the last one's missing input stops the stage before the first row runs.
+    assert study_row.main(["compute", "inductive_bias", "--params", str(params), "--out", str(tmp_path / "out"),
+                           "--features", str(tmp_path / "nowhere")]) == 2
     assert "nowhere/index.json: missing; the inductive_bias row needs the features" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
     assert study_report.main(["--rows", str(tmp_path), "--out", str(tmp_path / "reports"), "--no-mlflow"]) != 0

@@ -50,7 +50,7 @@ TINY_PIPELINE_PARAMS = {
     | TINY_UNMATCHED,
     "evaluate": {"beam_size": 1, "max_length": 8},
     "report": {"compute_meteor": "never"},
-    # The study's stages (dvc.yaml study@, study_trained@, study_long_range): the ci preset, two variants, two
+    # The study's stages (dvc.yaml study_timing, study_trained@, study_long_range): the ci preset, two variants, two
     # families.
     "study": {"preset": "ci", "overrides": {"variants": ["lstm", "transformer"], "parallel_variants": ["lstm"],
                                             "stream_steps": 2, "bias_families": ["lstm", "transformer"],
